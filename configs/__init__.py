@@ -1,0 +1,1 @@
+"""Training configs: `default.py` holds every field; the others override only what differs."""

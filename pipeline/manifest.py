@@ -1,0 +1,75 @@
+"""`manifest.json`: what make_tfrecords wrote (per shard and per split), read back by the pipeline."""
+
+import os
+import re
+
+import tensorflow as tf
+
+from pipeline import cifar10
+from pipeline import fileio
+
+FILENAME = "manifest.json"
+_SHARD = re.compile(r"^(train|validation|test)-(\d{5})-of-(\d{5})\.tfrecord$")
+
+
+class ManifestError(ValueError):
+  """The data directory disagrees with its manifest, or has none; the message names the culprit."""
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+  return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def list_shards(data_dir: str, split: str | None = None) -> list[str]:
+  """Shard file names (not paths) in `data_dir`, optionally of one split, sorted."""
+  if not tf.io.gfile.isdir(data_dir):
+    return []
+  names = [n for n in tf.io.gfile.listdir(data_dir) if _SHARD.match(n)]
+  return sorted(n for n in names if split is None or n.startswith(split + "-"))
+
+
+def load(data_dir: str) -> dict:
+  """Reads `data_dir/manifest.json` and checks that the shard files on disk are exactly those it lists."""
+  path = os.path.join(data_dir, FILENAME)
+  if not data_dir:
+    raise ManifestError("data_dir is empty: set --config.data_dir to a directory written by "
+                        "python -m tools.make_tfrecords")
+  if not tf.io.gfile.exists(path):
+    raise ManifestError(f"{path}: not found (is data_dir a directory written by python -m tools.make_tfrecords, "
+                        "and did it finish?)")
+  try:
+    manifest = fileio.read_json(path)
+    listed = sorted(s["file"] for s in manifest["shards"])
+  except (ValueError, KeyError, TypeError) as e:
+    raise ManifestError(f"{path}: not a valid manifest ({e!r})") from e
+  on_disk = list_shards(data_dir)
+  missing = sorted(set(listed) - set(on_disk))
+  extra = sorted(set(on_disk) - set(listed))
+  if missing:
+    raise ManifestError(f"{os.path.join(data_dir, missing[0])}: listed in {FILENAME} but missing")
+  if extra:
+    raise ManifestError(f"{os.path.join(data_dir, extra[0])}: shard not listed in {FILENAME}")
+  return manifest
+
+
+def split_files(data_dir: str, manifest: dict, split: str) -> list[str]:
+  """Full paths of a split's shards, in order."""
+  files = sorted(s["file"] for s in manifest["shards"] if s["split"] == split)
+  if not files:
+    raise ManifestError(f"{os.path.join(data_dir, FILENAME)}: no {split} split "
+                        f"(has: {', '.join(manifest['splits'])})")
+  return [os.path.join(data_dir, f) for f in files]
+
+
+def num_examples(manifest: dict, split: str) -> int:
+  return int(manifest["splits"][split]["num_examples"])
+
+
+def normalization(manifest: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel (mean, std) of the training split in [0, 1] units; CIFAR-10's own if not recorded."""
+  train = manifest.get("splits", {}).get("train", {})
+  return tuple(train.get("mean", cifar10.MEAN)), tuple(train.get("std", cifar10.STD))
+
+
+def class_names(manifest: dict) -> tuple[str, ...]:
+  return tuple(manifest.get("class_names", cifar10.CLASS_NAMES))

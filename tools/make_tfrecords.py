@@ -1,0 +1,244 @@
+r"""Turns CIFAR-10 (or any 32x32 image set) into sharded TFRecords plus `manifest.json`.
+
+  python -m tools.make_tfrecords --source=tfds --output_dir=/data/cifar10
+  python -m tools.make_tfrecords --source=cifar-10-python.tar.gz --output_dir=gs://bucket/cifar10
+  python -m tools.make_tfrecords --source=../shared/data/cifar10-jpeg-train.tar.gz --output_dir=/tmp/c10
+  python -m tools.make_tfrecords --source=synthetic --output_dir=/tmp/fake
+  python -m tools.make_tfrecords --verify --output_dir=/tmp/c10
+
+A seeded, class-stratified validation split is carved out of train. Shards are written in parallel, each
+under a temporary name and renamed when complete; the manifest is written last, so a directory with a
+manifest is complete. The same inputs and flags give byte-identical shards.
+"""
+
+import concurrent.futures
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from pipeline import cifar10
+from pipeline import fileio
+from pipeline import manifest as manifest_lib
+from pipeline import records
+import tools
+from tools import sources
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("source", "tfds", "tfds | synthetic | path to an official archive, image folder or tar.")
+flags.DEFINE_string("output_dir", None, "Where shards and manifest.json go (local or gs://).")
+flags.DEFINE_integer("num_shards", 16, "Shards for train; validation and test get proportionally fewer (>= 1).")
+flags.DEFINE_integer("val_size", 5000, "Validation images carved out of train, stratified by class; 0 = none.")
+flags.DEFINE_integer("seed", 0, "Seed of the validation split and of the shard order.")
+flags.DEFINE_enum("encoding", "raw", ["raw", "png"], "raw: 3072 uint8 bytes per image (fastest); png: smaller.")
+flags.DEFINE_bool("verify", False, "Re-read --output_dir and check it against its manifest; write nothing.")
+flags.DEFINE_integer("synthetic_train_size", 50000, "Images in the synthetic train split.")
+flags.DEFINE_integer("synthetic_test_size", 10000, "Images in the synthetic test split.")
+flags.DEFINE_integer("workers", 0, "Parallel shard writers; 0 = one per CPU core.")
+
+
+class VerifyError(ValueError):
+  """A shard disagrees with the manifest."""
+
+
+def split_validation(train: sources.Split, val_size: int, seed: int) -> dict[str, sources.Split]:
+  """Carves a class-stratified validation split out of `train`; both come back shuffled by `seed`.
+
+  Each class gives `val_size * class_share` images, the remainders going to the largest fractions, so
+  50,000 balanced images and val_size=5,000 give exactly 500 per class.
+  """
+  rng = np.random.default_rng(seed)
+  n = len(train)
+  if not 0 <= val_size < n:
+    raise sources.SourceError(f"--val_size={val_size} must be in [0, {n}) for a train split of {n} images")
+  counts = np.bincount(train.labels, minlength=cifar10.NUM_CLASSES)
+  exact = val_size * counts / n
+  quota = np.floor(exact).astype(int)
+  quota[np.argsort(-(exact - quota), kind="stable")[:val_size - quota.sum()]] += 1
+  val_idx = np.concatenate([rng.permutation(np.flatnonzero(train.labels == k))[:quota[k]]
+                            for k in range(cifar10.NUM_CLASSES)]).astype(int)
+  train_idx = np.setdiff1d(np.arange(n), val_idx)
+  pick = lambda s, idx: sources.Split(s.images[idx], s.labels[idx], [s.ids[i] for i in idx])
+  out = {"train": pick(train, rng.permutation(train_idx))}
+  if val_size:
+    out["validation"] = pick(train, rng.permutation(val_idx))
+  return out
+
+
+def shard_counts(sizes: dict[str, int], num_shards: int) -> dict[str, int]:
+  """Train gets `num_shards`; the other splits proportionally fewer, at least one."""
+  return {split: num_shards if split == "train" else max(1, round(num_shards * n / sizes["train"]))
+          for split, n in sizes.items()}
+
+
+def _encode(image: np.ndarray, encoding: str) -> bytes:
+  return image.tobytes() if encoding == "raw" else tf.io.encode_png(image).numpy()
+
+
+def write_shard(path: str, split: sources.Split, indices: np.ndarray, encoding: str) -> dict:
+  """Writes one shard atomically; returns its manifest entry, `unchanged` if it was already there."""
+  tmp = fileio.temp_name(path)
+  with tf.io.TFRecordWriter(tmp) as writer:
+    for i in indices:
+      writer.write(records.serialize_example(_encode(split.images[i], encoding), encoding,
+                                             int(split.labels[i]), split.ids[i]))
+  digest = fileio.sha256_file(tmp)
+  unchanged = tf.io.gfile.exists(path) and fileio.sha256_file(path) == digest
+  if unchanged:
+    tf.io.gfile.remove(tmp)
+  else:
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+  counts = np.bincount(split.labels[indices], minlength=cifar10.NUM_CLASSES)
+  return {"file": os.path.basename(path), "num_records": len(indices), "class_counts": counts.tolist(),
+          "sha256": digest, "unchanged": unchanged}
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+  """Per-channel mean and std in [0, 1] units, in float64 over chunks to keep memory flat."""
+  total = np.zeros(3)
+  total_sq = np.zeros(3)
+  for chunk in np.array_split(images, max(1, len(images) // 4096)):
+    pixels = chunk.reshape(-1, 3).astype(np.float64) / 255.0
+    total += pixels.sum(0)
+    total_sq += np.square(pixels).sum(0)
+  count = images.shape[0] * images.shape[1] * images.shape[2]
+  mean = total / count
+  return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in np.sqrt(total_sq / count - mean ** 2)]
+
+
+def write_all(output_dir: str, splits: dict[str, sources.Split], num_shards: int, encoding: str,
+              workers: int) -> list[dict]:
+  """Writes every split's shards in parallel, logging progress; returns the shard entries in order."""
+  counts = shard_counts({k: len(v) for k, v in splits.items()}, num_shards)
+  jobs = []
+  for name, split in splits.items():
+    if counts[name] > len(split):
+      raise sources.SourceError(f"{name}: {len(split)} images cannot fill {counts[name]} shards; "
+                                "lower --num_shards")
+    for i, idx in enumerate(np.array_split(np.arange(len(split)), counts[name])):
+      jobs.append((name, os.path.join(output_dir, manifest_lib.shard_name(name, i, counts[name])), idx))
+  total = sum(len(j[2]) for j in jobs)
+  start, done, entries = time.time(), 0, {}
+  with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+    futures = {pool.submit(write_shard, path, splits[name], idx, encoding): (name, path)
+               for name, path, idx in jobs}
+    for future in concurrent.futures.as_completed(futures):
+      name, path = futures[future]
+      entries[path] = dict(split=name, **future.result())
+      done += entries[path]["num_records"]
+      logging.info("shards %d/%d  images %d/%d  %.0f images/s", len(entries), len(jobs), done, total,
+                   done / max(time.time() - start, 1e-9))
+  return [entries[path] for _, path, _ in jobs]
+
+
+def build_manifest(source: sources.Source, splits: dict[str, sources.Split], shards: list[dict]) -> dict:
+  split_info = {}
+  for name, split in splits.items():
+    info = {"num_examples": len(split), "num_shards": sum(s["split"] == name for s in shards),
+            "class_counts": np.bincount(split.labels, minlength=cifar10.NUM_CLASSES).tolist()}
+    if name == "train":
+      info["mean"], info["std"] = channel_stats(split.images)
+    split_info[name] = info
+  return {
+      "format_version": 1,
+      "tool": "tools.make_tfrecords", "tool_version": tools.__version__,
+      "source": {"name": source.name, "kind": source.kind, "checksum": source.checksum},
+      "class_names": list(source.class_names),
+      "image_shape": list(cifar10.IMAGE_SHAPE),
+      "encoding": FLAGS.encoding, "seed": FLAGS.seed, "val_size": FLAGS.val_size,
+      "splits": split_info,
+      "shards": [{k: v for k, v in s.items() if k != "unchanged"} for s in shards],
+  }
+
+
+def summary_table(manifest: dict) -> str:
+  names = manifest["class_names"]
+  width = max(8, *(len(n) for n in names))
+  header = f"{'split':<11}{'shards':>7}{'images':>8}  " + " ".join(f"{n:>{width}}" for n in names)
+  lines = [header]
+  for split, info in manifest["splits"].items():
+    counts = " ".join(f"{c:>{width}}" for c in info["class_counts"][:len(names)])
+    lines.append(f"{split:<11}{info['num_shards']:>7}{info['num_examples']:>8}  {counts}")
+  return "\n".join(lines)
+
+
+def make(output_dir: str) -> dict:
+  """Loads the source, splits it, writes shards and the manifest; returns the manifest."""
+  start = time.time()
+  source = sources.load(FLAGS.source, seed=FLAGS.seed,
+                        synthetic_sizes=(FLAGS.synthetic_train_size, FLAGS.synthetic_test_size))
+  logging.info("loaded %s (%s): %s in %.1fs", source.name, source.kind,
+               ", ".join(f"{k} {len(v)}" for k, v in source.splits.items()), time.time() - start)
+  splits = split_validation(source.splits["train"], FLAGS.val_size, FLAGS.seed)
+  if "test" in source.splits:
+    splits["test"] = source.splits["test"]
+  tf.io.gfile.makedirs(output_dir)
+  manifest_path = os.path.join(output_dir, manifest_lib.FILENAME)
+  if tf.io.gfile.exists(manifest_path):  # the directory is incomplete until the new manifest lands
+    tf.io.gfile.remove(manifest_path)
+  shards = write_all(output_dir, splits, FLAGS.num_shards, FLAGS.encoding, FLAGS.workers)
+  written = {s["file"] for s in shards}
+  for stale in manifest_lib.list_shards(output_dir):  # from an earlier run with other --num_shards
+    if stale not in written:
+      tf.io.gfile.remove(os.path.join(output_dir, stale))
+  manifest = build_manifest(source, splits, shards)
+  fileio.write_json(manifest_path, manifest)
+  images = sum(len(s) for s in splits.values())
+  unchanged = sum(s["unchanged"] for s in shards)
+  print(summary_table(manifest))
+  print(f"wrote {len(shards)} shards, {images} images to {output_dir} in {time.time() - start:.1f}s "
+        f"({images / (time.time() - start):.0f} images/s)")
+  if unchanged == len(shards):
+    print(f"all {len(shards)} shards are byte-identical to the ones already there")
+  elif unchanged:
+    print(f"{unchanged} of {len(shards)} shards were byte-identical to the ones already there")
+  return manifest
+
+
+def verify(output_dir: str) -> None:
+  """Checks every shard's checksum, record count and class counts against the manifest."""
+  manifest = manifest_lib.load(output_dir)
+  total = 0
+  for entry in manifest["shards"]:
+    path = os.path.join(output_dir, entry["file"])
+    digest = fileio.sha256_file(path)
+    if digest != entry["sha256"]:
+      raise VerifyError(f"{path}: sha256 {digest[:12]}... differs from the manifest's {entry['sha256'][:12]}...")
+    labels = []
+    try:
+      for batch in tf.data.TFRecordDataset(path).batch(4096).map(records.parse_batch):
+        labels.append(batch[records.LABEL].numpy())
+    except tf.errors.OpError as e:
+      raise VerifyError(f"{path}: unreadable record ({e.message.splitlines()[0]})") from None
+    labels = np.concatenate(labels) if labels else np.zeros([0], np.int64)
+    counts = np.bincount(labels, minlength=cifar10.NUM_CLASSES).tolist()
+    if len(labels) != entry["num_records"] or counts != entry["class_counts"]:
+      raise VerifyError(f"{path}: {len(labels)} records with class counts {counts}; the manifest says "
+                        f"{entry['num_records']} with {entry['class_counts']}")
+    total += len(labels)
+  print(summary_table(manifest))
+  print(f"verify: OK: {len(manifest['shards'])} shards, {total} records match {manifest_lib.FILENAME}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS.output_dir:
+    raise app.UsageError("--output_dir is required")
+  try:
+    if FLAGS.verify:
+      verify(FLAGS.output_dir)
+    else:
+      make(FLAGS.output_dir)
+  except (sources.SourceError, manifest_lib.ManifestError, VerifyError) as e:
+    print(f"make_tfrecords: error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,250 @@
+"""Readers for every CIFAR-10 source make_tfrecords accepts; each returns decoded uint8 images.
+
+Sources (../shared/CONTRACTS.md): `tfds` (the official download through tensorflow-datasets), the official
+`cifar-10-python.tar.gz` / `cifar-10-binary.tar.gz` archives, a folder or `.tar[.gz]` of
+`<split>/<class_name>/<image>` files, and `synthetic` (learnable fake data, no download).
+"""
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import io
+import os
+import pickle
+import re
+import tarfile
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline import cifar10
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_PY_DIR = "cifar-10-batches-py"
+_BIN_DIR = "cifar-10-batches-bin"
+_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+
+class SourceError(ValueError):
+  """Bad or unreadable input; the message names the culprit."""
+
+
+@dataclasses.dataclass
+class Split:
+  """One split of a source: decoded images, their labels and unique ids."""
+  images: np.ndarray  # uint8 [N, 32, 32, 3]
+  labels: np.ndarray  # int64 [N]
+  ids: list[str]
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+@dataclasses.dataclass
+class Source:
+  """A loaded source: what it was, its checksum, class names and its splits (`train`, maybe `test`)."""
+  name: str
+  kind: str
+  checksum: str
+  class_names: tuple[str, ...]
+  splits: dict[str, Split]
+
+
+def load(source: str, *, seed: int = 0, synthetic_sizes: tuple[int, int] = (50000, 10000)) -> Source:
+  """Loads `source` (see the module docstring) into memory."""
+  if source == "tfds":
+    return load_tfds()
+  if source == "synthetic":
+    return make_synthetic(seed, *synthetic_sizes)
+  if not tf.io.gfile.exists(source):
+    raise SourceError(f"{source}: no such file or folder")
+  if tf.io.gfile.isdir(source):
+    return _load_image_files(source, "folder", _sha256_of_entries, _walk_folder(source))
+  return _load_tar(source)
+
+
+# --- tensorflow-datasets -------------------------------------------------------------------------------
+
+def load_tfds(data_dir: str | None = None) -> Source:
+  """The official CIFAR-10 through tensorflow-datasets (downloads on first use)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import, one source)
+  try:
+    builder = tfds.builder("cifar10", data_dir=data_dir)
+    builder.download_and_prepare()
+    splits = {}
+    for split in ("train", "test"):
+      data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+      ids = [i.decode() if isinstance(i, bytes) else str(i) for i in data["id"]]
+      splits[split] = Split(np.asarray(data["image"], np.uint8), np.asarray(data["label"], np.int64), ids)
+  except Exception as e:  # pylint: disable=broad-except  (tfds raises many kinds; all mean "no data")
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise SourceError(f"tfds: could not download or read CIFAR-10 ({first_line}); without network pass "
+                      "--source=PATH to cifar-10-python.tar.gz, cifar-10-binary.tar.gz or an image folder") from e
+  names = tuple(builder.info.features["label"].names)
+  return Source("tfds", "tfds", f"tfds:cifar10:{builder.info.version}", names, splits)
+
+
+# --- official archives and image tars --------------------------------------------------------------------
+
+def _load_tar(path: str) -> Source:
+  """Reads a tar archive once, then dispatches on what it holds."""
+  with tf.io.gfile.GFile(path, "rb") as f:
+    blob = f.read()
+  checksum = hashlib.sha256(blob).hexdigest()
+  try:
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:*") as tar:
+      members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+  except (tarfile.TarError, EOFError, OSError) as e:
+    raise SourceError(f"{path}: not a readable tar archive ({e})") from e
+  dirs = {name.split("/")[-2] for name in members if "/" in name}
+  if _PY_DIR in dirs:
+    return _python_archive(path, checksum, members)
+  if _BIN_DIR in dirs:
+    return _binary_archive(path, checksum, members)
+  entries = [(name, lambda data=data: data) for name, data in sorted(members.items())]
+  return _load_image_files(path, "image_tar", lambda _: checksum, entries)
+
+
+def _member(path: str, members: dict[str, bytes], suffix: str) -> bytes:
+  for name, data in members.items():
+    if name == suffix or name.endswith("/" + suffix):
+      return data
+  raise SourceError(f"{path}: archive has no member {suffix}")
+
+
+def _python_archive(path: str, checksum: str, members: dict[str, bytes]) -> Source:
+  """`cifar-10-python.tar.gz`: pickled dicts of N x 3072 uint8 rows (CHW planes) and labels."""
+  def batch(name):
+    try:
+      d = pickle.loads(_member(path, members, f"{_PY_DIR}/{name}"), encoding="bytes")
+      data = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+      return data, np.asarray(d[b"labels"], np.int64)
+    except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
+      raise SourceError(f"{path}: member {name} is not a CIFAR-10 python batch ({e!r})") from e
+
+  meta = pickle.loads(_member(path, members, f"{_PY_DIR}/batches.meta"), encoding="bytes")
+  names = tuple(n.decode() for n in meta[b"label_names"])
+  train = [batch(n) for n in _TRAIN_BATCHES]
+  splits = {"train": _array_split("train", np.concatenate([b[0] for b in train]),
+                                  np.concatenate([b[1] for b in train])),
+            "test": _array_split("test", *batch("test_batch"))}
+  return Source(path, "cifar10_python", checksum, names, splits)
+
+
+def _binary_archive(path: str, checksum: str, members: dict[str, bytes]) -> Source:
+  """`cifar-10-binary.tar.gz`: records of 1 label byte + 3072 image bytes (CHW planes)."""
+  def batch(name):
+    raw = np.frombuffer(_member(path, members, f"{_BIN_DIR}/{name}"), np.uint8)
+    if raw.size % (cifar10.RAW_BYTES + 1):
+      raise SourceError(f"{path}: member {name} is {raw.size} bytes, not a whole number of 3073-byte records")
+    rows = raw.reshape(-1, cifar10.RAW_BYTES + 1)
+    return rows[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), rows[:, 0].astype(np.int64)
+
+  meta = _member(path, members, f"{_BIN_DIR}/batches.meta.txt").decode().split()
+  train = [batch(f"{n}.bin") for n in _TRAIN_BATCHES]
+  splits = {"train": _array_split("train", np.concatenate([b[0] for b in train]),
+                                  np.concatenate([b[1] for b in train])),
+            "test": _array_split("test", *batch("test_batch.bin"))}
+  return Source(path, "cifar10_binary", checksum, tuple(meta), splits)
+
+
+def _array_split(split: str, images: np.ndarray, labels: np.ndarray) -> Split:
+  bad = np.flatnonzero((labels < 0) | (labels >= cifar10.NUM_CLASSES))
+  if bad.size:
+    raise SourceError(f"{split}_{bad[0]:05d}: label {labels[bad[0]]} is outside 0..{cifar10.NUM_CLASSES - 1}")
+  return Split(np.ascontiguousarray(images), labels, [f"{split}_{i:05d}" for i in range(len(labels))])
+
+
+# --- image folders -----------------------------------------------------------------------------------------
+
+_IMAGE_PATH = re.compile(r"(?:^|/)(train|test)/([^/]+)/([^/]+)$")
+
+
+def _walk_folder(root: str):
+  for dirpath, _, filenames in tf.io.gfile.walk(root):
+    for filename in filenames:
+      full = os.path.join(dirpath, filename)
+      rel = os.path.relpath(full, root) if "://" not in root else full[len(root.rstrip("/")) + 1:]
+      yield rel, lambda full=full: tf.io.gfile.GFile(full, "rb").read()
+
+
+def _sha256_of_entries(entries) -> str:
+  digest = hashlib.sha256()
+  for rel, data in entries:
+    digest.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
+  return digest.hexdigest()
+
+
+def class_ids(names: set[str]) -> tuple[str, ...]:
+  """Class names indexed by label id: CIFAR-10's own ids when every name is a CIFAR-10 name."""
+  if names <= set(cifar10.CLASS_NAMES):
+    return cifar10.CLASS_NAMES
+  if len(names) > cifar10.NUM_CLASSES:
+    raise SourceError(f"{len(names)} classes found ({', '.join(sorted(names))}); "
+                      f"at most {cifar10.NUM_CLASSES} are supported")
+  return tuple(sorted(names))
+
+
+def _load_image_files(name: str, kind: str, checksum_fn, entries) -> Source:
+  """Reads `<split>/<class>/<image>` entries (path, read function), decodes them in parallel."""
+  found = []  # (split, class, relative path, bytes)
+  for rel, read in entries:
+    match = _IMAGE_PATH.search(rel)
+    if match and rel.lower().endswith(IMAGE_EXTENSIONS):
+      found.append((match.group(1), match.group(2), f"{match.group(1)}/{match.group(2)}/{match.group(3)}",
+                    read()))
+  if not found:
+    raise SourceError(f"{name}: no images found under <train|test>/<class_name>/ "
+                      f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+  found.sort(key=lambda e: e[2])
+  names = class_ids({e[1] for e in found})
+  images = _decode_all(name, [(e[2], e[3]) for e in found])
+  splits = {}
+  for split in ("train", "test"):
+    idx = [i for i, e in enumerate(found) if e[0] == split]
+    if idx:
+      splits[split] = Split(images[idx], np.array([names.index(found[i][1]) for i in idx], np.int64),
+                            [found[i][2] for i in idx])
+  if "train" not in splits:
+    raise SourceError(f"{name}: no train/<class_name>/ images found")
+  return Source(name, kind, checksum_fn([(e[2], e[3]) for e in found]), names, splits)
+
+
+def _decode_one(source: str, rel: str, data: bytes) -> np.ndarray:
+  # TensorFlow's decoder, the same the `serve_bytes` signature uses, so training and serving see the same
+  # pixels from the same file.
+  try:
+    image = tf.io.decode_image(data, channels=cifar10.CHANNELS, expand_animations=False).numpy()
+  except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
+    raise SourceError(f"{source}: {rel}: not a decodable image ({e.message.splitlines()[0]})") from None
+  if image.shape != cifar10.IMAGE_SHAPE:
+    raise SourceError(f"{source}: {rel}: image is {'x'.join(map(str, image.shape))}, "
+                      f"expected {'x'.join(map(str, cifar10.IMAGE_SHAPE))}")
+  return image
+
+
+def _decode_all(source: str, files: list[tuple[str, bytes]]) -> np.ndarray:
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+    return np.stack(list(pool.map(lambda f: _decode_one(source, *f), files)))
+
+
+# --- synthetic ----------------------------------------------------------------------------------------------
+
+def make_synthetic(seed: int, num_train: int, num_test: int) -> Source:
+  """Learnable fake data: each class has its own colour and stripe direction, under heavy noise."""
+  rng = np.random.default_rng(seed)
+  colours = rng.uniform(40, 215, size=(cifar10.NUM_CLASSES, 3))
+  yy, xx = np.mgrid[0:32, 0:32]
+  angles = np.linspace(0, np.pi, cifar10.NUM_CLASSES, endpoint=False)
+  stripes = np.stack([np.sin((np.cos(a) * xx + np.sin(a) * yy) * 0.8) for a in angles])  # [10, 32, 32]
+
+  def split(name, n):
+    labels = rng.integers(0, cifar10.NUM_CLASSES, n)
+    images = colours[labels][:, None, None, :] + 40 * stripes[labels][..., None]
+    images = images + rng.normal(0, 30, images.shape)
+    return Split(np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64),
+                 [f"{name}_{i:05d}" for i in range(n)])
+
+  splits = {"train": split("train", num_train), "test": split("test", num_test)}
+  return Source("synthetic", "synthetic", f"synthetic:seed={seed}:train={num_train}:test={num_test}",
+                cifar10.CLASS_NAMES, splits)
