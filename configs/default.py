@@ -1,0 +1,73 @@
+"""Every config field, with its unit. Other configs import this and override only what differs.
+
+  python -m trainer.main --config=configs/default.py --workdir=/tmp/run --config.data_dir=/tmp/c10
+  python -m trainer.main --config=configs/default.py:smoke ...   # seconds on a CPU
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.data_dir = ""  # directory written by python -m tools.make_tfrecords (local or gs://)
+  config.num_epochs = 10  # passes over the train split
+  config.steps_per_epoch = 0  # steps per epoch; 0 = train images // global_batch_size (>0 caps it: smoke runs)
+  config.global_batch_size = 512  # images per step over all replicas; must divide by the replica count
+  config.eval_batch_size = 1000  # images per evaluation step over all replicas
+  config.seed = 0  # seeds initialisation, data order and augmentation
+  config.deterministic = False  # True: same seed -> same batches in the same order (slower tf.data)
+  config.mixed_precision = "float32"  # float32 | mixed_float16 (GPU) | mixed_bfloat16 (TPU, A100+, AVX512-BF16)
+  config.logical_cpus = 0  # split the CPU into N logical devices so MirroredStrategy has N replicas; 0 = off
+  config.strategy = "mirrored"  # mirrored | multi_worker (TF_CONFIG) | one_device
+  config.steps_per_loop = 10  # train steps inside one tf.function call; Python runs between calls
+  config.log_every_steps = 50  # steps between progress lines and train summaries
+  config.checkpoint_every_steps = 0  # steps between checkpoints; 0 = at the end of every epoch only
+  config.keep_checkpoints = 3  # checkpoints kept in workdir/checkpoints
+  config.export = True  # write the SavedModel to workdir/export at the end
+  config.label_smoothing = 0.0  # probability mass spread evenly over all classes
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "resnet"  # a key of trainer.models.BUILDERS
+  config.model.stem_width = 32  # channels of the first conv
+  config.model.widths = (64, 128, 256)  # channels per stage; each stage halves the resolution
+  config.model.blocks_per_stage = 1  # residual blocks (two convs each) per stage
+  config.model.activation = "relu"  # any Keras activation name
+  config.model.bn_momentum = 0.9  # moving-average decay of BatchNorm statistics, per step
+  config.model.sync_bn = False  # BatchNorm statistics over the global batch (costs an all-reduce per layer)
+  config.model.logit_scale = 1.0  # multiplies the logits
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 0.2  # peak learning rate, for the global batch as configured
+  config.optimizer.momentum = 0.9  # SGD momentum
+  config.optimizer.nesterov = True  # Nesterov momentum
+  config.optimizer.weight_decay = 5e-4  # decoupled decay per step, multiplied by the learning rate
+  config.optimizer.schedule = "cosine"  # cosine | constant: shape after warmup
+  config.optimizer.warmup_epochs = 1.0  # linear warmup from 0, in epochs
+
+  config.augment = ml_collections.ConfigDict()
+  config.augment.crop_padding = 4  # reflect-pad by this many pixels, then crop back at random; 0 = off
+  config.augment.flip = True  # random left-right flip
+
+  config.input = ml_collections.ConfigDict()
+  config.input.cache_in_memory = True  # decode the split once into RAM; False streams from the shards
+  config.input.shuffle_buffer = 10000  # records in the shuffle buffer when streaming
+  config.input.interleave_cycle = 4  # shards read at once when streaming
+
+  if arg == "smoke":
+    smoke(config)
+  elif arg:
+    raise ValueError(f"unknown config variant {arg!r}; known: smoke")
+  return config
+
+
+def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a config to a run of seconds on a CPU, for tests and demos."""
+  config.num_epochs = 2
+  config.steps_per_epoch = 4
+  config.global_batch_size = 32
+  config.eval_batch_size = 250
+  config.steps_per_loop = 2
+  config.log_every_steps = 2
+  config.model.stem_width = 8
+  config.model.widths = (8, 16)
+  return config

@@ -1,0 +1,156 @@
+"""tf.data assembly: shard files by `tf.distribute.InputContext`, read, decode, augment, batch, prefetch.
+
+A training batch is a pure function of (seed, input pipeline, epoch, batch index): each epoch's order
+comes from a stateless shuffle seeded by the epoch, and augmentation is seeded per batch. So a run resumed
+at step k builds the pipeline with `start_step=k` and sees exactly the batches an uninterrupted run would,
+without replaying the ones before.
+
+Two ways to feed training (`config.input.cache_in_memory`):
+  - True (CIFAR-10 always fits): the pipeline's shards are read and decoded once into one uint8 tensor;
+    every batch is a gather of shuffled indices from it. Elements are whole batches, so per-element
+    tf.data overhead is paid once per batch, not once per image.
+  - False (data that does not fit in RAM): files are shuffled and interleaved each epoch, records go
+    through a seeded shuffle buffer, then are parsed and decoded a batch at a time.
+"""
+
+import tensorflow as tf
+
+from pipeline import manifest as manifest_lib
+from pipeline import ops
+from pipeline import records
+
+AUTOTUNE = tf.data.AUTOTUNE
+_MAX_EPOCHS = 1 << 40  # "forever": training stops by step count, not by running out of data
+_ALL = 1 << 40  # a batch size that takes a whole split in one element
+
+
+def _context(input_context: tf.distribute.InputContext | None) -> tf.distribute.InputContext:
+  return input_context or tf.distribute.InputContext()
+
+
+def _options(deterministic: bool) -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = deterministic
+  # Files are sharded here by hand; auto-sharding would shard them again.
+  options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+  return options
+
+
+def shard_records(files: list[str], input_context: tf.distribute.InputContext | None) -> tf.data.Dataset:
+  """Serialized records of this input pipeline's share: whole files when there are enough of them to
+  go round, else every n-th record of all files. Shares are disjoint and together complete."""
+  ctx = _context(input_context)
+  n, i = ctx.num_input_pipelines, ctx.input_pipeline_id
+  if len(files) >= n:
+    return tf.data.TFRecordDataset(files[i::n])
+  return tf.data.TFRecordDataset(files).shard(n, i)
+
+
+def decode_records(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """[N] serialized records -> (uint8 images [N, 32, 32, 3], int64 labels [N])."""
+  features = records.parse_batch(serialized)
+  images = records.decode_batch(features[records.ENCODED], features[records.FORMAT])
+  return images, features[records.LABEL]
+
+
+def _batch_seed(seed: tf.Tensor, epoch: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:
+  fold = tf.random.experimental.stateless_fold_in
+  return fold(fold(seed, epoch), batch)
+
+
+def _epoch_permutation(seed: tf.Tensor, epoch: tf.Tensor, num_records: tf.Tensor, needed: int) -> tf.Tensor:
+  """`needed` indices into [0, num_records): a fresh permutation per epoch, wrapped round if short."""
+  perm = tf.random.experimental.stateless_shuffle(
+      tf.range(num_records), seed=tf.random.experimental.stateless_fold_in(seed, epoch))
+  return tf.tile(perm, [(needed + num_records - 1) // num_records])[:needed]
+
+
+def build_train_dataset(config, data_dir: str, *, batches_per_epoch: int, batch_size: int,
+                        mean, std, input_context: tf.distribute.InputContext | None = None,
+                        start_batch: int = 0, device_augment: bool = False) -> tf.data.Dataset:
+  """Endless training batches for one input pipeline.
+
+  Args:
+    config: the training config (`seed`, `deterministic`, `augment`, `input`).
+    data_dir: directory written by make_tfrecords.
+    batches_per_epoch: batches this pipeline yields per epoch (steps per epoch x its replicas).
+    batch_size: images per batch (the per-replica batch).
+    mean, std: per-channel normalisation in [0, 1] units.
+    input_context: from `distribute_datasets_from_function`; None = the only pipeline.
+    start_batch: batches to leave out at the start (this pipeline's count of batches already trained on).
+    device_augment: yield uint8 un-augmented images; the train step augments and normalises on the device.
+  Returns:
+    A dataset of (images, labels): float32 [B, 32, 32, 3] normalised (uint8 if device_augment), int64 [B].
+  """
+  ctx = _context(input_context)
+  manifest = manifest_lib.load(data_dir)
+  files = manifest_lib.split_files(data_dir, manifest, "train")
+  seed = tf.constant([config.seed, ctx.input_pipeline_id], tf.int64)
+  first_epoch, skip = divmod(start_batch, batches_per_epoch)
+  if config.input.cache_in_memory:
+    batches = _in_memory_batches(files, ctx, seed, first_epoch, batches_per_epoch, batch_size)
+  else:
+    batches = _streaming_batches(files, ctx, seed, first_epoch, batches_per_epoch, batch_size, config)
+  batches = batches.skip(skip)
+
+  def preprocess(epoch, batch, images, labels):
+    if not device_augment:
+      images = ops.normalize(ops.augment(images, _batch_seed(seed, epoch, batch), config.augment), mean, std)
+    return images, labels
+
+  return (batches.map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=config.deterministic)
+          .prefetch(AUTOTUNE).with_options(_options(config.deterministic)))
+
+
+def _in_memory_batches(files, ctx, seed, first_epoch, batches_per_epoch, batch_size) -> tf.data.Dataset:
+  """(epoch, batch, uint8 images, labels), gathered from all of this pipeline's images held in memory."""
+  everything = shard_records(files, ctx).batch(_ALL).map(decode_records).cache()
+  needed = batches_per_epoch * batch_size
+
+  def epoch_batches(epoch, data):
+    images, labels = data
+    perm = _epoch_permutation(seed, epoch, tf.shape(labels, tf.int64)[0], needed)
+    index = tf.data.Dataset.from_tensor_slices(tf.reshape(perm, [batches_per_epoch, batch_size]))
+    return index.enumerate().map(lambda b, idx: (epoch, b, tf.gather(images, idx), tf.gather(labels, idx)))
+
+  # Each epoch's element holds a reference to the cached tensors, not a copy.
+  epochs = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS)
+  return tf.data.Dataset.zip(epochs, everything.repeat()).flat_map(epoch_batches)
+
+
+def _streaming_batches(files, ctx, seed, first_epoch, batches_per_epoch, batch_size, config) -> tf.data.Dataset:
+  """(epoch, batch, uint8 images, labels), read from the shards every epoch through a shuffle buffer."""
+  def one_epoch(epoch):
+    epoch_seed = tf.random.experimental.stateless_fold_in(seed, epoch)
+    shuffle_seed = epoch_seed[0] * 1000003 + epoch_seed[1]
+    local = tf.constant(files[ctx.input_pipeline_id::ctx.num_input_pipelines] if
+                        len(files) >= ctx.num_input_pipelines else files)
+    reader = (tf.data.Dataset.from_tensor_slices(local).shuffle(len(files), seed=shuffle_seed)
+              .interleave(tf.data.TFRecordDataset, cycle_length=config.input.interleave_cycle,
+                          num_parallel_calls=AUTOTUNE, deterministic=True))
+    if len(files) < ctx.num_input_pipelines:
+      reader = reader.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
+    return (reader.shuffle(config.input.shuffle_buffer, seed=shuffle_seed).repeat()
+            .batch(batch_size, drop_remainder=True).take(batches_per_epoch)
+            .enumerate().map(lambda b, s: (epoch, b) + decode_records(s)))
+
+  return tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(one_epoch)
+
+
+def build_eval_dataset(data_dir: str, split: str, *, batch_size: int, mean, std,
+                       input_context: tf.distribute.InputContext | None = None,
+                       normalized: bool = True) -> tf.data.Dataset:
+  """One pass over `split`, every record exactly once across all input pipelines, last batch partial.
+
+  Returns:
+    A dataset of (images, labels): float32 normalised [B, 32, 32, 3] (uint8 if not `normalized`), int64 [B].
+  """
+  manifest = manifest_lib.load(data_dir)
+  files = manifest_lib.split_files(data_dir, manifest, split)
+
+  def preprocess(serialized):
+    images, labels = decode_records(serialized)
+    return (ops.normalize(images, mean, std) if normalized else images), labels
+
+  return (shard_records(files, input_context).batch(batch_size).map(preprocess, num_parallel_calls=AUTOTUNE)
+          .prefetch(AUTOTUNE).with_options(_options(True)))

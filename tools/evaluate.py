@@ -1,0 +1,55 @@
+r"""Accuracy of an exported SavedModel on a split written by make_tfrecords (reads only the export).
+
+  python -m tools.evaluate --model=/tmp/run/export --data_dir=/tmp/c10 --split=validation
+
+The last line printed is `accuracy: 0.9412`.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+import numpy as np
+import tensorflow as tf
+
+from pipeline import input_pipeline
+from pipeline import manifest as manifest_lib
+from trainer import export as export_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "Export directory (a SavedModel), local or gs://.")
+flags.DEFINE_string("data_dir", None, "Directory written by make_tfrecords.")
+flags.DEFINE_string("split", "test", "train | validation | test")
+flags.DEFINE_integer("batch_size", 1000, "Images per call of the serving signature.")
+flags.mark_flags_as_required(["model", "data_dir"])
+
+
+def evaluate(model_dir: str, data_dir: str, split: str, batch_size: int) -> tuple[int, int]:
+  """Returns (correct, total) of the export's `serving_default` on `split`."""
+  serve = export_lib.load(model_dir).signatures["serving_default"]
+  manifest = manifest_lib.load(data_dir)
+  mean, std = manifest_lib.normalization(manifest)
+  dataset = input_pipeline.build_eval_dataset(data_dir, split, batch_size=batch_size, mean=mean, std=std,
+                                              normalized=False)
+  correct = total = 0
+  for images, labels in dataset:
+    classes = serve(images=images)["classes"].numpy()
+    correct += int(np.sum(classes == labels.numpy()))
+    total += len(classes)
+  return correct, total
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    correct, total = evaluate(FLAGS.model, FLAGS.data_dir, FLAGS.split, FLAGS.batch_size)
+  except (manifest_lib.ManifestError, FileNotFoundError) as e:
+    print(f"evaluate: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(f"split: {FLAGS.split}  images: {total}  correct: {correct}")
+  print(f"accuracy: {correct / max(total, 1):.4f}")
+
+
+if __name__ == "__main__":
+  app.run(main)

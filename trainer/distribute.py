@@ -1,0 +1,75 @@
+"""Devices and the tf.distribute strategy, chosen by the config."""
+
+import json
+import os
+
+from absl import logging
+import tensorflow as tf
+
+
+def configure_devices(logical_cpus: int) -> None:
+  """Splits the CPU into `logical_cpus` devices so MirroredStrategy has that many replicas without GPUs.
+
+  Must run before TensorFlow initialises its devices; a later call with the same count is a no-op.
+  """
+  if logical_cpus <= 0:
+    return
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  wanted = [tf.config.LogicalDeviceConfiguration()] * logical_cpus
+  try:
+    tf.config.set_logical_device_configuration(cpu, wanted)
+  except RuntimeError as e:  # already initialised: fine if it already has the devices asked for
+    if len(tf.config.list_logical_devices("CPU")) != logical_cpus:
+      raise ValueError(f"logical_cpus={logical_cpus}: TensorFlow's devices were initialised already with "
+                       f"{len(tf.config.list_logical_devices('CPU'))} CPU devices") from e
+
+
+def make_strategy(config) -> tf.distribute.Strategy:
+  """`config.strategy`: mirrored (all local GPUs, or the logical CPUs), multi_worker (TF_CONFIG), one_device."""
+  configure_devices(config.logical_cpus)
+  gpus = tf.config.list_logical_devices("GPU")
+  if config.strategy == "mirrored":
+    if gpus or not config.logical_cpus:
+      return tf.distribute.MirroredStrategy()  # NCCL all-reduce across GPUs
+    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(config.logical_cpus)])
+  if config.strategy == "multi_worker":
+    implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL if gpus
+                      else tf.distribute.experimental.CommunicationImplementation.RING)
+    return tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation))
+  if config.strategy == "one_device":
+    return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+  raise ValueError(f"strategy={config.strategy!r} is not one of: mirrored, multi_worker, one_device")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+  """Only the chief writes summaries, exports and config dumps."""
+  resolver = strategy.cluster_resolver
+  if resolver is None or not resolver.cluster_spec().as_dict():
+    return True
+  task_type, task_id = resolver.task_type, resolver.task_id
+  return task_type == "chief" or (task_type == "worker" and task_id == 0 and
+                                  "chief" not in resolver.cluster_spec().as_dict())
+
+
+def worker_id(strategy: tf.distribute.Strategy) -> str:
+  resolver = strategy.cluster_resolver
+  if resolver is None or resolver.task_type is None:
+    return "0"
+  return f"{resolver.task_type}{resolver.task_id}"
+
+
+def describe(strategy: tf.distribute.Strategy) -> dict:
+  """What a run ran on, for the log line and run.json."""
+  return {
+      "strategy": type(strategy).__name__,
+      "replicas": strategy.num_replicas_in_sync,
+      "devices": list(strategy.extended.worker_devices),
+      "gpus": [d.name for d in tf.config.list_logical_devices("GPU")],
+      "tf_config": json.loads(os.environ.get("TF_CONFIG", "null")),
+  }
+
+
+def log_devices(strategy: tf.distribute.Strategy) -> None:
+  info = describe(strategy)
+  logging.info("%s with %d replica(s) on %s", info["strategy"], info["replicas"], ", ".join(info["devices"]))

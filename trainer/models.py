@@ -1,0 +1,54 @@
+"""Keras 3 models. Each builder takes the `model` ConfigDict and returns a `keras.Model` mapping normalised
+float images [N, 32, 32, 3] to float32 logits [N, 10].
+
+Under a mixed-precision policy layers compute in bf16/fp16; the logits layer stays float32, and Keras's
+BatchNormalization computes its statistics in float32.
+"""
+
+import keras
+
+from pipeline import cifar10
+
+
+def _conv_bn(x, width: int, config, name: str):
+  x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
+  x = keras.layers.BatchNormalization(momentum=config.bn_momentum, epsilon=1e-5,
+                                      synchronized=config.sync_bn, name=f"{name}_bn")(x)
+  return keras.layers.Activation(config.activation, name=f"{name}_act")(x)
+
+
+def resnet(config) -> keras.Model:
+  """A deep residual CNN in the shape of Page's ResNet-9 / airbench: a stem, then per stage a conv and a
+  2x2 max-pool followed by `blocks_per_stage` residual blocks of two convs, then global max-pool.
+
+  Config: widths (channels per stage), stem_width, blocks_per_stage, activation, bn_momentum, sync_bn,
+  logit_scale (logits are multiplied by it; < 1 softens the initial predictions).
+  """
+  inputs = keras.Input(cifar10.IMAGE_SHAPE, name="images")
+  x = _conv_bn(inputs, config.stem_width, config, "stem")
+  for s, width in enumerate(config.widths):
+    x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"stage{s}_conv")(x)
+    x = keras.layers.MaxPooling2D(2, name=f"stage{s}_pool")(x)
+    x = keras.layers.BatchNormalization(momentum=config.bn_momentum, epsilon=1e-5,
+                                        synchronized=config.sync_bn, name=f"stage{s}_bn")(x)
+    x = keras.layers.Activation(config.activation, name=f"stage{s}_act")(x)
+    for b in range(config.blocks_per_stage):
+      shortcut = x
+      x = _conv_bn(x, width, config, f"stage{s}_block{b}a")
+      x = _conv_bn(x, width, config, f"stage{s}_block{b}b")
+      x = keras.layers.Add(name=f"stage{s}_block{b}_add")([shortcut, x])
+  x = keras.layers.GlobalMaxPooling2D(name="pool")(x)
+  x = keras.layers.Dense(cifar10.NUM_CLASSES, use_bias=False, dtype="float32", name="logits")(x)
+  if config.logit_scale != 1.0:
+    x = keras.layers.Rescaling(config.logit_scale, dtype="float32", name="logit_scale")(x)
+  return keras.Model(inputs, x, name="resnet")
+
+
+BUILDERS = {"resnet": resnet}
+
+
+def build(config) -> keras.Model:
+  """Builds `config.name` from BUILDERS."""
+  if config.name not in BUILDERS:
+    raise ValueError(f"model.name={config.name!r} is not one of: {', '.join(sorted(BUILDERS))}")
+  return BUILDERS[config.name](config)

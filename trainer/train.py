@@ -1,0 +1,340 @@
+"""The custom training loop: `train_and_evaluate(config, workdir)`.
+
+One `strategy.scope()` makes the model, optimizer, step counter and checkpoint. Step functions are pure
+tf.functions run per replica by `strategy.run`; Python (logging, summaries, checkpoints, evaluation)
+runs between calls of `steps_per_loop` steps. The loss is averaged over the global batch.
+"""
+
+import dataclasses
+import datetime
+import math
+import os
+import platform
+import subprocess
+import time
+
+from absl import logging
+import keras
+import tensorflow as tf
+
+from pipeline import input_pipeline
+from pipeline import manifest as manifest_lib
+import tools
+from trainer import distribute
+from trainer import export as export_lib
+from trainer import models
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (bad config for the hardware, non-finite loss); the message says why."""
+
+
+class Sums:
+  """Running sums kept per replica and read as totals over all replicas (ON_READ, SUM variables).
+
+  Create under `strategy.scope()`; `add` runs per replica inside the step; `result` and `reset` run
+  between steps.
+  """
+
+  def __init__(self, *names: str):
+    self._vars = {n: tf.Variable(0.0, trainable=False, name=n,
+                                 synchronization=tf.VariableSynchronization.ON_READ,
+                                 aggregation=tf.VariableAggregation.SUM) for n in names}
+
+  def add(self, **values) -> None:
+    """Runs per replica."""
+    for name, value in values.items():
+      self._vars[name].assign_add(tf.cast(value, tf.float32))
+
+  def result(self) -> dict[str, float]:
+    return {n: float(v.read_value().numpy()) for n, v in self._vars.items()}
+
+  def reset(self) -> None:
+    for v in self._vars.values():
+      v.assign(tf.zeros_like(v))
+
+
+@dataclasses.dataclass
+class State:
+  """What a run trains and checkpoints, made under one strategy scope."""
+  model: keras.Model
+  optimizer: keras.optimizers.Optimizer
+  step: tf.Variable  # train steps done; the checkpoint's number
+  checkpoint: tf.train.Checkpoint
+  train_sums: Sums
+  eval_sums: Sums
+
+
+def make_optimizer(config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+  """Nesterov SGD with decoupled weight decay, linear warmup then `config.optimizer.schedule`."""
+  opt = config.optimizer
+  total = config.num_epochs * steps_per_epoch
+  warmup = int(opt.warmup_epochs * steps_per_epoch)
+  if opt.schedule not in ("cosine", "constant"):
+    raise ValueError(f"optimizer.schedule={opt.schedule!r} is not one of: cosine, constant")
+  # CosineDecay warms up linearly from 0 to warmup_target; alpha=1 makes the decay a constant.
+  schedule = keras.optimizers.schedules.CosineDecay(
+      0.0, decay_steps=max(total - warmup, 1), warmup_target=opt.learning_rate, warmup_steps=warmup,
+      alpha=1.0 if opt.schedule == "constant" else 0.0)
+  optimizer = keras.optimizers.SGD(schedule, momentum=opt.momentum, nesterov=opt.nesterov,
+                                   weight_decay=opt.weight_decay or None)
+  if config.mixed_precision == "mixed_float16":
+    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # dynamic loss scale
+  return optimizer
+
+
+def make_state(config, strategy, steps_per_epoch: int) -> State:
+  keras.mixed_precision.set_dtype_policy(config.mixed_precision)
+  keras.utils.set_random_seed(config.seed)
+  with strategy.scope():
+    model = models.build(config.model)
+    optimizer = make_optimizer(config, steps_per_epoch)
+    optimizer.build(model.trainable_variables)
+    step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
+    return State(model, optimizer, step, checkpoint, Sums("loss", "correct", "count"),
+                 Sums("loss", "correct", "count"))
+
+
+def cross_entropy(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float) -> tf.Tensor:
+  """Per-example softmax cross-entropy in float32; labels are class ids or [N, 10] probabilities."""
+  logits = tf.cast(logits, tf.float32)
+  if labels.dtype.is_integer:
+    labels = tf.one_hot(labels, logits.shape[-1])
+  if label_smoothing:
+    labels = labels * (1.0 - label_smoothing) + label_smoothing / logits.shape[-1]
+  return tf.nn.softmax_cross_entropy_with_logits(labels, logits)
+
+
+def _correct(labels, logits):
+  hard = labels if labels.dtype.is_integer else tf.argmax(labels, -1)
+  return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), hard), tf.float32))
+
+
+def make_train_loop(config, strategy, state: State):
+  """Returns train_loop(iterator, num_steps): `num_steps` steps inside one tf.function call."""
+  model, optimizer = state.model, state.optimizer
+
+  def step_fn(images, labels):
+    """Runs per replica."""
+    with tf.GradientTape() as tape:
+      logits = model(images, training=True)
+      per_example = cross_entropy(labels, logits, config.label_smoothing)
+      loss = tf.nn.compute_average_loss(per_example, global_batch_size=config.global_batch_size)
+      scaled = optimizer.scale_loss(loss)  # the identity unless optimizer is a LossScaleOptimizer
+    grads = tape.gradient(scaled, model.trainable_variables)
+    optimizer.apply(grads, model.trainable_variables)
+    state.train_sums.add(loss=tf.reduce_sum(per_example), correct=_correct(labels, logits),
+                         count=tf.shape(per_example)[0])
+
+  def sync_fn():
+    """Runs per replica. Keras 3 keeps BatchNorm moving statistics per replica (aggregation NONE), so
+    they drift apart; averaging them after every loop keeps all replicas, checkpoints and the export equal."""
+    ctx = tf.distribute.get_replica_context()
+    for v in model.non_trainable_variables:
+      if tf.as_dtype(v.dtype).is_floating:
+        v.assign(ctx.all_reduce(tf.distribute.ReduceOp.MEAN, v.value))
+
+  @tf.function
+  def train_loop(iterator, num_steps):
+    for _ in tf.range(num_steps):
+      strategy.run(step_fn, args=next(iterator))
+      state.step.assign_add(1)
+    if strategy.num_replicas_in_sync > 1:
+      strategy.run(sync_fn)
+
+  return train_loop
+
+
+def make_eval_step(strategy, state: State):
+  """Returns eval_step(images, labels), adding to `state.eval_sums`."""
+
+  def step_fn(images, labels):
+    """Runs per replica; a replica may get an empty last batch."""
+    logits = state.model(images, training=False)
+    state.eval_sums.add(loss=tf.reduce_sum(cross_entropy(labels, logits, 0.0)),
+                        correct=_correct(labels, logits), count=tf.shape(labels)[0])
+
+  @tf.function(reduce_retracing=True)
+  def eval_step(images, labels):
+    strategy.run(step_fn, args=(images, labels))
+
+  return eval_step
+
+
+def evaluate(eval_step, dataset, sums: Sums) -> dict[str, float]:
+  """One pass over a distributed eval dataset; returns loss, accuracy and the image count."""
+  sums.reset()
+  for images, labels in dataset:
+    eval_step(images, labels)
+  totals = sums.result()
+  count = max(totals["count"], 1.0)
+  return {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count, "count": int(totals["count"])}
+
+
+def _git_commit() -> str | None:
+  try:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                         capture_output=True, text=True, timeout=10, check=True)
+    return out.stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def steps_per_epoch_for(config, manifest: dict) -> int:
+  per_epoch = manifest_lib.num_examples(manifest, "train") // config.global_batch_size
+  if config.steps_per_epoch:
+    per_epoch = min(per_epoch, config.steps_per_epoch) if per_epoch else config.steps_per_epoch
+  if per_epoch <= 0:
+    raise TrainingError(f"global_batch_size={config.global_batch_size} is larger than the train split "
+                        f"({manifest_lib.num_examples(manifest, 'train')} images)")
+  return per_epoch
+
+
+def check_batch_sizes(config, replicas: int) -> None:
+  for key in ("global_batch_size", "eval_batch_size"):
+    if config[key] % replicas:
+      raise TrainingError(f"{key}={config[key]} does not divide by the {replicas} replicas; "
+                          f"use a multiple of {replicas}")
+
+
+def distributed_datasets(config, strategy, manifest: dict, steps_per_epoch: int, start_step: int):
+  """The distributed train dataset (starting at `start_step`) and eval datasets by split name."""
+  mean, std = manifest_lib.normalization(manifest)
+
+  def train_fn(ctx):
+    per_pipeline = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+    return input_pipeline.build_train_dataset(
+        config, config.data_dir, batches_per_epoch=steps_per_epoch * per_pipeline,
+        batch_size=ctx.get_per_replica_batch_size(config.global_batch_size), mean=mean, std=std,
+        input_context=ctx, start_batch=start_step * per_pipeline)
+
+  def eval_fn(split):
+    return lambda ctx: input_pipeline.build_eval_dataset(
+        config.data_dir, split, batch_size=ctx.get_per_replica_batch_size(config.eval_batch_size),
+        mean=mean, std=std, input_context=ctx)
+
+  train = strategy.distribute_datasets_from_function(train_fn)
+  evals = {split: strategy.distribute_datasets_from_function(eval_fn(split))
+           for split in ("validation", "test") if split in manifest["splits"]}
+  return train, evals
+
+
+def _write_scalars(writer, step: int, prefix: str, scalars: dict) -> None:
+  with writer.as_default(step=step):
+    for name, value in scalars.items():
+      tf.summary.scalar(f"{prefix}/{name}", value)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final metrics."""
+  started = _now()
+  strategy = distribute.make_strategy(config)
+  distribute.log_devices(strategy)
+  chief = distribute.is_chief(strategy)
+  check_batch_sizes(config, strategy.num_replicas_in_sync)
+  manifest = manifest_lib.load(config.data_dir)
+  steps_per_epoch = steps_per_epoch_for(config, manifest)
+  total_steps = config.num_epochs * steps_per_epoch
+  state = make_state(config, strategy, steps_per_epoch)
+  manager = _checkpoint_manager(config, strategy, state, workdir)
+  if manager.latest_checkpoint:
+    state.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    logging.info("resumed from %s at step %d", manager.latest_checkpoint, int(state.step.numpy()))
+  start_step = int(state.step.numpy())
+  if chief:
+    tf.io.gfile.makedirs(workdir)
+    from pipeline import fileio  # pylint: disable=g-import-not-at-top
+    fileio.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n")
+  writer = (tf.summary.create_file_writer(os.path.join(workdir, "summaries")) if chief
+            else tf.summary.create_noop_writer())
+  train_ds, eval_ds = distributed_datasets(config, strategy, manifest, steps_per_epoch, start_step)
+  train_loop = make_train_loop(config, strategy, state)
+  eval_step = make_eval_step(strategy, state)
+  iterator = iter(train_ds)
+  metrics = {}
+  window_start, window_step = time.time(), start_step
+  while int(state.step.numpy()) < total_steps:
+    step = int(state.step.numpy())
+    train_loop(iterator, tf.constant(_steps_until_boundary(config, step, steps_per_epoch, total_steps)))
+    step = int(state.step.numpy())
+    if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
+      metrics["train"] = _log_train(config, state, writer, step, total_steps, steps_per_epoch,
+                                    (step - window_step) / max(time.time() - window_start, 1e-9))
+      window_start, window_step = time.time(), step
+    if step % steps_per_epoch == 0:
+      if "validation" in eval_ds:
+        metrics["validation"] = evaluate(eval_step, eval_ds["validation"], state.eval_sums)
+        _write_scalars(writer, step, "validation", metrics["validation"])
+        logging.info("epoch %d validation: %s", step // steps_per_epoch, _fmt(metrics["validation"]))
+      manager.save(checkpoint_number=step)
+    elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+      manager.save(checkpoint_number=step)
+    writer.flush()
+  for split, dataset in eval_ds.items():
+    metrics[split] = evaluate(eval_step, dataset, state.eval_sums)
+    logging.info("final %s: %s", split, _fmt(metrics[split]))
+  if chief and config.export:
+    mean, std = manifest_lib.normalization(manifest)
+    path = export_lib.export(state.model, os.path.join(workdir, "export"), mean=mean, std=std,
+                             class_names=manifest_lib.class_names(manifest))
+    logging.info("exported SavedModel to %s", path)
+  writer.close()
+  if chief:
+    _write_run_json(workdir, strategy, started, start_step, int(state.step.numpy()), metrics)
+  return metrics
+
+
+def _steps_until_boundary(config, step: int, steps_per_epoch: int, total_steps: int) -> int:
+  """Steps to run before Python must act again (log, checkpoint, epoch end, or the end)."""
+  boundaries = [config.steps_per_loop, config.log_every_steps, steps_per_epoch]
+  if config.checkpoint_every_steps:
+    boundaries.append(config.checkpoint_every_steps)
+  nearest = min((step // b + 1) * b for b in boundaries if b > 0)
+  return min(nearest, total_steps) - step
+
+
+def _checkpoint_manager(config, strategy, state: State, workdir: str) -> tf.train.CheckpointManager:
+  """Checkpoints in workdir/checkpoints. Non-chief workers of a multi-worker run must take part in every
+  save too (variables are read collectively), so they write to a scratch directory of their own."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not distribute.is_chief(strategy):
+    directory = os.path.join(workdir, "tmp", f"checkpoints-{distribute.worker_id(strategy)}")
+  return tf.train.CheckpointManager(state.checkpoint, directory, max_to_keep=config.keep_checkpoints,
+                                    step_counter=state.step)
+
+
+def _fmt(metrics: dict) -> str:
+  return " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+def _log_train(config, state: State, writer, step, total_steps, steps_per_epoch, steps_per_sec) -> dict:
+  totals = state.train_sums.result()
+  state.train_sums.reset()
+  count = max(totals["count"], 1.0)
+  scalars = {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count,
+             "learning_rate": float(state.optimizer.learning_rate.numpy()),
+             "images_per_sec": steps_per_sec * config.global_batch_size}
+  if not math.isfinite(scalars["loss"]):
+    raise TrainingError(f"loss is {scalars['loss']} at step {step}; the last good checkpoint is kept")
+  _write_scalars(writer, step, "train", scalars)
+  eta = (total_steps - step) / max(steps_per_sec, 1e-9)
+  logging.info("step %d/%d epoch %.2f loss %.4f accuracy %.4f lr %.4g %.0f images/s ETA %s", step,
+               total_steps, step / steps_per_epoch, scalars["loss"], scalars["accuracy"],
+               scalars["learning_rate"], scalars["images_per_sec"], datetime.timedelta(seconds=round(eta)))
+  return scalars
+
+
+def _write_run_json(workdir, strategy, started, start_step, end_step, metrics) -> None:
+  from pipeline import fileio  # pylint: disable=g-import-not-at-top
+  fileio.write_json(os.path.join(workdir, "run.json"), {
+      "started": started, "ended": _now(), "start_step": start_step, "end_step": end_step,
+      "versions": {"project": tools.__version__, "tensorflow": tf.__version__, "keras": keras.__version__,
+                   "python": platform.python_version()},
+      "git_commit": _git_commit(), "host": platform.node(),
+      "distribution": distribute.describe(strategy), "metrics": metrics,
+  })
