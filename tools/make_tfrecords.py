@@ -136,7 +136,8 @@ def write_all(output_dir: str, splits: dict[str, sources.Split], num_shards: int
   return [entries[path] for _, path, _ in jobs]
 
 
-def build_manifest(source: sources.Source, splits: dict[str, sources.Split], shards: list[dict]) -> dict:
+def build_manifest(source: sources.Source, splits: dict[str, sources.Split], shards: list[dict], *,
+                   encoding: str, seed: int, val_size: int) -> dict:
   split_info = {}
   for name, split in splits.items():
     info = {"num_examples": len(split), "num_shards": sum(s["split"] == name for s in shards),
@@ -150,7 +151,7 @@ def build_manifest(source: sources.Source, splits: dict[str, sources.Split], sha
       "source": {"name": source.name, "kind": source.kind, "checksum": source.checksum},
       "class_names": list(source.class_names),
       "image_shape": list(cifar10.IMAGE_SHAPE),
-      "encoding": FLAGS.encoding, "seed": FLAGS.seed, "val_size": FLAGS.val_size,
+      "encoding": encoding, "seed": seed, "val_size": val_size,
       "splits": split_info,
       "shards": [{k: v for k, v in s.items() if k != "unchanged"} for s in shards],
   }
@@ -167,26 +168,26 @@ def summary_table(manifest: dict) -> str:
   return "\n".join(lines)
 
 
-def make(output_dir: str) -> dict:
+def make(source_name: str, output_dir: str, *, num_shards: int = 16, val_size: int = 5000, seed: int = 0,
+         encoding: str = "raw", workers: int = 0, synthetic_sizes: tuple[int, int] = (50000, 10000)) -> dict:
   """Loads the source, splits it, writes shards and the manifest; returns the manifest."""
   start = time.time()
-  source = sources.load(FLAGS.source, seed=FLAGS.seed,
-                        synthetic_sizes=(FLAGS.synthetic_train_size, FLAGS.synthetic_test_size))
+  source = sources.load(source_name, seed=seed, synthetic_sizes=synthetic_sizes)
   logging.info("loaded %s (%s): %s in %.1fs", source.name, source.kind,
                ", ".join(f"{k} {len(v)}" for k, v in source.splits.items()), time.time() - start)
-  splits = split_validation(source.splits["train"], FLAGS.val_size, FLAGS.seed)
+  splits = split_validation(source.splits["train"], val_size, seed)
   if "test" in source.splits:
     splits["test"] = source.splits["test"]
   tf.io.gfile.makedirs(output_dir)
   manifest_path = os.path.join(output_dir, manifest_lib.FILENAME)
   if tf.io.gfile.exists(manifest_path):  # the directory is incomplete until the new manifest lands
     tf.io.gfile.remove(manifest_path)
-  shards = write_all(output_dir, splits, FLAGS.num_shards, FLAGS.encoding, FLAGS.workers)
+  shards = write_all(output_dir, splits, num_shards, encoding, workers)
   written = {s["file"] for s in shards}
   for stale in manifest_lib.list_shards(output_dir):  # from an earlier run with other --num_shards
     if stale not in written:
       tf.io.gfile.remove(os.path.join(output_dir, stale))
-  manifest = build_manifest(source, splits, shards)
+  manifest = build_manifest(source, splits, shards, encoding=encoding, seed=seed, val_size=val_size)
   fileio.write_json(manifest_path, manifest)
   images = sum(len(s) for s in splits.values())
   unchanged = sum(s["unchanged"] for s in shards)
@@ -234,7 +235,9 @@ def main(argv):
     if FLAGS.verify:
       verify(FLAGS.output_dir)
     else:
-      make(FLAGS.output_dir)
+      make(FLAGS.source, FLAGS.output_dir, num_shards=FLAGS.num_shards, val_size=FLAGS.val_size,
+           seed=FLAGS.seed, encoding=FLAGS.encoding, workers=FLAGS.workers,
+           synthetic_sizes=(FLAGS.synthetic_train_size, FLAGS.synthetic_test_size))
   except (sources.SourceError, manifest_lib.ManifestError, VerifyError) as e:
     print(f"make_tfrecords: error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -1,0 +1,225 @@
+"""make_tfrecords: every source format, the stratified split, idempotent shards, --verify."""
+
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipeline import cifar10
+from pipeline import input_pipeline
+from pipeline import manifest as manifest_lib
+from pipeline import records
+from tools import make_tfrecords
+from tools import sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _images(rng, n):
+  return rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+
+
+def _add(tar, name, data):
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
+
+
+def _official_archive(path, fmt, per_batch=20, seed=0):
+  """A small archive in the official layout; returns (train images, train labels, test images, labels)."""
+  rng = np.random.default_rng(seed)
+  batches = [(_images(rng, per_batch), rng.integers(0, 10, per_batch)) for _ in range(6)]
+  with tarfile.open(path, "w:gz") as tar:
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name, (images, labels) in zip(names, batches):
+      chw = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+      if fmt == "python":
+        blob = pickle.dumps({b"data": chw, b"labels": labels.tolist(),
+                             b"filenames": [b"x.png"] * len(labels)})
+        _add(tar, f"cifar-10-batches-py/{name}", blob)
+      else:
+        rows = np.concatenate([labels.astype(np.uint8)[:, None], chw], axis=1)
+        _add(tar, f"cifar-10-batches-bin/{name}.bin", rows.tobytes())
+    if fmt == "python":
+      _add(tar, "cifar-10-batches-py/batches.meta",
+           pickle.dumps({b"label_names": [n.encode() for n in cifar10.CLASS_NAMES]}))
+    else:
+      _add(tar, "cifar-10-batches-bin/batches.meta.txt", "\n".join(cifar10.CLASS_NAMES).encode() + b"\n")
+  train = batches[:5]
+  return (np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train]),
+          batches[5][0], batches[5][1])
+
+
+def _read_split(data_dir, split):
+  """(ids, images, labels) of a split, sorted by id."""
+  manifest = manifest_lib.load(data_dir)
+  ids, images, labels = [], [], []
+  for path in manifest_lib.split_files(data_dir, manifest, split):
+    for serialized in tf.data.TFRecordDataset(path).batch(1000):
+      features = records.parse_batch(serialized)
+      ids += [i.decode() for i in features[records.ID].numpy()]
+      images.append(records.decode_batch(features[records.ENCODED], features[records.FORMAT]).numpy())
+      labels.append(features[records.LABEL].numpy())
+  order = np.argsort(ids)
+  return [ids[i] for i in order], np.concatenate(images)[order], np.concatenate(labels)[order]
+
+
+@pytest.mark.parametrize("fmt", ["python", "binary"])
+def test_official_archives_round_trip(tmp_path, fmt):
+  archive = str(tmp_path / f"cifar-10-{fmt}.tar.gz")
+  train_x, train_y, test_x, test_y = _official_archive(archive, fmt)
+  out = str(tmp_path / "out")
+  manifest = make_tfrecords.make(archive, out, num_shards=2, val_size=10)
+  assert manifest["source"]["kind"] == f"cifar10_{fmt}"
+  assert {k: v["num_examples"] for k, v in manifest["splits"].items()} == {
+      "train": 90, "validation": 10, "test": 20}
+  ids, images, labels = _read_split(out, "test")
+  assert ids == [f"test_{i:05d}" for i in range(20)]
+  np.testing.assert_array_equal(images, test_x)
+  np.testing.assert_array_equal(labels, test_y)
+  # train + validation together are exactly the source's train split, pixel for pixel
+  t_ids, t_images, t_labels = _read_split(out, "train")
+  v_ids, v_images, v_labels = _read_split(out, "validation")
+  index = [int(i.split("_")[1]) for i in t_ids + v_ids]
+  assert sorted(index) == list(range(100))
+  np.testing.assert_array_equal(np.concatenate([t_images, v_images]), train_x[index])
+  np.testing.assert_array_equal(np.concatenate([t_labels, v_labels]), train_y[index])
+
+
+def _image_folder(root, classes, per_class, ext, seed=0):
+  rng = np.random.default_rng(seed)
+  written = {}
+  for split in ("train", "test"):
+    for name in classes:
+      os.makedirs(os.path.join(root, split, name), exist_ok=True)
+      for i in range(per_class):
+        image = _images(rng, 1)[0]
+        encoded = tf.io.encode_png(image) if ext == "png" else tf.io.encode_jpeg(image, quality=95)
+        rel = f"{split}/{name}/{i:04d}.{ext}"
+        tf.io.write_file(os.path.join(root, rel), encoded)
+        written[rel] = tf.io.decode_image(encoded, channels=3).numpy()
+  return written
+
+
+@pytest.mark.parametrize("ext", ["png", "jpg"])
+def test_image_folder_and_tar(tmp_path, ext):
+  folder = str(tmp_path / "images" / "cifar10-jpeg")  # one leading directory, as in the shared data
+  written = _image_folder(folder, ["cat", "dog", "ship"], 4, ext)
+  tar_path = str(tmp_path / "images.tar.gz")
+  with tarfile.open(tar_path, "w:gz") as tar:
+    tar.add(str(tmp_path / "images"), arcname=".")
+  for source, out in ((folder, tmp_path / "from_folder"), (tar_path, tmp_path / "from_tar")):
+    manifest = make_tfrecords.make(source, str(out), num_shards=1, val_size=0, encoding="png")
+    assert manifest["class_names"] == list(cifar10.CLASS_NAMES)  # CIFAR-10 names keep CIFAR-10 ids
+    ids, images, labels = _read_split(str(out), "test")
+    assert ids == sorted(r for r in written if r.startswith("test/"))
+    np.testing.assert_array_equal(images, np.stack([written[i] for i in ids]))
+    expected = [cifar10.CLASS_NAMES.index(i.split("/")[1]) for i in ids]
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_other_class_names_are_sorted():
+  assert sources.class_ids({"zebra", "apple", "cat"}) == ("apple", "cat", "zebra")
+  assert sources.class_ids({"ship", "cat"}) == cifar10.CLASS_NAMES
+  with pytest.raises(sources.SourceError, match="11 classes found"):
+    sources.class_ids({f"c{i}" for i in range(11)})
+
+
+def test_unreadable_image_is_named(tmp_path):
+  folder = tmp_path / "imgs"
+  _image_folder(str(folder), ["cat"], 2, "png")
+  (folder / "train" / "cat" / "broken.png").write_bytes(b"not a png")
+  with pytest.raises(sources.SourceError, match=r"train/cat/broken.png: not a decodable image"):
+    make_tfrecords.make(str(folder), str(tmp_path / "out"), num_shards=1, val_size=0)
+
+
+def test_tfds_source(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  with tfds.testing.mock_data(num_examples=30):
+    manifest = make_tfrecords.make("tfds", str(tmp_path / "out"), num_shards=2, val_size=10)
+  assert manifest["source"]["checksum"].startswith("tfds:cifar10:")
+  assert manifest["splits"]["train"]["num_examples"] == 20
+  assert manifest["splits"]["test"]["num_examples"] == 30
+
+
+def test_synthetic_is_learnable():
+  """A nearest-class-mean classifier, fitted on train, beats chance by far on test."""
+  source = sources.make_synthetic(0, 2000, 500)
+  train, test = source.splits["train"], source.splits["test"]
+  means = np.stack([train.images[train.labels == k].reshape(-1, 3072).mean(0) for k in range(10)])
+  dist = ((test.images.reshape(-1, 1, 3072) - means[None]) ** 2).sum(-1)
+  assert (dist.argmin(1) == test.labels).mean() > 0.5
+
+
+def test_validation_split_is_stratified_and_seeded():
+  labels = np.repeat(np.arange(10), [300, 300, 300, 300, 300, 100, 100, 100, 100, 100])
+  split = sources.Split(np.zeros((2000, 32, 32, 3), np.uint8), labels, [f"train_{i:05d}" for i in range(2000)])
+  out = make_tfrecords.split_validation(split, 200, seed=3)
+  assert len(out["validation"]) == 200 and len(out["train"]) == 1800
+  np.testing.assert_array_equal(np.bincount(out["validation"].labels), [30] * 5 + [10] * 5)
+  assert not set(out["train"].ids) & set(out["validation"].ids)
+  again = make_tfrecords.split_validation(split, 200, seed=3)
+  assert again["validation"].ids == out["validation"].ids
+  other = make_tfrecords.split_validation(split, 200, seed=4)
+  assert other["validation"].ids != out["validation"].ids
+  assert "validation" not in make_tfrecords.split_validation(split, 0, seed=3)
+
+
+def test_rerun_is_byte_identical_and_says_so(tmp_path, capsys):
+  out = str(tmp_path / "out")
+  first = make_tfrecords.make("synthetic", out, num_shards=3, val_size=50, synthetic_sizes=(300, 60))
+  capsys.readouterr()
+  second = make_tfrecords.make("synthetic", out, num_shards=3, val_size=50, synthetic_sizes=(300, 60))
+  assert first == second
+  assert "all 5 shards are byte-identical" in capsys.readouterr().out
+  assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
+
+
+def test_rerun_with_fewer_shards_removes_stale_ones(tmp_path):
+  out = str(tmp_path / "out")
+  make_tfrecords.make("synthetic", out, num_shards=4, val_size=50, synthetic_sizes=(300, 60))
+  make_tfrecords.make("synthetic", out, num_shards=2, val_size=50, synthetic_sizes=(300, 60))
+  assert manifest_lib.list_shards(out, "train") == [manifest_lib.shard_name("train", i, 2) for i in range(2)]
+  manifest_lib.load(out)  # disk and manifest agree
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+
+
+def test_verify_catches_a_changed_shard(tmp_path):
+  out = str(tmp_path / "out")
+  make_tfrecords.make("synthetic", out, num_shards=2, val_size=50, synthetic_sizes=(300, 60))
+  make_tfrecords.verify(out)
+  shard = os.path.join(out, manifest_lib.shard_name("train", 1, 2))
+  data = bytearray(open(shard, "rb").read())
+  data[100] ^= 0xFF
+  open(shard, "wb").write(bytes(data))
+  result = _run("tools.make_tfrecords", "--verify", f"--output_dir={out}")
+  assert result.returncode == 1
+  assert f"make_tfrecords: error: {shard}: sha256" in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_missing_source_is_one_line_error(tmp_path):
+  result = _run("tools.make_tfrecords", f"--source={tmp_path}/nope.tar.gz", f"--output_dir={tmp_path}/out")
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == f"make_tfrecords: error: {tmp_path}/nope.tar.gz: no such file or folder"
+  assert "Traceback" not in result.stderr
+  assert not os.path.exists(f"{tmp_path}/out/manifest.json")
+
+
+def test_eval_dataset_reads_every_record_once(synthetic_dir):
+  manifest = manifest_lib.load(synthetic_dir)
+  mean, std = manifest_lib.normalization(manifest)
+  labels = np.concatenate([y.numpy() for _, y in input_pipeline.build_eval_dataset(
+      synthetic_dir, "validation", batch_size=64, mean=mean, std=std)])
+  np.testing.assert_array_equal(np.bincount(labels, minlength=10),
+                                manifest["splits"]["validation"]["class_counts"])
