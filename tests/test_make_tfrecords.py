@@ -223,3 +223,14 @@ def test_eval_dataset_reads_every_record_once(synthetic_dir):
       synthetic_dir, "validation", batch_size=64, mean=mean, std=std)])
   np.testing.assert_array_equal(np.bincount(labels, minlength=10),
                                 manifest["splits"]["validation"]["class_counts"])
+
+
+def test_committed_sample_of_real_images(tmp_path):
+  """data/cifar10-sample.tar.gz, the README's offline default: 500 real JPEGs, 50 per class."""
+  out = str(tmp_path / "sample")
+  manifest = make_tfrecords.make(os.path.join(ROOT, "data", "cifar10-sample.tar.gz"), out, num_shards=2,
+                                 val_size=100)
+  assert manifest["source"]["kind"] == "image_tar"
+  assert manifest["splits"]["train"]["class_counts"] == [40] * 10
+  assert manifest["splits"]["validation"]["class_counts"] == [10] * 10
+  make_tfrecords.verify(out)

@@ -17,11 +17,14 @@ from pipeline import manifest as manifest_lib
 from trainer import export as export_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Export directory (a SavedModel), local or gs://.")
-flags.DEFINE_string("data_dir", None, "Directory written by make_tfrecords.")
-flags.DEFINE_string("split", "test", "train | validation | test")
-flags.DEFINE_integer("batch_size", 1000, "Images per call of the serving signature.")
-flags.mark_flags_as_required(["model", "data_dir"])
+
+def define_flags():
+  """Command-line flags; defined only when run as a program, so modules import side by side."""
+  flags.DEFINE_string("model", None, "Export directory (a SavedModel), local or gs://.")
+  flags.DEFINE_string("data_dir", None, "Directory written by make_tfrecords.")
+  flags.DEFINE_string("split", "test", "train | validation | test")
+  flags.DEFINE_integer("batch_size", 1000, "Images per call of the serving signature.")
+  flags.mark_flags_as_required(["model", "data_dir"])
 
 
 def evaluate(model_dir: str, data_dir: str, split: str, batch_size: int) -> tuple[int, int]:
@@ -52,4 +55,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -30,16 +30,19 @@ import tools
 from tools import sources
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("source", "tfds", "tfds | synthetic | path to an official archive, image folder or tar.")
-flags.DEFINE_string("output_dir", None, "Where shards and manifest.json go (local or gs://).")
-flags.DEFINE_integer("num_shards", 16, "Shards for train; validation and test get proportionally fewer (>= 1).")
-flags.DEFINE_integer("val_size", 5000, "Validation images carved out of train, stratified by class; 0 = none.")
-flags.DEFINE_integer("seed", 0, "Seed of the validation split and of the shard order.")
-flags.DEFINE_enum("encoding", "raw", ["raw", "png"], "raw: 3072 uint8 bytes per image (fastest); png: smaller.")
-flags.DEFINE_bool("verify", False, "Re-read --output_dir and check it against its manifest; write nothing.")
-flags.DEFINE_integer("synthetic_train_size", 50000, "Images in the synthetic train split.")
-flags.DEFINE_integer("synthetic_test_size", 10000, "Images in the synthetic test split.")
-flags.DEFINE_integer("workers", 0, "Parallel shard writers; 0 = one per CPU core.")
+
+def define_flags():
+  """Command-line flags; defined only when run as a program, so modules import side by side."""
+  flags.DEFINE_string("source", "tfds", "tfds | synthetic | path to an official archive, image folder or tar.")
+  flags.DEFINE_string("output_dir", None, "Where shards and manifest.json go (local or gs://).")
+  flags.DEFINE_integer("num_shards", 16, "Shards for train; validation and test get proportionally fewer (>= 1).")
+  flags.DEFINE_integer("val_size", 5000, "Validation images carved out of train, stratified by class; 0 = none.")
+  flags.DEFINE_integer("seed", 0, "Seed of the validation split and of the shard order.")
+  flags.DEFINE_enum("encoding", "raw", ["raw", "png"], "raw: 3072 uint8 bytes per image (fastest); png: smaller.")
+  flags.DEFINE_bool("verify", False, "Re-read --output_dir and check it against its manifest; write nothing.")
+  flags.DEFINE_integer("synthetic_train_size", 50000, "Images in the synthetic train split.")
+  flags.DEFINE_integer("synthetic_test_size", 10000, "Images in the synthetic test split.")
+  flags.DEFINE_integer("workers", 0, "Parallel shard writers; 0 = one per CPU core.")
 
 
 class VerifyError(ValueError):
@@ -244,4 +247,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

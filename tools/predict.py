@@ -16,8 +16,11 @@ from pipeline import cifar10
 from trainer import export as export_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Export directory (a SavedModel), local or gs://.")
-flags.mark_flags_as_required(["model"])
+
+def define_flags():
+  """Command-line flags; defined only when run as a program, so modules import side by side."""
+  flags.DEFINE_string("model", None, "Export directory (a SavedModel), local or gs://.")
+  flags.mark_flags_as_required(["model"])
 
 
 class InputError(ValueError):
@@ -60,4 +63,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

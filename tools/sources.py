@@ -22,6 +22,7 @@ from pipeline import cifar10
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _PY_DIR = "cifar-10-batches-py"
 _BIN_DIR = "cifar-10-batches-bin"
+_TFDS_BATCH = 1000  # images per read from tensorflow-datasets
 _TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 
 
@@ -73,9 +74,10 @@ def load_tfds(data_dir: str | None = None) -> Source:
     builder.download_and_prepare()
     splits = {}
     for split in ("train", "test"):
-      data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-      ids = [i.decode() if isinstance(i, bytes) else str(i) for i in data["id"]]
-      splits[split] = Split(np.asarray(data["image"], np.uint8), np.asarray(data["label"], np.int64), ids)
+      batches = list(tfds.as_numpy(builder.as_dataset(split=split, batch_size=_TFDS_BATCH, shuffle_files=False)))
+      ids = [i.decode() if isinstance(i, bytes) else str(i) for b in batches for i in b["id"]]
+      splits[split] = Split(np.concatenate([b["image"] for b in batches]).astype(np.uint8),
+                            np.concatenate([b["label"] for b in batches]).astype(np.int64), ids)
   except Exception as e:  # pylint: disable=broad-except  (tfds raises many kinds; all mean "no data")
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise SourceError(f"tfds: could not download or read CIFAR-10 ({first_line}); without network pass "

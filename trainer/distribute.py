@@ -1,5 +1,6 @@
 """Devices and the tf.distribute strategy, chosen by the config."""
 
+import functools
 import json
 import os
 
@@ -25,21 +26,31 @@ def configure_devices(logical_cpus: int) -> None:
 
 
 def make_strategy(config) -> tf.distribute.Strategy:
-  """`config.strategy`: mirrored (all local GPUs, or the logical CPUs), multi_worker (TF_CONFIG), one_device."""
-  configure_devices(config.logical_cpus)
+  """`config.strategy`: mirrored (all local GPUs, or the logical CPUs), multi_worker (TF_CONFIG), one_device.
+
+  One strategy per kind per process: a second MirroredStrategy over the same devices would reuse the
+  process-wide collective instance keys and clash with the first, and MultiWorkerMirroredStrategy may be
+  made only once.
+  """
+  return _strategy(config.strategy, config.logical_cpus)
+
+
+@functools.cache
+def _strategy(kind: str, logical_cpus: int) -> tf.distribute.Strategy:
+  configure_devices(logical_cpus)
   gpus = tf.config.list_logical_devices("GPU")
-  if config.strategy == "mirrored":
-    if gpus or not config.logical_cpus:
-      return tf.distribute.MirroredStrategy()  # NCCL all-reduce across GPUs
-    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(config.logical_cpus)])
-  if config.strategy == "multi_worker":
+  if kind == "mirrored":
+    if gpus:
+      return tf.distribute.MirroredStrategy()  # every local GPU, NCCL all-reduce
+    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(max(logical_cpus, 1))])
+  if kind == "multi_worker":
     implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL if gpus
                       else tf.distribute.experimental.CommunicationImplementation.RING)
     return tf.distribute.MultiWorkerMirroredStrategy(
         communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation))
-  if config.strategy == "one_device":
+  if kind == "one_device":
     return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
-  raise ValueError(f"strategy={config.strategy!r} is not one of: mirrored, multi_worker, one_device")
+  raise ValueError(f"strategy={kind!r} is not one of: mirrored, multi_worker, one_device")
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

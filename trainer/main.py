@@ -8,6 +8,7 @@ import sys
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+import tensorflow as tf
 
 from pipeline import manifest
 from trainer import train
@@ -22,6 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  tf.get_logger().setLevel("WARNING")  # tf.distribute logs every all-reduce it builds at INFO
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (manifest.ManifestError, train.TrainingError, ValueError) as e:

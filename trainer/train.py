@@ -7,6 +7,7 @@ runs between calls of `steps_per_loop` steps. The loss is averaged over the glob
 
 import dataclasses
 import datetime
+import importlib.metadata
 import math
 import os
 import platform
@@ -17,9 +18,9 @@ from absl import logging
 import keras
 import tensorflow as tf
 
+from pipeline import fileio
 from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
-import tools
 from trainer import distribute
 from trainer import export as export_lib
 from trainer import models
@@ -181,6 +182,13 @@ def _git_commit() -> str | None:
     return None
 
 
+def _project_version() -> str:
+  try:
+    return importlib.metadata.version("cifar10-tf-pipeline")
+  except importlib.metadata.PackageNotFoundError:  # run from a checkout without installing
+    return "unknown"
+
+
 def _now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -248,7 +256,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   start_step = int(state.step.numpy())
   if chief:
     tf.io.gfile.makedirs(workdir)
-    from pipeline import fileio  # pylint: disable=g-import-not-at-top
     fileio.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n")
   writer = (tf.summary.create_file_writer(os.path.join(workdir, "summaries")) if chief
             else tf.summary.create_noop_writer())
@@ -330,10 +337,9 @@ def _log_train(config, state: State, writer, step, total_steps, steps_per_epoch,
 
 
 def _write_run_json(workdir, strategy, started, start_step, end_step, metrics) -> None:
-  from pipeline import fileio  # pylint: disable=g-import-not-at-top
   fileio.write_json(os.path.join(workdir, "run.json"), {
       "started": started, "ended": _now(), "start_step": start_step, "end_step": end_step,
-      "versions": {"project": tools.__version__, "tensorflow": tf.__version__, "keras": keras.__version__,
+      "versions": {"project": _project_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
                    "python": platform.python_version()},
       "git_commit": _git_commit(), "host": platform.node(),
       "distribution": distribute.describe(strategy), "metrics": metrics,

@@ -1,0 +1,148 @@
+"""pipeline/: ops eagerly and inside Dataset.map, dataset shapes and ranges, sharding, determinism, resume."""
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import default
+from pipeline import input_pipeline
+from pipeline import manifest as manifest_lib
+from pipeline import ops
+
+SEED = tf.constant([1, 2], tf.int64)
+AUGMENT = ml_collections.ConfigDict({"crop_padding": 4, "flip": True})
+
+
+def _batch(n=8, seed=0):
+  return tf.constant(np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8))
+
+
+def test_random_crop_is_a_window_of_the_reflect_padded_image():
+  images = _batch()
+  out = ops.random_crop(images, SEED, 4).numpy()
+  padded = np.pad(images.numpy(), [(0, 0), (4, 4), (4, 4), (0, 0)], mode="reflect")
+  for i in range(len(out)):
+    windows = [padded[i, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+    assert any(np.array_equal(out[i], w) for w in windows)
+  assert out.dtype == np.uint8
+
+
+def test_random_flip_flips_some_and_keeps_the_rest():
+  images = _batch(64)
+  out = ops.random_flip(images, SEED).numpy()
+  flipped = [np.array_equal(o, i[:, ::-1]) for o, i in zip(out, images.numpy())]
+  kept = [np.array_equal(o, i) for o, i in zip(out, images.numpy())]
+  assert all(f or k for f, k in zip(flipped, kept))
+  assert 10 < sum(flipped) < 54
+
+
+@pytest.mark.parametrize("op", [lambda x, s: ops.random_crop(x, s, 4), ops.random_flip,
+                                lambda x, s: ops.augment(x, s, AUGMENT)])
+def test_ops_are_seeded_and_same_in_dataset_map_single_and_batch(op):
+  images = _batch()
+  eager = op(images, SEED).numpy()
+  np.testing.assert_array_equal(eager, op(images, SEED).numpy())
+  assert not np.array_equal(eager, op(images, SEED + 1).numpy())
+  mapped = next(iter(tf.data.Dataset.from_tensors(images).map(lambda x: op(x, SEED)))).numpy()
+  np.testing.assert_array_equal(eager, mapped)
+  single = op(images[0], SEED).numpy()
+  assert single.shape == (32, 32, 3)
+  np.testing.assert_array_equal(single, next(iter(tf.data.Dataset.from_tensors(images[0]).map(
+      lambda x: op(x, SEED)))).numpy())
+
+
+def test_normalize():
+  out = ops.normalize(tf.fill([2, 32, 32, 3], tf.constant(255, tf.uint8)), (0.5, 0.5, 0.5), (0.25, 0.5, 1.0))
+  np.testing.assert_allclose(out[0, 0, 0].numpy(), [2.0, 1.0, 0.5])
+  assert out.dtype == tf.float32
+
+
+def _config(**input_overrides):
+  config = default.get_config()
+  config.deterministic = True
+  config.input.update(input_overrides)
+  return config
+
+
+def _train(data_dir, config, start_batch=0, ctx=None, batches=8):
+  manifest = manifest_lib.load(data_dir)
+  mean, std = manifest_lib.normalization(manifest)
+  ds = input_pipeline.build_train_dataset(config, data_dir, batches_per_epoch=4, batch_size=32, mean=mean,
+                                          std=std, input_context=ctx, start_batch=start_batch)
+  return [(x.numpy(), y.numpy()) for x, y in ds.take(batches)]
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_train_batches_shapes_dtypes_ranges(synthetic_dir, cache):
+  batches = _train(synthetic_dir, _config(cache_in_memory=cache), batches=2)
+  x, y = batches[0]
+  assert x.shape == (32, 32, 32, 3) and x.dtype == np.float32
+  assert y.shape == (32,) and y.dtype == np.int64 and y.min() >= 0 and y.max() < 10
+  assert -3 < x.mean() < 3 and 0.3 < x.std() < 3 and np.isfinite(x).all()
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_same_seed_same_batches_other_seed_other_batches(synthetic_dir, cache):
+  config = _config(cache_in_memory=cache)
+  first = _train(synthetic_dir, config)
+  again = _train(synthetic_dir, config)
+  for (x1, y1), (x2, y2) in zip(first, again):
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(y1, y2)
+  config.seed = 1
+  other = _train(synthetic_dir, config)
+  assert not np.array_equal(first[0][0], other[0][0])
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_resume_sees_the_same_batches(synthetic_dir, cache):
+  """Starting at batch 5 (epoch 1, batch 1) gives what an uninterrupted pipeline gives from batch 5 on."""
+  config = _config(cache_in_memory=cache)
+  full = _train(synthetic_dir, config, batches=10)
+  resumed = _train(synthetic_dir, config, start_batch=5, batches=5)
+  for (x1, y1), (x2, y2) in zip(full[5:], resumed):
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(y1, y2)
+
+
+def test_epochs_differ_and_cover_the_split(synthetic_dir):
+  """Each epoch of the in-memory pipeline is a fresh permutation without repeats."""
+  config = _config()
+  config.augment.crop_padding, config.augment.flip = 0, False
+  batches = _train(synthetic_dir, config, batches=8)
+  epoch0 = np.concatenate([x for x, _ in batches[:4]]).reshape(128, -1)
+  epoch1 = np.concatenate([x for x, _ in batches[4:]]).reshape(128, -1)
+  assert len(np.unique(epoch0, axis=0)) == 128
+  assert not np.array_equal(epoch0, epoch1)
+
+
+def _ids(files_ctx):
+  from pipeline import records  # pylint: disable=g-import-not-at-top
+  return [i.decode() for s in files_ctx.batch(1000)
+          for i in records.parse_batch(s)[records.ID].numpy()]
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])  # 4 files: by file; 1 file: by record
+def test_two_input_contexts_read_disjoint_complete_halves(synthetic_dir, split):
+  manifest = manifest_lib.load(synthetic_dir)
+  files = manifest_lib.split_files(synthetic_dir, manifest, split)
+  everything = _ids(input_pipeline.shard_records(files, None))
+  halves = [_ids(input_pipeline.shard_records(files, tf.distribute.InputContext(2, i, 2))) for i in range(2)]
+  assert not set(halves[0]) & set(halves[1])
+  assert sorted(halves[0] + halves[1]) == sorted(everything)
+  assert len(everything) == manifest["splits"][split]["num_examples"]
+  assert abs(len(halves[0]) - len(halves[1])) <= len(everything) // 4
+
+
+def test_png_and_raw_shards_give_the_same_pixels(synthetic_dir, png_dir):
+  manifest = manifest_lib.load(synthetic_dir)
+  mean, std = manifest_lib.normalization(manifest)
+  read = lambda d: np.concatenate([x.numpy() for x, _ in input_pipeline.build_eval_dataset(
+      d, "test", batch_size=64, mean=mean, std=std, normalized=False)])
+  np.testing.assert_array_equal(read(synthetic_dir), read(png_dir))
+
+
+def test_missing_data_dir_names_it(tmp_path):
+  with pytest.raises(manifest_lib.ManifestError, match=f"{tmp_path}/nothing/manifest.json: not found"):
+    manifest_lib.load(str(tmp_path / "nothing"))

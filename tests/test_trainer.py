@@ -1,0 +1,188 @@
+"""trainer/: one step on 2 replicas equals 1 replica; a smoke run end to end with its export; resume; NaN."""
+
+import glob
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs import deep
+from configs import default
+from pipeline import input_pipeline
+from pipeline import manifest as manifest_lib
+from pipeline import ops
+from pipeline import records
+from tools import evaluate as evaluate_tool
+from tools import predict as predict_tool
+from trainer import distribute
+from trainer import export as export_lib
+from trainer import models
+from trainer import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REQUIRED_KEYS = ("data_dir", "num_epochs", "global_batch_size", "seed", "deterministic", "mixed_precision",
+                 "logical_cpus")
+
+
+def _smoke(data_dir, **overrides):
+  config = deep.get_config("smoke")
+  config.data_dir = data_dir
+  config.update(overrides)
+  return config
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))))
+def test_every_config_loads(path):
+  name = os.path.basename(path)[:-3]
+  if name == "__init__":
+    return
+  module = importlib.import_module(f"configs.{name}")
+  for arg in (None, "smoke"):
+    config = module.get_config(arg)
+    for key in REQUIRED_KEYS:
+      assert key in config, f"{name}: {key}"
+    assert config.mixed_precision in ("float32", "mixed_float16", "mixed_bfloat16")
+    models.build(config.model)
+  with pytest.raises(ValueError, match="unknown config variant"):
+    module.get_config("nope")
+
+
+def _one_step(strategy, config, images, labels):
+  state = train.make_state(config, strategy, steps_per_epoch=10)
+  initial = [v.numpy() for v in state.model.weights]
+  dataset = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors((images, labels)).repeat())
+  train.make_train_loop(config, strategy, state)(iter(dataset), tf.constant(1))
+  return initial, [v.numpy() for v in state.model.weights]
+
+
+def test_one_step_on_two_replicas_equals_one_replica():
+  config = default.get_config("smoke")
+  config.model.sync_bn = True  # batch statistics over the global batch, as on one replica
+  config.optimizer.warmup_epochs = 0.0
+  rng = np.random.default_rng(0)
+  images = tf.constant(rng.normal(size=(32, 32, 32, 3)), tf.float32)
+  labels = tf.constant(rng.integers(0, 10, 32), tf.int64)
+  single = distribute.make_strategy(config)
+  config.logical_cpus = 2
+  double = distribute.make_strategy(config)
+  assert (single.num_replicas_in_sync, double.num_replicas_in_sync) == (1, 2)
+  init1, one = _one_step(single, config, images, labels)
+  init2, two = _one_step(double, config, images, labels)
+  for a, b in zip(init1, init2):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.allclose(a, b) for a, b in zip(init1, one))  # the step did change the weights
+  for a, b in zip(one, two):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module", params=[2, 1], ids=["2replicas", "1replica"])
+def trained(request, tmp_path_factory, synthetic_dir):
+  """The smoke config trained on 2 replicas and on 1, exported."""
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = _smoke(synthetic_dir, logical_cpus=request.param if request.param > 1 else 0)
+  metrics = train.train_and_evaluate(config, workdir)
+  return workdir, metrics, config
+
+
+def test_smoke_run_writes_checkpoint_summaries_export_and_run_files(trained):
+  workdir, _, _ = trained
+  assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")).endswith("ckpt-8")
+  events = glob.glob(os.path.join(workdir, "summaries", "events.out.tfevents.*"))
+  assert events
+  tags = {v.tag for e in tf.data.TFRecordDataset(events) for v in tf.compat.v1.Event.FromString(
+      e.numpy()).summary.value}
+  assert {"train/loss", "train/accuracy", "train/learning_rate", "train/images_per_sec",
+          "validation/accuracy", "validation/loss"} <= tags
+  assert os.path.exists(os.path.join(workdir, "export", "saved_model.pb"))
+  config = json.load(open(os.path.join(workdir, "config.json")))
+  run = json.load(open(os.path.join(workdir, "run.json")))
+  assert run["end_step"] == 8 and run["distribution"]["replicas"] == max(config["logical_cpus"], 1)
+  assert run["metrics"]["test"]["count"] == 200
+  assert not [n for n in os.listdir(workdir) if n.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_evaluate_tool_on_export_matches_trainer(trained, split):
+  workdir, metrics, config = trained
+  correct, total = evaluate_tool.evaluate(os.path.join(workdir, "export"), config.data_dir, split, 64)
+  assert total == metrics[split]["count"]
+  assert abs(correct / total - metrics[split]["accuracy"]) < 1e-6
+
+
+def test_signatures_agree_with_the_trained_model(trained):
+  workdir, _, config = trained
+  manifest = manifest_lib.load(config.data_dir)
+  mean, std = manifest_lib.normalization(manifest)
+  images = next(iter(input_pipeline.build_eval_dataset(config.data_dir, "test", batch_size=16, mean=mean,
+                                                       std=std, normalized=False)))[0]
+  import keras  # pylint: disable=g-import-not-at-top
+  keras.mixed_precision.set_dtype_policy(config.mixed_precision)
+  model = models.build(config.model)
+  tf.train.Checkpoint(model=model).restore(
+      tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))).expect_partial()
+  expected = tf.nn.softmax(model(ops.normalize(images, mean, std), training=False)).numpy()
+
+  loaded = export_lib.load(os.path.join(workdir, "export"))
+  out = loaded.signatures["serving_default"](images=images)
+  np.testing.assert_allclose(out["probabilities"].numpy(), expected, atol=1e-6)
+  np.testing.assert_array_equal(out["classes"].numpy(), expected.argmax(1))
+  assert out["classes"].dtype == tf.int64 and out["probabilities"].shape == (16, 10)
+  png = tf.stack([tf.io.encode_png(i) for i in images])
+  by_bytes = loaded.signatures["serve_bytes"](image_bytes=png)
+  np.testing.assert_allclose(by_bytes["probabilities"].numpy(), expected, atol=1e-6)
+  serialized = tf.constant([records.serialize_example(i.numpy().tobytes(), "raw", 0, f"x{n}")
+                            for n, i in enumerate(images)])
+  by_examples = loaded.signatures["serve_examples"](examples=serialized)
+  np.testing.assert_allclose(by_examples["probabilities"].numpy(), expected, atol=1e-6)
+  assert [n.decode() for n in loaded.class_names.numpy()] == list(manifest_lib.class_names(manifest))
+
+
+def test_predict_tool(trained, tmp_path):
+  workdir, _, config = trained
+  manifest = manifest_lib.load(config.data_dir)
+  mean, std = manifest_lib.normalization(manifest)
+  images = next(iter(input_pipeline.build_eval_dataset(config.data_dir, "test", batch_size=3, mean=mean,
+                                                       std=std, normalized=False)))[0]
+  paths = []
+  for i, image in enumerate(images):
+    paths.append(str(tmp_path / f"{i}.png"))
+    tf.io.write_file(paths[-1], tf.io.encode_png(image))
+  results = predict_tool.predict(os.path.join(workdir, "export"), paths)
+  out = export_lib.load(os.path.join(workdir, "export")).signatures["serving_default"](images=images)
+  names = manifest_lib.class_names(manifest)
+  assert [r[1] for r in results] == [names[c] for c in out["classes"].numpy()]
+  np.testing.assert_allclose([r[2] for r in results], out["probabilities"].numpy().max(1), atol=1e-6)
+
+
+def test_resume_continues_the_step_count(synthetic_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(_smoke(synthetic_dir, num_epochs=1, export=False), workdir)
+  assert json.load(open(os.path.join(workdir, "run.json")))["end_step"] == 4
+  train.train_and_evaluate(_smoke(synthetic_dir, num_epochs=2, export=False), workdir)
+  run = json.load(open(os.path.join(workdir, "run.json")))
+  assert (run["start_step"], run["end_step"]) == (4, 8)
+
+
+def test_non_finite_loss_stops_with_the_step(synthetic_dir, tmp_path):
+  config = _smoke(synthetic_dir, export=False)
+  config.optimizer.learning_rate = 1e30
+  with pytest.raises(train.TrainingError, match=r"loss is (nan|inf) at step \d+"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_batch_must_divide_by_replicas(synthetic_dir, tmp_path):
+  with pytest.raises(train.TrainingError, match="global_batch_size=33 does not divide by the 2 replicas"):
+    train.train_and_evaluate(_smoke(synthetic_dir, logical_cpus=2, global_batch_size=33), str(tmp_path))
+
+
+def test_cli_without_data_dir_is_one_line_error(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "trainer.main", "--config=configs/deep.py:smoke",
+                           f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith("trainer: error: data_dir is empty")
+  assert "Traceback" not in result.stderr
