@@ -44,14 +44,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.schedule = "cosine"  # cosine | constant: shape after warmup
   config.optimizer.warmup_epochs = 1.0  # linear warmup from 0, in epochs
 
-  config.augment = ml_collections.ConfigDict()
-  config.augment.crop_padding = 4  # reflect-pad by this many pixels, then crop back at random; 0 = off
-  config.augment.flip = True  # random left-right flip
+  config.augment = ml_collections.ConfigDict()  # see pipeline/augment.py; all off at 0
+  config.augment.crop_padding = 4  # pixels: random translate with reflected borders (= reflect-pad + crop)
+  config.augment.flip = "random"  # none | random (p=1/2) | alternating (each image flips every other epoch)
+  config.augment.rotation_degrees = 0.0  # degrees: random rotation in +-this
+  config.augment.shift_fraction = 0.0  # fraction of the side: random shift in +-this on each axis
+  config.augment.zoom_fraction = 0.0  # random zoom by a factor in [1 - this, 1 + this]
+  config.augment.cutout_size = 0  # pixels: side of the square blanked at a random place
+  config.augment.cutout_probability = 1.0  # probability an image gets the cutout square
+  config.augment.mixup_alpha = 0.0  # Beta(alpha, alpha) mixing weight of mixup; 0 = off
+  config.augment.cutmix_alpha = 0.0  # Beta(alpha, alpha) box area of cutmix; 0 = off
+  config.augment.mix_probability = 1.0  # probability a batch is mixed (when mixup or cutmix is on)
 
   config.input = ml_collections.ConfigDict()
   config.input.cache_in_memory = True  # decode the split once into RAM; False streams from the shards
   config.input.shuffle_buffer = 10000  # records in the shuffle buffer when streaming
   config.input.interleave_cycle = 4  # shards read at once when streaming
+  config.input.augment_on = "host"  # host: tf.data augments and normalises; device: inside the train step
+  config.input.data_service = ""  # grpc://host:port of a tf.data service dispatcher; "" = in-process tf.data
 
   if arg == "smoke":
     smoke(config)

@@ -2,7 +2,7 @@
 
 A training batch is a pure function of (seed, input pipeline, epoch, batch index): each epoch's order
 comes from a stateless shuffle seeded by the epoch, and augmentation is seeded per batch. So a run resumed
-at step k builds the pipeline with `start_step=k` and sees exactly the batches an uninterrupted run would,
+at step k builds the pipeline with `start_batch` and sees exactly the batches an uninterrupted run would,
 without replaying the ones before.
 
 Two ways to feed training (`config.input.cache_in_memory`):
@@ -11,10 +11,15 @@ Two ways to feed training (`config.input.cache_in_memory`):
     tf.data overhead is paid once per batch, not once per image.
   - False (data that does not fit in RAM): files are shuffled and interleaved each epoch, records go
     through a seeded shuffle buffer, then are parsed and decoded a batch at a time.
+
+Elements are dicts. Training: `images`, `labels` after preprocessing; with `augment_on="device"` the raw
+batch instead (`images` uint8, `labels`, `seed`, `epoch`, `keys`) for `augment.train_preprocess` to run in
+the train step. Evaluation: `images`, `labels`.
 """
 
 import tensorflow as tf
 
+from pipeline import augment
 from pipeline import manifest as manifest_lib
 from pipeline import ops
 from pipeline import records
@@ -46,16 +51,13 @@ def shard_records(files: list[str], input_context: tf.distribute.InputContext | 
   return tf.data.TFRecordDataset(files).shard(n, i)
 
 
-def decode_records(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  """[N] serialized records -> (uint8 images [N, 32, 32, 3], int64 labels [N])."""
+def decode_records(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+  """[N] serialized records -> `images` uint8 [N, 32, 32, 3], `labels` int64 [N], `keys` int64 [N]
+  (a hash of each record's id: stable per image, wherever it lands)."""
   features = records.parse_batch(serialized)
-  images = records.decode_batch(features[records.ENCODED], features[records.FORMAT])
-  return images, features[records.LABEL]
-
-
-def _batch_seed(seed: tf.Tensor, epoch: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:
-  fold = tf.random.experimental.stateless_fold_in
-  return fold(fold(seed, epoch), batch)
+  return {"images": records.decode_batch(features[records.ENCODED], features[records.FORMAT]),
+          "labels": features[records.LABEL],
+          "keys": tf.strings.to_hash_bucket_fast(features[records.ID], 1 << 62)}
 
 
 def _epoch_permutation(seed: tf.Tensor, epoch: tf.Tensor, num_records: tf.Tensor, needed: int) -> tf.Tensor:
@@ -67,7 +69,7 @@ def _epoch_permutation(seed: tf.Tensor, epoch: tf.Tensor, num_records: tf.Tensor
 
 def build_train_dataset(config, data_dir: str, *, batches_per_epoch: int, batch_size: int,
                         mean, std, input_context: tf.distribute.InputContext | None = None,
-                        start_batch: int = 0, device_augment: bool = False) -> tf.data.Dataset:
+                        start_batch: int = 0) -> tf.data.Dataset:
   """Endless training batches for one input pipeline.
 
   Args:
@@ -78,11 +80,11 @@ def build_train_dataset(config, data_dir: str, *, batches_per_epoch: int, batch_
     mean, std: per-channel normalisation in [0, 1] units.
     input_context: from `distribute_datasets_from_function`; None = the only pipeline.
     start_batch: batches to leave out at the start (this pipeline's count of batches already trained on).
-    device_augment: yield uint8 un-augmented images; the train step augments and normalises on the device.
   Returns:
-    A dataset of (images, labels): float32 [B, 32, 32, 3] normalised (uint8 if device_augment), int64 [B].
+    A dataset of dicts (see the module docstring).
   """
   ctx = _context(input_context)
+  augment.check(config.augment)
   manifest = manifest_lib.load(data_dir)
   files = manifest_lib.split_files(data_dir, manifest, "train")
   seed = tf.constant([config.seed, ctx.input_pipeline_id], tf.int64)
@@ -92,26 +94,29 @@ def build_train_dataset(config, data_dir: str, *, batches_per_epoch: int, batch_
   else:
     batches = _streaming_batches(files, ctx, seed, first_epoch, batches_per_epoch, batch_size, config)
   batches = batches.skip(skip)
-
-  def preprocess(epoch, batch, images, labels):
-    if not device_augment:
-      images = ops.normalize(ops.augment(images, _batch_seed(seed, epoch, batch), config.augment), mean, std)
-    return images, labels
-
-  return (batches.map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=config.deterministic)
-          .prefetch(AUTOTUNE).with_options(_options(config.deterministic)))
+  if config.input.augment_on == "host":
+    batches = batches.map(lambda b: augment.train_preprocess(b, config.augment, mean, std),
+                          num_parallel_calls=AUTOTUNE, deterministic=config.deterministic)
+  elif config.input.augment_on != "device":
+    raise ValueError(f"input.augment_on={config.input.augment_on!r} is not one of: host, device")
+  batches = batches.prefetch(AUTOTUNE).with_options(_options(config.deterministic))
+  if config.input.data_service:
+    batches = batches.apply(tf.data.experimental.service.distribute(
+        processing_mode=tf.data.experimental.service.ShardingPolicy.OFF, service=config.input.data_service,
+        job_name=f"train-{config.seed}-{ctx.input_pipeline_id}-{start_batch}"))
+  return batches
 
 
 def _in_memory_batches(files, ctx, seed, first_epoch, batches_per_epoch, batch_size) -> tf.data.Dataset:
-  """(epoch, batch, uint8 images, labels), gathered from all of this pipeline's images held in memory."""
+  """Raw batches gathered from all of this pipeline's images, decoded once and held in memory."""
   everything = shard_records(files, ctx).batch(_ALL).map(decode_records).cache()
   needed = batches_per_epoch * batch_size
 
   def epoch_batches(epoch, data):
-    images, labels = data
-    perm = _epoch_permutation(seed, epoch, tf.shape(labels, tf.int64)[0], needed)
+    perm = _epoch_permutation(seed, epoch, tf.shape(data["labels"], tf.int64)[0], needed)
     index = tf.data.Dataset.from_tensor_slices(tf.reshape(perm, [batches_per_epoch, batch_size]))
-    return index.enumerate().map(lambda b, idx: (epoch, b, tf.gather(images, idx), tf.gather(labels, idx)))
+    return index.enumerate().map(lambda b, idx: dict(
+        {k: tf.gather(v, idx) for k, v in data.items()}, epoch=epoch, seed=augment.batch_seed(seed, epoch, b)))
 
   # Each epoch's element holds a reference to the cached tensors, not a copy.
   epochs = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS)
@@ -119,20 +124,22 @@ def _in_memory_batches(files, ctx, seed, first_epoch, batches_per_epoch, batch_s
 
 
 def _streaming_batches(files, ctx, seed, first_epoch, batches_per_epoch, batch_size, config) -> tf.data.Dataset:
-  """(epoch, batch, uint8 images, labels), read from the shards every epoch through a shuffle buffer."""
+  """Raw batches read from the shards every epoch through a seeded shuffle buffer."""
+  by_file = len(files) >= ctx.num_input_pipelines
+  local = files[ctx.input_pipeline_id::ctx.num_input_pipelines] if by_file else files
+
   def one_epoch(epoch):
     epoch_seed = tf.random.experimental.stateless_fold_in(seed, epoch)
     shuffle_seed = epoch_seed[0] * 1000003 + epoch_seed[1]
-    local = tf.constant(files[ctx.input_pipeline_id::ctx.num_input_pipelines] if
-                        len(files) >= ctx.num_input_pipelines else files)
-    reader = (tf.data.Dataset.from_tensor_slices(local).shuffle(len(files), seed=shuffle_seed)
+    reader = (tf.data.Dataset.from_tensor_slices(local).shuffle(len(local), seed=shuffle_seed)
               .interleave(tf.data.TFRecordDataset, cycle_length=config.input.interleave_cycle,
                           num_parallel_calls=AUTOTUNE, deterministic=True))
-    if len(files) < ctx.num_input_pipelines:
+    if not by_file:
       reader = reader.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
     return (reader.shuffle(config.input.shuffle_buffer, seed=shuffle_seed).repeat()
-            .batch(batch_size, drop_remainder=True).take(batches_per_epoch)
-            .enumerate().map(lambda b, s: (epoch, b) + decode_records(s)))
+            .batch(batch_size, drop_remainder=True).take(batches_per_epoch).enumerate()
+            .map(lambda b, s: dict(decode_records(s), epoch=epoch, seed=augment.batch_seed(seed, epoch, b)),
+                 num_parallel_calls=AUTOTUNE, deterministic=True))
 
   return tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(one_epoch)
 
@@ -143,14 +150,15 @@ def build_eval_dataset(data_dir: str, split: str, *, batch_size: int, mean, std,
   """One pass over `split`, every record exactly once across all input pipelines, last batch partial.
 
   Returns:
-    A dataset of (images, labels): float32 normalised [B, 32, 32, 3] (uint8 if not `normalized`), int64 [B].
+    A dataset of {`images`: float32 normalised [B, 32, 32, 3] (uint8 if not `normalized`), `labels`}.
   """
   manifest = manifest_lib.load(data_dir)
   files = manifest_lib.split_files(data_dir, manifest, split)
 
   def preprocess(serialized):
-    images, labels = decode_records(serialized)
-    return (ops.normalize(images, mean, std) if normalized else images), labels
+    data = decode_records(serialized)
+    images = ops.normalize(data["images"], mean, std) if normalized else data["images"]
+    return {"images": images, "labels": data["labels"]}
 
   return (shard_records(files, input_context).batch(batch_size).map(preprocess, num_parallel_calls=AUTOTUNE)
           .prefetch(AUTOTUNE).with_options(_options(True)))

@@ -219,7 +219,7 @@ def test_missing_source_is_one_line_error(tmp_path):
 def test_eval_dataset_reads_every_record_once(synthetic_dir):
   manifest = manifest_lib.load(synthetic_dir)
   mean, std = manifest_lib.normalization(manifest)
-  labels = np.concatenate([y.numpy() for _, y in input_pipeline.build_eval_dataset(
+  labels = np.concatenate([b["labels"].numpy() for b in input_pipeline.build_eval_dataset(
       synthetic_dir, "validation", batch_size=64, mean=mean, std=std)])
   np.testing.assert_array_equal(np.bincount(labels, minlength=10),
                                 manifest["splits"]["validation"]["class_counts"])

@@ -1,6 +1,5 @@
 """pipeline/: ops eagerly and inside Dataset.map, dataset shapes and ranges, sharding, determinism, resume."""
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -11,7 +10,7 @@ from pipeline import manifest as manifest_lib
 from pipeline import ops
 
 SEED = tf.constant([1, 2], tf.int64)
-AUGMENT = ml_collections.ConfigDict({"crop_padding": 4, "flip": True})
+AUGMENT = default.get_config().augment
 
 
 def _batch(n=8, seed=0):
@@ -38,7 +37,8 @@ def test_random_flip_flips_some_and_keeps_the_rest():
 
 
 @pytest.mark.parametrize("op", [lambda x, s: ops.random_crop(x, s, 4), ops.random_flip,
-                                lambda x, s: ops.augment(x, s, AUGMENT)])
+                                lambda x, s: ops.random_affine(x, s, 15.0, 0.1, 0.1),
+                                lambda x, s: ops.cutout(x, s, 8)])
 def test_ops_are_seeded_and_same_in_dataset_map_single_and_batch(op):
   images = _batch()
   eager = op(images, SEED).numpy()
@@ -70,7 +70,7 @@ def _train(data_dir, config, start_batch=0, ctx=None, batches=8):
   mean, std = manifest_lib.normalization(manifest)
   ds = input_pipeline.build_train_dataset(config, data_dir, batches_per_epoch=4, batch_size=32, mean=mean,
                                           std=std, input_context=ctx, start_batch=start_batch)
-  return [(x.numpy(), y.numpy()) for x, y in ds.take(batches)]
+  return [(b["images"].numpy(), b["labels"].numpy()) for b in ds.take(batches)]
 
 
 @pytest.mark.parametrize("cache", [True, False])
@@ -109,7 +109,7 @@ def test_resume_sees_the_same_batches(synthetic_dir, cache):
 def test_epochs_differ_and_cover_the_split(synthetic_dir):
   """Each epoch of the in-memory pipeline is a fresh permutation without repeats."""
   config = _config()
-  config.augment.crop_padding, config.augment.flip = 0, False
+  config.augment.crop_padding, config.augment.flip = 0, "none"
   batches = _train(synthetic_dir, config, batches=8)
   epoch0 = np.concatenate([x for x, _ in batches[:4]]).reshape(128, -1)
   epoch1 = np.concatenate([x for x, _ in batches[4:]]).reshape(128, -1)
@@ -138,7 +138,7 @@ def test_two_input_contexts_read_disjoint_complete_halves(synthetic_dir, split):
 def test_png_and_raw_shards_give_the_same_pixels(synthetic_dir, png_dir):
   manifest = manifest_lib.load(synthetic_dir)
   mean, std = manifest_lib.normalization(manifest)
-  read = lambda d: np.concatenate([x.numpy() for x, _ in input_pipeline.build_eval_dataset(
+  read = lambda d: np.concatenate([b["images"].numpy() for b in input_pipeline.build_eval_dataset(
       d, "test", batch_size=64, mean=mean, std=std, normalized=False)])
   np.testing.assert_array_equal(read(synthetic_dir), read(png_dir))
 

@@ -55,7 +55,8 @@ def test_every_config_loads(path):
 def _one_step(strategy, config, images, labels):
   state = train.make_state(config, strategy, steps_per_epoch=10)
   initial = [v.numpy() for v in state.model.weights]
-  dataset = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors((images, labels)).repeat())
+  dataset = strategy.experimental_distribute_dataset(
+      tf.data.Dataset.from_tensors({"images": images, "labels": labels}).repeat())
   train.make_train_loop(config, strategy, state)(iter(dataset), tf.constant(1))
   return initial, [v.numpy() for v in state.model.weights]
 
@@ -119,7 +120,7 @@ def test_signatures_agree_with_the_trained_model(trained):
   manifest = manifest_lib.load(config.data_dir)
   mean, std = manifest_lib.normalization(manifest)
   images = next(iter(input_pipeline.build_eval_dataset(config.data_dir, "test", batch_size=16, mean=mean,
-                                                       std=std, normalized=False)))[0]
+                                                       std=std, normalized=False)))["images"]
   import keras  # pylint: disable=g-import-not-at-top
   keras.mixed_precision.set_dtype_policy(config.mixed_precision)
   model = models.build(config.model)
@@ -147,7 +148,7 @@ def test_predict_tool(trained, tmp_path):
   manifest = manifest_lib.load(config.data_dir)
   mean, std = manifest_lib.normalization(manifest)
   images = next(iter(input_pipeline.build_eval_dataset(config.data_dir, "test", batch_size=3, mean=mean,
-                                                       std=std, normalized=False)))[0]
+                                                       std=std, normalized=False)))["images"]
   paths = []
   for i, image in enumerate(images):
     paths.append(str(tmp_path / f"{i}.png"))

@@ -10,7 +10,6 @@ import sys
 from absl import app
 from absl import flags
 import numpy as np
-import tensorflow as tf
 
 from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
@@ -35,9 +34,9 @@ def evaluate(model_dir: str, data_dir: str, split: str, batch_size: int) -> tupl
   dataset = input_pipeline.build_eval_dataset(data_dir, split, batch_size=batch_size, mean=mean, std=std,
                                               normalized=False)
   correct = total = 0
-  for images, labels in dataset:
-    classes = serve(images=images)["classes"].numpy()
-    correct += int(np.sum(classes == labels.numpy()))
+  for batch in dataset:
+    classes = serve(images=batch["images"])["classes"].numpy()
+    correct += int(np.sum(classes == batch["labels"].numpy()))
     total += len(classes)
   return correct, total
 

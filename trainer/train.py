@@ -18,6 +18,7 @@ from absl import logging
 import keras
 import tensorflow as tf
 
+from pipeline import augment
 from pipeline import fileio
 from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
@@ -112,12 +113,19 @@ def _correct(labels, logits):
   return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), hard), tf.float32))
 
 
-def make_train_loop(config, strategy, state: State):
-  """Returns train_loop(iterator, num_steps): `num_steps` steps inside one tf.function call."""
+def make_train_loop(config, strategy, state: State, mean=None, std=None):
+  """Returns train_loop(iterator, num_steps): `num_steps` steps inside one tf.function call.
+
+  With `config.input.augment_on="device"` each step first augments and normalises its raw uint8 batch
+  (`mean`, `std` in [0, 1] units) on the replica's device.
+  """
   model, optimizer = state.model, state.optimizer
 
-  def step_fn(images, labels):
+  def step_fn(batch):
     """Runs per replica."""
+    if config.input.augment_on == "device":
+      batch = augment.train_preprocess(batch, config.augment, mean, std)
+    images, labels = batch["images"], batch["labels"]
     with tf.GradientTape() as tape:
       logits = model(images, training=True)
       per_example = cross_entropy(labels, logits, config.label_smoothing)
@@ -139,7 +147,7 @@ def make_train_loop(config, strategy, state: State):
   @tf.function
   def train_loop(iterator, num_steps):
     for _ in tf.range(num_steps):
-      strategy.run(step_fn, args=next(iterator))
+      strategy.run(step_fn, args=(next(iterator),))
       state.step.assign_add(1)
     if strategy.num_replicas_in_sync > 1:
       strategy.run(sync_fn)
@@ -150,15 +158,15 @@ def make_train_loop(config, strategy, state: State):
 def make_eval_step(strategy, state: State):
   """Returns eval_step(images, labels), adding to `state.eval_sums`."""
 
-  def step_fn(images, labels):
+  def step_fn(batch):
     """Runs per replica; a replica may get an empty last batch."""
-    logits = state.model(images, training=False)
-    state.eval_sums.add(loss=tf.reduce_sum(cross_entropy(labels, logits, 0.0)),
-                        correct=_correct(labels, logits), count=tf.shape(labels)[0])
+    logits = state.model(batch["images"], training=False)
+    state.eval_sums.add(loss=tf.reduce_sum(cross_entropy(batch["labels"], logits, 0.0)),
+                        correct=_correct(batch["labels"], logits), count=tf.shape(batch["labels"])[0])
 
   @tf.function(reduce_retracing=True)
-  def eval_step(images, labels):
-    strategy.run(step_fn, args=(images, labels))
+  def eval_step(batch):
+    strategy.run(step_fn, args=(batch,))
 
   return eval_step
 
@@ -166,8 +174,8 @@ def make_eval_step(strategy, state: State):
 def evaluate(eval_step, dataset, sums: Sums) -> dict[str, float]:
   """One pass over a distributed eval dataset; returns loss, accuracy and the image count."""
   sums.reset()
-  for images, labels in dataset:
-    eval_step(images, labels)
+  for batch in dataset:
+    eval_step(batch)
   totals = sums.result()
   count = max(totals["count"], 1.0)
   return {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count, "count": int(totals["count"])}
@@ -260,7 +268,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = (tf.summary.create_file_writer(os.path.join(workdir, "summaries")) if chief
             else tf.summary.create_noop_writer())
   train_ds, eval_ds = distributed_datasets(config, strategy, manifest, steps_per_epoch, start_step)
-  train_loop = make_train_loop(config, strategy, state)
+  train_loop = make_train_loop(config, strategy, state, *manifest_lib.normalization(manifest))
   eval_step = make_eval_step(strategy, state)
   iterator = iter(train_ds)
   metrics = {}

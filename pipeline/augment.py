@@ -1,0 +1,78 @@
+"""The training preprocessing the config asks for, composed from `pipeline.ops`, for a whole batch.
+
+The same function runs on the host (inside tf.data) or on the accelerator (inside the train step) as
+`config.input.augment_on` says; a batch carries its own seed, so both places give the same result.
+"""
+
+import tensorflow as tf
+
+from pipeline import cifar10
+from pipeline import ops
+
+FLIPS = ("none", "random", "alternating")
+
+
+def batch_seed(seed: tf.Tensor, epoch: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:
+  """The seed of one batch: a pure function of the pipeline's seed, the epoch and the batch number."""
+  fold = tf.random.experimental.stateless_fold_in
+  return fold(fold(seed, epoch), batch)
+
+
+def check(config) -> None:
+  """Raises ValueError naming the bad `augment` field."""
+  if config.flip not in FLIPS:
+    raise ValueError(f"augment.flip={config.flip!r} is not one of: {', '.join(FLIPS)}")
+  for key in ("crop_padding", "rotation_degrees", "shift_fraction", "zoom_fraction", "cutout_size",
+              "mixup_alpha", "cutmix_alpha"):
+    if config[key] < 0:
+      raise ValueError(f"augment.{key}={config[key]} must be >= 0")
+
+
+def train_preprocess(batch: dict, config, mean, std) -> dict:
+  """Augments and normalises a training batch.
+
+  Args:
+    batch: `images` uint8 [N, 32, 32, 3], `labels` int64 [N], `seed` [2], `epoch` scalar,
+      `keys` int64 [N] (stable per image).
+    config: the `augment` ConfigDict (see configs/default.py).
+    mean, std: per-channel normalisation in [0, 1] units.
+  Returns:
+    {`images`: float32 [N, 32, 32, 3], `labels`: int64 [N], or float32 [N, 10] when mixup/cutmix is on}.
+  """
+  images, labels = batch["images"], batch["labels"]
+  seeds = tf.unstack(tf.random.experimental.stateless_split(batch["seed"], 6))
+  n = tf.shape(images)[0]
+  grid = ops.identity_grid(n, cifar10.IMAGE_SIZE, cifar10.IMAGE_SIZE)
+  moved = False
+  if config.rotation_degrees or config.shift_fraction or config.zoom_fraction:
+    grid = ops.affine(grid, seeds[0], config.rotation_degrees, config.shift_fraction, config.zoom_fraction)
+    moved = True
+  if config.crop_padding:
+    grid, moved = ops.translate(grid, seeds[1], config.crop_padding), True
+  if config.flip == "random":
+    grid, moved = ops.flip(grid, ops.random_flip_mask(seeds[2], n)), True
+  elif config.flip == "alternating":
+    grid, moved = ops.flip(grid, ops.alternating_flip_mask(batch["keys"], batch["epoch"], seeds[2])), True
+  if moved:
+    images = ops.sample(images, grid)
+  if config.cutout_size:
+    images = ops.cutout(images, seeds[3], config.cutout_size, config.cutout_probability)
+  images = ops.normalize(images, mean, std)
+  if config.mixup_alpha or config.cutmix_alpha:
+    images, labels = _mix(images, labels, seeds[4], seeds[5], config)
+  return {"images": images, "labels": labels}
+
+
+def _mix(images, labels, choice_seed, mix_seed, config):
+  """Mixup or cutmix on a batch with probability `mix_probability`; cutmix when both are on and a coin
+  says so. Labels become one-hot probabilities either way, so every batch has the same structure."""
+  onehot = tf.one_hot(labels, cifar10.NUM_CLASSES)
+  u = tf.random.stateless_uniform([2], choice_seed)
+  identity = lambda: (images, onehot)
+  do_mixup = lambda: ops.mixup(images, onehot, mix_seed, config.mixup_alpha)
+  do_cutmix = lambda: ops.cutmix(images, onehot, mix_seed, config.cutmix_alpha)
+  if config.mixup_alpha and config.cutmix_alpha:
+    mixed = lambda: tf.cond(u[1] < 0.5, do_mixup, do_cutmix)
+  else:
+    mixed = do_mixup if config.mixup_alpha else do_cutmix
+  return tf.cond(u[0] < config.mix_probability, mixed, identity)
