@@ -189,7 +189,17 @@ def cutmix(images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, alpha: float):
 
 
 def normalize(images: tf.Tensor, mean, std) -> tf.Tensor:
-  """uint8 (or float in [0, 255]) pixels -> float32 standardised per channel; mean/std in [0, 1] units."""
-  scale = 1.0 / (tf.constant(std, tf.float32) * 255.0)
-  offset = -tf.constant(mean, tf.float32) / tf.constant(std, tf.float32)
-  return tf.cast(images, tf.float32) * scale + offset
+  """uint8 (or float in [0, 255]) pixels [..., H, W, C] -> float32 standardised per channel.
+
+  Args:
+    images: one image or a batch; H, W, C must be static.
+    mean, std: per-channel, in [0, 1] units.
+  """
+  # Scale and offset are tiled to a whole image so they broadcast over rows of H*W*C values: TensorFlow's
+  # broadcast of a [C] vector over a last axis of 3 ran 4x slower here (87k vs 332k images/s, BUILD.md).
+  pixels = images.shape[-3] * images.shape[-2]
+  std = tf.constant(std, tf.float32)
+  scale = tf.tile(1.0 / (std * 255.0), [pixels])
+  offset = tf.tile(-tf.constant(mean, tf.float32) / std, [pixels])
+  flat = tf.reshape(tf.cast(images, tf.float32), [-1, pixels * images.shape[-1]])
+  return tf.reshape(flat * scale + offset, tf.shape(images))

@@ -218,23 +218,31 @@ def check_batch_sizes(config, replicas: int) -> None:
                           f"use a multiple of {replicas}")
 
 
-def distributed_datasets(config, strategy, manifest: dict, steps_per_epoch: int, start_step: int):
-  """The distributed train dataset (starting at `start_step`) and eval datasets by split name."""
+def train_dataset_fn(config, manifest: dict, steps_per_epoch: int, start_step: int):
+  """The function `distribute_datasets_from_function` calls once per input pipeline for training."""
   mean, std = manifest_lib.normalization(manifest)
 
-  def train_fn(ctx):
+  def dataset_fn(ctx):
     per_pipeline = ctx.num_replicas_in_sync // ctx.num_input_pipelines
     return input_pipeline.build_train_dataset(
         config, config.data_dir, batches_per_epoch=steps_per_epoch * per_pipeline,
         batch_size=ctx.get_per_replica_batch_size(config.global_batch_size), mean=mean, std=std,
         input_context=ctx, start_batch=start_step * per_pipeline)
 
+  return dataset_fn
+
+
+def distributed_datasets(config, strategy, manifest: dict, steps_per_epoch: int, start_step: int):
+  """The distributed train dataset (starting at `start_step`) and eval datasets by split name."""
+  mean, std = manifest_lib.normalization(manifest)
+
   def eval_fn(split):
     return lambda ctx: input_pipeline.build_eval_dataset(
         config.data_dir, split, batch_size=ctx.get_per_replica_batch_size(config.eval_batch_size),
         mean=mean, std=std, input_context=ctx)
 
-  train = strategy.distribute_datasets_from_function(train_fn)
+  train = strategy.distribute_datasets_from_function(
+      train_dataset_fn(config, manifest, steps_per_epoch, start_step))
   evals = {split: strategy.distribute_datasets_from_function(eval_fn(split))
            for split in ("validation", "test") if split in manifest["splits"]}
   return train, evals

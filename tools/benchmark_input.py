@@ -1,0 +1,149 @@
+r"""How fast is the input pipeline, and does training wait for it?
+
+  python -m tools.benchmark_input --config=configs/deep.py --config.data_dir=/tmp/c10
+
+Measures, in one run on the same shards:
+  1. the configured train pipeline alone (host side), images/s over several windows after a warm-up;
+  2. the device-side augmentation alone (what `augment_on=device` adds to each step), on this machine;
+  3. a plain per-example pipeline, map(parse_single_example -> decode -> augment) -> batch, and the ratio;
+  4. the real train step fed by the pipeline against the same step fed one in-memory batch over and over
+     (windows alternate between the two so machine noise hits both alike), and the ratio.
+The last line is `images/s: N`, the train pipeline's median.
+"""
+
+import statistics
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import tensorflow as tf
+
+from pipeline import augment
+from pipeline import input_pipeline
+from pipeline import manifest as manifest_lib
+from pipeline import ops
+from pipeline import records
+from trainer import distribute
+from trainer import train
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Command-line flags; defined only when run as a program, so modules import side by side."""
+  config_flags.DEFINE_config_file("config", None, "A training config, e.g. configs/deep.py.", lock_config=True)
+  flags.DEFINE_integer("warmup", 20, "Batches (or steps) run before timing.")
+  flags.DEFINE_integer("windows", 5, "Timed windows per measurement.")
+  flags.DEFINE_integer("batches", 50, "Batches per window of the pipeline measurements.")
+  flags.DEFINE_integer("steps", 4, "Train steps per window of the train-step comparison; 0 skips it.")
+  flags.mark_flags_as_required(["config"])
+
+
+def _windows(next_batch, batch_size: int, warmup: int, windows: int, per_window: int) -> list[float]:
+  """images/s of `windows` windows of `per_window` calls of next_batch(), after `warmup` calls."""
+  for _ in range(warmup):
+    next_batch()
+  rates = []
+  for _ in range(windows):
+    start = time.perf_counter()
+    for _ in range(per_window):
+      next_batch()
+    rates.append(per_window * batch_size / (time.perf_counter() - start))
+  return rates
+
+
+def _report(name: str, rates: list[float]) -> float:
+  median = statistics.median(rates)
+  print(f"{name:<44} median {median:>10,.0f}  min {min(rates):>10,.0f}  max {max(rates):>10,.0f} images/s")
+  return median
+
+
+def _drain(iterator):
+  """Pulls one element and waits for it (host pipelines yield tensors already computed)."""
+  return lambda: next(iterator)
+
+
+def per_example_baseline(config, data_dir: str, batch_size: int, mean, std) -> tf.data.Dataset:
+  """The plain pipeline the tutorials write: one record at a time through parse, decode, augment."""
+  manifest = manifest_lib.load(data_dir)
+  files = manifest_lib.split_files(data_dir, manifest, "train")
+
+  def one(index, serialized):
+    features = tf.io.parse_single_example(serialized, records.FEATURES)
+    image = records.decode_image(features[records.ENCODED], features[records.FORMAT])
+    seed = tf.stack([tf.constant(config.seed, tf.int64), index])
+    image = ops.random_flip(ops.random_crop(image, seed, config.augment.crop_padding), seed + 1)
+    return ops.normalize(image, mean, std), features[records.LABEL]
+
+  return (tf.data.TFRecordDataset(files).repeat().shuffle(config.input.shuffle_buffer, seed=config.seed)
+          .enumerate().map(one, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size, drop_remainder=True)
+          .prefetch(tf.data.AUTOTUNE))
+
+
+def train_step_comparison(config, manifest: dict, steps: int, windows: int) -> float:
+  """Ratio of the train step's speed fed by the real pipeline to its speed on one cached batch (medians
+  of alternating windows of `steps` steps, after one warm-up window of each)."""
+  strategy = distribute.make_strategy(config)
+  steps_per_epoch = train.steps_per_epoch_for(config, manifest)
+  state = train.make_state(config, strategy, steps_per_epoch)
+  loop = train.make_train_loop(config, strategy, state, *manifest_lib.normalization(manifest))
+  dataset_fn = train.train_dataset_fn(config, manifest, steps_per_epoch, start_step=0)
+  real = iter(strategy.distribute_datasets_from_function(dataset_fn))
+  cached = iter(strategy.distribute_datasets_from_function(lambda ctx: dataset_fn(ctx).take(1).cache().repeat()))
+
+  def run(iterator):
+    start = time.perf_counter()
+    loop(iterator, tf.constant(steps))
+    state.step.numpy()  # waits for the steps to finish
+    return steps * config.global_batch_size / (time.perf_counter() - start)
+
+  run(cached), run(real)  # traces the step and fills the pipeline
+  cached_rates, real_rates = [], []
+  for _ in range(windows):
+    cached_rates.append(run(cached))
+    real_rates.append(run(real))
+  c = _report("train step on one cached batch", cached_rates)
+  r = _report("train step fed by the train pipeline", real_rates)
+  print(f"train step with the pipeline / on a cached batch: {r / c:.3f}")
+  return r / c
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = FLAGS.config
+  manifest = manifest_lib.load(config.data_dir)
+  mean, std = manifest_lib.normalization(manifest)
+  batch = config.global_batch_size
+  per_epoch = manifest_lib.num_examples(manifest, "train") // batch
+  print(f"data_dir {config.data_dir}, batch {batch}, augment_on {config.input.augment_on}, "
+        f"cache_in_memory {config.input.cache_in_memory}, deterministic {config.deterministic}")
+
+  host = input_pipeline.build_train_dataset(config, config.data_dir, batches_per_epoch=per_epoch,
+                                            batch_size=batch, mean=mean, std=std)
+  pipeline_rate = _report(f"train pipeline (host side, {config.input.augment_on} augmentation)",
+                          _windows(_drain(iter(host)), batch, FLAGS.warmup, FLAGS.windows, FLAGS.batches))
+
+  raw_config = config.copy_and_resolve_references()
+  raw_config.input.augment_on = "device"
+  raw = next(iter(input_pipeline.build_train_dataset(raw_config, config.data_dir, batches_per_epoch=per_epoch,
+                                                     batch_size=batch, mean=mean, std=std)))
+  device_fn = tf.function(lambda b: augment.train_preprocess(b, config.augment, mean, std)["images"])
+  device_rate = _report("augmentation as a device step (on this CPU)",
+                        _windows(lambda: device_fn(raw).numpy(), batch, FLAGS.warmup, FLAGS.windows, FLAGS.batches))
+
+  baseline = iter(per_example_baseline(config, config.data_dir, batch, mean, std))
+  baseline_rate = _report("plain per-example pipeline (same shards)",
+                          _windows(_drain(baseline), batch, FLAGS.warmup, FLAGS.windows, max(FLAGS.batches // 5, 2)))
+  print(f"train pipeline / per-example pipeline: {pipeline_rate / baseline_rate:.1f}x")
+  if config.input.augment_on == "device":
+    print(f"host side and device augmentation: {pipeline_rate:,.0f} and {device_rate:,.0f} images/s")
+  if FLAGS.steps:
+    train_step_comparison(config, manifest, FLAGS.steps, FLAGS.windows)
+  print(f"images/s: {pipeline_rate:.0f}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
