@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from configs import default
+from pipeline import augment
 from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
 from pipeline import ops
@@ -85,8 +86,9 @@ def test_train_batches_shapes_dtypes_ranges(synthetic_dir, cache):
 @pytest.mark.parametrize("cache", [True, False])
 def test_same_seed_same_batches_other_seed_other_batches(synthetic_dir, cache):
   config = _config(cache_in_memory=cache)
-  first = _train(synthetic_dir, config)
-  again = _train(synthetic_dir, config)
+  first = _train(synthetic_dir, config, batches=50)
+  again = _train(synthetic_dir, config, batches=50)
+  assert len(first) == 50
   for (x1, y1), (x2, y2) in zip(first, again):
     np.testing.assert_array_equal(x1, x2)
     np.testing.assert_array_equal(y1, y2)
@@ -146,3 +148,108 @@ def test_png_and_raw_shards_give_the_same_pixels(synthetic_dir, png_dir):
 def test_missing_data_dir_names_it(tmp_path):
   with pytest.raises(manifest_lib.ManifestError, match=f"{tmp_path}/nothing/manifest.json: not found"):
     manifest_lib.load(str(tmp_path / "nothing"))
+
+
+def test_affine_with_no_motion_is_the_identity_and_moves_otherwise():
+  images = _batch()
+  np.testing.assert_array_equal(ops.random_affine(images, SEED, 0.0, 0.0, 0.0).numpy(), images.numpy())
+  moved = ops.random_affine(images, SEED, 15.0, 0.1, 0.1).numpy()
+  assert all(not np.array_equal(m, i) for m, i in zip(moved, images.numpy()))
+
+
+def test_alternating_flip_flips_each_image_every_other_epoch():
+  keys = tf.range(1000, dtype=tf.int64) * 7919
+  even = ops.alternating_flip_mask(keys, tf.constant(0), SEED).numpy()
+  odd = ops.alternating_flip_mask(keys, tf.constant(1), SEED).numpy()
+  np.testing.assert_array_equal(even, ~odd)
+  np.testing.assert_array_equal(even, ops.alternating_flip_mask(keys, tf.constant(2), SEED).numpy())
+  assert 400 < even.sum() < 600
+
+
+def _mix_inputs():
+  images = tf.cast(_batch(16), tf.float32)
+  labels = tf.one_hot(tf.range(16) % 10, 10)
+  return images, labels
+
+
+def test_mixup_blends_images_and_labels_alike():
+  images, labels = _mix_inputs()
+  mixed, soft = ops.mixup(images, labels, SEED, 0.4)
+  np.testing.assert_allclose(soft.numpy().sum(1), 1.0, rtol=1e-6)
+  lam = soft.numpy()[np.arange(16), np.arange(16) % 10]  # own class weight (neighbours differ in class)
+  expected = lam[:, None, None, None] * images + (1 - lam[:, None, None, None]) * np.roll(images, 1, axis=0)
+  np.testing.assert_allclose(mixed.numpy(), expected, rtol=1e-5, atol=1e-3)
+  again = next(iter(tf.data.Dataset.from_tensors((images, labels)).map(lambda x, y: ops.mixup(x, y, SEED, 0.4))))
+  np.testing.assert_array_equal(again[0].numpy(), mixed.numpy())
+
+
+def test_cutmix_label_weight_is_the_pasted_area():
+  images, labels = _mix_inputs()
+  mixed, soft = ops.cutmix(images, labels, SEED, 1.0)
+  pasted = np.all(mixed.numpy() != images.numpy(), axis=-1).mean(axis=(1, 2))  # random pixels: differ if pasted
+  neighbour = soft.numpy()[np.arange(16), np.roll(np.arange(16) % 10, 1)]
+  np.testing.assert_allclose(neighbour, pasted, atol=0.01)
+  np.testing.assert_allclose(soft.numpy().sum(1), 1.0, rtol=1e-6)
+
+
+def test_cutout_blanks_a_square():
+  images = _batch() + 1  # no zero pixels to start with (uint8 wraps 255 -> 0 only for 255)
+  images = tf.maximum(images, 1)
+  out = ops.cutout(images, SEED, 8).numpy()
+  blanked = (out == 0).all(-1).sum(axis=(1, 2))
+  assert (blanked > 0).all() and (blanked <= 64).all()
+
+
+def test_device_augmentation_equals_host_augmentation(synthetic_dir):
+  """The batch carries its seed, so augmenting in the train step gives what tf.data would have given."""
+  config = _config()
+  config.augment.update(flip="alternating", rotation_degrees=10.0, cutout_size=6, mixup_alpha=0.3)
+  manifest = manifest_lib.load(synthetic_dir)
+  mean, std = manifest_lib.normalization(manifest)
+  build = lambda c: input_pipeline.build_train_dataset(c, synthetic_dir, batches_per_epoch=4, batch_size=32,
+                                                       mean=mean, std=std).take(6)
+  host = list(build(config))
+  config.input.augment_on = "device"
+  device = [augment.train_preprocess(b, config.augment, mean, std) for b in build(config)]
+  assert device[0]["labels"].shape == (32, 10)  # mixup makes soft labels
+  for h, d in zip(host, device):
+    np.testing.assert_array_equal(h["images"].numpy(), d["images"].numpy())
+    np.testing.assert_array_equal(h["labels"].numpy(), d["labels"].numpy())
+
+
+def test_data_service_serves_the_same_batches(synthetic_dir):
+  dispatcher = tf.data.experimental.service.DispatchServer(
+      tf.data.experimental.service.DispatcherConfig(port=0))
+  worker = tf.data.experimental.service.WorkerServer(tf.data.experimental.service.WorkerConfig(
+      dispatcher_address=dispatcher.target.split("://")[1], worker_address="localhost:%port%"))
+  try:
+    config = _config()
+    local = _train(synthetic_dir, config, batches=6)
+    config.input.data_service = dispatcher.target
+    served = _train(synthetic_dir, config, batches=6)
+    for (x1, y1), (x2, y2) in zip(local, served):
+      np.testing.assert_array_equal(x1, x2)
+      np.testing.assert_array_equal(y1, y2)
+  finally:
+    worker.stop()
+    dispatcher.stop()
+
+
+def test_bad_augment_value_is_named():
+  config = _config()
+  config.augment.flip = "sideways"
+  with pytest.raises(ValueError, match="augment.flip='sideways' is not one of"):
+    augment.check(config.augment)
+
+
+def test_cutmix_and_alternating_flip_inside_dataset_map():
+  images, labels = _mix_inputs()
+  eager = ops.cutmix(images, labels, SEED, 1.0)
+  mapped = next(iter(tf.data.Dataset.from_tensors((images, labels)).map(lambda x, y: ops.cutmix(x, y, SEED, 1.0))))
+  for a, b in zip(eager, mapped):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  keys = tf.range(64, dtype=tf.int64)
+  mask = ops.alternating_flip_mask(keys, tf.constant(3), SEED)
+  in_map = next(iter(tf.data.Dataset.from_tensors(keys).map(
+      lambda k: ops.alternating_flip_mask(k, tf.constant(3), SEED))))
+  np.testing.assert_array_equal(mask.numpy(), in_map.numpy())

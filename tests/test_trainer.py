@@ -4,6 +4,7 @@ import glob
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -98,7 +99,7 @@ def test_smoke_run_writes_checkpoint_summaries_export_and_run_files(trained):
   tags = {v.tag for e in tf.data.TFRecordDataset(events) for v in tf.compat.v1.Event.FromString(
       e.numpy()).summary.value}
   assert {"train/loss", "train/accuracy", "train/learning_rate", "train/images_per_sec",
-          "validation/accuracy", "validation/loss"} <= tags
+          "validation/accuracy", "validation/loss", "train/augmented_inputs"} <= tags
   assert os.path.exists(os.path.join(workdir, "export", "saved_model.pb"))
   config = json.load(open(os.path.join(workdir, "config.json")))
   run = json.load(open(os.path.join(workdir, "run.json")))
@@ -187,3 +188,15 @@ def test_cli_without_data_dir_is_one_line_error(tmp_path):
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1].startswith("trainer: error: data_dir is empty")
   assert "Traceback" not in result.stderr
+
+
+def test_benchmark_input_tool(synthetic_dir):
+  result = subprocess.run(
+      [sys.executable, "-m", "tools.benchmark_input", "--config=configs/deep.py:smoke",
+       f"--config.data_dir={synthetic_dir}", "--warmup=1", "--windows=2", "--batches=3", "--steps=1"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  assert any(l.startswith("train pipeline / per-example pipeline:") for l in lines)
+  assert any(l.startswith("train step with the pipeline / on a cached batch:") for l in lines)
+  assert re.fullmatch(r"images/s: \d+", lines[-1])

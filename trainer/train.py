@@ -248,6 +248,21 @@ def distributed_datasets(config, strategy, manifest: dict, steps_per_epoch: int,
   return train, evals
 
 
+def _write_input_grid(config, manifest: dict, writer, step: int, side: int = 8) -> None:
+  """A `side` x `side` grid of augmented training images, as the model gets them (de-normalised)."""
+  mean, std = manifest_lib.normalization(manifest)
+  host = config.copy_and_resolve_references()
+  host.input.augment_on, host.input.data_service = "host", ""
+  batch = next(iter(input_pipeline.build_train_dataset(host, config.data_dir, batches_per_epoch=1,
+                                                       batch_size=side * side, mean=mean, std=std)))
+  images = tf.clip_by_value(batch["images"] * tf.constant(std) + tf.constant(mean), 0.0, 1.0)
+  rows = tf.reshape(images, [side, side * 32, 32, 3])  # each row of the grid: `side` images stacked
+  grid = tf.reshape(tf.transpose(tf.reshape(rows, [side, side, 32, 32, 3]), [0, 2, 1, 3, 4]),
+                    [1, side * 32, side * 32, 3])
+  with writer.as_default(step=step):
+    tf.summary.image("train/augmented_inputs", grid)
+
+
 def _write_scalars(writer, step: int, prefix: str, scalars: dict) -> None:
   with writer.as_default(step=step):
     for name, value in scalars.items():
@@ -275,6 +290,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     fileio.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n")
   writer = (tf.summary.create_file_writer(os.path.join(workdir, "summaries")) if chief
             else tf.summary.create_noop_writer())
+  if chief and start_step == 0:
+    _write_input_grid(config, manifest, writer, start_step)
   train_ds, eval_ds = distributed_datasets(config, strategy, manifest, steps_per_epoch, start_step)
   train_loop = make_train_loop(config, strategy, state, *manifest_lib.normalization(manifest))
   eval_step = make_eval_step(strategy, state)
