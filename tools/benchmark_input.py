@@ -25,8 +25,8 @@ from pipeline import manifest as manifest_lib
 from pipeline import ops
 from pipeline import records
 from trainer import distribute
+from trainer import main as trainer_main
 from trainer import train
-
 FLAGS = flags.FLAGS
 
 
@@ -146,4 +146,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=trainer_main.flags_parser("benchmark_input"))

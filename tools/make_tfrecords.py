@@ -182,6 +182,8 @@ def make(source_name: str, output_dir: str, *, num_shards: int = 16, val_size: i
   if "test" in source.splits:
     splits["test"] = source.splits["test"]
   tf.io.gfile.makedirs(output_dir)
+  for leftover in tf.io.gfile.glob(os.path.join(output_dir, ".tmp-*")):  # from a run killed half-way
+    tf.io.gfile.remove(leftover)
   manifest_path = os.path.join(output_dir, manifest_lib.FILENAME)
   if tf.io.gfile.exists(manifest_path):  # the directory is incomplete until the new manifest lands
     tf.io.gfile.remove(manifest_path)

@@ -3,6 +3,7 @@ r"""Trains a config and exports a SavedModel.
   python -m trainer.main --config=configs/deep.py --workdir=/tmp/deep --config.data_dir=/tmp/c10
 """
 
+import re
 import sys
 
 from absl import app
@@ -14,10 +15,31 @@ from pipeline import manifest
 from trainer import train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/deep.py or configs/deep.py:smoke.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Checkpoints, summaries and the export go here (local or gs://).")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags():
+  config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/deep.py or configs/deep.py:smoke.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Checkpoints, summaries and the export go here (local or gs://).")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+def flags_parser(program: str):
+  """An absl `flags_parser` that turns bad flags and bad `--config.KEY` overrides into one line, exit 2."""
+  def parse(argv):
+    try:
+      return FLAGS(argv)
+    except flags.Error as e:
+      message = str(e)
+    except (AttributeError, KeyError) as e:  # what ml_collections raises for an unknown --config.KEY
+      text = str(e).encode().decode("unicode_escape").strip("'\" ")
+      key = re.match(r"'?([\w.]+)'?", text)
+      guesses = re.findall(r'Did you mean "([^"]+)"', text)
+      message = f"unknown config key {key.group(1) if key else text!r}"
+      message += f"; close matches: {', '.join(guesses)}" if guesses else ""
+    print(f"{program}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+  return parse
 
 
 def main(argv):
@@ -29,7 +51,11 @@ def main(argv):
   except (manifest.ManifestError, train.TrainingError, ValueError) as e:
     print(f"trainer: error: {e}", file=sys.stderr)
     sys.exit(1)
+  except tf.errors.OpError as e:  # data that passed the checks at start but fails to read or decode
+    print(f"trainer: error: {type(e).__name__}: {e.message.strip().splitlines()[0]}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  define_flags()
+  app.run(main, flags_parser=flags_parser("trainer"))

@@ -11,11 +11,14 @@ import importlib.metadata
 import math
 import os
 import platform
+import signal
 import subprocess
+import threading
 import time
 
 from absl import logging
 import keras
+import ml_collections
 import tensorflow as tf
 
 from pipeline import augment
@@ -47,6 +50,10 @@ class Sums:
     """Runs per replica."""
     for name, value in values.items():
       self._vars[name].assign_add(tf.cast(value, tf.float32))
+
+  def total(self, name: str) -> tf.Tensor:
+    """The sum over replicas, as a tensor (usable inside a tf.function, in cross-replica context)."""
+    return self._vars[name].read_value()
 
   def result(self) -> dict[str, float]:
     return {n: float(v.read_value().numpy()) for n, v in self._vars.items()}
@@ -149,6 +156,8 @@ def make_train_loop(config, strategy, state: State, mean=None, std=None):
     for _ in tf.range(num_steps):
       strategy.run(step_fn, args=(next(iterator),))
       state.step.assign_add(1)
+      if not tf.math.is_finite(state.train_sums.total("loss")):
+        break  # stop at the step that went wrong; Python reports it
     if strategy.num_replicas_in_sync > 1:
       strategy.run(sync_fn)
 
@@ -211,6 +220,29 @@ def steps_per_epoch_for(config, manifest: dict) -> int:
   return per_epoch
 
 
+WORKDIR_FILES = ("checkpoints", "summaries", "export", "config.json", "run.json", "tmp")
+
+
+def check_workdir(workdir: str) -> None:
+  """Refuses a workdir that holds something else than a run of this trainer, or cannot be written."""
+  if tf.io.gfile.isdir(workdir):
+    foreign = sorted(n.rstrip("/") for n in tf.io.gfile.listdir(workdir)
+                     if n.rstrip("/") not in WORKDIR_FILES and not n.startswith(".tmp-"))
+    if foreign:
+      raise TrainingError(f"workdir {workdir} is not empty and is not a run of this trainer "
+                          f"(it holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                          "give an empty or new directory")
+  elif tf.io.gfile.exists(workdir):
+    raise TrainingError(f"workdir {workdir} is a file, not a directory")
+  try:
+    tf.io.gfile.makedirs(workdir)
+    probe = fileio.temp_name(os.path.join(workdir, "probe"))
+    fileio.atomic_write(probe, "")
+    tf.io.gfile.remove(probe)
+  except (tf.errors.OpError, OSError) as e:
+    raise TrainingError(f"workdir {workdir} is not writable ({getattr(e, 'message', e)})") from None
+
+
 def check_batch_sizes(config, replicas: int) -> None:
   for key in ("global_batch_size", "eval_batch_size"):
     if config[key] % replicas:
@@ -232,8 +264,8 @@ def train_dataset_fn(config, manifest: dict, steps_per_epoch: int, start_step: i
   return dataset_fn
 
 
-def distributed_datasets(config, strategy, manifest: dict, steps_per_epoch: int, start_step: int):
-  """The distributed train dataset (starting at `start_step`) and eval datasets by split name."""
+def distributed_eval_datasets(config, strategy, manifest: dict) -> dict:
+  """Distributed eval datasets by split name, for the splits the manifest has."""
   mean, std = manifest_lib.normalization(manifest)
 
   def eval_fn(split):
@@ -241,11 +273,8 @@ def distributed_datasets(config, strategy, manifest: dict, steps_per_epoch: int,
         config.data_dir, split, batch_size=ctx.get_per_replica_batch_size(config.eval_batch_size),
         mean=mean, std=std, input_context=ctx)
 
-  train = strategy.distribute_datasets_from_function(
-      train_dataset_fn(config, manifest, steps_per_epoch, start_step))
-  evals = {split: strategy.distribute_datasets_from_function(eval_fn(split))
-           for split in ("validation", "test") if split in manifest["splits"]}
-  return train, evals
+  return {split: strategy.distribute_datasets_from_function(eval_fn(split))
+          for split in ("validation", "test") if split in manifest["splits"]}
 
 
 def _write_input_grid(config, manifest: dict, writer, step: int, side: int = 8) -> None:
@@ -269,64 +298,154 @@ def _write_scalars(writer, step: int, prefix: str, scalars: dict) -> None:
       tf.summary.scalar(f"{prefix}/{name}", value)
 
 
+class StopRequest:
+  """SIGTERM/SIGINT ask the loop to stop at the next loop boundary: the steps in flight finish, a
+  checkpoint is written, and the process exits 0. Restarting the same command resumes exactly there."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now
+    self.signal = signal.Signals(signum).name
+
+  def agreed(self, strategy) -> bool:
+    """True if any worker was asked to stop, so that all workers stop after the same step."""
+    local = 1.0 if self.signal else 0.0
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+      votes = strategy.experimental_distribute_values_from_function(lambda ctx: tf.constant(local))
+      return bool(strategy.reduce(tf.distribute.ReduceOp.MAX, votes, axis=None).numpy())
+    return bool(local)
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything one call of train_and_evaluate works with."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  strategy: tf.distribute.Strategy
+  chief: bool
+  manifest: dict
+  steps_per_epoch: int
+  total_steps: int
+  state: State
+  manager: tf.train.CheckpointManager
+  writer: object
+  start_step: int
+  started: str
+  metrics: dict = dataclasses.field(default_factory=dict)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final metrics."""
+  run = _start(config, workdir)
+  with StopRequest() as stop:
+    _train(run, stop)
+  if stop.signal:
+    path = run.manager.save(checkpoint_number=int(run.state.step.numpy()))
+    logging.info("stopped by %s at step %d; checkpoint %s written. Run the same command to resume.",
+                 stop.signal, int(run.state.step.numpy()), path)
+    _finish(run, status=f"stopped by {stop.signal}")
+    return run.metrics
+  eval_step = make_eval_step(run.strategy, run.state)
+  for split, dataset in distributed_eval_datasets(config, run.strategy, run.manifest).items():
+    run.metrics[split] = evaluate(eval_step, dataset, run.state.eval_sums)
+    logging.info("final %s: %s", split, _fmt(run.metrics[split]))
+  if run.chief and config.export:
+    mean, std = manifest_lib.normalization(run.manifest)
+    path = export_lib.export(run.state.model, os.path.join(workdir, "export"), mean=mean, std=std,
+                             class_names=manifest_lib.class_names(run.manifest))
+    logging.info("exported SavedModel to %s", path)
+  _finish(run, status="finished")
+  return run.metrics
+
+
+def _start(config, workdir: str) -> Run:
+  """Strategy, data, model and optimizer, restored from the latest checkpoint if there is one."""
   started = _now()
+  if config.deterministic:
+    tf.config.experimental.enable_op_determinism()
   strategy = distribute.make_strategy(config)
   distribute.log_devices(strategy)
   chief = distribute.is_chief(strategy)
   check_batch_sizes(config, strategy.num_replicas_in_sync)
   manifest = manifest_lib.load(config.data_dir)
+  if config.input.verify_checksums:
+    manifest_lib.verify_checksums(config.data_dir, manifest, manifest["splits"])
+  check_workdir(workdir)
   steps_per_epoch = steps_per_epoch_for(config, manifest)
-  total_steps = config.num_epochs * steps_per_epoch
   state = make_state(config, strategy, steps_per_epoch)
   manager = _checkpoint_manager(config, strategy, state, workdir)
   if manager.latest_checkpoint:
     state.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
     logging.info("resumed from %s at step %d", manager.latest_checkpoint, int(state.step.numpy()))
-  start_step = int(state.step.numpy())
   if chief:
     tf.io.gfile.makedirs(workdir)
     fileio.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n")
   writer = (tf.summary.create_file_writer(os.path.join(workdir, "summaries")) if chief
             else tf.summary.create_noop_writer())
+  start_step = int(state.step.numpy())
   if chief and start_step == 0:
     _write_input_grid(config, manifest, writer, start_step)
-  train_ds, eval_ds = distributed_datasets(config, strategy, manifest, steps_per_epoch, start_step)
-  train_loop = make_train_loop(config, strategy, state, *manifest_lib.normalization(manifest))
-  eval_step = make_eval_step(strategy, state)
+  return Run(config, workdir, strategy, chief, manifest, steps_per_epoch, config.num_epochs * steps_per_epoch,
+             state, manager, writer, start_step, started)
+
+
+def _train(run: Run, stop: StopRequest) -> None:
+  """Steps until the end or a stop request: logs, evaluates and checkpoints at the boundaries."""
+  config, state = run.config, run.state
+  train_ds = run.strategy.distribute_datasets_from_function(
+      train_dataset_fn(config, run.manifest, run.steps_per_epoch, run.start_step))
+  eval_ds = distributed_eval_datasets(config, run.strategy, run.manifest)
+  train_loop = make_train_loop(config, run.strategy, state, *manifest_lib.normalization(run.manifest))
+  eval_step = make_eval_step(run.strategy, state)
   iterator = iter(train_ds)
-  metrics = {}
-  window_start, window_step = time.time(), start_step
-  while int(state.step.numpy()) < total_steps:
+  window_start, window_step = time.time(), run.start_step
+  step = run.start_step
+  while step < run.total_steps and not stop.agreed(run.strategy):
+    train_loop(iterator, tf.constant(_steps_until_boundary(config, step, run.steps_per_epoch, run.total_steps)))
     step = int(state.step.numpy())
-    train_loop(iterator, tf.constant(_steps_until_boundary(config, step, steps_per_epoch, total_steps)))
-    step = int(state.step.numpy())
-    if step % config.log_every_steps == 0 or step % steps_per_epoch == 0:
-      metrics["train"] = _log_train(config, state, writer, step, total_steps, steps_per_epoch,
-                                    (step - window_step) / max(time.time() - window_start, 1e-9))
+    _check_finite(state, step, run.manager)
+    if step % config.log_every_steps == 0 or step % run.steps_per_epoch == 0:
+      run.metrics["train"] = _log_train(config, state, run.writer, step, run.total_steps, run.steps_per_epoch,
+                                        (step - window_step) / max(time.time() - window_start, 1e-9))
       window_start, window_step = time.time(), step
-    if step % steps_per_epoch == 0:
+    if step % run.steps_per_epoch == 0:
       if "validation" in eval_ds:
-        metrics["validation"] = evaluate(eval_step, eval_ds["validation"], state.eval_sums)
-        _write_scalars(writer, step, "validation", metrics["validation"])
-        logging.info("epoch %d validation: %s", step // steps_per_epoch, _fmt(metrics["validation"]))
-      manager.save(checkpoint_number=step)
+        run.metrics["validation"] = evaluate(eval_step, eval_ds["validation"], state.eval_sums)
+        _write_scalars(run.writer, step, "validation", run.metrics["validation"])
+        logging.info("epoch %d validation: %s", step // run.steps_per_epoch, _fmt(run.metrics["validation"]))
+      run.manager.save(checkpoint_number=step)
     elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-      manager.save(checkpoint_number=step)
-    writer.flush()
-  for split, dataset in eval_ds.items():
-    metrics[split] = evaluate(eval_step, dataset, state.eval_sums)
-    logging.info("final %s: %s", split, _fmt(metrics[split]))
-  if chief and config.export:
-    mean, std = manifest_lib.normalization(manifest)
-    path = export_lib.export(state.model, os.path.join(workdir, "export"), mean=mean, std=std,
-                             class_names=manifest_lib.class_names(manifest))
-    logging.info("exported SavedModel to %s", path)
-  writer.close()
-  if chief:
-    _write_run_json(workdir, strategy, started, start_step, int(state.step.numpy()), metrics)
-  return metrics
+      run.manager.save(checkpoint_number=step)
+    run.writer.flush()
+
+
+def _check_finite(state: State, step: int, manager: tf.train.CheckpointManager) -> None:
+  """Stops before any checkpoint is written from non-finite weights."""
+  loss = state.train_sums.result()["loss"]
+  if not math.isfinite(loss):
+    raise TrainingError(f"loss is {loss} at step {step}; stopped without saving. The last good "
+                        f"checkpoint is {manager.latest_checkpoint or 'none (none was written yet)'}")
+
+
+def _finish(run: Run, status: str) -> None:
+  run.writer.close()
+  if run.chief:
+    _write_run_json(run, status)
 
 
 def _steps_until_boundary(config, step: int, steps_per_epoch: int, total_steps: int) -> int:
@@ -359,8 +478,6 @@ def _log_train(config, state: State, writer, step, total_steps, steps_per_epoch,
   scalars = {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count,
              "learning_rate": float(state.optimizer.learning_rate.numpy()),
              "images_per_sec": steps_per_sec * config.global_batch_size}
-  if not math.isfinite(scalars["loss"]):
-    raise TrainingError(f"loss is {scalars['loss']} at step {step}; the last good checkpoint is kept")
   _write_scalars(writer, step, "train", scalars)
   eta = (total_steps - step) / max(steps_per_sec, 1e-9)
   logging.info("step %d/%d epoch %.2f loss %.4f accuracy %.4f lr %.4g %.0f images/s ETA %s", step,
@@ -369,11 +486,12 @@ def _log_train(config, state: State, writer, step, total_steps, steps_per_epoch,
   return scalars
 
 
-def _write_run_json(workdir, strategy, started, start_step, end_step, metrics) -> None:
-  fileio.write_json(os.path.join(workdir, "run.json"), {
-      "started": started, "ended": _now(), "start_step": start_step, "end_step": end_step,
+def _write_run_json(run: Run, status: str) -> None:
+  fileio.write_json(os.path.join(run.workdir, "run.json"), {
+      "status": status, "started": run.started, "ended": _now(),
+      "start_step": run.start_step, "end_step": int(run.state.step.numpy()), "total_steps": run.total_steps,
       "versions": {"project": _project_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
                    "python": platform.python_version()},
       "git_commit": _git_commit(), "host": platform.node(),
-      "distribution": distribute.describe(strategy), "metrics": metrics,
+      "distribution": distribute.describe(run.strategy), "metrics": run.metrics,
   })

@@ -1,0 +1,128 @@
+"""Faults: a stopped run resumes exactly; non-finite loss; bad input gets one clear line."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+
+from configs import deep
+from pipeline import manifest as manifest_lib
+from tools import chaos_resume
+from trainer import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SMOKE = "configs/deep.py:smoke"
+
+
+def _smoke(data_dir, **overrides):
+  config = deep.get_config("smoke")
+  config.data_dir = data_dir
+  config.update(overrides)
+  return config
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_sigterm_then_resume_ends_with_the_same_weights(synthetic_dir, tmp_path, replicas):
+  overrides = {"data_dir": synthetic_dir, "deterministic": True, "export": False, "steps_per_loop": 1,
+               "log_every_steps": 1, "logical_cpus": replicas if replicas > 1 else 0}
+  reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
+  chaos_resume.run_until(chaos_resume.trainer_command(SMOKE, reference, overrides))
+  log = chaos_resume.run_until(chaos_resume.trainer_command(SMOKE, resumed, overrides), 3, signal.SIGTERM)
+  stopped_at = chaos_resume.latest_step(resumed)
+  assert 3 <= stopped_at < 8
+  assert f"stopped by SIGTERM at step {stopped_at}; checkpoint" in log
+  assert "Run the same command to resume." in log
+  log = chaos_resume.run_until(chaos_resume.trainer_command(SMOKE, resumed, overrides))
+  assert f"resumed from {resumed}/checkpoints/ckpt-{stopped_at} at step {stopped_at}" in log
+  assert chaos_resume.latest_step(resumed) == 8
+  diff = chaos_resume.max_difference(os.path.join(resumed, "checkpoints", "ckpt-8"),
+                                     os.path.join(reference, "checkpoints", "ckpt-8"))
+  assert diff <= 1e-6
+
+
+def _trainer(*args):
+  return subprocess.run([sys.executable, "-m", "trainer.main", f"--config={SMOKE}", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+def _one_line_error(result, expected: str, code: int = 1):
+  assert result.returncode == code, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == expected
+  assert "Traceback" not in result.stderr
+
+
+def test_unknown_config_key_lists_close_matches(tmp_path):
+  _one_line_error(_trainer(f"--workdir={tmp_path}", "--config.global_batch=64"),
+                  "trainer: error: unknown config key 'global_batch'; close matches: global_batch_size", 2)
+
+
+def test_wrong_value_type(tmp_path):
+  _one_line_error(_trainer(f"--workdir={tmp_path}", "--config.global_batch_size=abc"),
+                  "trainer: error: flag --config.global_batch_size=abc: invalid literal for int() with base 10: "
+                  "'abc'", 2)
+
+
+def _copy(data_dir, tmp_path):
+  target = str(tmp_path / "data")
+  shutil.copytree(data_dir, target)
+  return target
+
+
+def test_changed_shard_is_named_before_training(synthetic_dir, tmp_path):
+  data = _copy(synthetic_dir, tmp_path)
+  shard = os.path.join(data, "train-00002-of-00004.tfrecord")
+  with open(shard, "r+b") as f:
+    f.truncate(os.path.getsize(shard) - 100)
+  with pytest.raises(manifest_lib.ManifestError, match=f"{shard}: contents differ from manifest.json"):
+    train.train_and_evaluate(_smoke(data), str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_manifest_disagreeing_with_shards(synthetic_dir, tmp_path):
+  data = _copy(synthetic_dir, tmp_path)
+  os.remove(os.path.join(data, "test-00000-of-00001.tfrecord"))
+  result = _trainer(f"--workdir={tmp_path / 'run'}", f"--config.data_dir={data}")
+  _one_line_error(result, f"trainer: error: {data}/test-00000-of-00001.tfrecord: listed in manifest.json but "
+                  "missing")
+
+
+def test_foreign_workdir_is_refused(synthetic_dir, tmp_path):
+  (tmp_path / "thesis.tex").write_text("precious")
+  with pytest.raises(train.TrainingError, match="is not empty and is not a run of this trainer"):
+    train.train_and_evaluate(_smoke(synthetic_dir), str(tmp_path))
+  assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
+def test_unwritable_workdir(synthetic_dir, tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  with pytest.raises(train.TrainingError, match="is a file, not a directory"):
+    train.train_and_evaluate(_smoke(synthetic_dir), str(blocker))
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(synthetic_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(_smoke(synthetic_dir, num_epochs=1, export=False), workdir)
+  config = _smoke(synthetic_dir, num_epochs=2, export=False, steps_per_loop=4, log_every_steps=4)
+  config.optimizer.learning_rate = 1e30
+  # Step 5 computes a finite loss from the good weights and applies the huge update; step 6's loss is the
+  # first non-finite one, and the loop stops right there rather than at its end (step 8).
+  with pytest.raises(train.TrainingError, match=r"loss is (nan|inf) at step 6; stopped without saving\. "
+                     r"The last good checkpoint is .*ckpt-4"):
+    train.train_and_evaluate(config, workdir)
+  assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")).endswith("ckpt-4")
+
+
+def test_make_tfrecords_killed_half_way_then_rerun(tmp_path):
+  from tools import make_tfrecords  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / ".tmp-deadbeef-train-00000-of-00002.tfrecord").write_bytes(b"partial")
+  manifest = make_tfrecords.make("synthetic", str(out), num_shards=2, val_size=20, synthetic_sizes=(100, 20))
+  assert not [p for p in os.listdir(out) if p.startswith(".tmp")]
+  assert manifest_lib.load(str(out)) == manifest
