@@ -58,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.input = ml_collections.ConfigDict()
   config.input.cache_in_memory = True  # decode the split once into RAM; False streams from the shards
-  config.input.shuffle_buffer = 10000  # records in the shuffle buffer when streaming
+  config.input.shuffle_buffer = 10000  # records per shuffled window when streaming
   config.input.interleave_cycle = 4  # shards read at once when streaming
   config.input.verify_checksums = True  # re-hash every shard against manifest.json before training
   config.input.augment_on = "host"  # host: tf.data augments and normalises; device: inside the train step

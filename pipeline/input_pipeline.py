@@ -9,8 +9,8 @@ Two ways to feed training (`config.input.cache_in_memory`):
   - True (CIFAR-10 always fits): the pipeline's shards are read and decoded once into one uint8 tensor;
     every batch is a gather of shuffled indices from it. Elements are whole batches, so per-element
     tf.data overhead is paid once per batch, not once per image.
-  - False (data that does not fit in RAM): files are shuffled and interleaved each epoch, records go
-    through a seeded shuffle buffer, then are parsed and decoded a batch at a time.
+  - False (data that does not fit in RAM): files are shuffled and interleaved each epoch, records are
+    shuffled within windows of `shuffle_buffer`, then parsed and decoded a batch at a time.
 
 Elements are dicts. Training: `images`, `labels` after preprocessing; with `augment_on="device"` the raw
 batch instead (`images` uint8, `labels`, `seed`, `epoch`, `keys`) for `augment.train_preprocess` to run in
@@ -129,15 +129,18 @@ def _streaming_batches(files, ctx, seed, first_epoch, batches_per_epoch, batch_s
   local = files[ctx.input_pipeline_id::ctx.num_input_pipelines] if by_file else files
 
   def one_epoch(epoch):
+    # Stateless shuffles throughout: tf.data's shuffle() takes no tensor seed once op determinism is on.
     epoch_seed = tf.random.experimental.stateless_fold_in(seed, epoch)
-    shuffle_seed = epoch_seed[0] * 1000003 + epoch_seed[1]
-    reader = (tf.data.Dataset.from_tensor_slices(local).shuffle(len(local), seed=shuffle_seed)
+    order = tf.random.experimental.stateless_shuffle(tf.range(len(local)), seed=epoch_seed)
+    reader = (tf.data.Dataset.from_tensor_slices(tf.gather(tf.constant(local), order))
               .interleave(tf.data.TFRecordDataset, cycle_length=config.input.interleave_cycle,
                           num_parallel_calls=AUTOTUNE, deterministic=True))
     if not by_file:
       reader = reader.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
-    return (reader.shuffle(config.input.shuffle_buffer, seed=shuffle_seed).repeat()
-            .batch(batch_size, drop_remainder=True).take(batches_per_epoch).enumerate()
+    window = lambda i, records: tf.gather(records, tf.random.experimental.stateless_shuffle(
+        tf.range(tf.shape(records)[0]), seed=tf.random.experimental.stateless_fold_in(epoch_seed, i)))
+    shuffled = reader.batch(config.input.shuffle_buffer).enumerate().map(window).unbatch()
+    return (shuffled.repeat().batch(batch_size, drop_remainder=True).take(batches_per_epoch).enumerate()
             .map(lambda b, s: dict(decode_records(s), epoch=epoch, seed=augment.batch_seed(seed, epoch, b)),
                  num_parallel_calls=AUTOTUNE, deterministic=True))
 
