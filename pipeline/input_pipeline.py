@@ -1,15 +1,16 @@
 """tf.data assembly: shard files by `tf.distribute.InputContext`, read, decode, augment, batch, prefetch.
 
-A training batch is a pure function of (seed, input pipeline, epoch, batch index): each epoch's order
-comes from a stateless shuffle seeded by the epoch, and augmentation is seeded per batch. So a run resumed
-at step k builds the pipeline with `start_batch` and sees exactly the batches an uninterrupted run would,
-without replaying the ones before.
+A training batch is a pure function of (seed, epoch, step, replica): each epoch's order comes from a
+stateless shuffle seeded by the epoch, and augmentation is seeded per batch. So a run resumed at step k
+builds the pipeline with `start_step=k` and sees exactly the batches an uninterrupted run would, without
+replaying the ones before.
 
 Two ways to feed training (`config.input.cache_in_memory`):
-  - True (CIFAR-10 always fits): the pipeline's shards are read and decoded once into one uint8 tensor;
-    every batch is a gather of shuffled indices from it. Elements are whole batches, so per-element
+  - True (CIFAR-10 always fits): the whole split is read and decoded once into one uint8 tensor; every
+    batch is a gather of shuffled indices from it, the same on every worker. Elements are whole batches, so per-element
     tf.data overhead is paid once per batch, not once per image.
-  - False (data that does not fit in RAM): files are shuffled and interleaved each epoch, records are
+  - False (data that does not fit in RAM): each pipeline reads its share of the files, shuffled and
+    interleaved each epoch; records are
     shuffled within windows of `shuffle_buffer`, then parsed and decoded a batch at a time.
 
 Elements are dicts. Training: `images`, `labels` after preprocessing; with `augment_on="device"` the raw
@@ -67,19 +68,19 @@ def _epoch_permutation(seed: tf.Tensor, epoch: tf.Tensor, num_records: tf.Tensor
   return tf.tile(perm, [(needed + num_records - 1) // num_records])[:needed]
 
 
-def build_train_dataset(config, data_dir: str, *, batches_per_epoch: int, batch_size: int,
+def build_train_dataset(config, data_dir: str, *, steps_per_epoch: int, global_batch_size: int,
                         mean, std, input_context: tf.distribute.InputContext | None = None,
-                        start_batch: int = 0) -> tf.data.Dataset:
-  """Endless training batches for one input pipeline.
+                        start_step: int = 0) -> tf.data.Dataset:
+  """Endless training batches for one input pipeline: per-replica batches for each of its replicas.
 
   Args:
     config: the training config (`seed`, `deterministic`, `augment`, `input`).
     data_dir: directory written by make_tfrecords.
-    batches_per_epoch: batches this pipeline yields per epoch (steps per epoch x its replicas).
-    batch_size: images per batch (the per-replica batch).
+    steps_per_epoch: train steps per epoch.
+    global_batch_size: images per step over all replicas.
     mean, std: per-channel normalisation in [0, 1] units.
-    input_context: from `distribute_datasets_from_function`; None = the only pipeline.
-    start_batch: batches to leave out at the start (this pipeline's count of batches already trained on).
+    input_context: from `distribute_datasets_from_function`; None = one pipeline feeding one replica.
+    start_step: steps already trained; the dataset starts at the next one.
   Returns:
     A dataset of dicts (see the module docstring).
   """
@@ -87,13 +88,13 @@ def build_train_dataset(config, data_dir: str, *, batches_per_epoch: int, batch_
   augment.check(config.augment)
   manifest = manifest_lib.load(data_dir)
   files = manifest_lib.split_files(data_dir, manifest, "train")
-  seed = tf.constant([config.seed, ctx.input_pipeline_id], tf.int64)
-  first_epoch, skip = divmod(start_batch, batches_per_epoch)
+  layout = _Layout(ctx, global_batch_size, steps_per_epoch)
+  first_epoch, skip = divmod(start_step, steps_per_epoch)
   if config.input.cache_in_memory:
-    batches = _in_memory_batches(files, ctx, seed, first_epoch, batches_per_epoch, batch_size)
+    batches = _in_memory_batches(files, layout, config.seed, first_epoch)
   else:
-    batches = _streaming_batches(files, ctx, seed, first_epoch, batches_per_epoch, batch_size, config)
-  batches = batches.skip(skip)
+    batches = _streaming_batches(files, layout, config.seed, first_epoch, config)
+  batches = batches.skip(skip * layout.local_replicas)
   if config.input.augment_on == "host":
     batches = batches.map(lambda b: augment.train_preprocess(b, config.augment, mean, std),
                           num_parallel_calls=AUTOTUNE, deterministic=config.deterministic)
@@ -103,34 +104,62 @@ def build_train_dataset(config, data_dir: str, *, batches_per_epoch: int, batch_
   if config.input.data_service:
     batches = batches.apply(tf.data.experimental.service.distribute(
         processing_mode=tf.data.experimental.service.ShardingPolicy.OFF, service=config.input.data_service,
-        job_name=f"train-{config.seed}-{ctx.input_pipeline_id}-{start_batch}"))
+        job_name=f"train-{config.seed}-{ctx.input_pipeline_id}-{start_step}"))
   return batches
 
 
-def _in_memory_batches(files, ctx, seed, first_epoch, batches_per_epoch, batch_size) -> tf.data.Dataset:
-  """Raw batches gathered from all of this pipeline's images, decoded once and held in memory."""
-  everything = shard_records(files, ctx).batch(_ALL).map(decode_records).cache()
-  needed = batches_per_epoch * batch_size
+class _Layout:
+  """Which replicas an input pipeline feeds, and with how many images each."""
+
+  def __init__(self, ctx: tf.distribute.InputContext, global_batch_size: int, steps_per_epoch: int):
+    self.replicas = ctx.num_replicas_in_sync
+    self.local_replicas = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+    self.first_replica = ctx.input_pipeline_id * self.local_replicas
+    self.batch = ctx.get_per_replica_batch_size(global_batch_size)
+    self.steps_per_epoch = steps_per_epoch
+    self.ctx = ctx
+
+
+def _in_memory_batches(files, layout: _Layout, seed: int, first_epoch: int) -> tf.data.Dataset:
+  """Raw per-replica batches gathered from the whole train split, decoded once and held in memory.
+
+  Every pipeline holds the whole split and draws the same permutation per epoch; replica r of step s
+  gets rows [r * batch, (r + 1) * batch) of that step's global batch, with a seed made from (s, r). So
+  what a replica sees does not depend on how replicas are spread over workers: 2 workers of 1 replica
+  train exactly as 1 worker with 2 (a test checks it), and a resumed run continues exactly.
+  """
+  everything = tf.data.TFRecordDataset(files).batch(_ALL).map(decode_records).cache()
+  base_seed = tf.constant([seed, 0], tf.int64)
+  needed = layout.steps_per_epoch * layout.replicas * layout.batch
 
   def epoch_batches(epoch, data):
-    perm = _epoch_permutation(seed, epoch, tf.shape(data["labels"], tf.int64)[0], needed)
-    index = tf.data.Dataset.from_tensor_slices(tf.reshape(perm, [batches_per_epoch, batch_size]))
-    return index.enumerate().map(lambda b, idx: dict(
-        {k: tf.gather(v, idx) for k, v in data.items()}, epoch=epoch, seed=augment.batch_seed(seed, epoch, b)))
+    perm = _epoch_permutation(base_seed, epoch, tf.shape(data["labels"], tf.int64)[0], needed)
+    perm = tf.reshape(perm, [layout.steps_per_epoch, layout.replicas, layout.batch])
+    mine = perm[:, layout.first_replica:layout.first_replica + layout.local_replicas]
+    replica_ids = tf.range(layout.first_replica, layout.first_replica + layout.local_replicas, dtype=tf.int64)
+    ids = tf.reshape(tf.range(layout.steps_per_epoch, dtype=tf.int64)[:, None] * layout.replicas
+                     + replica_ids[None, :], [-1])
+    index = tf.data.Dataset.from_tensor_slices((ids, tf.reshape(mine, [-1, layout.batch])))
+    return index.map(lambda b, idx: dict(
+        {k: tf.gather(v, idx) for k, v in data.items()}, epoch=epoch,
+        seed=augment.batch_seed(base_seed, epoch, b)))
 
   # Each epoch's element holds a reference to the cached tensors, not a copy.
   epochs = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS)
   return tf.data.Dataset.zip(epochs, everything.repeat()).flat_map(epoch_batches)
 
 
-def _streaming_batches(files, ctx, seed, first_epoch, batches_per_epoch, batch_size, config) -> tf.data.Dataset:
-  """Raw batches read from the shards every epoch through a seeded shuffle buffer."""
+def _streaming_batches(files, layout: _Layout, seed: int, first_epoch: int, config) -> tf.data.Dataset:
+  """Raw per-replica batches read from this pipeline's shards every epoch, shuffled in windows."""
+  ctx = layout.ctx
   by_file = len(files) >= ctx.num_input_pipelines
   local = files[ctx.input_pipeline_id::ctx.num_input_pipelines] if by_file else files
+  base_seed = tf.constant([seed, ctx.input_pipeline_id], tf.int64)
+  batches_per_epoch = layout.steps_per_epoch * layout.local_replicas
 
   def one_epoch(epoch):
     # Stateless shuffles throughout: tf.data's shuffle() takes no tensor seed once op determinism is on.
-    epoch_seed = tf.random.experimental.stateless_fold_in(seed, epoch)
+    epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, epoch)
     order = tf.random.experimental.stateless_shuffle(tf.range(len(local)), seed=epoch_seed)
     reader = (tf.data.Dataset.from_tensor_slices(tf.gather(tf.constant(local), order))
               .interleave(tf.data.TFRecordDataset, cycle_length=config.input.interleave_cycle,
@@ -140,8 +169,9 @@ def _streaming_batches(files, ctx, seed, first_epoch, batches_per_epoch, batch_s
     window = lambda i, records: tf.gather(records, tf.random.experimental.stateless_shuffle(
         tf.range(tf.shape(records)[0]), seed=tf.random.experimental.stateless_fold_in(epoch_seed, i)))
     shuffled = reader.batch(config.input.shuffle_buffer).enumerate().map(window).unbatch()
-    return (shuffled.repeat().batch(batch_size, drop_remainder=True).take(batches_per_epoch).enumerate()
-            .map(lambda b, s: dict(decode_records(s), epoch=epoch, seed=augment.batch_seed(seed, epoch, b)),
+    return (shuffled.repeat().batch(layout.batch, drop_remainder=True).take(batches_per_epoch).enumerate()
+            .map(lambda b, s: dict(decode_records(s), epoch=epoch,
+                                   seed=augment.batch_seed(base_seed, epoch, b)),
                  num_parallel_calls=AUTOTUNE, deterministic=True))
 
   return tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(one_epoch)

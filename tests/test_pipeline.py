@@ -66,11 +66,11 @@ def _config(**input_overrides):
   return config
 
 
-def _train(data_dir, config, start_batch=0, ctx=None, batches=8):
+def _train(data_dir, config, start_step=0, ctx=None, batches=8):
   manifest = manifest_lib.load(data_dir)
   mean, std = manifest_lib.normalization(manifest)
-  ds = input_pipeline.build_train_dataset(config, data_dir, batches_per_epoch=4, batch_size=32, mean=mean,
-                                          std=std, input_context=ctx, start_batch=start_batch)
+  ds = input_pipeline.build_train_dataset(config, data_dir, steps_per_epoch=4, global_batch_size=32, mean=mean,
+                                          std=std, input_context=ctx, start_step=start_step)
   return [(b["images"].numpy(), b["labels"].numpy()) for b in ds.take(batches)]
 
 
@@ -102,7 +102,7 @@ def test_resume_sees_the_same_batches(synthetic_dir, cache):
   """Starting at batch 5 (epoch 1, batch 1) gives what an uninterrupted pipeline gives from batch 5 on."""
   config = _config(cache_in_memory=cache)
   full = _train(synthetic_dir, config, batches=10)
-  resumed = _train(synthetic_dir, config, start_batch=5, batches=5)
+  resumed = _train(synthetic_dir, config, start_step=5, batches=5)
   for (x1, y1), (x2, y2) in zip(full[5:], resumed):
     np.testing.assert_array_equal(x1, x2)
     np.testing.assert_array_equal(y1, y2)
@@ -206,7 +206,7 @@ def test_device_augmentation_equals_host_augmentation(synthetic_dir):
   config.augment.update(flip="alternating", rotation_degrees=10.0, cutout_size=6, mixup_alpha=0.3)
   manifest = manifest_lib.load(synthetic_dir)
   mean, std = manifest_lib.normalization(manifest)
-  build = lambda c: input_pipeline.build_train_dataset(c, synthetic_dir, batches_per_epoch=4, batch_size=32,
+  build = lambda c: input_pipeline.build_train_dataset(c, synthetic_dir, steps_per_epoch=4, global_batch_size=32,
                                                        mean=mean, std=std).take(6)
   host = list(build(config))
   config.input.augment_on = "device"
@@ -253,3 +253,15 @@ def test_cutmix_and_alternating_flip_inside_dataset_map():
   in_map = next(iter(tf.data.Dataset.from_tensors(keys).map(
       lambda k: ops.alternating_flip_mask(k, tf.constant(3), SEED))))
   np.testing.assert_array_equal(mask.numpy(), in_map.numpy())
+
+
+def test_replica_batches_do_not_depend_on_how_replicas_are_spread_over_workers(synthetic_dir):
+  """1 pipeline feeding 2 replicas yields, alternately, exactly what 2 pipelines of 1 replica each yield."""
+  config = _config()
+  one = _train(synthetic_dir, config, ctx=tf.distribute.InputContext(1, 0, 2), batches=6)
+  halves = [_train(synthetic_dir, config, ctx=tf.distribute.InputContext(2, i, 2), batches=3) for i in range(2)]
+  assert one[0][0].shape[0] == 16
+  for step in range(3):
+    for replica in range(2):
+      np.testing.assert_array_equal(one[2 * step + replica][0], halves[replica][step][0])
+      np.testing.assert_array_equal(one[2 * step + replica][1], halves[replica][step][1])

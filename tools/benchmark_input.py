@@ -120,15 +120,15 @@ def main(argv):
   print(f"data_dir {config.data_dir}, batch {batch}, augment_on {config.input.augment_on}, "
         f"cache_in_memory {config.input.cache_in_memory}, deterministic {config.deterministic}")
 
-  host = input_pipeline.build_train_dataset(config, config.data_dir, batches_per_epoch=per_epoch,
-                                            batch_size=batch, mean=mean, std=std)
+  host = input_pipeline.build_train_dataset(config, config.data_dir, steps_per_epoch=per_epoch,
+                                            global_batch_size=batch, mean=mean, std=std)
   pipeline_rate = _report(f"train pipeline (host side, {config.input.augment_on} augmentation)",
                           _windows(_drain(iter(host)), batch, FLAGS.warmup, FLAGS.windows, FLAGS.batches))
 
   raw_config = config.copy_and_resolve_references()
   raw_config.input.augment_on = "device"
-  raw = next(iter(input_pipeline.build_train_dataset(raw_config, config.data_dir, batches_per_epoch=per_epoch,
-                                                     batch_size=batch, mean=mean, std=std)))
+  raw = next(iter(input_pipeline.build_train_dataset(raw_config, config.data_dir, steps_per_epoch=per_epoch,
+                                                     global_batch_size=batch, mean=mean, std=std)))
   device_fn = tf.function(lambda b: augment.train_preprocess(b, config.augment, mean, std)["images"])
   device_rate = _report("augmentation as a device step (on this CPU)",
                         _windows(lambda: device_fn(raw).numpy(), batch, FLAGS.warmup, FLAGS.windows, FLAGS.batches))

@@ -38,7 +38,9 @@ def make_strategy(config) -> tf.distribute.Strategy:
 @functools.cache
 def _strategy(kind: str, logical_cpus: int) -> tf.distribute.Strategy:
   configure_devices(logical_cpus)
-  gpus = tf.config.list_logical_devices("GPU")
+  # Physical, not logical, devices: listing logical ones starts TensorFlow's runtime, after which
+  # MultiWorkerMirroredStrategy can no longer configure its collectives.
+  gpus = tf.config.list_physical_devices("GPU")
   if kind == "mirrored":
     if gpus:
       return tf.distribute.MirroredStrategy()  # every local GPU, NCCL all-reduce

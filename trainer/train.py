@@ -149,7 +149,7 @@ def make_train_loop(config, strategy, state: State, mean=None, std=None):
     ctx = tf.distribute.get_replica_context()
     for v in model.non_trainable_variables:
       if tf.as_dtype(v.dtype).is_floating:
-        v.assign(ctx.all_reduce(tf.distribute.ReduceOp.MEAN, v.value))
+        v.assign(ctx.all_reduce(tf.distribute.ReduceOp.MEAN, tf.identity(v.value)))
 
   @tf.function
   def train_loop(iterator, num_steps):
@@ -255,11 +255,9 @@ def train_dataset_fn(config, manifest: dict, steps_per_epoch: int, start_step: i
   mean, std = manifest_lib.normalization(manifest)
 
   def dataset_fn(ctx):
-    per_pipeline = ctx.num_replicas_in_sync // ctx.num_input_pipelines
     return input_pipeline.build_train_dataset(
-        config, config.data_dir, batches_per_epoch=steps_per_epoch * per_pipeline,
-        batch_size=ctx.get_per_replica_batch_size(config.global_batch_size), mean=mean, std=std,
-        input_context=ctx, start_batch=start_step * per_pipeline)
+        config, config.data_dir, steps_per_epoch=steps_per_epoch, global_batch_size=config.global_batch_size,
+        mean=mean, std=std, input_context=ctx, start_step=start_step)
 
   return dataset_fn
 
@@ -282,8 +280,8 @@ def _write_input_grid(config, manifest: dict, writer, step: int, side: int = 8) 
   mean, std = manifest_lib.normalization(manifest)
   host = config.copy_and_resolve_references()
   host.input.augment_on, host.input.data_service = "host", ""
-  batch = next(iter(input_pipeline.build_train_dataset(host, config.data_dir, batches_per_epoch=1,
-                                                       batch_size=side * side, mean=mean, std=std)))
+  batch = next(iter(input_pipeline.build_train_dataset(host, config.data_dir, steps_per_epoch=1,
+                                                       global_batch_size=side * side, mean=mean, std=std)))
   images = tf.clip_by_value(batch["images"] * tf.constant(std) + tf.constant(mean), 0.0, 1.0)
   rows = tf.reshape(images, [side, side * 32, 32, 3])  # each row of the grid: `side` images stacked
   grid = tf.reshape(tf.transpose(tf.reshape(rows, [side, side, 32, 32, 3]), [0, 2, 1, 3, 4]),
@@ -327,7 +325,7 @@ class StopRequest:
     local = 1.0 if self.signal else 0.0
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
       votes = strategy.experimental_distribute_values_from_function(lambda ctx: tf.constant(local))
-      return bool(strategy.reduce(tf.distribute.ReduceOp.MAX, votes, axis=None).numpy())
+      return bool(strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None).numpy() > 0)
     return bool(local)
 
 

@@ -1,0 +1,84 @@
+"""MultiWorkerMirroredStrategy: 2 worker processes on loopback (TF_CONFIG), bounded in time."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from tools import chaos_resume
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 240  # seconds any one process may take
+# Same per-replica batches and seeds on both layouts; only the all-reduce differs (a ring across processes
+# vs reduction on one device), i.e. float32 summation order. A gentle learning rate keeps those 1e-7
+# differences from being amplified over the steps (at the smoke config's 0.4 they grew to ~3e-2 in 8 steps).
+EXACT = {"deterministic": True, "mixed_precision": "float32", "model.sync_bn": True, "export": False,
+         "optimizer.learning_rate": 0.05}
+
+
+def _free_ports(n):
+  sockets = [socket.socket() for _ in range(n)]
+  for s in sockets:
+    s.bind(("127.0.0.1", 0))
+  ports = [s.getsockname()[1] for s in sockets]
+  for s in sockets:
+    s.close()
+  return ports
+
+
+def _workers(workdir, data_dir, overrides, ports):
+  """Starts one trainer process per port, all on 127.0.0.1."""
+  procs = []
+  for index in range(len(ports)):
+    tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": index}}
+    command = chaos_resume.trainer_command("configs/deep.py:smoke", workdir, dict(
+        overrides, data_dir=data_dir, strategy="multi_worker"))
+    procs.append(subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                  text=True, env=dict(os.environ, TF_CONFIG=json.dumps(tf_config),
+                                                      TF_CPP_MIN_LOG_LEVEL="2")))
+  return procs
+
+
+def _finish(procs):
+  logs = [p.communicate(timeout=TIMEOUT)[1] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  return logs
+
+
+def test_two_workers_train_like_one_process_with_two_replicas(synthetic_dir, tmp_path):
+  two = str(tmp_path / "two_workers")
+  _finish(_workers(two, synthetic_dir, EXACT, _free_ports(2)))
+  one = str(tmp_path / "one_process")
+  chaos_resume.run_until(chaos_resume.trainer_command("configs/deep.py:smoke", one, dict(
+      EXACT, data_dir=synthetic_dir, logical_cpus=2)))
+  assert chaos_resume.max_difference(os.path.join(two, "checkpoints", "ckpt-8"),
+                                     os.path.join(one, "checkpoints", "ckpt-8")) <= 1e-5
+  assert os.path.exists(os.path.join(two, "run.json"))  # the chief's
+
+
+def test_a_killed_worker_stops_the_other_and_both_resume(synthetic_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  overrides = {"num_epochs": 25, "checkpoint_every_steps": 5, "steps_per_loop": 1, "log_every_steps": 1,
+               "export": False}
+  procs = _workers(workdir, synthetic_dir, overrides, _free_ports(2))
+  for line in procs[1].stderr:
+    if "] step 12/" in line:
+      break
+  procs[1].kill()
+  procs[1].communicate(timeout=TIMEOUT)
+  killed_at = time.time()
+  _, log = procs[0].communicate(timeout=TIMEOUT)
+  assert procs[0].returncode == 1
+  assert time.time() - killed_at < 60
+  assert log.strip().splitlines()[-1] == (
+      "trainer: error: lost contact with /job:worker/replica:0/task:1; restart every worker with the same "
+      "command to resume from the last checkpoint")
+  assert "Traceback" not in log
+  latest = chaos_resume.latest_step(workdir)
+  assert latest >= 10
+  logs = _finish(_workers(workdir, synthetic_dir, overrides, _free_ports(2)))
+  assert f"resumed from {workdir}/checkpoints/ckpt-{latest} at step {latest}" in logs[0]
+  assert chaos_resume.latest_step(workdir) == 100
