@@ -20,6 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.logical_cpus = 0  # split the CPU into N logical devices so MirroredStrategy has N replicas; 0 = off
   config.strategy = "mirrored"  # mirrored | multi_worker (TF_CONFIG) | one_device
   config.steps_per_loop = 10  # train steps inside one tf.function call; Python runs between calls
+  config.jit_compile = False  # XLA-compile the train loop (pays on GPUs; ~4x slower on this CPU, NOTES.md)
   config.log_every_steps = 50  # steps between progress lines and train summaries
   config.checkpoint_every_steps = 0  # steps between checkpoints; 0 = at the end of every epoch only
   config.keep_checkpoints = 3  # checkpoints kept in workdir/checkpoints
@@ -41,8 +42,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.momentum = 0.9  # SGD momentum
   config.optimizer.nesterov = True  # Nesterov momentum
   config.optimizer.weight_decay = 5e-4  # decoupled decay per step, multiplied by the learning rate
-  config.optimizer.schedule = "cosine"  # cosine | constant: shape after warmup
-  config.optimizer.warmup_epochs = 1.0  # linear warmup from 0, in epochs
+  config.optimizer.schedule = "cosine"  # cosine | constant | triangular | piecewise (trainer/optim.py)
+  config.optimizer.warmup_epochs = 1.0  # epochs: linear warmup from 0 (cosine, constant); the peak (triangular)
+  config.optimizer.triangular_start = 0.2  # triangular: learning rate at step 0, as a fraction of the peak
+  config.optimizer.triangular_end = 0.0  # triangular: learning rate at the last step, as a fraction of the peak
+  config.optimizer.piecewise_epochs = (5.0, 8.0)  # piecewise: epochs where the learning rate changes
+  config.optimizer.piecewise_multipliers = (1.0, 0.1, 0.01)  # piecewise: fractions of learning_rate, one more
+  config.optimizer.clip_norm = 0.0  # clip the global gradient norm to this; 0 = off
+  config.optimizer.ema_decay = 0.0  # per step: EMA of the weights used for evaluation and export; 0 = off
 
   config.augment = ml_collections.ConfigDict()  # see pipeline/augment.py; all off at 0
   config.augment.crop_padding = 4  # pixels: random translate with reflected borders (= reflect-pad + crop)

@@ -62,8 +62,10 @@ def _one_step(strategy, config, images, labels):
   return initial, [v.numpy() for v in state.model.weights]
 
 
-def test_one_step_on_two_replicas_equals_one_replica():
+@pytest.mark.parametrize("clip_norm", [0.0, 0.05], ids=["no_clip", "clipped"])
+def test_one_step_on_two_replicas_equals_one_replica(clip_norm):
   config = default.get_config("smoke")
+  config.optimizer.clip_norm = clip_norm  # clipping must use the global gradient's norm on any layout
   config.model.sync_bn = True  # batch statistics over the global batch, as on one replica
   config.optimizer.warmup_epochs = 0.0
   rng = np.random.default_rng(0)
@@ -200,3 +202,46 @@ def test_benchmark_input_tool(synthetic_dir):
   assert any(l.startswith("train pipeline / per-example pipeline:") for l in lines)
   assert any(l.startswith("train step with the pipeline / on a cached batch:") for l in lines)
   assert re.fullmatch(r"images/s: \d+", lines[-1])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant", "triangular", "piecewise"])
+def test_schedules(schedule):
+  from trainer import optim  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.num_epochs, config.optimizer.schedule, config.optimizer.learning_rate = 10, schedule, 1.0
+  lr = optim.make_schedule(config, steps_per_epoch=100)
+  values = [float(lr(s)) for s in (0, 50, 100, 501, 999)]
+  expected = {"cosine": [0.0, 0.5, 1.0, None, None], "constant": [0.0, 0.5, 1.0, 1.0, 1.0],
+              "triangular": [0.2, 0.6, 1.0, None, 0.0], "piecewise": [1.0, 1.0, 1.0, 0.1, 0.01]}[schedule]
+  for got, want in zip(values, expected):
+    if want is not None:
+      assert abs(got - want) < 2e-3, (schedule, values)
+  assert max(values) <= 1.0 + 1e-6
+
+
+def test_mixed_float16_ema_and_clipping_train_and_match_the_export(synthetic_dir, tmp_path):
+  config = _smoke(synthetic_dir, mixed_precision="mixed_float16")
+  config.optimizer.update(ema_decay=0.9, clip_norm=1.0, schedule="triangular")
+  workdir = str(tmp_path / "run")
+  metrics = train.train_and_evaluate(config, workdir)
+  assert metrics["train"]["loss_scale"] > 0
+  events = glob.glob(os.path.join(workdir, "summaries", "events.out.tfevents.*"))
+  tags = {v.tag for e in tf.data.TFRecordDataset(events) for v in tf.compat.v1.Event.FromString(
+      e.numpy()).summary.value}
+  assert "train/loss_scale" in tags
+  correct, total = evaluate_tool.evaluate(os.path.join(workdir, "export"), synthetic_dir, "validation", 64)
+  assert abs(correct / total - metrics["validation"]["accuracy"]) < 1e-6  # export carries the EMA weights
+
+
+def test_ema_update_and_swap():
+  import keras  # pylint: disable=g-import-not-at-top
+  from trainer import optim  # pylint: disable=g-import-not-at-top
+  weight = keras.Variable(1.0)
+  ema = optim.EMA([weight], decay=0.9)
+  weight.assign(2.0)
+  ema.update()
+  np.testing.assert_allclose(ema.averages[0].numpy(), 1.1, rtol=1e-6)
+  ema.swap()
+  np.testing.assert_allclose([weight.numpy(), ema.averages[0].numpy()], [1.1, 2.0], rtol=1e-6)
+  ema.swap()
+  np.testing.assert_allclose([weight.numpy(), ema.averages[0].numpy()], [2.0, 1.1], rtol=1e-6)

@@ -28,6 +28,7 @@ from pipeline import manifest as manifest_lib
 from trainer import distribute
 from trainer import export as export_lib
 from trainer import models
+from trainer import optim
 
 
 class TrainingError(RuntimeError):
@@ -72,24 +73,7 @@ class State:
   checkpoint: tf.train.Checkpoint
   train_sums: Sums
   eval_sums: Sums
-
-
-def make_optimizer(config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-  """Nesterov SGD with decoupled weight decay, linear warmup then `config.optimizer.schedule`."""
-  opt = config.optimizer
-  total = config.num_epochs * steps_per_epoch
-  warmup = int(opt.warmup_epochs * steps_per_epoch)
-  if opt.schedule not in ("cosine", "constant"):
-    raise ValueError(f"optimizer.schedule={opt.schedule!r} is not one of: cosine, constant")
-  # CosineDecay warms up linearly from 0 to warmup_target; alpha=1 makes the decay a constant.
-  schedule = keras.optimizers.schedules.CosineDecay(
-      0.0, decay_steps=max(total - warmup, 1), warmup_target=opt.learning_rate, warmup_steps=warmup,
-      alpha=1.0 if opt.schedule == "constant" else 0.0)
-  optimizer = keras.optimizers.SGD(schedule, momentum=opt.momentum, nesterov=opt.nesterov,
-                                   weight_decay=opt.weight_decay or None)
-  if config.mixed_precision == "mixed_float16":
-    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # dynamic loss scale
-  return optimizer
+  ema: optim.EMA | None  # averaged weights, when optimizer.ema_decay > 0
 
 
 def make_state(config, strategy, steps_per_epoch: int) -> State:
@@ -97,12 +81,14 @@ def make_state(config, strategy, steps_per_epoch: int) -> State:
   keras.utils.set_random_seed(config.seed)
   with strategy.scope():
     model = models.build(config.model)
-    optimizer = make_optimizer(config, steps_per_epoch)
+    optimizer = optim.make_optimizer(config, steps_per_epoch)
     optimizer.build(model.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
+    ema = optim.EMA(model.trainable_variables, config.optimizer.ema_decay) if config.optimizer.ema_decay else None
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step,
+                                     **({"ema": ema.averages} if ema else {}))
     return State(model, optimizer, step, checkpoint, Sums("loss", "correct", "count"),
-                 Sums("loss", "correct", "count"))
+                 Sums("loss", "correct", "count"), ema)
 
 
 def cross_entropy(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float) -> tf.Tensor:
@@ -139,6 +125,8 @@ def make_train_loop(config, strategy, state: State, mean=None, std=None):
       loss = tf.nn.compute_average_loss(per_example, global_batch_size=config.global_batch_size)
       scaled = optimizer.scale_loss(loss)  # the identity unless optimizer is a LossScaleOptimizer
     grads = tape.gradient(scaled, model.trainable_variables)
+    if config.optimizer.clip_norm:
+      grads = optim.clip_by_global_norm(grads, config.optimizer.clip_norm * optim.scale_factor(optimizer))
     optimizer.apply(grads, model.trainable_variables)
     state.train_sums.add(loss=tf.reduce_sum(per_example), correct=_correct(labels, logits),
                          count=tf.shape(per_example)[0])
@@ -151,11 +139,13 @@ def make_train_loop(config, strategy, state: State, mean=None, std=None):
       if tf.as_dtype(v.dtype).is_floating:
         v.assign(ctx.all_reduce(tf.distribute.ReduceOp.MEAN, tf.identity(v.value)))
 
-  @tf.function
+  @tf.function(jit_compile=config.jit_compile)
   def train_loop(iterator, num_steps):
     for _ in tf.range(num_steps):
       strategy.run(step_fn, args=(next(iterator),))
       state.step.assign_add(1)
+      if state.ema:
+        state.ema.update()
       if not tf.math.is_finite(state.train_sums.total("loss")):
         break  # stop at the step that went wrong; Python reports it
     if strategy.num_replicas_in_sync > 1:
@@ -359,6 +349,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     _finish(run, status=f"stopped by {stop.signal}")
     return run.metrics
   eval_step = make_eval_step(run.strategy, run.state)
+  if run.state.ema:  # the final evaluation and the export use the averaged weights
+    run.state.ema.swap()
   for split, dataset in distributed_eval_datasets(config, run.strategy, run.manifest).items():
     run.metrics[split] = evaluate(eval_step, dataset, run.state.eval_sums)
     logging.info("final %s: %s", split, _fmt(run.metrics[split]))
@@ -423,13 +415,24 @@ def _train(run: Run, stop: StopRequest) -> None:
       window_start, window_step = time.time(), step
     if step % run.steps_per_epoch == 0:
       if "validation" in eval_ds:
-        run.metrics["validation"] = evaluate(eval_step, eval_ds["validation"], state.eval_sums)
+        run.metrics["validation"] = _evaluate_averaged(state, eval_step, eval_ds["validation"])
         _write_scalars(run.writer, step, "validation", run.metrics["validation"])
         logging.info("epoch %d validation: %s", step // run.steps_per_epoch, _fmt(run.metrics["validation"]))
       run.manager.save(checkpoint_number=step)
     elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
       run.manager.save(checkpoint_number=step)
     run.writer.flush()
+
+
+def _evaluate_averaged(state: State, eval_step, dataset) -> dict[str, float]:
+  """Evaluates with the EMA weights when there are any, then puts the training weights back."""
+  if state.ema:
+    state.ema.swap()
+  try:
+    return evaluate(eval_step, dataset, state.eval_sums)
+  finally:
+    if state.ema:
+      state.ema.swap()
 
 
 def _check_finite(state: State, step: int, manager: tf.train.CheckpointManager) -> None:
@@ -476,6 +479,8 @@ def _log_train(config, state: State, writer, step, total_steps, steps_per_epoch,
   scalars = {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count,
              "learning_rate": float(state.optimizer.learning_rate.numpy()),
              "images_per_sec": steps_per_sec * config.global_batch_size}
+  if optim.loss_scale(state.optimizer) is not None:
+    scalars["loss_scale"] = optim.loss_scale(state.optimizer)
   _write_scalars(writer, step, "train", scalars)
   eta = (total_steps - step) / max(steps_per_sec, 1e-9)
   logging.info("step %d/%d epoch %.2f loss %.4f accuracy %.4f lr %.4g %.0f images/s ETA %s", step,

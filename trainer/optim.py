@@ -1,0 +1,106 @@
+"""Optimizer, learning-rate schedules, gradient clipping and the EMA of weights, from `config.optimizer`."""
+
+import keras
+import tensorflow as tf
+
+SCHEDULES = ("cosine", "constant", "triangular", "piecewise")
+
+
+class Triangular(keras.optimizers.schedules.LearningRateSchedule):
+  """Linear from `start` x peak up to the peak at `peak_step`, then linear down to `end` x peak at the last
+  step: the one-cycle / triangular schedule of Smith, Page's ResNet-9 and airbench."""
+
+  def __init__(self, peak: float, total_steps: int, peak_step: int, start: float, end: float):
+    self.peak, self.total_steps, self.peak_step = peak, total_steps, peak_step
+    self.start, self.end = start, end
+
+  def __call__(self, step):
+    step = tf.cast(step, tf.float32)
+    up = self.start + (1.0 - self.start) * step / max(self.peak_step, 1)
+    down = 1.0 + (self.end - 1.0) * (step - self.peak_step) / max(self.total_steps - self.peak_step, 1)
+    return self.peak * tf.where(step < self.peak_step, up, tf.maximum(down, self.end))
+
+  def get_config(self):
+    return {"peak": self.peak, "total_steps": self.total_steps, "peak_step": self.peak_step,
+            "start": self.start, "end": self.end}
+
+
+def make_schedule(config, steps_per_epoch: int) -> keras.optimizers.schedules.LearningRateSchedule:
+  """`config.optimizer.schedule`, in steps."""
+  opt = config.optimizer
+  total = config.num_epochs * steps_per_epoch
+  warmup = int(opt.warmup_epochs * steps_per_epoch)
+  if opt.schedule in ("cosine", "constant"):
+    # CosineDecay warms up linearly from 0 to warmup_target; alpha=1 makes the decay a constant.
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=max(total - warmup, 1), warmup_target=opt.learning_rate, warmup_steps=warmup,
+        alpha=1.0 if opt.schedule == "constant" else 0.0)
+  if opt.schedule == "triangular":
+    return Triangular(opt.learning_rate, total, warmup, opt.triangular_start, opt.triangular_end)
+  if opt.schedule == "piecewise":
+    if len(opt.piecewise_multipliers) != len(opt.piecewise_epochs) + 1:
+      raise ValueError(f"optimizer.piecewise_multipliers needs one more value than optimizer.piecewise_epochs "
+                       f"({len(opt.piecewise_epochs)} boundaries, {len(opt.piecewise_multipliers)} values)")
+    return keras.optimizers.schedules.PiecewiseConstantDecay(
+        [int(e * steps_per_epoch) for e in opt.piecewise_epochs],
+        [opt.learning_rate * m for m in opt.piecewise_multipliers])
+  raise ValueError(f"optimizer.schedule={opt.schedule!r} is not one of: {', '.join(SCHEDULES)}")
+
+
+def make_optimizer(config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+  """SGD (Nesterov by default) with decoupled weight decay; wrapped for dynamic loss scaling in float16."""
+  opt = config.optimizer
+  optimizer = keras.optimizers.SGD(make_schedule(config, steps_per_epoch), momentum=opt.momentum,
+                                   nesterov=opt.nesterov, weight_decay=opt.weight_decay or None)
+  if config.mixed_precision == "mixed_float16":
+    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # dynamic loss scale, starts at 32768
+  return optimizer
+
+
+def scale_factor(optimizer: keras.optimizers.Optimizer):
+  """What `optimizer.scale_loss` multiplies the loss by: the dynamic loss scale, or 1."""
+  if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+    return optimizer.dynamic_scale
+  return 1.0
+
+
+def loss_scale(optimizer: keras.optimizers.Optimizer) -> float | None:
+  """The dynamic loss scale of a LossScaleOptimizer, else None."""
+  if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+    return float(optimizer.dynamic_scale.numpy())
+  return None
+
+
+def clip_by_global_norm(grads: list[tf.Tensor], clip_norm: float) -> list[tf.Tensor]:
+  """Runs per replica. Clips by the norm of the gradient summed over all replicas (what the optimizer
+  applies), not of each replica's share; returns per-replica shares that still sum to the clipped total."""
+  ctx = tf.distribute.get_replica_context()
+  total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+  clipped, _ = tf.clip_by_global_norm(total, clip_norm)
+  return [g / ctx.num_replicas_in_sync for g in clipped]
+
+
+class EMA:
+  """Exponential moving average of the trainable weights, for evaluation and export.
+
+  Keras optimizers can keep an EMA (`use_ema`), but evaluating with it mid-run and then going on training
+  needs its private `_model_variables_moving_average`; these few lines keep it public and checkpointed.
+  Create under `strategy.scope()`; `update` runs between steps in cross-replica context.
+  """
+
+  def __init__(self, variables, decay: float):
+    self.decay = decay
+    self._variables = list(variables)
+    self.averages = [tf.Variable(v.value.read_value(), trainable=False, name=f"ema_{i}")
+                     for i, v in enumerate(self._variables)]
+
+  def update(self) -> None:
+    for average, v in zip(self.averages, self._variables):
+      average.assign(self.decay * average + (1.0 - self.decay) * tf.cast(v.value, average.dtype))
+
+  def swap(self) -> None:
+    """Exchanges the weights and their averages (call again to undo)."""
+    for average, v in zip(self.averages, self._variables):
+      weight = tf.identity(v.value)
+      v.assign(average)
+      average.assign(weight)
