@@ -55,8 +55,8 @@ def shard_records(files: list[str], input_context: tf.distribute.InputContext | 
 def decode_records(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
   """[N] serialized records -> `images` uint8 [N, 32, 32, 3], `labels` int64 [N], `keys` int64 [N]
   (a hash of each record's id: stable per image, wherever it lands)."""
-  features = records.parse_batch(serialized)
-  return {"images": records.decode_batch(features[records.ENCODED], features[records.FORMAT]),
+  features = records.check_batch(records.parse_batch(serialized))
+  return {"images": records.decode_batch(features[records.ENCODED], features[records.FORMAT], features[records.ID]),
           "labels": features[records.LABEL],
           "keys": tf.strings.to_hash_bucket_fast(features[records.ID], 1 << 62)}
 

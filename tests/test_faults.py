@@ -10,7 +10,9 @@ import pytest
 import tensorflow as tf
 
 from configs import deep
+from pipeline import fileio
 from pipeline import manifest as manifest_lib
+from pipeline import records
 from tools import chaos_resume
 from trainer import train
 
@@ -126,3 +128,72 @@ def test_make_tfrecords_killed_half_way_then_rerun(tmp_path):
   manifest = make_tfrecords.make("synthetic", str(out), num_shards=2, val_size=20, synthetic_sizes=(100, 20))
   assert not [p for p in os.listdir(out) if p.startswith(".tmp")]
   assert manifest_lib.load(str(out)) == manifest
+
+
+def _replace_train_shards(data_dir, records_list):
+  """Rewrites the train split as one shard of `records_list` (serialized), with a matching manifest, as
+  another tool might have written it."""
+  manifest = fileio.read_json(os.path.join(data_dir, "manifest.json"))
+  for entry in [e for e in manifest["shards"] if e["split"] == "train"]:
+    os.remove(os.path.join(data_dir, entry["file"]))
+  name = manifest_lib.shard_name("train", 0, 1)
+  with tf.io.TFRecordWriter(os.path.join(data_dir, name)) as writer:
+    for r in records_list:
+      writer.write(r)
+  manifest["shards"] = [e for e in manifest["shards"] if e["split"] != "train"] + [{
+      "file": name, "split": "train", "num_records": len(records_list), "class_counts": [0] * 10,
+      "sha256": fileio.sha256_file(os.path.join(data_dir, name))}]
+  manifest["splits"]["train"]["num_examples"] = len(records_list)
+  fileio.write_json(os.path.join(data_dir, "manifest.json"), manifest)
+
+
+def _good(i):
+  return records.serialize_example(bytes(3072), "raw", i % 10, f"train_{i:05d}")
+
+
+def _example(**features):
+  feature = {}
+  for key, value in features.items():
+    if isinstance(value, bytes):
+      feature[key] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+    else:
+      feature[key] = tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+BAD_RECORDS = {
+    "label": (records.serialize_example(bytes(3072), "raw", 12, "train_bad"),
+              "bad training data: record train_bad: label 12 is outside 0..9"),
+    "raw_size": (records.serialize_example(bytes(3000), "raw", 1, "train_bad"),
+                 "bad training data: record train_bad: raw image is 3000 bytes, expected 3072 (32x32x3 uint8)"),
+    "png_shape": (records.serialize_example(tf.io.encode_png(tf.zeros([64, 64, 3], tf.uint8)).numpy(), "png", 1,
+                                            "train_bad"),
+                  "bad training data: record train_bad: image decodes to 64x64x3, expected 32x32x3"),
+    "schema": (_example(**{records.ENCODED: bytes(3072), records.FORMAT: b"raw", records.ID: b"train_bad"}),
+               "bad training data: Feature: image/channels (data type: int64) is required but could not be "
+               "found."),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_RECORDS))
+def test_bad_record_is_named(synthetic_dir, tmp_path, kind):
+  data = _copy(synthetic_dir, tmp_path)
+  bad, message = BAD_RECORDS[kind]
+  _replace_train_shards(data, [_good(i) for i in range(40)] + [bad])
+  with pytest.raises(train.TrainingError) as error:
+    train.train_and_evaluate(_smoke(data), str(tmp_path / "run"))
+  assert str(error.value) == message
+
+
+def test_flipped_byte_is_caught_by_checksum_then_by_crc(synthetic_dir, tmp_path):
+  data = _copy(synthetic_dir, tmp_path)
+  shard = os.path.join(data, "train-00001-of-00004.tfrecord")
+  blob = bytearray(open(shard, "rb").read())
+  blob[5000] ^= 0x01
+  open(shard, "wb").write(bytes(blob))
+  with pytest.raises(manifest_lib.ManifestError, match=f"{shard}: contents differ from manifest.json"):
+    train.train_and_evaluate(_smoke(data), str(tmp_path / "run"))
+  config = _smoke(data)
+  config.input.verify_checksums = False
+  with pytest.raises(train.TrainingError, match=r"^bad training data: .*corrupted record"):
+    train.train_and_evaluate(config, str(tmp_path / "run2"))

@@ -234,3 +234,26 @@ def test_committed_sample_of_real_images(tmp_path):
   assert manifest["splits"]["train"]["class_counts"] == [40] * 10
   assert manifest["splits"]["validation"]["class_counts"] == [10] * 10
   make_tfrecords.verify(out)
+
+
+def test_wrong_size_image_is_named(tmp_path):
+  folder = tmp_path / "imgs"
+  _image_folder(str(folder), ["cat"], 1, "png")
+  tf.io.write_file(str(folder / "train" / "cat" / "big.png"), tf.io.encode_png(tf.zeros([64, 64, 3], tf.uint8)))
+  with pytest.raises(sources.SourceError, match=r"train/cat/big.png: image is 64x64x3, expected 32x32x3$"):
+    make_tfrecords.make(str(folder), str(tmp_path / "out"), num_shards=1, val_size=0)
+
+
+def test_label_out_of_range_in_an_archive_is_named(tmp_path):
+  archive = str(tmp_path / "cifar-10-python.tar.gz")
+  _official_archive(archive, "python")
+  with tarfile.open(archive) as tar:
+    members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+  batch = pickle.loads(members["cifar-10-batches-py/data_batch_1"], encoding="bytes")
+  batch[b"labels"][3] = 12
+  members["cifar-10-batches-py/data_batch_1"] = pickle.dumps(batch)
+  with tarfile.open(archive, "w:gz") as tar:
+    for name, data in members.items():
+      _add(tar, name, data)
+  with pytest.raises(sources.SourceError, match=r"^train_00003: label 12 is outside 0..9$"):
+    make_tfrecords.make(archive, str(tmp_path / "out"), num_shards=1, val_size=0)

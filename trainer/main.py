@@ -51,16 +51,9 @@ def main(argv):
   except (manifest.ManifestError, train.TrainingError, ValueError) as e:
     print(f"trainer: error: {e}", file=sys.stderr)
     sys.exit(1)
-  except tf.errors.UnavailableError as e:  # multi-worker: a peer died or became unreachable
-    culprits = e.message.split("unhealthy", 1)[-1]  # the tasks named after "... are unhealthy", if any
-    tasks = sorted(set(re.findall(r"/job:\w+/replica:\d+/task:\d+", culprits)))
-    print(f"trainer: error: lost contact with {', '.join(tasks) or 'another worker'}; restart every worker with "
-          "the same command to resume from the last checkpoint", file=sys.stderr)
-    sys.exit(1)
-  except tf.errors.OpError as e:  # data that passed the checks at start but fails to read or decode
+  except tf.errors.OpError as e:  # not a data error train_and_evaluate recognised: say what TF said
     print(f"trainer: error: {type(e).__name__}: {e.message.strip().splitlines()[0]}", file=sys.stderr)
     sys.exit(1)
-
 
 if __name__ == "__main__":
   define_flags()

@@ -5,12 +5,14 @@ tf.functions run per replica by `strategy.run`; Python (logging, summaries, chec
 runs between calls of `steps_per_loop` steps. The loss is averaged over the global batch.
 """
 
+import contextlib
 import dataclasses
 import datetime
 import importlib.metadata
 import math
 import os
 import platform
+import re
 import signal
 import subprocess
 import threading
@@ -286,6 +288,31 @@ def _write_scalars(writer, step: int, prefix: str, scalars: dict) -> None:
       tf.summary.scalar(f"{prefix}/{name}", value)
 
 
+@contextlib.contextmanager
+def _data_errors_as_training_errors():
+  """Turns what TensorFlow raises for bad records or a lost peer into one readable TrainingError."""
+  try:
+    yield
+  except tf.errors.UnavailableError as e:  # multi-worker: a peer died or became unreachable
+    culprits = e.message.split("unhealthy", 1)[-1]  # the tasks named after "... are unhealthy", if any
+    tasks = sorted(set(re.findall(r"/job:\w+/replica:\d+/task:\d+", culprits)))
+    raise TrainingError(f"lost contact with {', '.join(tasks) or 'another worker'}; restart every worker with "
+                        "the same command to resume from the last checkpoint") from None
+  except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+    raise TrainingError(f"bad training data: {_first_line(e.message)}") from None
+
+
+def _first_line(message: str) -> str:
+  """The informative part of a TensorFlow error message."""
+  message = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", message).strip()
+  line = message.splitlines()[0] if message else ""
+  match = re.search(r"assertion failed: \[(.*)\]$", line)
+  if match:
+    return match.group(1)
+  line = re.sub(r"^Error in user-defined function passed to .*? transformation with iterator: \S+: ", "", line)
+  return line.replace("Name: <unknown>, ", "")
+
+
 class StopRequest:
   """SIGTERM/SIGINT ask the loop to stop at the next loop boundary: the steps in flight finish, a
   checkpoint is written, and the process exits 0. Restarting the same command resumes exactly there."""
@@ -339,21 +366,22 @@ class Run:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final metrics."""
-  run = _start(config, workdir)
-  with StopRequest() as stop:
-    _train(run, stop)
-  if stop.signal:
-    path = run.manager.save(checkpoint_number=int(run.state.step.numpy()))
-    logging.info("stopped by %s at step %d; checkpoint %s written. Run the same command to resume.",
-                 stop.signal, int(run.state.step.numpy()), path)
-    _finish(run, status=f"stopped by {stop.signal}")
-    return run.metrics
-  eval_step = make_eval_step(run.strategy, run.state)
-  if run.state.ema:  # the final evaluation and the export use the averaged weights
-    run.state.ema.swap()
-  for split, dataset in distributed_eval_datasets(config, run.strategy, run.manifest).items():
-    run.metrics[split] = evaluate(eval_step, dataset, run.state.eval_sums)
-    logging.info("final %s: %s", split, _fmt(run.metrics[split]))
+  with _data_errors_as_training_errors():
+    run = _start(config, workdir)
+    with StopRequest() as stop:
+      _train(run, stop)
+    if stop.signal:
+      path = run.manager.save(checkpoint_number=int(run.state.step.numpy()))
+      logging.info("stopped by %s at step %d; checkpoint %s written. Run the same command to resume.",
+                   stop.signal, int(run.state.step.numpy()), path)
+      _finish(run, status=f"stopped by {stop.signal}")
+      return run.metrics
+    eval_step = make_eval_step(run.strategy, run.state)
+    if run.state.ema:  # the final evaluation and the export use the averaged weights
+      run.state.ema.swap()
+    for split, dataset in distributed_eval_datasets(config, run.strategy, run.manifest).items():
+      run.metrics[split] = evaluate(eval_step, dataset, run.state.eval_sums)
+      logging.info("final %s: %s", split, _fmt(run.metrics[split]))
   if run.chief and config.export:
     mean, std = manifest_lib.normalization(run.manifest)
     path = export_lib.export(run.state.model, os.path.join(workdir, "export"), mean=mean, std=std,
