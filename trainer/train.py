@@ -5,17 +5,13 @@ tf.functions run per replica by `strategy.run`; Python (logging, summaries, chec
 runs between calls of `steps_per_loop` steps. The loss is averaged over the global batch.
 """
 
-import contextlib
 import dataclasses
 import datetime
 import importlib.metadata
 import math
 import os
 import platform
-import re
-import signal
 import subprocess
-import threading
 import time
 
 from absl import logging
@@ -29,12 +25,10 @@ from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
 from trainer import distribute
 from trainer import export as export_lib
+from trainer import faults
+from trainer.faults import TrainingError  # pylint: disable=unused-import  (part of this module's API)
 from trainer import models
 from trainer import optim
-
-
-class TrainingError(RuntimeError):
-  """Training cannot go on (bad config for the hardware, non-finite loss); the message says why."""
 
 
 class Sums:
@@ -288,64 +282,6 @@ def _write_scalars(writer, step: int, prefix: str, scalars: dict) -> None:
       tf.summary.scalar(f"{prefix}/{name}", value)
 
 
-@contextlib.contextmanager
-def _data_errors_as_training_errors():
-  """Turns what TensorFlow raises for bad records or a lost peer into one readable TrainingError."""
-  try:
-    yield
-  except tf.errors.UnavailableError as e:  # multi-worker: a peer died or became unreachable
-    culprits = e.message.split("unhealthy", 1)[-1]  # the tasks named after "... are unhealthy", if any
-    tasks = sorted(set(re.findall(r"/job:\w+/replica:\d+/task:\d+", culprits)))
-    raise TrainingError(f"lost contact with {', '.join(tasks) or 'another worker'}; restart every worker with "
-                        "the same command to resume from the last checkpoint") from None
-  except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
-    raise TrainingError(f"bad training data: {_first_line(e.message)}") from None
-
-
-def _first_line(message: str) -> str:
-  """The informative part of a TensorFlow error message."""
-  message = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", message).strip()
-  line = message.splitlines()[0] if message else ""
-  match = re.search(r"assertion failed: \[(.*)\]$", line)
-  if match:
-    return match.group(1)
-  line = re.sub(r"^Error in user-defined function passed to .*? transformation with iterator: \S+: ", "", line)
-  return line.replace("Name: <unknown>, ", "")
-
-
-class StopRequest:
-  """SIGTERM/SIGINT ask the loop to stop at the next loop boundary: the steps in flight finish, a
-  checkpoint is written, and the process exits 0. Restarting the same command resumes exactly there."""
-
-  def __init__(self):
-    self.signal = None
-    self._previous = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signal is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt  # a second Ctrl-C: stop now
-    self.signal = signal.Signals(signum).name
-
-  def agreed(self, strategy) -> bool:
-    """True if any worker was asked to stop, so that all workers stop after the same step."""
-    local = 1.0 if self.signal else 0.0
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-      votes = strategy.experimental_distribute_values_from_function(lambda ctx: tf.constant(local))
-      return bool(strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None).numpy() > 0)
-    return bool(local)
-
-
 @dataclasses.dataclass
 class Run:
   """Everything one call of train_and_evaluate works with."""
@@ -366,9 +302,9 @@ class Run:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the final metrics."""
-  with _data_errors_as_training_errors():
+  with faults.data_errors_as_training_errors():
     run = _start(config, workdir)
-    with StopRequest() as stop:
+    with faults.StopRequest() as stop:
       _train(run, stop)
     if stop.signal:
       path = run.manager.save(checkpoint_number=int(run.state.step.numpy()))
@@ -422,7 +358,7 @@ def _start(config, workdir: str) -> Run:
              state, manager, writer, start_step, started)
 
 
-def _train(run: Run, stop: StopRequest) -> None:
+def _train(run: Run, stop: faults.StopRequest) -> None:
   """Steps until the end or a stop request: logs, evaluates and checkpoints at the boundaries."""
   config, state = run.config, run.state
   train_ds = run.strategy.distribute_datasets_from_function(
