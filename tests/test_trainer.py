@@ -245,3 +245,11 @@ def test_ema_update_and_swap():
   np.testing.assert_allclose([weight.numpy(), ema.averages[0].numpy()], [1.1, 2.0], rtol=1e-6)
   ema.swap()
   np.testing.assert_allclose([weight.numpy(), ema.averages[0].numpy()], [2.0, 1.1], rtol=1e-6)
+
+
+def test_one_device_strategy(synthetic_dir, tmp_path):
+  metrics = train.train_and_evaluate(_smoke(synthetic_dir, strategy="one_device", export=False, num_epochs=1),
+                                     str(tmp_path / "run"))
+  run = json.load(open(tmp_path / "run" / "run.json"))
+  assert run["distribution"]["strategy"] == "OneDeviceStrategy" and run["end_step"] == 4
+  assert 0.0 <= metrics["validation"]["accuracy"] <= 1.0
