@@ -21,6 +21,8 @@ def get_config(arg: str | None = None):
   config.model.logit_scale = 1 / 9  # softer initial predictions, as airbench
   config.optimizer.learning_rate = 0.4
   config.optimizer.warmup_epochs = 0.5
+  config.augment.crop_padding = 2  # airbench94: translate by 2 for ~10-epoch runs
+  config.augment.flip = "alternating"  # airbench94: each image flipped every other epoch
   if arg == "smoke":
     default.smoke(config)
   elif arg:
