@@ -23,8 +23,4 @@ def get_config(arg: str | None = None):
   config.optimizer.warmup_epochs = 0.5
   config.augment.crop_padding = 2  # airbench94: translate by 2 for ~10-epoch runs
   config.augment.flip = "alternating"  # airbench94: each image flipped every other epoch
-  if arg == "smoke":
-    default.smoke(config)
-  elif arg:
-    raise ValueError(f"unknown config variant {arg!r}; known: smoke")
-  return config
+  return default.variant(config, arg)

@@ -25,6 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 0  # steps between checkpoints; 0 = at the end of every epoch only
   config.keep_checkpoints = 3  # checkpoints kept in workdir/checkpoints
   config.export = True  # write the SavedModel to workdir/export at the end
+  config.tta = "none"  # test-time views in the final evaluation and the export: none | flip | flip_translate
   config.label_smoothing = 0.0  # probability mass spread evenly over all classes
 
   config.model = ml_collections.ConfigDict()
@@ -36,8 +37,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.bn_momentum = 0.9  # moving-average decay of BatchNorm statistics, per step
   config.model.sync_bn = False  # BatchNorm statistics over the global batch (costs an all-reduce per layer)
   config.model.logit_scale = 1.0  # multiplies the logits
+  # plain_cnn and mlp (the tutorial models; see trainer/models.py):
+  config.model.convs_per_block = 2  # plain_cnn: convs before each pool
+  config.model.padding = "same"  # plain_cnn: same | valid
+  config.model.norm = "none"  # plain_cnn: none | post (BatchNorm after each conv's activation)
+  config.model.block_dropout = (0.0,)  # plain_cnn: dropout rate after each block (one value for all, or one each)
+  config.model.pool_after_last = True  # plain_cnn: max-pool after the last block too
+  config.model.dense = ()  # plain_cnn, mlp: widths of the hidden dense layers
+  config.model.dense_dropout = 0.0  # plain_cnn: dropout rate after each hidden dense layer
+  config.model.l2 = 0.0  # plain_cnn: L2 penalty on the kernels, added to the loss
+  config.model.initializer = "glorot_uniform"  # plain_cnn: kernel initializer
 
   config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "sgd"  # sgd | adam | rmsprop
   config.optimizer.learning_rate = 0.2  # peak learning rate, for the global batch as configured
   config.optimizer.momentum = 0.9  # SGD momentum
   config.optimizer.nesterov = True  # Nesterov momentum
@@ -67,13 +79,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.cache_in_memory = True  # decode the split once into RAM; False streams from the shards
   config.input.shuffle_buffer = 10000  # records per shuffled window when streaming
   config.input.interleave_cycle = 4  # shards read at once when streaming
+  config.input.normalization = "dataset"  # dataset: z-score by the train split's mean/std; centered; unit
   config.input.verify_checksums = True  # re-hash every shard against manifest.json before training
   config.input.augment_on = "host"  # host: tf.data augments and normalises; device: inside the train step
   config.input.data_service = ""  # grpc://host:port of a tf.data service dispatcher; "" = in-process tf.data
 
+  return variant(config, arg)
+
+
+def variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies the `:ARG` of `--config=FILE:ARG`: none, or `smoke`."""
   if arg == "smoke":
-    smoke(config)
-  elif arg:
+    return smoke(config)
+  if arg:
     raise ValueError(f"unknown config variant {arg!r}; known: smoke")
   return config
 

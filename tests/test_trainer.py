@@ -53,6 +53,18 @@ def test_every_config_loads(path):
     module.get_config("nope")
 
 
+CONFIG_NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                      if not p.endswith("__init__.py"))
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIG_NAMES if n != "default"])
+def test_every_config_trains_a_few_steps(name, synthetic_dir, tmp_path):
+  config = importlib.import_module(f"configs.{name}").get_config("smoke")
+  config.update(data_dir=synthetic_dir, num_epochs=1, steps_per_epoch=2, export=False)
+  metrics = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert np.isfinite(metrics["train"]["loss"]) and metrics["validation"]["count"] == 200
+
+
 def _one_step(strategy, config, images, labels):
   state = train.make_state(config, strategy, steps_per_epoch=10)
   initial = [v.numpy() for v in state.model.weights]
@@ -219,8 +231,8 @@ def test_schedules(schedule):
   assert max(values) <= 1.0 + 1e-6
 
 
-def test_mixed_float16_ema_and_clipping_train_and_match_the_export(synthetic_dir, tmp_path):
-  config = _smoke(synthetic_dir, mixed_precision="mixed_float16")
+def test_mixed_float16_ema_clipping_and_tta_train_and_match_the_export(synthetic_dir, tmp_path):
+  config = _smoke(synthetic_dir, mixed_precision="mixed_float16", tta="flip_translate")
   config.optimizer.update(ema_decay=0.9, clip_norm=1.0, schedule="triangular")
   workdir = str(tmp_path / "run")
   metrics = train.train_and_evaluate(config, workdir)
@@ -230,7 +242,8 @@ def test_mixed_float16_ema_and_clipping_train_and_match_the_export(synthetic_dir
       e.numpy()).summary.value}
   assert "train/loss_scale" in tags
   correct, total = evaluate_tool.evaluate(os.path.join(workdir, "export"), synthetic_dir, "validation", 64)
-  assert abs(correct / total - metrics["validation"]["accuracy"]) < 1e-6  # export carries the EMA weights
+  # The export carries the EMA weights and the same test-time views as the trainer's final evaluation.
+  assert abs(correct / total - metrics["validation"]["accuracy"]) < 1e-6
 
 
 def test_ema_update_and_swap():
@@ -253,3 +266,17 @@ def test_one_device_strategy(synthetic_dir, tmp_path):
   run = json.load(open(tmp_path / "run" / "run.json"))
   assert run["distribution"]["strategy"] == "OneDeviceStrategy" and run["end_step"] == 4
   assert 0.0 <= metrics["validation"]["accuracy"] <= 1.0
+
+
+def test_tta_views():
+  import keras  # pylint: disable=g-import-not-at-top
+  keras.mixed_precision.set_dtype_policy("float32")
+  inputs = keras.Input((32, 32, 3))
+  model = keras.Model(inputs, keras.layers.Lambda(lambda x: x[:, 0, :3, 0])(inputs))  # reads 3 pixels
+  images = tf.reshape(tf.range(2 * 32 * 32 * 3, dtype=tf.float32), [2, 32, 32, 3])
+  np.testing.assert_allclose(export_lib.tta_logits(model, images, "none"), images[:, 0, :3, 0])
+  flipped = 0.5 * (images[:, 0, :3, 0] + images[:, 0, ::-1, 0][:, :3])
+  np.testing.assert_allclose(export_lib.tta_logits(model, images, "flip"), flipped)
+  assert export_lib.tta_logits(model, images, "flip_translate").shape == (2, 3)
+  with pytest.raises(ValueError, match="tta='sideways' is not one of"):
+    export_lib.tta_logits(model, images, "sideways")

@@ -87,7 +87,7 @@ def train_step_comparison(config, manifest: dict, steps: int, windows: int) -> f
   strategy = distribute.make_strategy(config)
   steps_per_epoch = train.steps_per_epoch_for(config, manifest)
   state = train.make_state(config, strategy, steps_per_epoch)
-  loop = train.make_train_loop(config, strategy, state, *manifest_lib.normalization(manifest))
+  loop = train.make_train_loop(config, strategy, state, *train.normalization_for(config, manifest))
   dataset_fn = train.train_dataset_fn(config, manifest, steps_per_epoch, start_step=0)
   real = iter(strategy.distribute_datasets_from_function(dataset_fn))
   cached = iter(strategy.distribute_datasets_from_function(lambda ctx: dataset_fn(ctx).take(1).cache().repeat()))
@@ -114,7 +114,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = FLAGS.config
   manifest = manifest_lib.load(config.data_dir)
-  mean, std = manifest_lib.normalization(manifest)
+  mean, std = train.normalization_for(config, manifest)
   batch = config.global_batch_size
   per_epoch = manifest_lib.num_examples(manifest, "train") // batch
   print(f"data_dir {config.data_dir}, batch {batch}, augment_on {config.input.augment_on}, "

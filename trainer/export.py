@@ -1,4 +1,5 @@
-"""The SavedModel for serving: self-contained (normalisation and class names inside), three signatures.
+"""The SavedModel for serving: self-contained (normalisation, class names and test-time augmentation inside),
+three signatures.
 
   serving_default(images: uint8 [N, 32, 32, 3]) -> probabilities float32 [N, 10], classes int64 [N]
   serve_bytes(image_bytes: string [N], PNG or JPEG)  -> the same
@@ -19,20 +20,43 @@ _BYTES = tf.TensorSpec([None], tf.string, name="image_bytes")
 _EXAMPLES = tf.TensorSpec([None], tf.string, name="examples")
 
 
+TTA = ("none", "flip", "flip_translate")
+
+
+def tta_logits(model, images: tf.Tensor, tta: str) -> tf.Tensor:
+  """Logits of normalised images, averaged over test-time views (as airbench94):
+
+  none: the image; flip: the mean over it and its mirror; flip_translate: that, weighted 1/2, plus the
+  same for the image shifted one pixel up-left and one pixel down-right (reflected), 1/4 each.
+  """
+  mirror = lambda x: 0.5 * (tf.cast(model(x, training=False), tf.float32) +
+                            tf.cast(model(tf.reverse(x, axis=[2]), training=False), tf.float32))
+  if tta == "none":
+    return tf.cast(model(images, training=False), tf.float32)
+  if tta == "flip":
+    return mirror(images)
+  if tta == "flip_translate":
+    padded = tf.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="REFLECT")
+    size = images.shape[1]
+    return (0.5 * mirror(images) + 0.25 * mirror(padded[:, :size, :size]) +
+            0.25 * mirror(padded[:, 2:size + 2, 2:size + 2]))
+  raise ValueError(f"tta={tta!r} is not one of: {', '.join(TTA)}")
+
+
 class Serving(tf.Module):
   """Wraps a trained Keras model with the normalisation it was trained with and the class names."""
 
-  def __init__(self, model, mean, std, class_names):
+  def __init__(self, model, mean, std, class_names, tta: str = "none"):
     super().__init__(name="serving")
     self.model = model
+    self._tta = tta
     self._mean, self._std = tuple(mean), tuple(std)
     names = list(class_names) + [f"class_{i}" for i in range(len(class_names), cifar10.NUM_CLASSES)]
     self.class_names = tf.Variable(names, trainable=False, name="class_names")
     self.normalization = tf.Variable([self._mean, self._std], trainable=False, name="normalization")
 
   def _predict(self, images):
-    logits = self.model(ops.normalize(images, self._mean, self._std), training=False)
-    probabilities = tf.nn.softmax(tf.cast(logits, tf.float32))
+    probabilities = tf.nn.softmax(tta_logits(self.model, ops.normalize(images, self._mean, self._std), self._tta))
     return {"probabilities": probabilities, "classes": tf.argmax(probabilities, axis=-1, output_type=tf.int64)}
 
   @tf.function(input_signature=[_IMAGES])
@@ -55,9 +79,9 @@ class Serving(tf.Module):
             "serve_examples": self.serve_examples}
 
 
-def export(model, path: str, *, mean, std, class_names) -> str:
+def export(model, path: str, *, mean, std, class_names, tta: str = "none") -> str:
   """Writes the SavedModel to `path`, replacing what was there only once the new one is complete."""
-  module = Serving(model, mean, std, class_names)
+  module = Serving(model, mean, std, class_names, tta)
   tmp = fileio.temp_name(path)
   tf.saved_model.save(module, tmp, signatures=module.signatures())
   old = fileio.temp_name(path) if tf.io.gfile.exists(path) else None

@@ -47,11 +47,23 @@ def make_schedule(config, steps_per_epoch: int) -> keras.optimizers.schedules.Le
   raise ValueError(f"optimizer.schedule={opt.schedule!r} is not one of: {', '.join(SCHEDULES)}")
 
 
+OPTIMIZERS = ("sgd", "adam", "rmsprop")
+
+
 def make_optimizer(config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-  """SGD (Nesterov by default) with decoupled weight decay; wrapped for dynamic loss scaling in float16."""
+  """`config.optimizer.name` with its schedule and decoupled weight decay; wrapped for dynamic loss
+  scaling in float16."""
   opt = config.optimizer
-  optimizer = keras.optimizers.SGD(make_schedule(config, steps_per_epoch), momentum=opt.momentum,
-                                   nesterov=opt.nesterov, weight_decay=opt.weight_decay or None)
+  schedule = make_schedule(config, steps_per_epoch)
+  decay = opt.weight_decay or None
+  if opt.name == "sgd":
+    optimizer = keras.optimizers.SGD(schedule, momentum=opt.momentum, nesterov=opt.nesterov, weight_decay=decay)
+  elif opt.name == "adam":
+    optimizer = keras.optimizers.Adam(schedule, weight_decay=decay)
+  elif opt.name == "rmsprop":
+    optimizer = keras.optimizers.RMSprop(schedule, weight_decay=decay)
+  else:
+    raise ValueError(f"optimizer.name={opt.name!r} is not one of: {', '.join(OPTIMIZERS)}")
   if config.mixed_precision == "mixed_float16":
     optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # dynamic loss scale, starts at 32768
   return optimizer

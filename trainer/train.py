@@ -87,6 +87,21 @@ def make_state(config, strategy, steps_per_epoch: int) -> State:
                  Sums("loss", "correct", "count"), ema)
 
 
+NORMALIZATIONS = {"centered": ((0.5, 0.5, 0.5), (1.0, 1.0, 1.0)),  # pixels / 255 - 0.5
+                  "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}  # pixels / 255
+
+
+def normalization_for(config, manifest: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) in [0, 1] units for `config.input.normalization`: `dataset` (the train split's per-channel
+  statistics from the manifest: z-score), `centered` or `unit`. The export bakes the same in."""
+  if config.input.normalization == "dataset":
+    return manifest_lib.normalization(manifest)
+  if config.input.normalization not in NORMALIZATIONS:
+    raise ValueError(f"input.normalization={config.input.normalization!r} is not one of: dataset, "
+                     f"{', '.join(NORMALIZATIONS)}")
+  return NORMALIZATIONS[config.input.normalization]
+
+
 def cross_entropy(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float) -> tf.Tensor:
   """Per-example softmax cross-entropy in float32; labels are class ids or [N, 10] probabilities."""
   logits = tf.cast(logits, tf.float32)
@@ -119,6 +134,8 @@ def make_train_loop(config, strategy, state: State, mean=None, std=None):
       logits = model(images, training=True)
       per_example = cross_entropy(labels, logits, config.label_smoothing)
       loss = tf.nn.compute_average_loss(per_example, global_batch_size=config.global_batch_size)
+      if model.losses:  # weight penalties (kernel_regularizer), counted once over the replicas
+        loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
       scaled = optimizer.scale_loss(loss)  # the identity unless optimizer is a LossScaleOptimizer
     grads = tape.gradient(scaled, model.trainable_variables)
     if config.optimizer.clip_norm:
@@ -150,12 +167,12 @@ def make_train_loop(config, strategy, state: State, mean=None, std=None):
   return train_loop
 
 
-def make_eval_step(strategy, state: State):
-  """Returns eval_step(images, labels), adding to `state.eval_sums`."""
+def make_eval_step(strategy, state: State, tta: str = "none"):
+  """Returns eval_step(batch), adding to `state.eval_sums`; `tta` as in export.tta_logits."""
 
   def step_fn(batch):
     """Runs per replica; a replica may get an empty last batch."""
-    logits = state.model(batch["images"], training=False)
+    logits = export_lib.tta_logits(state.model, batch["images"], tta)
     state.eval_sums.add(loss=tf.reduce_sum(cross_entropy(batch["labels"], logits, 0.0)),
                         correct=_correct(batch["labels"], logits), count=tf.shape(batch["labels"])[0])
 
@@ -238,7 +255,7 @@ def check_batch_sizes(config, replicas: int) -> None:
 
 def train_dataset_fn(config, manifest: dict, steps_per_epoch: int, start_step: int):
   """The function `distribute_datasets_from_function` calls once per input pipeline for training."""
-  mean, std = manifest_lib.normalization(manifest)
+  mean, std = normalization_for(config, manifest)
 
   def dataset_fn(ctx):
     return input_pipeline.build_train_dataset(
@@ -250,7 +267,7 @@ def train_dataset_fn(config, manifest: dict, steps_per_epoch: int, start_step: i
 
 def distributed_eval_datasets(config, strategy, manifest: dict) -> dict:
   """Distributed eval datasets by split name, for the splits the manifest has."""
-  mean, std = manifest_lib.normalization(manifest)
+  mean, std = normalization_for(config, manifest)
 
   def eval_fn(split):
     return lambda ctx: input_pipeline.build_eval_dataset(
@@ -263,7 +280,7 @@ def distributed_eval_datasets(config, strategy, manifest: dict) -> dict:
 
 def _write_input_grid(config, manifest: dict, writer, step: int, side: int = 8) -> None:
   """A `side` x `side` grid of augmented training images, as the model gets them (de-normalised)."""
-  mean, std = manifest_lib.normalization(manifest)
+  mean, std = normalization_for(config, manifest)
   host = config.copy_and_resolve_references()
   host.input.augment_on, host.input.data_service = "host", ""
   batch = next(iter(input_pipeline.build_train_dataset(host, config.data_dir, steps_per_epoch=1,
@@ -312,16 +329,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
                    stop.signal, int(run.state.step.numpy()), path)
       _finish(run, status=f"stopped by {stop.signal}")
       return run.metrics
-    eval_step = make_eval_step(run.strategy, run.state)
+    eval_step = make_eval_step(run.strategy, run.state, config.tta)  # the export's own views
     if run.state.ema:  # the final evaluation and the export use the averaged weights
       run.state.ema.swap()
     for split, dataset in distributed_eval_datasets(config, run.strategy, run.manifest).items():
       run.metrics[split] = evaluate(eval_step, dataset, run.state.eval_sums)
       logging.info("final %s: %s", split, _fmt(run.metrics[split]))
   if run.chief and config.export:
-    mean, std = manifest_lib.normalization(run.manifest)
+    mean, std = normalization_for(run.config, run.manifest)
     path = export_lib.export(run.state.model, os.path.join(workdir, "export"), mean=mean, std=std,
-                             class_names=manifest_lib.class_names(run.manifest))
+                             class_names=manifest_lib.class_names(run.manifest), tta=config.tta)
     logging.info("exported SavedModel to %s", path)
   _finish(run, status="finished")
   return run.metrics
@@ -364,7 +381,7 @@ def _train(run: Run, stop: faults.StopRequest) -> None:
   train_ds = run.strategy.distribute_datasets_from_function(
       train_dataset_fn(config, run.manifest, run.steps_per_epoch, run.start_step))
   eval_ds = distributed_eval_datasets(config, run.strategy, run.manifest)
-  train_loop = make_train_loop(config, run.strategy, state, *manifest_lib.normalization(run.manifest))
+  train_loop = make_train_loop(config, run.strategy, state, *normalization_for(run.config, run.manifest))
   eval_step = make_eval_step(run.strategy, state)
   iterator = iter(train_ds)
   window_start, window_step = time.time(), run.start_step

@@ -1,0 +1,37 @@
+"""Seed model: a small VGG: 3 x (conv-BN-conv-BN, max-pool, dropout) at 32/64/128 channels, he_uniform,
+dense 128 + dropout, SGD with momentum, shift/zoom/flip augmentation (552,362 parameters).
+
+  python -m trainer.main --config=configs/vgg_small.py --workdir=/tmp/vgg_small --config.data_dir=/tmp/c10
+
+Its tutorial reports 78.8% test accuracy. Not yet measured here (BUILD.md's accuracy table).
+"""
+
+from configs import default
+
+
+def get_config(arg: str | None = None):
+  config = default.get_config()
+  config.num_epochs = 50
+  config.global_batch_size = 64
+  config.model.name = "plain_cnn"
+  config.model.widths = (32, 64, 128)
+  config.model.convs_per_block = 2
+  config.model.activation = "relu"
+  config.model.norm = "post"
+  config.model.block_dropout = (0.2, 0.3, 0.4)
+  config.model.dense = (128,)
+  config.model.dense_dropout = 0.5
+  config.model.initializer = "he_uniform"
+  config.optimizer.name = "sgd"
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.momentum = 0.9
+  config.optimizer.nesterov = False
+  config.optimizer.schedule = "constant"
+  config.optimizer.warmup_epochs = 0.0
+  config.optimizer.weight_decay = 0.0
+  config.input.normalization = "unit"
+  config.augment.crop_padding = 0
+  config.augment.shift_fraction = 0.1
+  config.augment.zoom_fraction = 0.1
+  config.augment.flip = "random"
+  return default.variant(config, arg)

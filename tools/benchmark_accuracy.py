@@ -1,0 +1,78 @@
+r"""Accuracy and wall time of a config on the shared CIFAR-10 data, over several runs.
+
+  python -m tools.benchmark_accuracy --config=configs/deep.py --runs=2
+
+Makes the shards from --source into --data_dir if they are missing (45,000 train / 5,000 validation),
+then for each run trains the config with `python -m trainer.main` (seed = run number) in a fresh workdir,
+evaluates the run's export with tools.evaluate, and prints mean ± std of the validation accuracy (from the
+export) and of the wall time of the training command. Long runs are fine here; they are not in CI.
+"""
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from pipeline import manifest as manifest_lib
+from tools import evaluate
+from tools import make_tfrecords
+from trainer import main as trainer_main
+
+FLAGS = flags.FLAGS
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def define_flags():
+  """Command-line flags; defined only when run as a program, so modules import side by side."""
+  config_flags.DEFINE_config_file("config", None, "A training config, e.g. configs/deep.py.")
+  flags.DEFINE_integer("runs", 2, "Training runs, seeds 0..runs-1.")
+  flags.DEFINE_string("source", os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg-train.tar.gz"),
+                      "make_tfrecords source used when --data_dir has no manifest.")
+  flags.DEFINE_string("data_dir", os.path.join(tempfile.gettempdir(), "cifar10-shared"), "Shards.")
+  flags.DEFINE_string("workdir", None, "Where the runs go; a temporary directory if unset.")
+  flags.mark_flags_as_required(["config"])
+
+
+def _mean_std(values: list[float]) -> str:
+  spread = statistics.stdev(values) if len(values) > 1 else 0.0
+  return f"{statistics.mean(values):.4f} ± {spread:.4f}"
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config_arg = [a for a in sys.argv if a.startswith("--config=")][0].split("=", 1)[1]
+  overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+  if not os.path.exists(os.path.join(FLAGS.data_dir, manifest_lib.FILENAME)):
+    make_tfrecords.make(FLAGS.source, FLAGS.data_dir)
+  root = FLAGS.workdir or tempfile.mkdtemp(prefix="benchmark_accuracy_")
+  accuracies, times = [], []
+  for run in range(FLAGS.runs):
+    workdir = os.path.join(root, f"run{run}")
+    command = [sys.executable, "-m", "trainer.main", f"--config={config_arg}", f"--workdir={workdir}",
+               f"--config.data_dir={FLAGS.data_dir}", f"--config.seed={run}", *overrides]
+    start = time.time()
+    result = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    elapsed = time.time() - start
+    if result.returncode:
+      print(result.stderr[-3000:], file=sys.stderr)
+      sys.exit(f"benchmark_accuracy: error: run {run} failed (exit {result.returncode}); workdir {workdir}")
+    correct, total = evaluate.evaluate(os.path.join(workdir, "export"), FLAGS.data_dir, "validation", 1000)
+    accuracies.append(correct / total)
+    times.append(elapsed)
+    print(f"run {run}: validation accuracy {correct / total:.4f} ({correct}/{total}, from the export), "
+          f"wall time {elapsed:.0f} s", flush=True)
+  print(f"config {config_arg} {' '.join(overrides)}: {FLAGS.runs} run(s)")
+  print(f"wall time (s): {_mean_std(times)}")
+  print(f"validation accuracy: {_mean_std(accuracies)}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, flags_parser=trainer_main.flags_parser("benchmark_accuracy"))
