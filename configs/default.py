@@ -96,6 +96,19 @@ def variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_collection
   return config
 
 
+def tutorial(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """What the seed tutorials share: a constant learning rate with no warmup and no weight decay, pixels
+  / 255, no augmentation, no label smoothing. Their configs start here and set what differs."""
+  config.optimizer.schedule = "constant"
+  config.optimizer.warmup_epochs = 0.0
+  config.optimizer.weight_decay = 0.0
+  config.input.normalization = "unit"
+  config.augment.crop_padding = 0
+  config.augment.flip = "none"
+  config.label_smoothing = 0.0
+  return config
+
+
 def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a config to a run of seconds on a CPU, for tests and demos."""
   config.num_epochs = 2

@@ -10,7 +10,7 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-  config = default.get_config()
+  config = default.tutorial(default.get_config())
   config.num_epochs = 125
   config.global_batch_size = 64
   config.model.name = "plain_cnn"
@@ -25,10 +25,7 @@ def get_config(arg: str | None = None):
   config.optimizer.schedule = "piecewise"
   config.optimizer.piecewise_epochs = (75.0, 100.0)
   config.optimizer.piecewise_multipliers = (1.0, 0.5, 0.3)
-  config.optimizer.warmup_epochs = 0.0
-  config.optimizer.weight_decay = 0.0
   config.input.normalization = "dataset"  # z-score by the train split's per-channel mean/std
-  config.augment.crop_padding = 0
   config.augment.rotation_degrees = 15.0
   config.augment.shift_fraction = 0.1
   config.augment.flip = "random"

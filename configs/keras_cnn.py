@@ -10,7 +10,7 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-  config = default.get_config()
+  config = default.tutorial(default.get_config())
   config.num_epochs = 100
   config.global_batch_size = 128
   config.model.name = "plain_cnn"
@@ -22,11 +22,6 @@ def get_config(arg: str | None = None):
   config.model.dense_dropout = 0.5
   config.optimizer.name = "adam"
   config.optimizer.learning_rate = 1e-3
-  config.optimizer.schedule = "constant"
-  config.optimizer.warmup_epochs = 0.0
-  config.optimizer.weight_decay = 0.0
-  config.input.normalization = "unit"
-  config.augment.crop_padding = 0
   config.augment.shift_fraction = 0.1
   config.augment.flip = "random"
   return default.variant(config, arg)

@@ -9,7 +9,7 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-  config = default.get_config()
+  config = default.tutorial(default.get_config())
   config.num_epochs = 15
   config.global_batch_size = 128
   config.model.name = "mlp"
@@ -17,10 +17,5 @@ def get_config(arg: str | None = None):
   config.model.activation = "tanh"
   config.optimizer.name = "rmsprop"
   config.optimizer.learning_rate = 1e-3  # Keras's RMSprop default
-  config.optimizer.schedule = "constant"
-  config.optimizer.warmup_epochs = 0.0
-  config.optimizer.weight_decay = 0.0
   config.input.normalization = "centered"  # pixels / 255 - 0.5
-  config.augment.crop_padding = 0
-  config.augment.flip = "none"
   return default.variant(config, arg)

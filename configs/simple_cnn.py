@@ -10,7 +10,7 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-  config = default.get_config()
+  config = default.tutorial(default.get_config())
   config.num_epochs = 10
   config.global_batch_size = 32
   config.model.name = "plain_cnn"
@@ -22,10 +22,4 @@ def get_config(arg: str | None = None):
   config.model.dense = (64,)
   config.optimizer.name = "adam"
   config.optimizer.learning_rate = 1e-3
-  config.optimizer.schedule = "constant"
-  config.optimizer.warmup_epochs = 0.0
-  config.optimizer.weight_decay = 0.0
-  config.input.normalization = "unit"  # pixels / 255
-  config.augment.crop_padding = 0
-  config.augment.flip = "none"
   return default.variant(config, arg)

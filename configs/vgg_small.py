@@ -10,7 +10,7 @@ from configs import default
 
 
 def get_config(arg: str | None = None):
-  config = default.get_config()
+  config = default.tutorial(default.get_config())
   config.num_epochs = 50
   config.global_batch_size = 64
   config.model.name = "plain_cnn"
@@ -26,11 +26,6 @@ def get_config(arg: str | None = None):
   config.optimizer.learning_rate = 1e-3
   config.optimizer.momentum = 0.9
   config.optimizer.nesterov = False
-  config.optimizer.schedule = "constant"
-  config.optimizer.warmup_epochs = 0.0
-  config.optimizer.weight_decay = 0.0
-  config.input.normalization = "unit"
-  config.augment.crop_padding = 0
   config.augment.shift_fraction = 0.1
   config.augment.zoom_fraction = 0.1
   config.augment.flip = "random"
