@@ -32,8 +32,8 @@ def train_preprocess(batch: dict, config, mean, std) -> dict:
   """Augments and normalises a training batch.
 
   Args:
-    batch: `images` uint8 [N, 32, 32, 3], `labels` int64 [N], `seed` [2], `epoch` scalar,
-      `keys` int64 [N] (stable per image).
+    batch: `images` uint8 [N, 32, 32, 3], `labels` int64 [N], `seed` [2] (the batch's), `run_seed` [2],
+      `epoch` scalar, `keys` int64 [N] (stable per image).
     config: the `augment` ConfigDict (see configs/default.py).
     mean, std: per-channel normalisation in [0, 1] units.
   Returns:
@@ -52,7 +52,8 @@ def train_preprocess(batch: dict, config, mean, std) -> dict:
   if config.flip == "random":
     grid, moved = ops.flip(grid, ops.random_flip_mask(seeds[2], n)), True
   elif config.flip == "alternating":
-    grid, moved = ops.flip(grid, ops.alternating_flip_mask(batch["keys"], batch["epoch"], seeds[2])), True
+    # The run's seed, not the batch's: an image must keep its half from epoch to epoch.
+    grid, moved = ops.flip(grid, ops.alternating_flip_mask(batch["keys"], batch["epoch"], batch["run_seed"])), True
   if moved:
     images = ops.sample(images, grid)
   if config.cutout_size:

@@ -14,7 +14,7 @@ Two ways to feed training (`config.input.cache_in_memory`):
     shuffled within windows of `shuffle_buffer`, then parsed and decoded a batch at a time.
 
 Elements are dicts. Training: `images`, `labels` after preprocessing; with `augment_on="device"` the raw
-batch instead (`images` uint8, `labels`, `seed`, `epoch`, `keys`) for `augment.train_preprocess` to run in
+batch instead (`images` uint8, `labels`, `seed`, `run_seed`, `epoch`, `keys`) for `augment.train_preprocess` in
 the train step. Evaluation: `images`, `labels`.
 """
 
@@ -142,7 +142,7 @@ def _in_memory_batches(files, layout: _Layout, seed: int, first_epoch: int) -> t
     index = tf.data.Dataset.from_tensor_slices((ids, tf.reshape(mine, [-1, layout.batch])))
     return index.map(lambda b, idx: dict(
         {k: tf.gather(v, idx) for k, v in data.items()}, epoch=epoch,
-        seed=augment.batch_seed(base_seed, epoch, b)))
+        seed=augment.batch_seed(base_seed, epoch, b), run_seed=base_seed))
 
   # Each epoch's element holds a reference to the cached tensors, not a copy.
   epochs = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS)
@@ -171,7 +171,7 @@ def _streaming_batches(files, layout: _Layout, seed: int, first_epoch: int, conf
     shuffled = reader.batch(config.input.shuffle_buffer).enumerate().map(window).unbatch()
     return (shuffled.repeat().batch(layout.batch, drop_remainder=True).take(batches_per_epoch).enumerate()
             .map(lambda b, s: dict(decode_records(s), epoch=epoch,
-                                   seed=augment.batch_seed(base_seed, epoch, b)),
+                                   seed=augment.batch_seed(base_seed, epoch, b), run_seed=base_seed),
                  num_parallel_calls=AUTOTUNE, deterministic=True))
 
   return tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(one_epoch)

@@ -11,11 +11,13 @@ from tools import chaos_resume
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240  # seconds any one process may take
-# Same per-replica batches and seeds on both layouts; only the all-reduce differs (a ring across processes
-# vs reduction on one device), i.e. float32 summation order. A gentle learning rate keeps those 1e-7
-# differences from being amplified over the steps (at the smoke config's 0.4 they grew to ~3e-2 in 8 steps).
+# Same per-replica batches and seeds on both layouts (test_pipeline checks that bit for bit); only the
+# all-reduce differs (a ring across processes vs reduction on one device), i.e. float32 summation order.
+# Training amplifies those ~1e-7 differences: at the smoke config's learning rate of 0.4 they reached
+# ~3e-2 by step 8; at 0.05 with random flips they stay ~1e-7, but with alternating flips they still grew
+# to 1.1e-5 at step 4 and 1.5e-3 at step 8 (measured 2026-11-22). Hence the gentle rate and random flips.
 EXACT = {"deterministic": True, "mixed_precision": "float32", "model.sync_bn": True, "export": False,
-         "optimizer.learning_rate": 0.05}
+         "augment.flip": "random", "optimizer.learning_rate": 0.05}
 
 
 def _free_ports(n):

@@ -265,3 +265,23 @@ def test_replica_batches_do_not_depend_on_how_replicas_are_spread_over_workers(s
     for replica in range(2):
       np.testing.assert_array_equal(one[2 * step + replica][0], halves[replica][step][0])
       np.testing.assert_array_equal(one[2 * step + replica][1], halves[replica][step][1])
+
+
+def test_alternating_flip_mirrors_every_image_from_one_epoch_to_the_next(synthetic_dir):
+  config = _config(augment_on="device")
+  config.augment.update(crop_padding=0, flip="alternating")
+  manifest = manifest_lib.load(synthetic_dir)
+  mean, std = manifest_lib.normalization(manifest)
+  ds = input_pipeline.build_train_dataset(config, synthetic_dir, steps_per_epoch=4, global_batch_size=128,
+                                          mean=mean, std=std)
+  flipped = {}  # key -> {epoch: was the image mirrored}
+  for raw in ds.take(8):
+    out = augment.train_preprocess(raw, config.augment, mean, std)["images"].numpy()
+    plain = ops.normalize(raw["images"], mean, std).numpy()
+    for key, o, p in zip(raw["keys"].numpy(), out, plain):
+      assert np.array_equal(o, p) or np.array_equal(o, p[:, ::-1])
+      flipped.setdefault(key, {})[int(raw["epoch"])] = not np.array_equal(o, p)
+  both = [v for v in flipped.values() if len(v) == 2]
+  assert len(both) > 100
+  assert all(v[0] != v[1] for v in both)
+  assert 0.3 < np.mean([v[0] for v in both]) < 0.7
