@@ -63,7 +63,7 @@ def test_two_workers_train_like_one_process_with_two_replicas(synthetic_dir, tmp
 
 def test_a_killed_worker_stops_the_other_and_both_resume(synthetic_dir, tmp_path):
   workdir = str(tmp_path / "run")
-  overrides = {"num_epochs": 25, "checkpoint_every_steps": 5, "steps_per_loop": 1, "log_every_steps": 1,
+  overrides = {"num_epochs": 8, "checkpoint_every_steps": 5, "steps_per_loop": 1, "log_every_steps": 1,
                "export": False}
   procs = _workers(workdir, synthetic_dir, overrides, _free_ports(2))
   for line in procs[1].stderr:
@@ -83,4 +83,4 @@ def test_a_killed_worker_stops_the_other_and_both_resume(synthetic_dir, tmp_path
   assert latest >= 10
   logs = _finish(_workers(workdir, synthetic_dir, overrides, _free_ports(2)))
   assert f"resumed from {workdir}/checkpoints/ckpt-{latest} at step {latest}" in logs[0]
-  assert chaos_resume.latest_step(workdir) == 100
+  assert chaos_resume.latest_step(workdir) == 32
