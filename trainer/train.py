@@ -363,8 +363,7 @@ def _start(config, workdir: str) -> Run:
   if manager.latest_checkpoint:
     state.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
     logging.info("resumed from %s at step %d", manager.latest_checkpoint, int(state.step.numpy()))
-  if chief:
-    tf.io.gfile.makedirs(workdir)
+  if chief:  # check_workdir made the directory
     fileio.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n")
   writer = (tf.summary.create_file_writer(os.path.join(workdir, "summaries")) if chief
             else tf.summary.create_noop_writer())
