@@ -42,14 +42,24 @@ def _options(deterministic: bool) -> tf.data.Options:
   return options
 
 
+def _share(files: list[str], ctx: tf.distribute.InputContext) -> tuple[list[str], bool]:
+  """This input pipeline's files, and whether it must further keep only every n-th of their records:
+  whole files when there are enough of them to go round, else all files shared by record."""
+  if len(files) >= ctx.num_input_pipelines:
+    return files[ctx.input_pipeline_id::ctx.num_input_pipelines], False
+  return files, True
+
+
+def _keep_share(records: tf.data.Dataset, by_record: bool, ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+  return records.shard(ctx.num_input_pipelines, ctx.input_pipeline_id) if by_record else records
+
+
 def shard_records(files: list[str], input_context: tf.distribute.InputContext | None) -> tf.data.Dataset:
-  """Serialized records of this input pipeline's share: whole files when there are enough of them to
-  go round, else every n-th record of all files. Shares are disjoint and together complete."""
+  """Serialized records of this input pipeline's share (see `_share`). Shares are disjoint and together
+  complete."""
   ctx = _context(input_context)
-  n, i = ctx.num_input_pipelines, ctx.input_pipeline_id
-  if len(files) >= n:
-    return tf.data.TFRecordDataset(files[i::n])
-  return tf.data.TFRecordDataset(files).shard(n, i)
+  local, by_record = _share(files, ctx)
+  return _keep_share(tf.data.TFRecordDataset(local), by_record, ctx)
 
 
 def decode_records(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -152,8 +162,7 @@ def _in_memory_batches(files, layout: _Layout, seed: int, first_epoch: int) -> t
 def _streaming_batches(files, layout: _Layout, seed: int, first_epoch: int, config) -> tf.data.Dataset:
   """Raw per-replica batches read from this pipeline's shards every epoch, shuffled in windows."""
   ctx = layout.ctx
-  by_file = len(files) >= ctx.num_input_pipelines
-  local = files[ctx.input_pipeline_id::ctx.num_input_pipelines] if by_file else files
+  local, by_record = _share(files, ctx)
   base_seed = tf.constant([seed, ctx.input_pipeline_id], tf.int64)
   batches_per_epoch = layout.steps_per_epoch * layout.local_replicas
 
@@ -164,8 +173,7 @@ def _streaming_batches(files, layout: _Layout, seed: int, first_epoch: int, conf
     reader = (tf.data.Dataset.from_tensor_slices(tf.gather(tf.constant(local), order))
               .interleave(tf.data.TFRecordDataset, cycle_length=config.input.interleave_cycle,
                           num_parallel_calls=AUTOTUNE, deterministic=True))
-    if not by_file:
-      reader = reader.shard(ctx.num_input_pipelines, ctx.input_pipeline_id)
+    reader = _keep_share(reader, by_record, ctx)
     window = lambda i, records: tf.gather(records, tf.random.experimental.stateless_shuffle(
         tf.range(tf.shape(records)[0]), seed=tf.random.experimental.stateless_fold_in(epoch_seed, i)))
     shuffled = reader.batch(config.input.shuffle_buffer).enumerate().map(window).unbatch()
