@@ -185,20 +185,20 @@ def _streaming_batches(files, layout: _Layout, seed: int, first_epoch: int, conf
   return tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(one_epoch)
 
 
-def build_eval_dataset(data_dir: str, split: str, *, batch_size: int, mean, std,
-                       input_context: tf.distribute.InputContext | None = None,
-                       normalized: bool = True) -> tf.data.Dataset:
+def build_eval_dataset(data_dir: str, split: str, *, batch_size: int, mean=None, std=None,
+                       input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
   """One pass over `split`, every record exactly once across all input pipelines, last batch partial.
 
   Returns:
-    A dataset of {`images`: float32 normalised [B, 32, 32, 3] (uint8 if not `normalized`), `labels`}.
+    A dataset of {`images`: float32 [B, 32, 32, 3] normalised by `mean`, `std` ([0, 1] units), or the
+    uint8 pixels when they are None; `labels`}.
   """
   manifest = manifest_lib.load(data_dir)
   files = manifest_lib.split_files(data_dir, manifest, split)
 
   def preprocess(serialized):
     data = decode_records(serialized)
-    images = ops.normalize(data["images"], mean, std) if normalized else data["images"]
+    images = data["images"] if mean is None else ops.normalize(data["images"], mean, std)
     return {"images": images, "labels": data["labels"]}
 
   return (shard_records(files, input_context).batch(batch_size).map(preprocess, num_parallel_calls=AUTOTUNE)

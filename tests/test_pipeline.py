@@ -141,7 +141,7 @@ def test_png_and_raw_shards_give_the_same_pixels(synthetic_dir, png_dir):
   manifest = manifest_lib.load(synthetic_dir)
   mean, std = manifest_lib.normalization(manifest)
   read = lambda d: np.concatenate([b["images"].numpy() for b in input_pipeline.build_eval_dataset(
-      d, "test", batch_size=64, mean=mean, std=std, normalized=False)])
+      d, "test", batch_size=64)])
   np.testing.assert_array_equal(read(synthetic_dir), read(png_dir))
 
 

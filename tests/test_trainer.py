@@ -134,8 +134,7 @@ def test_signatures_agree_with_the_trained_model(trained):
   workdir, _, config = trained
   manifest = manifest_lib.load(config.data_dir)
   mean, std = manifest_lib.normalization(manifest)
-  images = next(iter(input_pipeline.build_eval_dataset(config.data_dir, "test", batch_size=16, mean=mean,
-                                                       std=std, normalized=False)))["images"]
+  images = next(iter(input_pipeline.build_eval_dataset(config.data_dir, "test", batch_size=16)))["images"]
   import keras  # pylint: disable=g-import-not-at-top
   keras.mixed_precision.set_dtype_policy(config.mixed_precision)
   model = models.build(config.model)
@@ -161,9 +160,7 @@ def test_signatures_agree_with_the_trained_model(trained):
 def test_predict_tool(trained, tmp_path):
   workdir, _, config = trained
   manifest = manifest_lib.load(config.data_dir)
-  mean, std = manifest_lib.normalization(manifest)
-  images = next(iter(input_pipeline.build_eval_dataset(config.data_dir, "test", batch_size=3, mean=mean,
-                                                       std=std, normalized=False)))["images"]
+  images = next(iter(input_pipeline.build_eval_dataset(config.data_dir, "test", batch_size=3)))["images"]
   paths = []
   for i, image in enumerate(images):
     paths.append(str(tmp_path / f"{i}.png"))

@@ -29,10 +29,7 @@ def define_flags():
 def evaluate(model_dir: str, data_dir: str, split: str, batch_size: int) -> tuple[int, int]:
   """Returns (correct, total) of the export's `serving_default` on `split`."""
   serve = export_lib.load(model_dir).signatures["serving_default"]
-  manifest = manifest_lib.load(data_dir)
-  mean, std = manifest_lib.normalization(manifest)
-  dataset = input_pipeline.build_eval_dataset(data_dir, split, batch_size=batch_size, mean=mean, std=std,
-                                              normalized=False)
+  dataset = input_pipeline.build_eval_dataset(data_dir, split, batch_size=batch_size)  # uint8, as served
   correct = total = 0
   for batch in dataset:
     classes = serve(images=batch["images"])["classes"].numpy()
