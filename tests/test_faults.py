@@ -14,6 +14,7 @@ from pipeline import fileio
 from pipeline import manifest as manifest_lib
 from pipeline import records
 from tools import chaos_resume
+from trainer import main as trainer_main
 from trainer import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,13 +34,13 @@ def test_sigterm_then_resume_ends_with_the_same_weights(synthetic_dir, tmp_path,
   overrides = {"data_dir": synthetic_dir, "deterministic": True, "export": False, "steps_per_loop": 1,
                "log_every_steps": 1, "logical_cpus": replicas if replicas > 1 else 0}
   reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
-  chaos_resume.run_until(chaos_resume.trainer_command(SMOKE, reference, overrides))
-  log = chaos_resume.run_until(chaos_resume.trainer_command(SMOKE, resumed, overrides), 3, signal.SIGTERM)
+  chaos_resume.run_until(trainer_main.command(SMOKE, reference, overrides))
+  log = chaos_resume.run_until(trainer_main.command(SMOKE, resumed, overrides), 3, signal.SIGTERM)
   stopped_at = chaos_resume.latest_step(resumed)
   assert 3 <= stopped_at < 8
   assert f"stopped by SIGTERM at step {stopped_at}; checkpoint" in log
   assert "Run the same command to resume." in log
-  log = chaos_resume.run_until(chaos_resume.trainer_command(SMOKE, resumed, overrides))
+  log = chaos_resume.run_until(trainer_main.command(SMOKE, resumed, overrides))
   assert f"resumed from {resumed}/checkpoints/ckpt-{stopped_at} at step {stopped_at}" in log
   assert chaos_resume.latest_step(resumed) == 8
   diff = chaos_resume.max_difference(os.path.join(resumed, "checkpoints", "ckpt-8"),

@@ -8,6 +8,7 @@ import sys
 import time
 
 from tools import chaos_resume
+from trainer import main as trainer_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240  # seconds any one process may take
@@ -35,7 +36,7 @@ def _workers(workdir, data_dir, overrides, ports):
   procs = []
   for index in range(len(ports)):
     tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": index}}
-    command = chaos_resume.trainer_command("configs/deep.py:smoke", workdir, dict(
+    command = trainer_main.command("configs/deep.py:smoke", workdir, dict(
         overrides, data_dir=data_dir, strategy="multi_worker"))
     procs.append(subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                   text=True, env=dict(os.environ, TF_CONFIG=json.dumps(tf_config),
@@ -54,7 +55,7 @@ def test_two_workers_train_like_one_process_with_two_replicas(synthetic_dir, tmp
   two = str(tmp_path / "two_workers")
   _finish(_workers(two, synthetic_dir, EXACT, _free_ports(2)))
   one = str(tmp_path / "one_process")
-  chaos_resume.run_until(chaos_resume.trainer_command("configs/deep.py:smoke", one, dict(
+  chaos_resume.run_until(trainer_main.command("configs/deep.py:smoke", one, dict(
       EXACT, data_dir=synthetic_dir, logical_cpus=2)))
   assert chaos_resume.max_difference(os.path.join(two, "checkpoints", "ckpt-8"),
                                      os.path.join(one, "checkpoints", "ckpt-8")) <= 1e-5

@@ -47,16 +47,14 @@ def _mean_std(values: list[float]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  config_arg = [a for a in sys.argv if a.startswith("--config=")][0].split("=", 1)[1]
-  overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+  config_arg, overrides = trainer_main.config_arguments(sys.argv[1:])
   if not os.path.exists(os.path.join(FLAGS.data_dir, manifest_lib.FILENAME)):
     make_tfrecords.make(FLAGS.source, FLAGS.data_dir)
   root = FLAGS.workdir or tempfile.mkdtemp(prefix="benchmark_accuracy_")
   accuracies, times = [], []
   for run in range(FLAGS.runs):
     workdir = os.path.join(root, f"run{run}")
-    command = [sys.executable, "-m", "trainer.main", f"--config={config_arg}", f"--workdir={workdir}",
-               f"--config.data_dir={FLAGS.data_dir}", f"--config.seed={run}", *overrides]
+    command = trainer_main.command(config_arg, workdir, dict(overrides, data_dir=FLAGS.data_dir, seed=run))
     start = time.time()
     result = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     elapsed = time.time() - start
@@ -68,7 +66,7 @@ def main(argv):
     times.append(elapsed)
     print(f"run {run}: validation accuracy {correct / total:.4f} ({correct}/{total}, from the export), "
           f"wall time {elapsed:.0f} s", flush=True)
-  print(f"config {config_arg} {' '.join(overrides)}: {FLAGS.runs} run(s)")
+  print(f"config {config_arg} {' '.join(f'{k}={v}' for k, v in overrides.items())}: {FLAGS.runs} run(s)")
   print(f"wall time (s): {_mean_std(times)}")
   print(f"validation accuracy: {_mean_std(accuracies)}")
 

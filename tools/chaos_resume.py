@@ -39,11 +39,6 @@ def define_flags():
   flags.mark_flags_as_required(["config"])
 
 
-def trainer_command(config_arg: str, workdir: str, overrides: dict) -> list[str]:
-  return ([sys.executable, "-m", "trainer.main", f"--config={config_arg}", f"--workdir={workdir}"]
-          + [f"--config.{k}={v}" for k, v in overrides.items()])
-
-
 def run_until(command: list[str], stop_at_step: int | None = None, sig: int = signal.SIGTERM) -> str:
   """Runs the trainer; if `stop_at_step`, sends `sig` once it logs that step. Returns its log."""
   proc = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
@@ -86,14 +81,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = FLAGS.config
-  config_arg = [a for a in sys.argv if a.startswith("--config=")][0].split("=", 1)[1]
+  config_arg, user_overrides = trainer_main.config_arguments(sys.argv[1:])
   root = FLAGS.workdir or tempfile.mkdtemp(prefix="chaos_resume_")
   overrides = {"deterministic": True, "export": False, "checkpoint_every_steps": 1, "log_every_steps": 1,
                "steps_per_loop": 1}
-  for arg in sys.argv[1:]:  # pass the user's own --config.X overrides through
-    if arg.startswith("--config."):
-      key, value = arg[len("--config."):].split("=", 1)
-      overrides.setdefault(key, value)
+  for key, value in user_overrides.items():  # the user's own, where they do not clash with the above
+    overrides.setdefault(key, value)
   if not config.data_dir:
     from tools import make_tfrecords  # pylint: disable=g-import-not-at-top
     overrides["data_dir"] = os.path.join(root, "data")
@@ -107,7 +100,7 @@ def main(argv):
   total = config.num_epochs * overrides["steps_per_epoch"]
   reference, chaos = os.path.join(root, "reference"), os.path.join(root, "chaos")
   print(f"reference run: {total} steps, a checkpoint at every step, in {reference}", flush=True)
-  run_until(trainer_command(config_arg, reference, dict(overrides, keep_checkpoints=total + 1)))
+  run_until(trainer_main.command(config_arg, reference, dict(overrides, keep_checkpoints=total + 1)))
 
   rng = random.Random(FLAGS.seed)
   kill_steps = sorted(rng.sample(range(1, total), FLAGS.kills))
@@ -115,7 +108,7 @@ def main(argv):
   for step in kill_steps + [None]:
     resumed_from = latest_step(chaos)
     sig = rng.choice([signal.SIGTERM, signal.SIGKILL]) if step else signal.SIGTERM
-    run_until(trainer_command(config_arg, chaos, overrides), step, sig)
+    run_until(trainer_main.command(config_arg, chaos, overrides), step, sig)
     at = latest_step(chaos)
     if pending and at > resumed_from:  # this process resumed and wrote a checkpoint of its own
       diff = max_difference(os.path.join(chaos, "checkpoints", f"ckpt-{at}"),

@@ -24,6 +24,20 @@ def define_flags():
   flags.mark_flags_as_required(["config", "workdir"])
 
 
+def command(config_arg: str, workdir: str, overrides: dict) -> list[str]:
+  """The command line that runs this trainer on `--config=config_arg` with `--config.KEY=VALUE` overrides."""
+  return ([sys.executable, "-m", "trainer.main", f"--config={config_arg}", f"--workdir={workdir}"]
+          + [f"--config.{k}={v}" for k, v in overrides.items()])
+
+
+def config_arguments(argv: list[str]) -> tuple[str, dict]:
+  """From a tool's own command line: the `--config=` value and its `--config.KEY=VALUE` overrides, to pass
+  on to `command`."""
+  config_arg = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
+  overrides = dict(a[len("--config."):].split("=", 1) for a in argv if a.startswith("--config."))
+  return config_arg, overrides
+
+
 def flags_parser(program: str):
   """An absl `flags_parser` that turns bad flags and bad `--config.KEY` overrides into one line, exit 2."""
   def parse(argv):
