@@ -6,6 +6,8 @@ BatchNormalization computes its statistics in float32.
 """
 
 import keras
+import numpy as np
+import tensorflow as tf
 
 from pipeline import cifar10
 
@@ -94,7 +96,104 @@ def mlp(config) -> keras.Model:
   return keras.Model(inputs, x, name="mlp")
 
 
-BUILDERS = {"resnet": resnet, "plain_cnn": plain_cnn, "mlp": mlp}
+class PartialDirac(keras.initializers.Initializer):
+  """PyTorch's default conv init (uniform in +-1/sqrt(fan_in)) with the first min(in, out) filters set to
+  the identity (a 1 at the kernel's centre on their own input channel): the net starts close to passing its
+  input through, as airbench."""
+
+  def __call__(self, shape, dtype=None):
+    kh, kw, c_in, c_out = shape
+    kernel = keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform")(shape, "float32")
+    n = min(c_in, c_out)
+    identity = np.zeros((kh, kw, c_in, n), np.float32)
+    identity[kh // 2, kw // 2, np.arange(n), np.arange(n)] = 1.0
+    return tf.cast(tf.concat([tf.constant(identity), kernel[..., n:]], axis=-1), dtype or "float32")
+
+
+class PatchWhitening(keras.layers.Layer):
+  """A `size` x `size` valid conv whose frozen kernel whitens image patches: 2 x 3 x size^2 filters, the
+  eigenvectors of the training patches' covariance scaled by 1/sqrt(eigenvalue) and their negatives
+  (airbench). Only its bias trains. `initialize_from_data` sets the kernel; until then it is zero.
+  """
+
+  def __init__(self, size: int = 2, epsilon: float = 5e-4, bias_epochs: float = 0, **kwargs):
+    super().__init__(**kwargs)
+    self.size, self.epsilon = size, epsilon
+    self.bias_epochs = bias_epochs  # the bias trains for this many epochs, then freezes; 0 = always
+
+  def build(self, input_shape):
+    width = 2 * input_shape[-1] * self.size ** 2
+    self.kernel = self.add_weight(name="kernel", shape=(self.size, self.size, input_shape[-1], width),
+                                  initializer="zeros", trainable=False)
+    self.bias = self.add_weight(name="bias", shape=(width,), initializer="zeros")
+
+  def call(self, x):
+    x = tf.nn.conv2d(x, tf.cast(self.kernel, x.dtype), 1, "VALID")
+    return tf.nn.bias_add(x, tf.cast(self.bias, x.dtype))
+
+  def initialize_from_data(self, images: tf.Tensor) -> None:
+    """`images`: normalised float training images [N, H, W, C] (airbench uses 5,000)."""
+    c = images.shape[-1]
+    patches = tf.image.extract_patches(tf.cast(images, tf.float32), [1, self.size, self.size, 1],
+                                       [1, 1, 1, 1], [1, 1, 1, 1], "VALID")
+    patches = tf.reshape(patches, [-1, self.size * self.size * c]).numpy().astype(np.float64)
+    eigenvalues, eigenvectors = np.linalg.eigh(patches.T @ patches / len(patches))
+    filters = eigenvectors / np.sqrt(eigenvalues + self.epsilon)  # one whitening filter per column
+    filters = filters.reshape(self.size, self.size, c, -1)  # extract_patches flattens (row, col, channel)
+    self.kernel.assign(np.concatenate([filters, -filters], axis=-1).astype(np.float32))
+
+  def get_config(self):
+    return {**super().get_config(), "size": self.size, "epsilon": self.epsilon, "bias_epochs": self.bias_epochs}
+
+
+def initialize_from_data(model: keras.Model, images: tf.Tensor) -> bool:
+  """Runs `initialize_from_data(images)` of every layer that has one (PatchWhitening); False if none."""
+  layers = [layer for layer in model.layers if hasattr(layer, "initialize_from_data")]
+  for layer in layers:
+    layer.initialize_from_data(images)
+  return bool(layers)
+
+
+def trainable_at(model: keras.Model, epoch: int) -> list:
+  """The variables to train in `epoch` (0-based): the trainable ones less those frozen by then."""
+  frozen = {id(layer.bias) for layer in model.layers
+            if isinstance(layer, PatchWhitening) and 0 < layer.bias_epochs <= epoch}
+  return [v for v in model.trainable_variables if id(v) not in frozen]
+
+
+def airbench(config) -> keras.Model:
+  """airbench94's net (Keller Jordan's cifar10-airbench, after Page's ResNet-9 and hlb-CIFAR10): a frozen
+  patch-whitening conv, then per width a group conv -> 2x2 max-pool -> BN -> act -> conv -> BN -> act, no
+  residuals, BatchNorm without a scale (its bias only), a global max-pool and a bias-free linear head
+  scaled by `logit_scale`.
+
+  Config: widths, activation, bn_momentum, sync_bn, logit_scale, whiten_size, whiten_bias_epochs.
+  """
+  def bn(name):
+    return keras.layers.BatchNormalization(momentum=config.bn_momentum, epsilon=1e-5, scale=False,
+                                           synchronized=config.sync_bn, name=name)
+
+  def conv(width, name):
+    return keras.layers.Conv2D(width, 3, padding="same", use_bias=False, kernel_initializer=PartialDirac(),
+                               name=name)
+
+  inputs = keras.Input(cifar10.IMAGE_SHAPE, name="images")
+  x = PatchWhitening(config.whiten_size, bias_epochs=config.whiten_bias_epochs, name="whiten")(inputs)
+  x = keras.layers.Activation(config.activation, name="whiten_act")(x)
+  for g, width in enumerate(config.widths):
+    x = conv(width, f"group{g}_conv0")(x)
+    x = keras.layers.MaxPooling2D(2, name=f"group{g}_pool")(x)
+    x = keras.layers.Activation(config.activation, name=f"group{g}_act0")(bn(f"group{g}_bn0")(x))
+    x = conv(width, f"group{g}_conv1")(x)
+    x = keras.layers.Activation(config.activation, name=f"group{g}_act1")(bn(f"group{g}_bn1")(x))
+  x = keras.layers.GlobalMaxPooling2D(name="pool")(x)
+  x = keras.layers.Dense(cifar10.NUM_CLASSES, use_bias=False, dtype="float32", name="logits",
+                         kernel_initializer=keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"))(x)
+  x = keras.layers.Rescaling(config.logit_scale, dtype="float32", name="logit_scale")(x)
+  return keras.Model(inputs, x, name="airbench")
+
+
+BUILDERS = {"resnet": resnet, "airbench": airbench, "plain_cnn": plain_cnn, "mlp": mlp}
 
 
 def build(config) -> keras.Model:

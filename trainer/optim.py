@@ -106,6 +106,11 @@ class EMA:
     self.averages = [tf.Variable(v.value.read_value(), trainable=False, name=f"ema_{i}")
                      for i, v in enumerate(self._variables)]
 
+  def reset(self) -> None:
+    """Sets the averages to the weights (after the weights were set from data)."""
+    for average, v in zip(self.averages, self._variables):
+      average.assign(tf.cast(v.value, average.dtype))
+
   def update(self) -> None:
     for average, v in zip(self.averages, self._variables):
       average.assign(self.decay * average + (1.0 - self.decay) * tf.cast(v.value, average.dtype))
@@ -116,3 +121,43 @@ class EMA:
       weight = tf.identity(v.value)
       v.assign(average)
       average.assign(weight)
+
+
+class Lookahead:
+  """airbench's lookahead: every `every` steps the weights move into their running average and the
+  average replaces them, `average = d * average + (1 - d) * weights; weights = average`, with
+  d = `decay` x (step / total_steps)^3 (no averaging early, strong averaging late). `finish` copies the
+  average into the weights after the last step.
+
+  Covers every floating variable of the model (BatchNorm statistics too). Create under
+  `strategy.scope()`; `update` runs between steps in cross-replica context.
+  """
+
+  def __init__(self, variables, every: int, decay: float, total_steps: int):
+    self.every, self.decay, self.total_steps = every, decay, total_steps
+    self._variables = [v for v in variables if tf.as_dtype(v.dtype).is_floating]
+    self.averages = [tf.Variable(v.value.read_value(), trainable=False, name=f"lookahead_{i}")
+                     for i, v in enumerate(self._variables)]
+
+  reset = EMA.reset
+
+  def update(self, step: tf.Tensor) -> None:
+    """After train step number `step` (1-based)."""
+    def blend():
+      d = self.decay * (tf.cast(step, tf.float32) / self.total_steps) ** 3
+      for average, v in zip(self.averages, self._variables):
+        average.assign(d * average + (1.0 - d) * tf.cast(v.value, average.dtype))
+        v.assign(tf.cast(average, v.dtype))
+    tf.cond(tf.equal(step % self.every, 0), blend, lambda: None)
+
+  def finish(self) -> None:
+    for average, v in zip(self.averages, self._variables):
+      v.assign(tf.cast(average, v.dtype))
+
+
+def gradient_multipliers(model: keras.Model, bn_bias_lr_scale: float) -> list[float]:
+  """One learning-rate multiplier per trainable variable: `bn_bias_lr_scale` for BatchNorm biases (betas;
+  airbench trains them 64x faster), 1 elsewhere. Applied to the gradients, so weight decay is not scaled."""
+  betas = {id(layer.beta) for layer in model._flatten_layers()  # pylint: disable=protected-access
+           if isinstance(layer, keras.layers.BatchNormalization) and layer.center}
+  return [bn_bias_lr_scale if id(v) in betas else 1.0 for v in model.trainable_variables]

@@ -70,9 +70,11 @@ class State:
   train_sums: Sums
   eval_sums: Sums
   ema: optim.EMA | None  # averaged weights, when optimizer.ema_decay > 0
+  lookahead: optim.Lookahead | None  # when optimizer.lookahead_every > 0
 
 
 def make_state(config, strategy, steps_per_epoch: int) -> State:
+  opt = config.optimizer
   keras.mixed_precision.set_dtype_policy(config.mixed_precision)
   keras.utils.set_random_seed(config.seed)
   with strategy.scope():
@@ -80,11 +82,14 @@ def make_state(config, strategy, steps_per_epoch: int) -> State:
     optimizer = optim.make_optimizer(config, steps_per_epoch)
     optimizer.build(model.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-    ema = optim.EMA(model.trainable_variables, config.optimizer.ema_decay) if config.optimizer.ema_decay else None
+    ema = optim.EMA(model.trainable_variables, opt.ema_decay) if opt.ema_decay else None
+    lookahead = (optim.Lookahead(model.variables, opt.lookahead_every, opt.lookahead_decay,
+                                 config.num_epochs * steps_per_epoch) if opt.lookahead_every else None)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step,
-                                     **({"ema": ema.averages} if ema else {}))
+                                     **({"ema": ema.averages} if ema else {}),
+                                     **({"lookahead": lookahead.averages} if lookahead else {}))
     return State(model, optimizer, step, checkpoint, Sums("loss", "correct", "count"),
-                 Sums("loss", "correct", "count"), ema)
+                 Sums("loss", "correct", "count"), ema, lookahead)
 
 
 NORMALIZATIONS = {"centered": ((0.5, 0.5, 0.5), (1.0, 1.0, 1.0)),  # pixels / 255 - 0.5
@@ -118,14 +123,17 @@ def _correct(labels, logits):
 
 
 def make_train_loop(config, strategy, state: State, mean=None, std=None):
-  """Returns train_loop(iterator, num_steps): `num_steps` steps inside one tf.function call.
+  """Returns train_loop(iterator, num_steps, epoch): `num_steps` steps of epoch number `epoch` (a Python
+  int: it decides which variables train, models.trainable_at) inside one tf.function call.
 
   With `config.input.augment_on="device"` each step first augments and normalises its raw uint8 batch
   (`mean`, `std` in [0, 1] units) on the replica's device.
   """
   model, optimizer = state.model, state.optimizer
+  multipliers = dict(zip((id(v) for v in model.trainable_variables),
+                         optim.gradient_multipliers(model, config.optimizer.bn_bias_lr_scale)))
 
-  def step_fn(batch):
+  def step_fn(batch, variables):
     """Runs per replica."""
     if config.input.augment_on == "device":
       batch = augment.train_preprocess(batch, config.augment, mean, std)
@@ -137,10 +145,11 @@ def make_train_loop(config, strategy, state: State, mean=None, std=None):
       if model.losses:  # weight penalties (kernel_regularizer), counted once over the replicas
         loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
       scaled = optimizer.scale_loss(loss)  # the identity unless optimizer is a LossScaleOptimizer
-    grads = tape.gradient(scaled, model.trainable_variables)
+    grads = tape.gradient(scaled, variables)
     if config.optimizer.clip_norm:
       grads = optim.clip_by_global_norm(grads, config.optimizer.clip_norm * optim.scale_factor(optimizer))
-    optimizer.apply(grads, model.trainable_variables)
+    grads = [g * multipliers[id(v)] if multipliers[id(v)] != 1.0 else g for g, v in zip(grads, variables)]
+    optimizer.apply(grads, variables)
     state.train_sums.add(loss=tf.reduce_sum(per_example), correct=_correct(labels, logits),
                          count=tf.shape(per_example)[0])
 
@@ -153,12 +162,15 @@ def make_train_loop(config, strategy, state: State, mean=None, std=None):
         v.assign(ctx.all_reduce(tf.distribute.ReduceOp.MEAN, tf.identity(v.value)))
 
   @tf.function(jit_compile=config.jit_compile)
-  def train_loop(iterator, num_steps):
+  def train_loop(iterator, num_steps, epoch: int):
+    variables = models.trainable_at(model, epoch)
     for _ in tf.range(num_steps):
-      strategy.run(step_fn, args=(next(iterator),))
+      strategy.run(step_fn, args=(next(iterator), variables))
       state.step.assign_add(1)
       if state.ema:
         state.ema.update()
+      if state.lookahead:
+        state.lookahead.update(state.step)
       if not tf.math.is_finite(state.train_sums.total("loss")):
         break  # stop at the step that went wrong; Python reports it
     if strategy.num_replicas_in_sync > 1:
@@ -278,6 +290,23 @@ def distributed_eval_datasets(config, strategy, manifest: dict) -> dict:
           for split in ("validation", "test") if split in manifest["splits"]}
 
 
+DATA_INIT_IMAGES = 5000
+
+
+def _initialize_from_data(config, manifest: dict, state: State) -> None:
+  """Layers set from the data before the first step (models.PatchWhitening) see the first
+  DATA_INIT_IMAGES normalised train images, in file order: the same on every worker and every run."""
+  if not any(hasattr(layer, "initialize_from_data") for layer in state.model.layers):
+    return
+  mean, std = normalization_for(config, manifest)
+  dataset = input_pipeline.build_eval_dataset(config.data_dir, "train", batch_size=DATA_INIT_IMAGES,
+                                              mean=mean, std=std)
+  models.initialize_from_data(state.model, next(iter(dataset))["images"])
+  for averages in (state.ema, state.lookahead):
+    if averages:
+      averages.reset()
+
+
 def _write_input_grid(config, manifest: dict, writer, step: int, side: int = 8) -> None:
   """A `side` x `side` grid of augmented training images, as the model gets them (de-normalised)."""
   mean, std = normalization_for(config, manifest)
@@ -330,6 +359,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       _finish(run, status=f"stopped by {stop.signal}")
       return run.metrics
     eval_step = make_eval_step(run.strategy, run.state, config.tta)  # the export's own views
+    if run.state.lookahead:  # the weights end as their lookahead average (idempotent on a re-run)
+      run.state.lookahead.finish()
     if run.state.ema:  # the final evaluation and the export use the averaged weights
       run.state.ema.swap()
     for split, dataset in distributed_eval_datasets(config, run.strategy, run.manifest).items():
@@ -368,6 +399,8 @@ def _start(config, workdir: str) -> Run:
   writer = (tf.summary.create_file_writer(os.path.join(workdir, "summaries")) if chief
             else tf.summary.create_noop_writer())
   start_step = int(state.step.numpy())
+  if not manager.latest_checkpoint:
+    _initialize_from_data(config, manifest, state)
   if chief and start_step == 0:
     _write_input_grid(config, manifest, writer, start_step)
   return Run(config, workdir, strategy, chief, manifest, steps_per_epoch, config.num_epochs * steps_per_epoch,
@@ -386,7 +419,8 @@ def _train(run: Run, stop: faults.StopRequest) -> None:
   window_start, window_step = time.time(), run.start_step
   step = run.start_step
   while step < run.total_steps and not stop.agreed(run.strategy):
-    train_loop(iterator, tf.constant(_steps_until_boundary(config, step, run.steps_per_epoch, run.total_steps)))
+    train_loop(iterator, tf.constant(_steps_until_boundary(config, step, run.steps_per_epoch, run.total_steps)),
+               step // run.steps_per_epoch)
     step = int(state.step.numpy())
     _check_finite(state, step, run.manager)
     if step % config.log_every_steps == 0 or step % run.steps_per_epoch == 0:
