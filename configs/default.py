@@ -38,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.sync_bn = False  # BatchNorm statistics over the global batch (costs an all-reduce per layer)
   config.model.logit_scale = 1.0  # multiplies the logits
   config.model.whiten_size = 2  # airbench: patch side of the frozen whitening conv initialised from the data
+  config.model.head_init_std = 0.0  # airbench: std of the head's initial kernel; 0 = PyTorch's default
   config.model.whiten_bias_epochs = 3  # airbench: epochs the whitening conv's bias trains before it freezes
   # plain_cnn and mlp (the tutorial models; see trainer/models.py):
   config.model.convs_per_block = 2  # plain_cnn: convs before each pool
@@ -51,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.initializer = "glorot_uniform"  # plain_cnn: kernel initializer
 
   config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "sgd"  # sgd | adam | rmsprop
+  config.optimizer.name = "sgd"  # sgd | muon (Muon for conv kernels, SGD for the rest) | adam | rmsprop
   config.optimizer.learning_rate = 0.2  # peak learning rate, for the global batch as configured
   config.optimizer.momentum = 0.9  # SGD momentum
   config.optimizer.nesterov = True  # Nesterov momentum
@@ -62,7 +63,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.triangular_end = 0.0  # triangular: learning rate at the last step, as a fraction of the peak
   config.optimizer.piecewise_epochs = (5.0, 8.0)  # piecewise: epochs where the learning rate changes
   config.optimizer.piecewise_multipliers = (1.0, 0.1, 0.01)  # piecewise: fractions of learning_rate, one more
+  config.optimizer.muon_learning_rate = 0.24  # muon: peak step size of the conv kernels (same schedule)
+  config.optimizer.muon_momentum = 0.6  # muon: Nesterov momentum of the conv kernels
   config.optimizer.bn_bias_lr_scale = 1.0  # learning-rate multiplier of BatchNorm biases (airbench: 64)
+  config.optimizer.head_lr_scale = 1.0  # learning-rate multiplier of the logits layer's kernel
   config.optimizer.lookahead_every = 0  # steps between lookahead averaging (airbench: 5); 0 = off
   config.optimizer.lookahead_decay = 0.95 ** 5  # lookahead: the average's weight at the last step (ramps as step^3)
   config.optimizer.clip_norm = 0.0  # clip the global gradient norm to this; 0 = off

@@ -3,7 +3,8 @@ r"""Accuracy and wall time of a config on the shared CIFAR-10 data, over several
   python -m tools.benchmark_accuracy --config=configs/deep.py --runs=2
 
 Makes the shards from --source into --data_dir if they are missing (45,000 train / 5,000 validation),
-then for each run trains the config with `python -m trainer.main` (seed = run number) in a fresh workdir,
+then for each run trains the config with `python -m trainer.main` (seed = run number) in a fresh workdir
+(its log beside it, as runN.log),
 evaluates the run's export with tools.evaluate, and prints mean ± std of the validation accuracy (from the
 export) and of the wall time of the training command. Long runs are fine here; they are not in CI.
 """
@@ -55,12 +56,13 @@ def main(argv):
   for run in range(FLAGS.runs):
     workdir = os.path.join(root, f"run{run}")
     command = trainer_main.command(config_arg, workdir, dict(overrides, data_dir=FLAGS.data_dir, seed=run))
+    log = f"{workdir}.log"  # beside the workdir: the trainer refuses foreign files in its workdir
     start = time.time()
-    result = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with open(log, "w") as f:
+      result = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     elapsed = time.time() - start
     if result.returncode:
-      print(result.stderr[-3000:], file=sys.stderr)
-      sys.exit(f"benchmark_accuracy: error: run {run} failed (exit {result.returncode}); workdir {workdir}")
+      sys.exit(f"benchmark_accuracy: error: run {run} failed (exit {result.returncode}); its log: {log}")
     correct, total = evaluate.evaluate(os.path.join(workdir, "export"), FLAGS.data_dir, "validation", 1000)
     accuracies.append(correct / total)
     times.append(elapsed)

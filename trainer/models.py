@@ -167,7 +167,8 @@ def airbench(config) -> keras.Model:
   residuals, BatchNorm without a scale (its bias only), a global max-pool and a bias-free linear head
   scaled by `logit_scale`.
 
-  Config: widths, activation, bn_momentum, sync_bn, logit_scale, whiten_size, whiten_bias_epochs.
+  Config: widths, activation, bn_momentum, sync_bn, logit_scale, whiten_size, whiten_bias_epochs,
+  head_init_std (0: PyTorch's default init of the head, uniform in +-1/sqrt(fan_in)).
   """
   def bn(name):
     return keras.layers.BatchNormalization(momentum=config.bn_momentum, epsilon=1e-5, scale=False,
@@ -187,8 +188,10 @@ def airbench(config) -> keras.Model:
     x = conv(width, f"group{g}_conv1")(x)
     x = keras.layers.Activation(config.activation, name=f"group{g}_act1")(bn(f"group{g}_bn1")(x))
   x = keras.layers.GlobalMaxPooling2D(name="pool")(x)
+  head_init = (keras.initializers.RandomUniform(-config.head_init_std * 3 ** 0.5, config.head_init_std * 3 ** 0.5)
+               if config.head_init_std else keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"))
   x = keras.layers.Dense(cifar10.NUM_CLASSES, use_bias=False, dtype="float32", name="logits",
-                         kernel_initializer=keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"))(x)
+                         kernel_initializer=head_init)(x)
   x = keras.layers.Rescaling(config.logit_scale, dtype="float32", name="logit_scale")(x)
   return keras.Model(inputs, x, name="airbench")
 

@@ -47,7 +47,63 @@ def make_schedule(config, steps_per_epoch: int) -> keras.optimizers.schedules.Le
   raise ValueError(f"optimizer.schedule={opt.schedule!r} is not one of: {', '.join(SCHEDULES)}")
 
 
-OPTIMIZERS = ("sgd", "adam", "rmsprop")
+class MuonSGD(keras.optimizers.SGD):
+  """airbench94_muon's optimizer pair as one Keras optimizer: conv kernels (rank-4 variables) take Muon
+  steps, everything else (biases, the head) SGD steps with the usual momentum and decoupled weight decay.
+
+  Muon (Keller Jordan): Nesterov momentum `muon_momentum` on the raw gradient, the kernel rescaled to a
+  Frobenius norm of sqrt(output channels) (so its scale, which BatchNorm ignores, stays put), then a step
+  of `learning_rate * muon_ratio` along the momentum orthogonalised by `ns_steps` Newton-Schulz iterations
+  (the kernel seen as an [out, kh*kw*in] matrix). Conv kernels get no weight decay.
+  """
+
+  def __init__(self, learning_rate, *, muon_ratio: float, muon_momentum: float, ns_steps: int = 3, **kwargs):
+    super().__init__(learning_rate, **kwargs)
+    self.muon_ratio, self.muon_momentum, self.ns_steps = muon_ratio, muon_momentum, ns_steps
+
+  def build(self, variables):
+    if self.built:
+      return
+    super().build(variables)
+    if not self.momentums:  # SGD keeps none without momentum; Muon's kernels need theirs
+      self.momentums = self.add_optimizer_variables(variables, "momentum")
+
+  def _use_weight_decay(self, variable):  # Keras's hook for exclusions; conv kernels are kept normalised
+    return len(variable.shape) != 4 and super()._use_weight_decay(variable)
+
+  def update_step(self, gradient, variable, learning_rate):
+    if len(variable.shape) != 4:
+      return super().update_step(gradient, variable, learning_rate)
+    m = self.momentums[self._get_variable_index(variable)]
+    gradient = tf.cast(gradient, variable.dtype)
+    m.assign(self.muon_momentum * m + gradient)
+    direction = gradient + self.muon_momentum * m
+    out = variable.shape[-1]
+    variable.assign(variable * (out ** 0.5 / (tf.norm(variable) + 1e-12)))
+    update = tf.reshape(tf.transpose(orthogonalize(tf.transpose(tf.reshape(direction, [-1, out])),
+                                                   self.ns_steps)), variable.shape)
+    variable.assign_sub(tf.cast(learning_rate, variable.dtype) * self.muon_ratio * update)
+
+  def get_config(self):
+    return {**super().get_config(), "muon_ratio": self.muon_ratio, "muon_momentum": self.muon_momentum,
+            "ns_steps": self.ns_steps}
+
+
+def orthogonalize(g: tf.Tensor, steps: int) -> tf.Tensor:
+  """Muon's quintic Newton-Schulz iteration: about U V^T of g = U S V^T (singular values pushed into
+  roughly [0.5, 1.5], which trains as well), for a 2-D g."""
+  a, b, c = 3.4445, -4.7750, 2.0315
+  x = g / (tf.norm(g) + 1e-7)
+  wide = g.shape[0] <= g.shape[1]
+  if not wide:
+    x = tf.transpose(x)
+  for _ in range(steps):
+    xxt = x @ tf.transpose(x)
+    x = a * x + (b * xxt + c * xxt @ xxt) @ x
+  return x if wide else tf.transpose(x)
+
+
+OPTIMIZERS = ("sgd", "muon", "adam", "rmsprop")
 
 
 def make_optimizer(config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
@@ -58,6 +114,9 @@ def make_optimizer(config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
   decay = opt.weight_decay or None
   if opt.name == "sgd":
     optimizer = keras.optimizers.SGD(schedule, momentum=opt.momentum, nesterov=opt.nesterov, weight_decay=decay)
+  elif opt.name == "muon":
+    optimizer = MuonSGD(schedule, momentum=opt.momentum, nesterov=opt.nesterov, weight_decay=decay,
+                        muon_ratio=opt.muon_learning_rate / opt.learning_rate, muon_momentum=opt.muon_momentum)
   elif opt.name == "adam":
     optimizer = keras.optimizers.Adam(schedule, weight_decay=decay)
   elif opt.name == "rmsprop":
@@ -155,9 +214,13 @@ class Lookahead:
       v.assign(tf.cast(average, v.dtype))
 
 
-def gradient_multipliers(model: keras.Model, bn_bias_lr_scale: float) -> list[float]:
+def gradient_multipliers(model: keras.Model, bn_bias_lr_scale: float, head_lr_scale: float) -> list[float]:
   """One learning-rate multiplier per trainable variable: `bn_bias_lr_scale` for BatchNorm biases (betas;
-  airbench trains them 64x faster), 1 elsewhere. Applied to the gradients, so weight decay is not scaled."""
-  betas = {id(layer.beta) for layer in model._flatten_layers()  # pylint: disable=protected-access
-           if isinstance(layer, keras.layers.BatchNormalization) and layer.center}
-  return [bn_bias_lr_scale if id(v) in betas else 1.0 for v in model.trainable_variables]
+  airbench trains them 64x faster), `head_lr_scale` for the kernel of the `logits` layer, 1 elsewhere.
+  Applied to the gradients, so weight decay is not scaled (and Muon's normalised steps ignore them)."""
+  layers = model._flatten_layers()  # pylint: disable=protected-access
+  scales = {id(layer.beta): bn_bias_lr_scale for layer in layers
+            if isinstance(layer, keras.layers.BatchNormalization) and layer.center}
+  if "logits" in [layer.name for layer in model.layers]:
+    scales[id(model.get_layer("logits").kernel)] = head_lr_scale
+  return [scales.get(id(v), 1.0) for v in model.trainable_variables]

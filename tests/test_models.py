@@ -1,0 +1,79 @@
+"""trainer/models.py and the optimizer pieces of airbench's recipe (trainer/optim.py)."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from configs import deep
+from trainer import models
+from trainer import optim
+
+
+def test_patch_whitening_whitens_the_patches_it_was_set_from():
+  keras.mixed_precision.set_dtype_policy("float32")
+  rng = np.random.default_rng(0)
+  # Strongly correlated pixels and channels, as in natural images.
+  base = rng.normal(size=(64, 33, 33, 1))
+  images = tf.constant(base[:, :32, :32] + 0.5 * base[:, 1:, 1:] + 0.1 * rng.normal(size=(64, 32, 32, 3)),
+                       tf.float32)
+  layer = models.PatchWhitening(2, epsilon=0.0)
+  layer.build(images.shape)
+  layer.initialize_from_data(images)
+  out = layer(images).numpy().reshape(-1, 24)
+  assert layer.kernel.shape == (2, 2, 3, 24)
+  np.testing.assert_allclose(out[:, :12], -out[:, 12:], atol=1e-5)  # the filters and their negatives
+  np.testing.assert_allclose(out[:, :12].T @ out[:, :12] / len(out), np.eye(12), atol=2e-3)
+
+
+def test_partial_dirac_passes_the_first_channels_through():
+  kernel = models.PartialDirac()((3, 3, 4, 6)).numpy()
+  x = tf.constant(np.random.default_rng(0).normal(size=(1, 5, 5, 4)), tf.float32)
+  y = tf.nn.conv2d(x, kernel, 1, "SAME").numpy()
+  np.testing.assert_allclose(y[..., :4], x.numpy(), atol=1e-6)
+  bound = 1 / np.sqrt(3 * 3 * 4)
+  assert np.all(np.abs(kernel[..., 4:]) <= bound) and np.std(kernel[..., 4:]) > bound / 4
+
+
+def test_airbench_trains_bn_biases_only_and_freezes_the_whitening_bias():
+  config = deep.get_config()
+  model = models.build(config.model)
+  assert sum(int(np.prod(v.shape)) for v in model.weights) > 1.9e6
+  names = [v.path for v in model.trainable_variables]
+  assert not [n for n in names if n.endswith("gamma")] and len([n for n in names if n.endswith("beta")]) == 6
+  whiten_bias = model.get_layer("whiten").bias
+  assert any(v is whiten_bias for v in models.trainable_at(model, config.model.whiten_bias_epochs - 1))
+  assert not any(v is whiten_bias for v in models.trainable_at(model, config.model.whiten_bias_epochs))
+  multipliers = optim.gradient_multipliers(model, 64.0, 1.0)
+  assert [n for n, m in zip(names, multipliers) if m == 64.0] == [n for n in names if n.endswith("beta")]
+
+
+def test_lookahead_blends_every_few_steps_and_finishes_on_the_average():
+  weight = keras.Variable(0.0)
+  lookahead = optim.Lookahead([weight], every=2, decay=0.5, total_steps=4)
+  weight.assign(1.0)
+  lookahead.update(tf.constant(1))  # not a multiple of `every`: nothing happens
+  assert weight.numpy() == 1.0 and lookahead.averages[0].numpy() == 0.0
+  lookahead.update(tf.constant(2))  # d = 0.5 * (2/4)^3 = 1/16
+  np.testing.assert_allclose([weight.numpy(), lookahead.averages[0].numpy()], [15 / 16] * 2, rtol=1e-6)
+  weight.assign(3.0)
+  lookahead.finish()
+  np.testing.assert_allclose(weight.numpy(), 15 / 16, rtol=1e-6)
+
+
+def test_orthogonalize_pushes_singular_values_towards_one():
+  g = tf.constant(np.random.default_rng(0).normal(size=(16, 72)) * np.linspace(0.01, 10, 72), tf.float32)
+  for matrix in (g, tf.transpose(g)):
+    s = np.linalg.svd(optim.orthogonalize(matrix, 5).numpy(), compute_uv=False)
+    assert 0.5 < s.min() and s.max() < 1.5, s
+
+
+def test_muon_sgd_normalises_conv_kernels_and_steps_the_rest_with_sgd():
+  kernel = keras.Variable(np.random.default_rng(0).normal(size=(3, 3, 4, 8)).astype(np.float32))
+  bias = keras.Variable(np.ones(8, np.float32))
+  optimizer = optim.MuonSGD(0.1, momentum=0.0, muon_ratio=0.5, muon_momentum=0.0, weight_decay=0.1)
+  grads = [tf.ones_like(kernel), tf.ones_like(bias)]
+  optimizer.apply(grads, [kernel, bias])
+  np.testing.assert_allclose(bias.numpy(), 1 - 0.1 * 1 - 0.1 * 0.1, rtol=1e-6)  # SGD step + decoupled decay
+  # A rank-one gradient orthogonalises to a unit-norm direction: the kernel lands at norm sqrt(8) minus a
+  # step of 0.05 along it (no decay on kernels).
+  assert abs(np.linalg.norm(kernel.numpy()) - np.sqrt(8)) < 0.1
