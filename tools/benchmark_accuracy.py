@@ -52,6 +52,7 @@ def main(argv):
   if not os.path.exists(os.path.join(FLAGS.data_dir, manifest_lib.FILENAME)):
     make_tfrecords.make(FLAGS.source, FLAGS.data_dir)
   root = FLAGS.workdir or tempfile.mkdtemp(prefix="benchmark_accuracy_")
+  os.makedirs(root, exist_ok=True)
   accuracies, times = [], []
   for run in range(FLAGS.runs):
     workdir = os.path.join(root, f"run{run}")
