@@ -10,6 +10,24 @@ import tensorflow as tf
 _CHUNK = 1 << 22
 
 
+class StorageError(Exception):
+  """A storage location that cannot be used (a missing gs:// bucket)."""
+
+
+def check_bucket(path: str) -> None:
+  """For a gs:// path, fails fast and clearly when its bucket does not exist or cannot be seen (TF's own
+  client would otherwise retry writes into it for minutes). Local paths pass."""
+  if not path.startswith("gs://"):
+    return
+  bucket = "gs://" + path[len("gs://"):].split("/")[0]
+  try:
+    found = tf.io.gfile.exists(bucket)
+  except tf.errors.OpError as e:
+    raise StorageError(f"{path}: cannot reach bucket {bucket} ({e.message.splitlines()[0]})") from None
+  if not found:
+    raise StorageError(f"{path}: bucket {bucket} does not exist, or these credentials cannot see it")
+
+
 def sha256_file(path: str) -> str:
   digest = hashlib.sha256()
   with tf.io.gfile.GFile(path, "rb") as f:

@@ -16,6 +16,7 @@ for google-cloud-storage. Nothing here ever connects beyond 127.0.0.1.
 
 import datetime
 import http.client
+import json
 import os
 import socket
 import socketserver
@@ -144,6 +145,8 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
       stream.write(b"HTTP/1.1 100 Continue\r\n\r\n")
       stream.flush()
     body = _read_body(stream, headers)
+    if method == "GET" and path.split("?")[0].endswith("/storageLayout"):
+      return self._storage_layout(stream, path)
     skip = {"transfer-encoding", "expect", "content-length", "connection", "proxy-connection", "host"}
     forwarded = {k: v for k, v in headers if k.lower() not in skip}  # Host becomes the emulator's own
     upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60)
@@ -166,6 +169,29 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
     return True
 
 
+  def _storage_layout(self, stream, path: str) -> bool:
+    """The emulator lacks this call, which TF makes before renaming a directory: a bucket without a
+    hierarchical namespace, for any bucket the emulator has."""
+    bucket = path.split("/")[-2]
+    upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60)
+    try:
+      upstream.request("GET", f"/storage/v1/b/{bucket}")
+      found = upstream.getresponse()
+      found.read()
+    finally:
+      upstream.close()
+    if found.status == 200:
+      status, data = "200 OK", json.dumps({"kind": "storage#storageLayout", "bucket": bucket, "location": "US",
+                                           "locationType": "multi-region",
+                                           "hierarchicalNamespace": {"enabled": False}}).encode()
+    else:
+      status, data = "404 Not Found", json.dumps({"error": {"code": 404, "message": "Not Found"}}).encode()
+    stream.write(f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+                 .encode() + data)
+    stream.flush()
+    return True
+
+
 class GcsEmulator:
   """Starts the emulator and the proxy; `stop()` ends both. Buckets are created on first use by `bucket`."""
 
@@ -175,7 +201,7 @@ class GcsEmulator:
     self.ca, leaf, key = _certificates(self._dir)
     self.port = _free_port()
     self._emulator = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1", f"--port={self.port}",
+        [sys.executable, os.path.abspath(__file__), "start", "--host=127.0.0.1", f"--port={self.port}",
          "--in-memory", f"--default-bucket={bucket}"],
         stdout=subprocess.DEVNULL, stderr=open(os.path.join(self._dir, "emulator.log"), "w"))
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -210,3 +236,23 @@ class GcsEmulator:
       self._emulator.wait(10)
     except subprocess.TimeoutExpired:
       self._emulator.kill()
+
+
+def _emulator_main() -> None:
+  """gcp-storage-emulator's command line, mended: it fails a media upload with an empty body (TF creates
+  directory markers that way) because it reads an empty body as None."""
+  from gcp_storage_emulator import __main__ as emulator  # pylint: disable=g-import-not-at-top
+  from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
+  media_upload = objects._media_upload  # pylint: disable=protected-access
+
+  def empty_body_is_empty(request, response, storage):
+    if request.data is None:
+      request._data = b""  # pylint: disable=protected-access
+    return media_upload(request, response, storage)
+
+  objects._media_upload = empty_body_is_empty  # pylint: disable=protected-access
+  emulator.main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+  _emulator_main()

@@ -32,7 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def define_flags():
   """Command-line flags; defined only when run as a program, so modules import side by side."""
   config_flags.DEFINE_config_file("config", None, "A training config, e.g. configs/deep.py.")
-  flags.DEFINE_integer("runs", 2, "Training runs, seeds 0..runs-1.")
+  flags.DEFINE_integer("runs", 2, "Training runs, seeds first_seed..first_seed+runs-1.")
+  flags.DEFINE_integer("first_seed", 0, "Seed of the first run (to add runs to an earlier measurement).")
   flags.DEFINE_string("source", os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg-train.tar.gz"),
                       "make_tfrecords source used when --data_dir has no manifest.")
   flags.DEFINE_string("data_dir", os.path.join(tempfile.gettempdir(), "cifar10-shared"), "Shards.")
@@ -54,7 +55,7 @@ def main(argv):
   root = FLAGS.workdir or tempfile.mkdtemp(prefix="benchmark_accuracy_")
   os.makedirs(root, exist_ok=True)
   accuracies, times = [], []
-  for run in range(FLAGS.runs):
+  for run in range(FLAGS.first_seed, FLAGS.first_seed + FLAGS.runs):
     workdir = os.path.join(root, f"run{run}")
     command = trainer_main.command(config_arg, workdir, dict(overrides, data_dir=FLAGS.data_dir, seed=run))
     log = f"{workdir}.log"  # beside the workdir: the trainer refuses foreign files in its workdir

@@ -175,6 +175,7 @@ def make(source_name: str, output_dir: str, *, num_shards: int = 16, val_size: i
          encoding: str = "raw", workers: int = 0, synthetic_sizes: tuple[int, int] = (50000, 10000)) -> dict:
   """Loads the source, splits it, writes shards and the manifest; returns the manifest."""
   start = time.time()
+  fileio.check_bucket(output_dir)
   source = sources.load(source_name, seed=seed, synthetic_sizes=synthetic_sizes)
   logging.info("loaded %s (%s): %s in %.1fs", source.name, source.kind,
                ", ".join(f"{k} {len(v)}" for k, v in source.splits.items()), time.time() - start)
@@ -243,7 +244,7 @@ def main(argv):
       make(FLAGS.source, FLAGS.output_dir, num_shards=FLAGS.num_shards, val_size=FLAGS.val_size,
            seed=FLAGS.seed, encoding=FLAGS.encoding, workers=FLAGS.workers,
            synthetic_sizes=(FLAGS.synthetic_train_size, FLAGS.synthetic_test_size))
-  except (sources.SourceError, manifest_lib.ManifestError, VerifyError) as e:
+  except (sources.SourceError, manifest_lib.ManifestError, VerifyError, fileio.StorageError) as e:
     print(f"make_tfrecords: error: {e}", file=sys.stderr)
     sys.exit(1)
 

@@ -241,6 +241,10 @@ WORKDIR_FILES = ("checkpoints", "summaries", "export", "config.json", "run.json"
 
 def check_workdir(workdir: str) -> None:
   """Refuses a workdir that holds something else than a run of this trainer, or cannot be written."""
+  try:
+    fileio.check_bucket(workdir)
+  except fileio.StorageError as e:
+    raise TrainingError(f"workdir {e}") from None
   if tf.io.gfile.isdir(workdir):
     foreign = sorted(n.rstrip("/") for n in tf.io.gfile.listdir(workdir)
                      if n.rstrip("/") not in WORKDIR_FILES and not n.startswith(".tmp-"))
