@@ -23,6 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.jit_compile = False  # XLA-compile the train loop (pays on GPUs; ~4x slower on this CPU, NOTES.md)
   config.log_every_steps = 50  # steps between progress lines and train summaries
   config.checkpoint_every_steps = 0  # steps between checkpoints; 0 = at the end of every epoch only
+  config.summary_flush_secs = 60.0  # seconds: longest a TensorBoard event waits in memory (always flushed on exit)
   config.keep_checkpoints = 3  # checkpoints kept in workdir/checkpoints
   config.export = True  # write the SavedModel to workdir/export at the end
   config.tta = "none"  # test-time views in the final evaluation and the export: none | flip | flip_translate

@@ -57,3 +57,18 @@ def write_json(path: str, obj) -> None:
 def read_json(path: str):
   with tf.io.gfile.GFile(path, "r") as f:
     return json.load(f)
+
+
+def rename_dir(src: str, dst: str, last: str) -> None:
+  """Moves directory `src` to `dst` (which must not exist). Locally one atomic rename; on object stores
+  (gs://), where a directory rename is a copy per object, file by file with the file named `last` moved
+  last, so a reader that waits for `last` never sees a partial directory."""
+  if "://" not in src:
+    tf.io.gfile.rename(src, dst)
+    return
+  files = [os.path.join(root, name)[len(src.rstrip("/")) + 1:]
+           for root, _, names in tf.io.gfile.walk(src) for name in names]
+  for name in sorted(files, key=lambda f: f == last):
+    tf.io.gfile.makedirs(os.path.dirname(os.path.join(dst, name)))
+    tf.io.gfile.rename(os.path.join(src, name), os.path.join(dst, name))
+  tf.io.gfile.rmtree(src)

@@ -168,11 +168,64 @@ def test_predict_tool(trained, tmp_path):
   for i, image in enumerate(images):
     paths.append(str(tmp_path / f"{i}.png"))
     tf.io.write_file(paths[-1], tf.io.encode_png(image))
-  results = predict_tool.predict(os.path.join(workdir, "export"), paths)
+  results = predict_tool.predict(os.path.join(workdir, "export"), paths, top_k=3)
   out = export_lib.load(os.path.join(workdir, "export")).signatures["serving_default"](images=images)
   names = manifest_lib.class_names(manifest)
-  assert [r[1] for r in results] == [names[c] for c in out["classes"].numpy()]
-  np.testing.assert_allclose([r[2] for r in results], out["probabilities"].numpy().max(1), atol=1e-6)
+  probabilities = out["probabilities"].numpy()
+  for (path, top), p, row in zip(results, paths, probabilities):
+    assert path == p and len(top) == 3
+    assert [name for name, _ in top] == [names[c] for c in np.argsort(-row, kind="stable")[:3]]
+    np.testing.assert_allclose([q for _, q in top], np.sort(row)[::-1][:3], atol=1e-6)
+
+
+def test_rest_json_requests_match_the_signatures(trained, tmp_path):
+  import base64  # pylint: disable=g-import-not-at-top
+  workdir, _, config = trained
+  export = os.path.join(workdir, "export")
+  images = next(iter(input_pipeline.build_eval_dataset(config.data_dir, "test", batch_size=4)))["images"]
+  loaded = export_lib.load(export)
+  expected = loaded.signatures["serving_default"](images=images)["probabilities"].numpy()
+  rows = images.numpy().tolist()
+  png = [{"b64": base64.b64encode(tf.io.encode_png(i).numpy()).decode()} for i in images]
+  requests = {
+      "row": {"instances": rows},
+      "row_named": {"instances": [{"images": r} for r in rows]},
+      "columnar": {"inputs": {"images": rows}},
+      "bytes": {"signature_name": "serve_bytes", "instances": png},
+  }
+  for kind, request in requests.items():
+    answer = predict_tool.rest_predict(loaded, request)
+    got = (answer["outputs"]["probabilities"] if "outputs" in answer
+           else [p["probabilities"] for p in answer["predictions"]])
+    np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=kind)
+  # The command line, as a user would pipe a request body, prints the same answer.
+  path = tmp_path / "request.json"
+  path.write_text(json.dumps(requests["row"]))
+  result = subprocess.run([sys.executable, "-m", "tools.predict", f"--model={export}", f"--json={path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  np.testing.assert_allclose([p["probabilities"] for p in json.loads(result.stdout)["predictions"]], expected,
+                             atol=1e-6)
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps({"instances": [{"pixels": rows[0]}]}))
+  result = subprocess.run([sys.executable, "-m", "tools.predict", f"--model={export}", f"--json={bad}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == ("predict: error: signature serving_default takes input(s) "
+                                                    "images; the request has pixels")
+
+
+def test_saved_model_cli_lists_the_signatures(trained):
+  workdir, _, _ = trained
+  cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+  shown = subprocess.run([cli, "show", "--dir", os.path.join(workdir, "export"), "--all"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+  for needle in ("signature_def['serving_default']", "signature_def['serve_bytes']",
+                 "signature_def['serve_examples']", "inputs['images'] tensor_info:", "dtype: DT_UINT8",
+                 "inputs['image_bytes'] tensor_info:", "inputs['examples'] tensor_info:", "dtype: DT_STRING",
+                 "outputs['probabilities'] tensor_info:", "dtype: DT_FLOAT", "outputs['classes'] tensor_info:",
+                 "dtype: DT_INT64"):
+    assert needle in shown, needle
 
 
 def test_resume_continues_the_step_count(synthetic_dir, tmp_path):

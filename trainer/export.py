@@ -86,8 +86,8 @@ def export(model, path: str, *, mean, std, class_names, tta: str = "none") -> st
   tf.saved_model.save(module, tmp, signatures=module.signatures())
   old = fileio.temp_name(path) if tf.io.gfile.exists(path) else None
   if old:
-    tf.io.gfile.rename(path, old)
-  tf.io.gfile.rename(tmp, path)
+    fileio.rename_dir(path, old, last="saved_model.pb")
+  fileio.rename_dir(tmp, path, last="saved_model.pb")
   if old:
     tf.io.gfile.rmtree(old)
   return path

@@ -401,7 +401,10 @@ def _start(config, workdir: str) -> Run:
     logging.info("resumed from %s at step %d", manager.latest_checkpoint, int(state.step.numpy()))
   if chief:  # check_workdir made the directory
     fileio.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n")
-  writer = (tf.summary.create_file_writer(os.path.join(workdir, "summaries")) if chief
+  # Buffered: events reach the file at most every summary_flush_secs and on exit, not per call. On gs://
+  # every flush re-uploads the event file, so per-step flushing would cost more than the training.
+  writer = (tf.summary.create_file_writer(os.path.join(workdir, "summaries"), max_queue=10000,
+                                          flush_millis=int(config.summary_flush_secs * 1000)) if chief
             else tf.summary.create_noop_writer())
   start_step = int(state.step.numpy())
   if not manager.latest_checkpoint:
@@ -440,7 +443,6 @@ def _train(run: Run, stop: faults.StopRequest) -> None:
       run.manager.save(checkpoint_number=step)
     elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
       run.manager.save(checkpoint_number=step)
-    run.writer.flush()
 
 
 def _evaluate_averaged(state: State, eval_step, dataset) -> dict[str, float]:

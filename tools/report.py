@@ -1,0 +1,246 @@
+r"""Renders a finished (or running) training run as one HTML page with PNG figures.
+
+  python -m tools.report --workdir=/tmp/run              # writes /tmp/run/report/index.html + *.png
+  python -m tools.report --workdir=gs://b/run --output_dir=/tmp/report
+
+From the run's TensorBoard summaries: learning curves (train and validation loss and accuracy per epoch)
+and throughput over time. From its export, run on the validation split (the test split if there is no
+validation split): the confusion matrix, per-class accuracy and sample predictions with their images. And
+the run's config, status and the data's manifest. Every file is written atomically; index.html last.
+"""
+
+import html
+import io
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+import tensorflow as tf
+
+from pipeline import fileio
+from pipeline import input_pipeline
+from pipeline import manifest as manifest_lib
+from trainer import export as export_lib
+
+FLAGS = flags.FLAGS
+SAMPLES = 24  # sample predictions shown
+
+
+def define_flags():
+  """Command-line flags; defined only when run as a program, so modules import side by side."""
+  flags.DEFINE_string("workdir", None, "A trainer workdir (local or gs://).")
+  flags.DEFINE_string("output_dir", None, "Where index.html and the PNGs go; default WORKDIR/report.")
+  flags.mark_flags_as_required(["workdir"])
+
+
+class ReportError(Exception):
+  """The workdir lacks what a report needs."""
+
+
+def read_scalars(summary_dir: str) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value), ...]} from every event file under `summary_dir`, sorted by step."""
+  scalars: dict[str, dict[int, float]] = {}
+  for path in sorted(tf.io.gfile.glob(os.path.join(summary_dir, "events.out.tfevents.*"))):
+    for record in tf.data.TFRecordDataset(path):
+      event = tf.compat.v1.Event.FromString(record.numpy())
+      for value in event.summary.value:
+        if value.metadata.plugin_data.plugin_name == "scalars" or value.HasField("simple_value"):
+          number = value.simple_value if value.HasField("simple_value") else float(tf.make_ndarray(value.tensor))
+          scalars.setdefault(value.tag, {})[event.step] = number
+  return {tag: sorted(points.items()) for tag, points in scalars.items()}
+
+
+def _png(figure) -> bytes:
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+  plt.close(figure)
+  return buffer.getvalue()
+
+
+def learning_curves(scalars, steps_per_epoch: float) -> bytes:
+  figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, metric in zip(axes, ("loss", "accuracy")):
+    for split, style in (("train", "-"), ("validation", "o-")):
+      points = scalars.get(f"{split}/{metric}", [])
+      if points:
+        ax.plot([s / steps_per_epoch for s, _ in points], [v for _, v in points], style, label=split)
+    ax.set_xlabel("epoch")
+    ax.set_title(metric)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  return _png(figure)
+
+
+def throughput(scalars, steps_per_epoch: float) -> bytes:
+  figure, ax = plt.subplots(figsize=(11, 3))
+  points = scalars.get("train/images_per_sec", [])
+  ax.plot([s / steps_per_epoch for s, _ in points], [v for _, v in points], ".-")
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("images / s")
+  ax.set_title("training throughput (per logging interval)")
+  ax.grid(alpha=0.3)
+  return _png(figure)
+
+
+def confusion_figure(matrix: np.ndarray, names: list[str]) -> bytes:
+  figure, ax = plt.subplots(figsize=(7, 6))
+  ax.imshow(matrix, cmap="Blues")
+  ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+  ax.set_yticks(range(len(names)), names)
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  for (i, j), count in np.ndenumerate(matrix):
+    ax.text(j, i, int(count), ha="center", va="center", fontsize=8,
+            color="white" if count > matrix.max() / 2 else "black")
+  return _png(figure)
+
+
+def per_class_figure(matrix: np.ndarray, names: list[str]) -> bytes:
+  accuracy = np.diag(matrix) / np.maximum(matrix.sum(1), 1)
+  figure, ax = plt.subplots(figsize=(11, 3))
+  ax.bar(names, accuracy)
+  ax.set_ylim(0, 1)
+  ax.set_ylabel("accuracy")
+  for i, a in enumerate(accuracy):
+    ax.text(i, a + 0.02, f"{a:.3f}", ha="center", fontsize=8)
+  return _png(figure)
+
+
+def samples_figure(images: np.ndarray, labels, predicted, probabilities, names) -> bytes:
+  columns = 8
+  rows = -(-len(images) // columns)
+  figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.9))
+  for ax in np.ravel(axes):
+    ax.axis("off")
+  for ax, image, label, guess, p in zip(np.ravel(axes), images, labels, predicted, probabilities):
+    ax.imshow(image)
+    ax.set_title(f"{names[guess]} {p:.2f}\n(true: {names[label]})", fontsize=7,
+                 color="green" if guess == label else "red")
+  return _png(figure)
+
+
+def predictions(export_dir: str, data_dir: str, split: str):
+  """Labels, predicted classes, top probabilities and the first SAMPLES images of `split`."""
+  model = export_lib.load(export_dir)
+  labels, predicted, top, images = [], [], [], []
+  for batch in input_pipeline.build_eval_dataset(data_dir, split, batch_size=1000):
+    out = model.signatures["serving_default"](images=batch["images"])
+    labels.append(batch["labels"].numpy())
+    predicted.append(out["classes"].numpy())
+    top.append(out["probabilities"].numpy().max(1))
+    if sum(len(i) for i in images) < SAMPLES:
+      images.append(batch["images"].numpy())
+  return (np.concatenate(labels), np.concatenate(predicted), np.concatenate(top),
+          np.concatenate(images)[:SAMPLES])
+
+
+def _table(rows) -> str:
+  cells = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+  return f"<table>{cells}</table>"
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+  rows = []
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      rows += _flatten(value, f"{prefix}{key}.")
+    else:
+      rows.append((f"{prefix}{key}", value))
+  return rows
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1100px; }}
+table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
+th, td {{ border: 1px solid #ccc; padding: 2px 8px; text-align: left; font-size: 13px; }}
+th {{ background: #f4f4f4; }}
+img {{ max-width: 100%; }}
+</style></head>
+<body>
+<h1>{title}</h1>
+{summary}
+<h2>Learning curves</h2><img id="learning_curves" src="learning_curves.png" alt="learning curves">
+<h2>Confusion matrix ({split})</h2><img id="confusion_matrix" src="confusion_matrix.png" alt="confusion matrix">
+<h2>Per-class accuracy ({split})</h2><img id="per_class_accuracy" src="per_class_accuracy.png" alt="per-class accuracy">
+<h2>Sample predictions ({split})</h2><img id="samples" src="samples.png" alt="sample predictions">
+<h2>Throughput</h2><img id="throughput" src="throughput.png" alt="throughput">
+<h2>Config</h2>{config}
+<h2>Data (manifest)</h2>{manifest}
+<script>
+window.addEventListener("load", () => {{
+  const images = Array.from(document.images);
+  document.body.dataset.imagesLoaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.imagesTotal = images.length;
+}});
+</script>
+</body></html>
+"""
+
+
+def report(workdir: str, output_dir: str | None = None) -> str:
+  """Writes the report; returns the path of index.html."""
+  output_dir = output_dir or os.path.join(workdir, "report")
+  config_path, run_path = os.path.join(workdir, "config.json"), os.path.join(workdir, "run.json")
+  for path in (config_path, os.path.join(workdir, "export", "saved_model.pb")):
+    if not tf.io.gfile.exists(path):
+      raise ReportError(f"{workdir}: no {os.path.relpath(path, workdir)}; is this a finished trainer workdir?")
+  config = fileio.read_json(config_path)
+  run = fileio.read_json(run_path) if tf.io.gfile.exists(run_path) else {}
+  manifest = manifest_lib.load(config["data_dir"])
+  split = "validation" if "validation" in manifest["splits"] else "test"
+  names = list(manifest_lib.class_names(manifest))
+  scalars = read_scalars(os.path.join(workdir, "summaries"))
+  steps_per_epoch = run.get("total_steps", 0) / max(config["num_epochs"], 1) or 1.0
+
+  labels, predicted, top, images = predictions(os.path.join(workdir, "export"), config["data_dir"], split)
+  matrix = np.zeros((len(names), len(names)), np.int64)
+  np.add.at(matrix, (labels, predicted), 1)
+  figures = {
+      "learning_curves.png": learning_curves(scalars, steps_per_epoch),
+      "confusion_matrix.png": confusion_figure(matrix, names),
+      "per_class_accuracy.png": per_class_figure(matrix, names),
+      "samples.png": samples_figure(images, labels, predicted, top, names),
+      "throughput.png": throughput(scalars, steps_per_epoch),
+  }
+  tf.io.gfile.makedirs(output_dir)
+  for name, data in figures.items():
+    fileio.atomic_write(os.path.join(output_dir, name), data)
+  accuracy = float(np.mean(labels == predicted))
+  summary = _table([("workdir", workdir), ("status", run.get("status", "running or unknown")),
+                    ("steps", f"{run.get('end_step', '?')} / {run.get('total_steps', '?')}"),
+                    (f"{split} accuracy (export)", f"{accuracy:.4f} ({int(np.sum(labels == predicted))}/{len(labels)})"),
+                    ("started", run.get("started", "")), ("ended", run.get("ended", "")),
+                    ("versions", json.dumps(run.get("versions", {}))), ("git commit", run.get("git_commit", ""))])
+  manifest_rows = [("encoding", manifest.get("encoding", "")), ("source", json.dumps(manifest.get("source", {})))]
+  manifest_rows += [(f"split {s}", f"{info['num_examples']} images in {info['num_shards']} shards")
+                    for s, info in manifest["splits"].items()]
+  page = PAGE.format(title=html.escape(f"Training report: {config.get('model', {}).get('name', '')} "
+                                       f"in {workdir}"),
+                     summary=summary, split=split, config=_table(_flatten(config)), manifest=_table(manifest_rows))
+  index = os.path.join(output_dir, "index.html")
+  fileio.atomic_write(index, page)
+  return index
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    index = report(FLAGS.workdir, FLAGS.output_dir)
+  except (ReportError, manifest_lib.ManifestError, FileNotFoundError) as e:
+    print(f"report: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(f"wrote {index}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
