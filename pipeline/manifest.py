@@ -34,6 +34,10 @@ def load(data_dir: str) -> dict:
   if not data_dir:
     raise ManifestError("data_dir is empty: set --config.data_dir to a directory written by "
                         "python -m tools.make_tfrecords")
+  try:
+    fileio.check_bucket(data_dir)
+  except fileio.StorageError as e:
+    raise ManifestError(str(e)) from None
   if not tf.io.gfile.exists(path):
     raise ManifestError(f"{path}: not found (is data_dir a directory written by python -m tools.make_tfrecords, "
                         "and did it finish?)")
