@@ -94,7 +94,7 @@ def train_step_comparison(config, manifest: dict, steps: int, windows: int) -> f
 
   def run(iterator):
     start = time.perf_counter()
-    loop(iterator, tf.constant(steps))
+    loop(iterator, tf.constant(steps), 0)
     state.step.numpy()  # waits for the steps to finish
     return steps * config.global_batch_size / (time.perf_counter() - start)
 
