@@ -162,9 +162,7 @@ def make_train_loop(config, strategy, state: State, mean=None, std=None):
       if tf.as_dtype(v.dtype).is_floating:
         v.assign(ctx.all_reduce(tf.distribute.ReduceOp.MEAN, tf.identity(v.value)))
 
-  @tf.function(jit_compile=config.jit_compile)
-  def train_loop(iterator, num_steps, epoch: int):
-    variables = models.trainable_at(model, epoch)
+  def loop(iterator, num_steps, variables):
     for _ in tf.range(num_steps):
       strategy.run(step_fn, args=(next(iterator), variables))
       state.step.assign_add(1)
@@ -176,6 +174,15 @@ def make_train_loop(config, strategy, state: State, mean=None, std=None):
         break  # stop at the step that went wrong; Python reports it
     if strategy.num_replicas_in_sync > 1:
       strategy.run(sync_fn)
+
+  traced = {}  # one tf.function per set of trained variables (airbench: 2), not one trace per epoch
+
+  def train_loop(iterator, num_steps, epoch: int):
+    variables = models.trainable_at(model, epoch)
+    key = tuple(id(v) for v in variables)
+    if key not in traced:
+      traced[key] = tf.function(lambda it, n: loop(it, n, variables), jit_compile=config.jit_compile)
+    traced[key](iterator, num_steps)
 
   return train_loop
 
