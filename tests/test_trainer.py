@@ -68,7 +68,7 @@ def test_every_config_trains_a_few_steps(name, synthetic_dir, tmp_path):
 
 def _one_step(strategy, config, images, labels):
   state = train.make_state(config, strategy, steps_per_epoch=10)
-  models.initialize_from_data(state.model, images)
+  models.initialize_from_data(state.model, lambda: images)
   initial = [v.numpy() for v in state.model.weights]
   dataset = strategy.experimental_distribute_dataset(
       tf.data.Dataset.from_tensors({"images": images, "labels": labels}).repeat())

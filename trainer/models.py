@@ -96,6 +96,11 @@ def mlp(config) -> keras.Model:
   return keras.Model(inputs, x, name="mlp")
 
 
+def _torch_default() -> keras.initializers.Initializer:
+  """PyTorch's default init of conv and linear kernels: uniform in +-1/sqrt(fan_in)."""
+  return keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform")
+
+
 class PartialDirac(keras.initializers.Initializer):
   """PyTorch's default conv init (uniform in +-1/sqrt(fan_in)) with the first min(in, out) filters set to
   the identity (a 1 at the kernel's centre on their own input channel): the net starts close to passing its
@@ -103,7 +108,7 @@ class PartialDirac(keras.initializers.Initializer):
 
   def __call__(self, shape, dtype=None):
     kh, kw, c_in, c_out = shape
-    kernel = keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform")(shape, "float32")
+    kernel = _torch_default()(shape, "float32")
     n = min(c_in, c_out)
     identity = np.zeros((kh, kw, c_in, n), np.float32)
     identity[kh // 2, kw // 2, np.arange(n), np.arange(n)] = 1.0
@@ -146,11 +151,14 @@ class PatchWhitening(keras.layers.Layer):
     return {**super().get_config(), "size": self.size, "epsilon": self.epsilon, "bias_epochs": self.bias_epochs}
 
 
-def initialize_from_data(model: keras.Model, images: tf.Tensor) -> bool:
-  """Runs `initialize_from_data(images)` of every layer that has one (PatchWhitening); False if none."""
+def initialize_from_data(model: keras.Model, load_images) -> bool:
+  """Runs `initialize_from_data(images)` of every layer that has one (PatchWhitening), with the images
+  `load_images()` returns, called only if there is such a layer; returns whether there was."""
   layers = [layer for layer in model.layers if hasattr(layer, "initialize_from_data")]
-  for layer in layers:
-    layer.initialize_from_data(images)
+  if layers:
+    images = load_images()
+    for layer in layers:
+      layer.initialize_from_data(images)
   return bool(layers)
 
 
@@ -189,7 +197,7 @@ def airbench(config) -> keras.Model:
     x = keras.layers.Activation(config.activation, name=f"group{g}_act1")(bn(f"group{g}_bn1")(x))
   x = keras.layers.GlobalMaxPooling2D(name="pool")(x)
   head_init = (keras.initializers.RandomUniform(-config.head_init_std * 3 ** 0.5, config.head_init_std * 3 ** 0.5)
-               if config.head_init_std else keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"))
+               if config.head_init_std else _torch_default())
   x = keras.layers.Dense(cifar10.NUM_CLASSES, use_bias=False, dtype="float32", name="logits",
                          kernel_initializer=head_init)(x)
   x = keras.layers.Rescaling(config.logit_scale, dtype="float32", name="logit_scale")(x)

@@ -308,15 +308,13 @@ DATA_INIT_IMAGES = 5000
 def _initialize_from_data(config, manifest: dict, state: State) -> None:
   """Layers set from the data before the first step (models.PatchWhitening) see the first
   DATA_INIT_IMAGES normalised train images, in file order: the same on every worker and every run."""
-  if not any(hasattr(layer, "initialize_from_data") for layer in state.model.layers):
-    return
   mean, std = normalization_for(config, manifest)
-  dataset = input_pipeline.build_eval_dataset(config.data_dir, "train", batch_size=DATA_INIT_IMAGES,
-                                              mean=mean, std=std)
-  models.initialize_from_data(state.model, next(iter(dataset))["images"])
-  for averages in (state.ema, state.lookahead):
-    if averages:
-      averages.reset()
+  load = lambda: next(iter(input_pipeline.build_eval_dataset(
+      config.data_dir, "train", batch_size=DATA_INIT_IMAGES, mean=mean, std=std)))["images"]
+  if models.initialize_from_data(state.model, load):
+    for averages in (state.ema, state.lookahead):
+      if averages:
+        averages.reset()
 
 
 def _write_input_grid(config, manifest: dict, writer, step: int, side: int = 8) -> None:
