@@ -243,7 +243,7 @@ def steps_per_epoch_for(config, manifest: dict) -> int:
   return per_epoch
 
 
-WORKDIR_FILES = ("checkpoints", "summaries", "export", "config.json", "run.json", "tmp")
+WORKDIR_FILES = ("checkpoints", "summaries", "export", "config.json", "run.json", "tmp", "report")  # report: tools.report
 
 
 def check_workdir(workdir: str) -> None:
