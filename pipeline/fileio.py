@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import uuid
 
 import tensorflow as tf
@@ -11,21 +12,41 @@ _CHUNK = 1 << 22
 
 
 class StorageError(Exception):
-  """A storage location that cannot be used (a missing gs:// bucket)."""
+  """A storage location that cannot be used: a missing gs:// bucket, no permission, no credentials."""
 
 
 def check_bucket(path: str) -> None:
-  """For a gs:// path, fails fast and clearly when its bucket does not exist or cannot be seen (TF's own
-  client would otherwise retry writes into it for minutes). Local paths pass."""
+  """For a gs:// path, fails fast and clearly when its bucket does not exist, these credentials may not use
+  it, or there are no credentials (TF's own client would otherwise retry writes for minutes, and its
+  errors are an HTTP body). Local paths pass."""
   if not path.startswith("gs://"):
     return
   bucket = "gs://" + path[len("gs://"):].split("/")[0]
+  if bucket in _USABLE_BUCKETS:
+    return
   try:
     found = tf.io.gfile.exists(bucket)
   except tf.errors.OpError as e:
-    raise StorageError(f"{path}: cannot reach bucket {bucket} ({e.message.splitlines()[0]})") from None
+    raise StorageError(f"{path}: {_gcs_refusal(bucket, e.message)}") from None
   if not found:
     raise StorageError(f"{path}: bucket {bucket} does not exist, or these credentials cannot see it")
+  _USABLE_BUCKETS.add(bucket)
+
+
+_USABLE_BUCKETS = set()  # checked once per process
+
+
+def _gcs_refusal(bucket: str, message: str) -> str:
+  """What a failed request to `bucket` means, from TF's error text (which carries GCS's HTTP answer)."""
+  code = re.search(r"HTTP response code (\d+)", message)
+  detail = re.search(r'"message": "((?:[^"\\]|\\.)*)"', message)
+  detail = detail.group(1) if detail else message.splitlines()[0]
+  if code and code.group(1) == "401":
+    return (f"no Google Cloud credentials were accepted for {bucket} (GCS: {detail}); run `gcloud auth "
+            "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file")
+  if code and code.group(1) == "403":
+    return f"no permission to use bucket {bucket} with these credentials (GCS: {detail})"
+  return f"cannot reach bucket {bucket} ({detail})"
 
 
 def sha256_file(path: str) -> str:

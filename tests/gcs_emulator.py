@@ -18,6 +18,7 @@ import datetime
 import http.client
 import json
 import os
+import re
 import socket
 import socketserver
 import ssl
@@ -34,6 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 HOSTS = ("www.googleapis.com", "storage.googleapis.com", "oauth2.googleapis.com")
+DENIED_BUCKET = "no-access-bucket"  # exists for nobody: every request for it is refused as GCS refuses a
+                                    # bucket of another project (403); a request without a token gets 401
 
 
 def _free_port() -> int:
@@ -145,6 +148,9 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
       stream.write(b"HTTP/1.1 100 Continue\r\n\r\n")
       stream.flush()
     body = _read_body(stream, headers)
+    refusal = _refusal(path, headers)
+    if refusal:
+      return _answer(stream, *refusal)
     if method == "GET" and path.split("?")[0].endswith("/storageLayout"):
       return self._storage_layout(stream, path)
     skip = {"transfer-encoding", "expect", "content-length", "connection", "proxy-connection", "host"}
@@ -180,16 +186,33 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
       found.read()
     finally:
       upstream.close()
-    if found.status == 200:
-      status, data = "200 OK", json.dumps({"kind": "storage#storageLayout", "bucket": bucket, "location": "US",
-                                           "locationType": "multi-region",
-                                           "hierarchicalNamespace": {"enabled": False}}).encode()
-    else:
-      status, data = "404 Not Found", json.dumps({"error": {"code": 404, "message": "Not Found"}}).encode()
-    stream.write(f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
-                 .encode() + data)
-    stream.flush()
-    return True
+    if found.status != 200:
+      return _answer(stream, 404, "Not Found")
+    return _answer(stream, 200, {"kind": "storage#storageLayout", "bucket": bucket, "location": "US",
+                                 "locationType": "multi-region", "hierarchicalNamespace": {"enabled": False}})
+
+
+def _refusal(path: str, headers) -> tuple[int, str] | None:
+  """GCS's answer to a request it refuses: no bearer token (401), or DENIED_BUCKET (403); else None."""
+  token = next((v for k, v in headers if k.lower() == "authorization"), "").strip()
+  if token in ("", "Bearer"):
+    return 401, "Anonymous caller does not have storage.objects.get access to the Google Cloud Storage object."
+  bucket = re.search(r"/b/([^/?]+)", path)
+  if bucket and bucket.group(1) == DENIED_BUCKET:
+    return 403, (f"test@example.com does not have storage.objects.get access to the Google Cloud Storage "
+                 f"bucket {DENIED_BUCKET}. Permission 'storage.objects.get' denied on resource (or it may not "
+                 "exist).")
+  return None
+
+
+def _answer(stream, status: int, body: str | dict) -> bool:
+  """Writes a JSON answer: `body` as it is (a dict) or as a GCS error message (a str)."""
+  reason = http.client.responses[status]
+  data = json.dumps(body if isinstance(body, dict) else {"error": {"code": status, "message": body}}).encode()
+  stream.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}"
+               "\r\n\r\n".encode() + data)
+  stream.flush()
+  return True
 
 
 class GcsEmulator:

@@ -1,7 +1,7 @@
 """Every command with gs:// paths, end to end, against a local GCS emulator reached by TF's own gs:// client
 (tests/gcs_emulator.py): make_tfrecords from a gs:// archive to gs://, train with a gs:// workdir, resume
-from it, export there, evaluate and predict from gs://; and the one-line errors for a missing bucket and
-missing credentials."""
+from it, export there, evaluate and predict from gs://; and the one-line errors for a missing bucket,
+no permission and no credentials."""
 
 import json
 import os
@@ -25,9 +25,10 @@ def gcs():
   emulator.stop()
 
 
-def _run(gcs, *args, env=None, check=True):
+def _run(gcs, *args, env=None, check=True, unset=()):
+  env = {k: v for k, v in {**os.environ, **gcs.env(), **(env or {})}.items() if k not in unset}
   result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **gcs.env(), **(env or {})})
+                          env=env)
   if check and result.returncode:
     pytest.fail(f"{' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
   return result
@@ -82,14 +83,29 @@ def test_make_train_resume_export_evaluate_predict_on_gcs(gcs, tmp_path):
   assert predicted[0] == image and float(predicted[2]) > 0
 
 
-@pytest.mark.parametrize("command", [
-    ("tools.make_tfrecords", "--source=synthetic", "--synthetic_train_size=100", "--synthetic_test_size=10",
-     "--val_size=0", "--output_dir=gs://no-such-bucket/data"),
-    ("trainer.main", "--config=configs/deep.py:smoke", "--workdir=gs://no-such-bucket/run",
-     "--config.data_dir=gs://no-such-bucket/data"),
-], ids=["make_tfrecords", "trainer"])
-def test_missing_bucket_is_one_line(gcs, command):
-  result = _run(gcs, *command, check=False)
+SYNTHETIC = ("tools.make_tfrecords", "--source=synthetic", "--synthetic_train_size=100", "--synthetic_test_size=10",
+             "--val_size=0")
+
+
+@pytest.mark.parametrize("command,credentials,expected", [
+    (SYNTHETIC + ("--output_dir=gs://no-such-bucket/data",), True, "bucket gs://no-such-bucket does not exist"),
+    (("trainer.main", "--config=configs/deep.py:smoke", "--workdir=gs://no-such-bucket/run",
+      "--config.data_dir=gs://no-such-bucket/data"), True, "bucket gs://no-such-bucket does not exist"),
+    (("trainer.main", "--config=configs/deep.py:smoke", "--workdir=gs://no-access-bucket/run",
+      "--config.data_dir=gs://no-access-bucket/data"), True, "no permission to use bucket gs://no-access-bucket"),
+    (("tools.evaluate", "--model=gs://no-access-bucket/export", "--data_dir=gs://test-bucket/data"), True,
+     "no permission to use bucket gs://no-access-bucket"),
+    (SYNTHETIC + ("--output_dir=gs://test-bucket/data2",), False, "no Google Cloud credentials were accepted"),
+    (("tools.predict", "--model=gs://test-bucket/run/export", "gs://test-bucket/images/cat.png"), False,
+     "no Google Cloud credentials were accepted"),
+], ids=["missing-bucket-make_tfrecords", "missing-bucket-trainer", "no-permission-trainer",
+        "no-permission-evaluate", "no-credentials-make_tfrecords", "no-credentials-predict"])
+def test_storage_refusal_is_one_line(gcs, tmp_path, command, credentials, expected):
+  """GCS's refusals (the proxy answers 403 for its no-access bucket and 401 without a token, as GCS does)
+  end each command with one line naming the bucket and the cause, without a traceback."""
+  no_credentials = {"HOME": str(tmp_path)}  # no gcloud application-default credentials either
+  result = _run(gcs, *command, check=False, env=None if credentials else no_credentials,
+                unset=() if credentials else ("GOOGLE_AUTH_TOKEN_FOR_TESTING", "GOOGLE_APPLICATION_CREDENTIALS"))
   assert result.returncode != 0
   last = result.stderr.strip().splitlines()[-1]
-  assert "bucket gs://no-such-bucket does not exist" in last and "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert expected in last and "Traceback" not in result.stderr, result.stderr[-2000:]

@@ -11,6 +11,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from pipeline import fileio
 from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
 from trainer import export as export_lib
@@ -43,7 +44,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
     correct, total = evaluate(FLAGS.model, FLAGS.data_dir, FLAGS.split, FLAGS.batch_size)
-  except (manifest_lib.ManifestError, FileNotFoundError) as e:
+  except (manifest_lib.ManifestError, FileNotFoundError, fileio.StorageError) as e:
     print(f"evaluate: error: {e}", file=sys.stderr)
     sys.exit(1)
   print(f"split: {FLAGS.split}  images: {total}  correct: {correct}")

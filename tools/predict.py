@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import cifar10
+from pipeline import fileio
 from trainer import export as export_lib
 
 FLAGS = flags.FLAGS
@@ -40,6 +41,10 @@ class InputError(ValueError):
 
 def read_image(path: str) -> bytes:
   """The file's bytes, after checking that it decodes to a 32x32 image."""
+  try:
+    fileio.check_bucket(path)
+  except fileio.StorageError as e:
+    raise InputError(str(e)) from None
   try:
     data = tf.io.gfile.GFile(path, "rb").read()
     shape = tuple(tf.io.decode_image(data, channels=cifar10.CHANNELS, expand_animations=False).shape)
@@ -131,7 +136,7 @@ def main(argv):
       print(json.dumps(rest_predict(export_lib.load(FLAGS.model), request)))
       return
     results = predict(FLAGS.model, paths, FLAGS.top_k)
-  except (InputError, FileNotFoundError, tf.errors.NotFoundError) as e:
+  except (InputError, FileNotFoundError, fileio.StorageError, tf.errors.NotFoundError) as e:
     print(f"predict: error: {getattr(e, 'message', e)}", file=sys.stderr)
     sys.exit(1)
   for path, top in results:

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import cifar10
+from pipeline import fileio
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _PY_DIR = "cifar-10-batches-py"
@@ -57,6 +58,10 @@ def load(source: str, *, seed: int = 0, synthetic_sizes: tuple[int, int] = (5000
     return load_tfds()
   if source == "synthetic":
     return make_synthetic(seed, *synthetic_sizes)
+  try:
+    fileio.check_bucket(source)
+  except fileio.StorageError as e:
+    raise SourceError(str(e)) from None
   if not tf.io.gfile.exists(source):
     raise SourceError(f"{source}: no such file or folder")
   if tf.io.gfile.isdir(source):

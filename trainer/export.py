@@ -94,7 +94,9 @@ def export(model, path: str, *, mean, std, class_names, tta: str = "none") -> st
 
 
 def load(path: str):
-  """Loads an export; raises FileNotFoundError naming the path if there is none."""
+  """Loads an export; raises FileNotFoundError naming the path if there is none, fileio.StorageError if
+  its gs:// bucket cannot be used."""
+  fileio.check_bucket(path)
   if not tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
     raise FileNotFoundError(f"{path}: no SavedModel here (expected {os.path.join(path, 'saved_model.pb')})")
   return tf.saved_model.load(path)
