@@ -24,6 +24,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.log_every_steps = 50  # steps between progress lines and train summaries
   config.checkpoint_every_steps = 0  # steps between checkpoints; 0 = at the end of every epoch only
   config.summary_flush_secs = 60.0  # seconds: longest a TensorBoard event waits in memory (always flushed on exit)
+  config.summary_worst_images = 16  # per evaluation, TensorBoard gets a confusion matrix and this many of the
+                                    # worst misclassified validation images; 0 = neither
+  config.profile_steps = ()  # (first, end): a profiler trace of train steps first..end-1 in workdir/summaries
+  config.progress_bar = True  # a progress bar on stdout when it is a terminal (log lines are written anyway)
   config.keep_checkpoints = 3  # checkpoints kept in workdir/checkpoints
   config.export = True  # write the SavedModel to workdir/export at the end
   config.tta = "none"  # test-time views in the final evaluation and the export: none | flip | flip_translate
@@ -92,6 +96,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.normalization = "dataset"  # dataset: z-score by the train split's mean/std; centered; unit
   config.input.verify_checksums = True  # re-hash every shard against manifest.json before training
   config.input.augment_on = "host"  # host: tf.data augments and normalises; device: inside the train step
+  config.input.probe_batches = 20  # batches of the train pipeline timed alone at start (TensorBoard
+                                   # input/images_per_sec, what the host can feed); 0 = off
   config.input.data_service = ""  # grpc://host:port of a tf.data service dispatcher; "" = in-process tf.data
 
   return variant(config, arg)

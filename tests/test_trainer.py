@@ -2,6 +2,7 @@
 
 import glob
 import importlib
+import io
 import json
 import os
 import re
@@ -104,7 +105,7 @@ def test_one_step_on_two_replicas_equals_one_replica(module, clip_norm):
 def trained(request, tmp_path_factory, synthetic_dir):
   """The smoke config trained on 2 replicas and on 1, exported."""
   workdir = str(tmp_path_factory.mktemp("run"))
-  config = _smoke(synthetic_dir, logical_cpus=request.param if request.param > 1 else 0)
+  config = _smoke(synthetic_dir, logical_cpus=request.param if request.param > 1 else 0, profile_steps=(2, 4))
   metrics = train.train_and_evaluate(config, workdir)
   return workdir, metrics, config
 
@@ -116,8 +117,11 @@ def test_smoke_run_writes_checkpoint_summaries_export_and_run_files(trained):
   assert events
   tags = {v.tag for e in tf.data.TFRecordDataset(events) for v in tf.compat.v1.Event.FromString(
       e.numpy()).summary.value}
-  assert {"train/loss", "train/accuracy", "train/learning_rate", "train/images_per_sec",
-          "validation/accuracy", "validation/loss", "train/augmented_inputs"} <= tags
+  assert {"train/loss", "train/accuracy", "train/learning_rate", "train/images_per_sec", "train/epoch_seconds",
+          "input/images_per_sec", "validation/accuracy", "validation/loss", "train/augmented_inputs",
+          "validation/confusion_matrix", "validation/worst_misclassified", "_hparams_/experiment",
+          "_hparams_/session_start_info"} <= tags
+  assert glob.glob(os.path.join(workdir, "summaries", "plugins", "profile", "*", "*.xplane.pb"))  # profile_steps
   assert os.path.exists(os.path.join(workdir, "export", "saved_model.pb"))
   config = json.load(open(os.path.join(workdir, "config.json")))
   run = json.load(open(os.path.join(workdir, "run.json")))
@@ -235,6 +239,46 @@ def test_saved_model_cli_lists_the_signatures(trained):
                  "outputs['probabilities'] tensor_info:", "dtype: DT_FLOAT", "outputs['classes'] tensor_info:",
                  "dtype: DT_INT64"):
     assert needle in shown, needle
+
+
+def test_evaluation_counts_confusion_and_worst_images(synthetic_dir):
+  """The confusion matrix adds up to the metrics, and the worst images are the misclassified ones with the
+  highest loss over the whole split (across replicas and batches), checked against the model run eagerly."""
+  config = _smoke(synthetic_dir, logical_cpus=2)
+  strategy = distribute.make_strategy(config)
+  state = train.make_state(config, strategy, steps_per_epoch=4)
+  manifest = manifest_lib.load(synthetic_dir)
+  dataset = train.distributed_eval_datasets(config, strategy, manifest)["test"]
+  metrics, details = train.evaluate(train.make_eval_step(strategy, state, worst=5), dataset, state.eval_sums)
+  matrix, worst = details["confusion"], details["worst"]
+  assert matrix.sum() == metrics["count"] == 200
+  assert np.trace(matrix) == round(metrics["accuracy"] * 200)
+  mean, std = train.normalization_for(config, manifest)
+  everything = next(iter(input_pipeline.build_eval_dataset(synthetic_dir, "test", batch_size=200, mean=mean, std=std)))
+  logits = state.model(everything["images"], training=False)
+  loss = train.cross_entropy(everything["labels"], logits, 0.0).numpy()
+  wrong = np.argmax(logits, -1) != everything["labels"].numpy()
+  expected = np.sort(loss[wrong])[::-1][:5]
+  assert len(worst["labels"]) == 5 and np.all(worst["labels"] != worst["predicted"])
+  np.testing.assert_allclose(worst["loss"], expected, rtol=1e-4)
+  assert worst["images"].shape == (5, 32, 32, 3)
+
+
+def test_progress_bar_on_a_terminal(synthetic_dir, tmp_path, monkeypatch):
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+
+  terminal = Terminal()
+  monkeypatch.setattr(sys, "stdout", terminal)
+  train.train_and_evaluate(_smoke(synthetic_dir, num_epochs=1, export=False), str(tmp_path / "run"))
+  shown = terminal.getvalue()
+  assert "4/4" in shown and "loss:" in shown and "images/s:" in shown and "\r" in shown, shown
+
+
+def test_profile_steps_are_checked(synthetic_dir, tmp_path):
+  with pytest.raises(train.TrainingError, match=r"profile_steps=\(5, 2\): give \(first, end\)"):
+    train.train_and_evaluate(_smoke(synthetic_dir, profile_steps=(5, 2)), str(tmp_path / "run"))
 
 
 def test_resume_continues_the_step_count(synthetic_dir, tmp_path):

@@ -10,16 +10,12 @@ the run's config, status and the data's manifest. Every file is written atomical
 """
 
 import html
-import io
 import json
 import os
 import sys
 
 from absl import app
 from absl import flags
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 import tensorflow as tf
 
@@ -27,6 +23,8 @@ from pipeline import fileio
 from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
 from trainer import export as export_lib
+from trainer import figures
+from trainer import train
 
 FLAGS = flags.FLAGS
 SAMPLES = 24  # sample predictions shown
@@ -56,75 +54,6 @@ def read_scalars(summary_dir: str) -> dict[str, list[tuple[int, float]]]:
   return {tag: sorted(points.items()) for tag, points in scalars.items()}
 
 
-def _png(figure) -> bytes:
-  buffer = io.BytesIO()
-  figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-  plt.close(figure)
-  return buffer.getvalue()
-
-
-def learning_curves(scalars, steps_per_epoch: float) -> bytes:
-  figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for ax, metric in zip(axes, ("loss", "accuracy")):
-    for split, style in (("train", "-"), ("validation", "o-")):
-      points = scalars.get(f"{split}/{metric}", [])
-      if points:
-        ax.plot([s / steps_per_epoch for s, _ in points], [v for _, v in points], style, label=split)
-    ax.set_xlabel("epoch")
-    ax.set_title(metric)
-    ax.grid(alpha=0.3)
-    ax.legend()
-  return _png(figure)
-
-
-def throughput(scalars, steps_per_epoch: float) -> bytes:
-  figure, ax = plt.subplots(figsize=(11, 3))
-  points = scalars.get("train/images_per_sec", [])
-  ax.plot([s / steps_per_epoch for s, _ in points], [v for _, v in points], ".-")
-  ax.set_xlabel("epoch")
-  ax.set_ylabel("images / s")
-  ax.set_title("training throughput (per logging interval)")
-  ax.grid(alpha=0.3)
-  return _png(figure)
-
-
-def confusion_figure(matrix: np.ndarray, names: list[str]) -> bytes:
-  figure, ax = plt.subplots(figsize=(7, 6))
-  ax.imshow(matrix, cmap="Blues")
-  ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-  ax.set_yticks(range(len(names)), names)
-  ax.set_xlabel("predicted")
-  ax.set_ylabel("true")
-  for (i, j), count in np.ndenumerate(matrix):
-    ax.text(j, i, int(count), ha="center", va="center", fontsize=8,
-            color="white" if count > matrix.max() / 2 else "black")
-  return _png(figure)
-
-
-def per_class_figure(matrix: np.ndarray, names: list[str]) -> bytes:
-  accuracy = np.diag(matrix) / np.maximum(matrix.sum(1), 1)
-  figure, ax = plt.subplots(figsize=(11, 3))
-  ax.bar(names, accuracy)
-  ax.set_ylim(0, 1)
-  ax.set_ylabel("accuracy")
-  for i, a in enumerate(accuracy):
-    ax.text(i, a + 0.02, f"{a:.3f}", ha="center", fontsize=8)
-  return _png(figure)
-
-
-def samples_figure(images: np.ndarray, labels, predicted, probabilities, names) -> bytes:
-  columns = 8
-  rows = -(-len(images) // columns)
-  figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.9))
-  for ax in np.ravel(axes):
-    ax.axis("off")
-  for ax, image, label, guess, p in zip(np.ravel(axes), images, labels, predicted, probabilities):
-    ax.imshow(image)
-    ax.set_title(f"{names[guess]} {p:.2f}\n(true: {names[label]})", fontsize=7,
-                 color="green" if guess == label else "red")
-  return _png(figure)
-
-
 def predictions(export_dir: str, data_dir: str, split: str):
   """Labels, predicted classes, top probabilities and the first SAMPLES images of `split`."""
   model = export_lib.load(export_dir)
@@ -143,16 +72,6 @@ def predictions(export_dir: str, data_dir: str, split: str):
 def _table(rows) -> str:
   cells = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
   return f"<table>{cells}</table>"
-
-
-def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
-  rows = []
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      rows += _flatten(value, f"{prefix}{key}.")
-    else:
-      rows.append((f"{prefix}{key}", value))
-  return rows
 
 
 PAGE = """<!doctype html>
@@ -203,15 +122,15 @@ def report(workdir: str, output_dir: str | None = None) -> str:
   labels, predicted, top, images = predictions(os.path.join(workdir, "export"), config["data_dir"], split)
   matrix = np.zeros((len(names), len(names)), np.int64)
   np.add.at(matrix, (labels, predicted), 1)
-  figures = {
-      "learning_curves.png": learning_curves(scalars, steps_per_epoch),
-      "confusion_matrix.png": confusion_figure(matrix, names),
-      "per_class_accuracy.png": per_class_figure(matrix, names),
-      "samples.png": samples_figure(images, labels, predicted, top, names),
-      "throughput.png": throughput(scalars, steps_per_epoch),
+  pngs = {
+      "learning_curves.png": figures.learning_curves(scalars, steps_per_epoch),
+      "confusion_matrix.png": figures.confusion(matrix, names),
+      "per_class_accuracy.png": figures.per_class(matrix, names),
+      "samples.png": figures.predictions(images, labels, predicted, top, names),
+      "throughput.png": figures.throughput(scalars, steps_per_epoch),
   }
   tf.io.gfile.makedirs(output_dir)
-  for name, data in figures.items():
+  for name, data in pngs.items():
     fileio.atomic_write(os.path.join(output_dir, name), data)
   accuracy = float(np.mean(labels == predicted))
   summary = _table([("workdir", workdir), ("status", run.get("status", "running or unknown")),
@@ -224,7 +143,7 @@ def report(workdir: str, output_dir: str | None = None) -> str:
                     for s, info in manifest["splits"].items()]
   page = PAGE.format(title=html.escape(f"Training report: {config.get('model', {}).get('name', '')} "
                                        f"in {workdir}"),
-                     summary=summary, split=split, config=_table(_flatten(config)), manifest=_table(manifest_rows))
+                     summary=summary, split=split, config=_table(train.flat_config(config)), manifest=_table(manifest_rows))
   index = os.path.join(output_dir, "index.html")
   fileio.atomic_write(index, page)
   return index

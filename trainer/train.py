@@ -12,36 +12,42 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import time
 
 from absl import logging
 import keras
 import ml_collections
+import numpy as np
 import tensorflow as tf
 
 from pipeline import augment
+from pipeline import cifar10
 from pipeline import fileio
 from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
 from trainer import distribute
 from trainer import export as export_lib
 from trainer import faults
+from trainer import figures
 from trainer.faults import TrainingError  # pylint: disable=unused-import  (part of this module's API)
 from trainer import models
 from trainer import optim
 
 
 class Sums:
-  """Running sums kept per replica and read as totals over all replicas (ON_READ, SUM variables).
+  """Running sums kept per replica and read as totals over all replicas (ON_READ, SUM variables): scalars
+  by name, and arrays given as name=shape.
 
   Create under `strategy.scope()`; `add` runs per replica inside the step; `result` and `reset` run
   between steps.
   """
 
-  def __init__(self, *names: str):
-    self._vars = {n: tf.Variable(0.0, trainable=False, name=n,
+  def __init__(self, *names: str, **shapes: tuple[int, ...]):
+    self._vars = {n: tf.Variable(tf.zeros(shape), trainable=False, name=n,
                                  synchronization=tf.VariableSynchronization.ON_READ,
-                                 aggregation=tf.VariableAggregation.SUM) for n in names}
+                                 aggregation=tf.VariableAggregation.SUM)
+                  for n, shape in {**{n: () for n in names}, **shapes}.items()}
 
   def add(self, **values) -> None:
     """Runs per replica."""
@@ -52,8 +58,10 @@ class Sums:
     """The sum over replicas, as a tensor (usable inside a tf.function, in cross-replica context)."""
     return self._vars[name].read_value()
 
-  def result(self) -> dict[str, float]:
-    return {n: float(v.read_value().numpy()) for n, v in self._vars.items()}
+  def result(self) -> dict:
+    """Floats for the scalars, numpy arrays for the rest."""
+    values = {n: v.read_value().numpy() for n, v in self._vars.items()}
+    return {n: float(x) if x.ndim == 0 else x for n, x in values.items()}
 
   def reset(self) -> None:
     for v in self._vars.values():
@@ -89,7 +97,8 @@ def make_state(config, strategy, steps_per_epoch: int) -> State:
                                      **({"ema": ema.averages} if ema else {}),
                                      **({"lookahead": lookahead.averages} if lookahead else {}))
     return State(model, optimizer, step, checkpoint, Sums("loss", "correct", "count"),
-                 Sums("loss", "correct", "count"), ema, lookahead)
+                 Sums("loss", "correct", "count", confusion=(cifar10.NUM_CLASSES, cifar10.NUM_CLASSES)),
+                 ema, lookahead)
 
 
 NORMALIZATIONS = {"centered": ((0.5, 0.5, 0.5), (1.0, 1.0, 1.0)),  # pixels / 255 - 0.5
@@ -187,30 +196,59 @@ def make_train_loop(config, strategy, state: State, mean=None, std=None):
   return train_loop
 
 
-def make_eval_step(strategy, state: State, tta: str = "none"):
-  """Returns eval_step(batch), adding to `state.eval_sums`; `tta` as in export.tta_logits."""
+def make_eval_step(strategy, state: State, tta: str = "none", worst: int = 0):
+  """Returns eval_step(batch), adding to `state.eval_sums` (loss, correct, count, confusion matrix); `tta`
+  as in export.tta_logits. With `worst` > 0 it returns, per replica, the batch's `worst` misclassified
+  images with the highest loss (fewer if fewer are wrong), with their labels, predictions and loss."""
 
   def step_fn(batch):
     """Runs per replica; a replica may get an empty last batch."""
-    logits = export_lib.tta_logits(state.model, batch["images"], tta)
-    state.eval_sums.add(loss=tf.reduce_sum(cross_entropy(batch["labels"], logits, 0.0)),
-                        correct=_correct(batch["labels"], logits), count=tf.shape(batch["labels"])[0])
+    images, labels = batch["images"], batch["labels"]
+    logits = export_lib.tta_logits(state.model, images, tta)
+    per_example = cross_entropy(labels, logits, 0.0)
+    predicted = tf.argmax(logits, -1, output_type=labels.dtype)
+    state.eval_sums.add(loss=tf.reduce_sum(per_example), correct=_correct(labels, logits),
+                        count=tf.shape(labels)[0],
+                        confusion=tf.math.confusion_matrix(labels, predicted, num_classes=cifar10.NUM_CLASSES,
+                                                                 dtype=tf.float32))
+    if not worst:
+      return {}
+    wrong = tf.not_equal(predicted, labels)
+    top = tf.math.top_k(tf.where(wrong, per_example, -1.0), tf.minimum(worst, tf.shape(labels)[0])).indices
+    top = tf.boolean_mask(top, tf.gather(wrong, top))
+    return {"images": tf.gather(images, top), "labels": tf.gather(labels, top),
+            "predicted": tf.gather(predicted, top), "loss": tf.gather(per_example, top),
+            "probability": tf.gather(tf.reduce_max(tf.nn.softmax(logits), -1), top)}
 
-  @tf.function(reduce_retracing=True)
+  traced = tf.function(lambda batch: strategy.run(step_fn, args=(batch,)), reduce_retracing=True)
+
   def eval_step(batch):
-    strategy.run(step_fn, args=(batch,))
+    return traced(batch)
 
+  eval_step.worst, eval_step.strategy = worst, strategy
   return eval_step
 
 
-def evaluate(eval_step, dataset, sums: Sums) -> dict[str, float]:
-  """One pass over a distributed eval dataset; returns loss, accuracy and the image count."""
+def evaluate(eval_step, dataset, sums: Sums) -> tuple[dict[str, float], dict]:
+  """One pass over a distributed eval dataset. Returns its metrics (loss, accuracy, image count) and
+  details: the confusion matrix (true class by row) and, when eval_step collects them, the `worst`
+  misclassified images this process saw (all of them on one machine; on several, the chief's share)."""
   sums.reset()
+  candidates = []
   for batch in dataset:
-    eval_step(batch)
+    out = eval_step(batch)
+    if eval_step.worst:
+      for local in eval_step.strategy.experimental_local_results(out):
+        candidates.append({k: v.numpy() for k, v in local.items()})
   totals = sums.result()
   count = max(totals["count"], 1.0)
-  return {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count, "count": int(totals["count"])}
+  metrics = {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count, "count": int(totals["count"])}
+  details = {"confusion": totals["confusion"].astype(np.int64)}
+  if candidates:
+    merged = {k: np.concatenate([c[k] for c in candidates]) for k in candidates[0]}
+    order = np.argsort(-merged["loss"], kind="stable")[:eval_step.worst]
+    details["worst"] = {k: v[order] for k, v in merged.items()}
+  return metrics, details
 
 
 def _git_commit() -> str | None:
@@ -270,6 +308,13 @@ def check_workdir(workdir: str) -> None:
     raise TrainingError(f"workdir {workdir} is not writable ({getattr(e, 'message', e)})") from None
 
 
+def check_profile_steps(config) -> None:
+  steps = tuple(config.profile_steps)
+  if steps and not (len(steps) == 2 and all(isinstance(s, int) for s in steps) and 0 <= steps[0] < steps[1]):
+    raise TrainingError(f"profile_steps={steps}: give (first, end) train steps with 0 <= first < end, "
+                        "e.g. --config.profile_steps='(10, 15)', or () for no trace")
+
+
 def check_batch_sizes(config, replicas: int) -> None:
   for key in ("global_batch_size", "eval_batch_size"):
     if config[key] % replicas:
@@ -317,19 +362,68 @@ def _initialize_from_data(config, manifest: dict, state: State) -> None:
         averages.reset()
 
 
-def _write_input_grid(config, manifest: dict, writer, step: int, side: int = 8) -> None:
-  """A `side` x `side` grid of augmented training images, as the model gets them (de-normalised)."""
+def _write_input_summaries(config, manifest: dict, writer, step: int) -> None:
+  """From one host pipeline as configured (host-side augmentation): a grid of augmented training images as
+  the model gets them (de-normalised), and the images/s the pipeline produces alone, over
+  `input.probe_batches` batches after two of warm-up (the step's own rate is train/images_per_sec)."""
   mean, std = normalization_for(config, manifest)
   host = config.copy_and_resolve_references()
   host.input.augment_on, host.input.data_service = "host", ""
-  batch = next(iter(input_pipeline.build_train_dataset(host, config.data_dir, steps_per_epoch=1,
-                                                       global_batch_size=side * side, mean=mean, std=std)))
-  images = tf.clip_by_value(batch["images"] * tf.constant(std) + tf.constant(mean), 0.0, 1.0)
+  batches = iter(input_pipeline.build_train_dataset(host, config.data_dir, steps_per_epoch=1,
+                                                    global_batch_size=config.global_batch_size, mean=mean, std=std))
+  images = next(batches)["images"]
+  side = min(8, math.isqrt(images.shape[0]))
+  images = tf.clip_by_value(images[:side * side] * tf.constant(std) + tf.constant(mean), 0.0, 1.0)
   rows = tf.reshape(images, [side, side * 32, 32, 3])  # each row of the grid: `side` images stacked
   grid = tf.reshape(tf.transpose(tf.reshape(rows, [side, side, 32, 32, 3]), [0, 2, 1, 3, 4]),
                     [1, side * 32, side * 32, 3])
   with writer.as_default(step=step):
     tf.summary.image("train/augmented_inputs", grid)
+  if config.input.probe_batches:
+    for _ in range(2):
+      next(batches)
+    start = time.perf_counter()
+    for _ in range(config.input.probe_batches):
+      next(batches)
+    rate = config.input.probe_batches * config.global_batch_size / (time.perf_counter() - start)
+    _write_scalars(writer, step, "input", {"images_per_sec": rate})
+    logging.info("input pipeline alone: %.0f images/s", rate)
+
+
+def flat_config(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+  """[(dotted key, value)] of a nested config dict."""
+  rows = []
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      rows += flat_config(value, f"{prefix}{key}.")
+    else:
+      rows.append((f"{prefix}{key}", value))
+  return rows
+
+
+def _write_hparams(config, writer) -> None:
+  """The config in TensorBoard's HParams dashboard (tuples as text), against the validation metrics."""
+  from tensorboard.plugins.hparams import api as hp  # pylint: disable=g-import-not-at-top
+  values = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat_config(config.to_dict())}
+  with writer.as_default():
+    hp.hparams_config(hparams=[hp.HParam(k) for k in values],
+                      metrics=[hp.Metric("validation/accuracy"), hp.Metric("validation/loss"),
+                               hp.Metric("train/loss")])
+    hp.hparams(values)
+
+
+def _write_eval_images(run, step: int, details: dict) -> None:
+  """TensorBoard images of one evaluation: its confusion matrix and its worst misclassified images."""
+  names = list(manifest_lib.class_names(run.manifest))
+  with run.writer.as_default(step=step):
+    tf.summary.image("validation/confusion_matrix",
+                     figures.summary_image(figures.confusion(details["confusion"], names)))
+    worst = details.get("worst")
+    if worst is not None and len(worst["labels"]):
+      mean, std = normalization_for(run.config, run.manifest)
+      images = np.clip(worst["images"] * np.array(std) + np.array(mean), 0.0, 1.0)
+      tf.summary.image("validation/worst_misclassified", figures.summary_image(figures.predictions(
+          images, worst["labels"], worst["predicted"], worst["probability"], names)))
 
 
 def _write_scalars(writer, step: int, prefix: str, scalars: dict) -> None:
@@ -374,7 +468,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if run.state.ema:  # the final evaluation and the export use the averaged weights
       run.state.ema.swap()
     for split, dataset in distributed_eval_datasets(config, run.strategy, run.manifest).items():
-      run.metrics[split] = evaluate(eval_step, dataset, run.state.eval_sums)
+      run.metrics[split], _ = evaluate(eval_step, dataset, run.state.eval_sums)
       logging.info("final %s: %s", split, _fmt(run.metrics[split]))
   if run.chief and config.export:
     mean, std = normalization_for(run.config, run.manifest)
@@ -394,6 +488,7 @@ def _start(config, workdir: str) -> Run:
   distribute.log_devices(strategy)
   chief = distribute.is_chief(strategy)
   check_batch_sizes(config, strategy.num_replicas_in_sync)
+  check_profile_steps(config)
   manifest = manifest_lib.load(config.data_dir)
   if config.input.verify_checksums:
     manifest_lib.verify_checksums(config.data_dir, manifest, manifest["splits"])
@@ -415,7 +510,8 @@ def _start(config, workdir: str) -> Run:
   if not manager.latest_checkpoint:
     _initialize_from_data(config, manifest, state)
   if chief and start_step == 0:
-    _write_input_grid(config, manifest, writer, start_step)
+    _write_input_summaries(config, manifest, writer, start_step)
+    _write_hparams(config, writer)
   return Run(config, workdir, strategy, chief, manifest, steps_per_epoch, config.num_epochs * steps_per_epoch,
              state, manager, writer, start_step, started)
 
@@ -427,30 +523,82 @@ def _train(run: Run, stop: faults.StopRequest) -> None:
       train_dataset_fn(config, run.manifest, run.steps_per_epoch, run.start_step))
   eval_ds = distributed_eval_datasets(config, run.strategy, run.manifest)
   train_loop = make_train_loop(config, run.strategy, state, *normalization_for(run.config, run.manifest))
-  eval_step = make_eval_step(run.strategy, state)
+  eval_step = make_eval_step(run.strategy, state, worst=config.summary_worst_images if run.chief else 0)
+  profile = _Profile(config, run) if run.chief else None
+  bar = (keras.utils.Progbar(run.total_steps, unit_name="step", stateful_metrics=["loss", "accuracy", "images/s"])
+         if run.chief and config.progress_bar and sys.stdout.isatty() else None)
   iterator = iter(train_ds)
-  window_start, window_step = time.time(), run.start_step
   step = run.start_step
-  while step < run.total_steps and not stop.agreed(run.strategy):
-    train_loop(iterator, tf.constant(_steps_until_boundary(config, step, run.steps_per_epoch, run.total_steps)),
-               step // run.steps_per_epoch)
-    step = int(state.step.numpy())
-    _check_finite(state, step, run.manager)
-    if step % config.log_every_steps == 0 or step % run.steps_per_epoch == 0:
-      run.metrics["train"] = _log_train(config, state, run.writer, step, run.total_steps, run.steps_per_epoch,
-                                        (step - window_step) / max(time.time() - window_start, 1e-9))
-      window_start, window_step = time.time(), step
-    if step % run.steps_per_epoch == 0:
-      if "validation" in eval_ds:
-        run.metrics["validation"] = _evaluate_averaged(state, eval_step, eval_ds["validation"])
-        _write_scalars(run.writer, step, "validation", run.metrics["validation"])
-        logging.info("epoch %d validation: %s", step // run.steps_per_epoch, _fmt(run.metrics["validation"]))
-      run.manager.save(checkpoint_number=step)
-    elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-      run.manager.save(checkpoint_number=step)
+  window_start, window_step = time.time(), step  # steps and time since the last log line, boundaries excluded
+  epoch_start = time.time() if step % run.steps_per_epoch == 0 else None  # None: resumed mid-epoch
+  try:
+    while step < run.total_steps and not stop.agreed(run.strategy):
+      if profile:
+        profile.before(step)
+      num_steps = _steps_until_boundary(config, step, run.steps_per_epoch, run.total_steps,
+                                        profile.marks(step) if profile else ())
+      train_loop(iterator, tf.constant(num_steps), step // run.steps_per_epoch)
+      step = int(state.step.numpy())
+      if profile:
+        profile.after(step)
+      _check_finite(state, step, run.manager)
+      boundary = step % config.log_every_steps == 0 or step % run.steps_per_epoch == 0
+      if boundary:
+        run.metrics["train"] = _log_train(config, state, run.writer, step, run.total_steps, run.steps_per_epoch,
+                                          (step - window_step) / max(time.time() - window_start, 1e-9))
+      if bar:
+        bar.update(step, [("loss", run.metrics["train"]["loss"]), ("accuracy", run.metrics["train"]["accuracy"]),
+                          ("images/s", run.metrics["train"]["images_per_sec"])] if boundary else None)
+      if step % run.steps_per_epoch == 0:
+        if epoch_start is not None:
+          _write_scalars(run.writer, step, "train", {"epoch_seconds": time.time() - epoch_start})
+        if "validation" in eval_ds:
+          run.metrics["validation"], details = _evaluate_averaged(state, eval_step, eval_ds["validation"])
+          _write_scalars(run.writer, step, "validation", run.metrics["validation"])
+          if run.chief and config.summary_worst_images:
+            _write_eval_images(run, step, details)
+          logging.info("epoch %d validation: %s", step // run.steps_per_epoch, _fmt(run.metrics["validation"]))
+        run.manager.save(checkpoint_number=step)
+        epoch_start = time.time()
+      elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+        run.manager.save(checkpoint_number=step)
+      if boundary:
+        window_start, window_step = time.time(), step
+  finally:
+    if profile:
+      profile.stop()
 
 
-def _evaluate_averaged(state: State, eval_step, dataset) -> dict[str, float]:
+class _Profile:
+  """A profiler trace of train steps [first, end) (`config.profile_steps`) into workdir/summaries, where
+  TensorBoard's profile plugin finds it (plugins/profile/<run>/*.xplane.pb)."""
+
+  def __init__(self, config, run: Run):
+    self.range = tuple(config.profile_steps)
+    self.directory = os.path.join(run.workdir, "summaries")
+    self.active = False
+
+  def marks(self, step: int) -> tuple[int, ...]:
+    """Steps where a train loop must stop so the trace starts and ends there."""
+    return tuple(m for m in self.range if m > step)
+
+  def before(self, step: int) -> None:
+    if self.range and not self.active and self.range[0] <= step < self.range[1]:
+      tf.profiler.experimental.start(self.directory)
+      self.active = True
+      logging.info("profiling steps %d to %d into %s", step, self.range[1] - 1, self.directory)
+
+  def after(self, step: int) -> None:
+    if self.active and step >= self.range[1]:
+      self.stop()
+
+  def stop(self) -> None:
+    if self.active:
+      tf.profiler.experimental.stop()
+      self.active = False
+
+
+def _evaluate_averaged(state: State, eval_step, dataset) -> tuple[dict[str, float], dict]:
   """Evaluates with the EMA weights when there are any, then puts the training weights back."""
   if state.ema:
     state.ema.swap()
@@ -475,12 +623,13 @@ def _finish(run: Run, status: str) -> None:
     _write_run_json(run, status)
 
 
-def _steps_until_boundary(config, step: int, steps_per_epoch: int, total_steps: int) -> int:
-  """Steps to run before Python must act again (log, checkpoint, epoch end, or the end)."""
+def _steps_until_boundary(config, step: int, steps_per_epoch: int, total_steps: int, marks=()) -> int:
+  """Steps to run before Python must act again (log, checkpoint, epoch end, the end, or one of the steps
+  `marks`, all later than `step`)."""
   boundaries = [config.steps_per_loop, config.log_every_steps, steps_per_epoch]
   if config.checkpoint_every_steps:
     boundaries.append(config.checkpoint_every_steps)
-  nearest = min((step // b + 1) * b for b in boundaries if b > 0)
+  nearest = min([(step // b + 1) * b for b in boundaries if b > 0] + list(marks))
   return min(nearest, total_steps) - step
 
 
