@@ -3,7 +3,7 @@ RMSprop with a stepped learning rate, rotation 15 + shift 0.1 + flip, z-score in
 
   python -m trainer.main --config=configs/elu_cnn.py --workdir=/tmp/elu_cnn --config.data_dir=/tmp/c10
 
-Its tutorial reports ~90% after 125 epochs. Not yet measured here (BUILD.md's accuracy table).
+Its tutorial reports ~90% after 125 epochs. Measured here: BUILD.md's accuracy table.
 """
 
 from configs import default

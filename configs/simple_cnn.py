@@ -3,7 +3,7 @@
 
   python -m trainer.main --config=configs/simple_cnn.py --workdir=/tmp/simple_cnn --config.data_dir=/tmp/c10
 
-Its tutorial reports 70.3% test accuracy. Not yet measured here (BUILD.md's accuracy table).
+Its tutorial reports 70.3% test accuracy. Measured here: BUILD.md's accuracy table.
 """
 
 from configs import default

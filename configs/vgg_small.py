@@ -3,7 +3,7 @@ dense 128 + dropout, SGD with momentum, shift/zoom/flip augmentation (552,362 pa
 
   python -m trainer.main --config=configs/vgg_small.py --workdir=/tmp/vgg_small --config.data_dir=/tmp/c10
 
-Its tutorial reports 78.8% test accuracy. Not yet measured here (BUILD.md's accuracy table).
+Its tutorial reports 78.8% test accuracy. Measured here: BUILD.md's accuracy table.
 """
 
 from configs import default
