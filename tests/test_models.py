@@ -46,7 +46,6 @@ def test_airbench_trains_bn_biases_fast_and_freezes_the_whitening_bias():
   multipliers = optim.gradient_multipliers(model, 64.0, 1.0)  # airbench: BN biases and the whitening bias
   assert [n for n, m in zip(names, multipliers) if m == 64.0] == [
       n for n in names if n.endswith("beta") or n == whiten_bias.path]
-  assert model.get_layer("whiten").compute_dtype == "float32"  # bf16 would drown the faint directions
 
 
 def test_lookahead_blends_every_few_steps_and_finishes_on_the_average():
