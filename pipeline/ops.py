@@ -203,3 +203,10 @@ def normalize(images: tf.Tensor, mean, std) -> tf.Tensor:
   offset = tf.tile(-tf.constant(mean, tf.float32) / std, [pixels])
   flat = tf.reshape(tf.cast(images, tf.float32), [-1, pixels * images.shape[-1]])
   return tf.reshape(flat * scale + offset, tf.shape(images))
+
+
+def denormalize(images, mean, std) -> tf.Tensor:
+  """The inverse of `normalize`, for looking at images: float32 in [0, 1] (clipped), per channel `mean`
+  and `std` in [0, 1] units."""
+  images = tf.convert_to_tensor(images, tf.float32)
+  return tf.clip_by_value(images * tf.constant(std, tf.float32) + tf.constant(mean, tf.float32), 0.0, 1.0)

@@ -59,6 +59,14 @@ def test_normalize():
   assert out.dtype == tf.float32
 
 
+def test_denormalize_inverts_normalize_and_clips():
+  pixels = tf.constant(np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)), tf.uint8)
+  mean, std = (0.5, 0.4, 0.3), (0.25, 0.5, 1.0)
+  back = ops.denormalize(ops.normalize(pixels, mean, std), mean, std)
+  np.testing.assert_allclose(back.numpy(), pixels.numpy() / 255.0, atol=1e-6)
+  assert ops.denormalize(tf.fill([1, 2, 2, 3], 9.0), mean, std).numpy().max() == 1.0
+
+
 def _config(**input_overrides):
   config = default.get_config()
   config.deterministic = True

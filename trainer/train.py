@@ -26,6 +26,7 @@ from pipeline import cifar10
 from pipeline import fileio
 from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
+from pipeline import ops
 from trainer import distribute
 from trainer import export as export_lib
 from trainer import faults
@@ -373,7 +374,7 @@ def _write_input_summaries(config, manifest: dict, writer, step: int) -> None:
                                                     global_batch_size=config.global_batch_size, mean=mean, std=std))
   images = next(batches)["images"]
   side = min(8, math.isqrt(images.shape[0]))
-  images = tf.clip_by_value(images[:side * side] * tf.constant(std) + tf.constant(mean), 0.0, 1.0)
+  images = ops.denormalize(images[:side * side], mean, std)
   rows = tf.reshape(images, [side, side * 32, 32, 3])  # each row of the grid: `side` images stacked
   grid = tf.reshape(tf.transpose(tf.reshape(rows, [side, side, 32, 32, 3]), [0, 2, 1, 3, 4]),
                     [1, side * 32, side * 32, 3])
@@ -421,7 +422,7 @@ def _write_eval_images(run, step: int, details: dict) -> None:
     worst = details.get("worst")
     if worst is not None and len(worst["labels"]):
       mean, std = normalization_for(run.config, run.manifest)
-      images = np.clip(worst["images"] * np.array(std) + np.array(mean), 0.0, 1.0)
+      images = ops.denormalize(worst["images"], mean, std).numpy()
       tf.summary.image("validation/worst_misclassified", figures.summary_image(figures.predictions(
           images, worst["labels"], worst["predicted"], worst["probability"], names)))
 
