@@ -32,6 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.export = True  # write the SavedModel to workdir/export at the end
   config.tta = "none"  # test-time views in the final evaluation and the export: none | flip | flip_translate
   config.label_smoothing = 0.0  # probability mass spread evenly over all classes
+  config.bn_statistics_images = 0  # after training, BatchNorm statistics re-estimated over this many unaugmented
+                                  # train images with the final weights ("precise BN"); 0 = keep the running ones
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "resnet"  # a key of trainer.models.BUILDERS

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -262,6 +263,33 @@ def test_evaluation_counts_confusion_and_worst_images(synthetic_dir):
   assert len(worst["labels"]) == 5 and np.all(worst["labels"] != worst["predicted"])
   np.testing.assert_allclose(worst["loss"], expected, rtol=1e-4)
   assert worst["images"].shape == (5, 32, 32, 3)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_bn_statistics_are_the_average_batch_moments(synthetic_dir, replicas):
+  """Re-estimated BatchNorm statistics equal each layer's input moments in training mode, per replica
+  batch, averaged over the batches and replicas: checked against the model run eagerly on the same images."""
+  config = _smoke(synthetic_dir, logical_cpus=replicas if replicas > 1 else 0, mixed_precision="float32",
+                  bn_statistics_images=64)
+  strategy = distribute.make_strategy(config)
+  assert strategy.num_replicas_in_sync == replicas
+  state = train.make_state(config, strategy, steps_per_epoch=4)
+  manifest = manifest_lib.load(synthetic_dir)
+  mean, std = train.normalization_for(config, manifest)
+  images = next(iter(input_pipeline.build_eval_dataset(synthetic_dir, "train", batch_size=64, mean=mean, std=std)))
+  models.initialize_from_data(state.model, lambda: images["images"])
+  layers = [layer for layer in state.model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+  probe = keras.Model(state.model.inputs, [layer.input for layer in layers])
+  per_replica = 32 // replicas  # global batch 32: each replica normalises by its own share
+  moments = [[np.array(tf.nn.moments(x, [0, 1, 2])) for x in probe(images["images"][i:i + per_replica], training=True)]
+             for i in range(0, 64, per_replica)]
+  expected = [np.mean([m[k] for m in moments], axis=0) for k in range(len(layers))]  # [2, channels] per layer
+
+  assert train.recompute_bn_statistics(config, strategy, state, manifest) == 64
+  for layer, (m, v) in zip(layers, expected):
+    assert not np.allclose(m, 0.0)  # differs from the initial statistics: the test can see an assignment
+    np.testing.assert_allclose(layer.moving_mean.numpy(), m, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), v, rtol=1e-4, atol=1e-5)
 
 
 def test_progress_bar_on_a_terminal(synthetic_dir, tmp_path, monkeypatch):

@@ -230,6 +230,57 @@ def make_eval_step(strategy, state: State, tta: str = "none", worst: int = 0):
   return eval_step
 
 
+def make_bn_statistics_step(strategy, model: keras.Model):
+  """Returns step(batch) -> [(mean, variance)] per BatchNormalization layer of `model` (top level): the
+  per-channel moments of the layer's input with the model in training mode (every layer normalising by
+  its batch's own statistics), averaged over the replicas. None when the model has no such layer."""
+  layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+  if not layers:
+    return None
+  probe = keras.Model(model.inputs, [layer.input for layer in layers])
+
+  def step_fn(batch):
+    outputs = probe(batch["images"], training=True)
+    moments = [tf.nn.moments(tf.cast(x, tf.float32), axes=list(range(len(x.shape) - 1))) for x in outputs]
+    ctx = tf.distribute.get_replica_context()
+    return ctx.all_reduce(tf.distribute.ReduceOp.MEAN, moments)
+
+  traced = tf.function(lambda batch: strategy.run(step_fn, args=(batch,)))
+
+  def step(batch):
+    return [tuple(strategy.experimental_local_results(m)[0] for m in pair) for pair in traced(batch)]
+
+  step.layers = layers
+  return step
+
+
+def recompute_bn_statistics(config, strategy, state: State, manifest: dict) -> int:
+  """Sets every BatchNorm layer's moving mean and variance to the averages of its batch statistics over
+  the first `config.bn_statistics_images` unaugmented train images, with the final weights: the running
+  statistics trail the weights (a few batches' worth at airbench's momentum) and lookahead or EMA
+  averages them with the weights, so after averaging they no longer match the weights they serve
+  ("precise BN"). Same result on every replica and worker; returns the images used (0: no BN layer)."""
+  step = make_bn_statistics_step(strategy, state.model)
+  if step is None:
+    return 0
+  images = min(config.bn_statistics_images, manifest_lib.num_examples(manifest, "train"))
+  batches = max(images // config.global_batch_size, 1)
+  mean, std = normalization_for(config, manifest)
+  # Each input pipeline yields per-replica batches: one global batch takes one per replica it feeds.
+  dataset = strategy.distribute_datasets_from_function(lambda ctx: input_pipeline.build_eval_dataset(
+      config.data_dir, "train", batch_size=ctx.get_per_replica_batch_size(config.global_batch_size),
+      mean=mean, std=std, input_context=ctx).take(batches * ctx.num_replicas_in_sync // ctx.num_input_pipelines))
+  totals, count = None, 0
+  for batch in dataset:
+    moments = [(m.numpy(), v.numpy()) for m, v in step(batch)]
+    totals = moments if totals is None else [(a + m, b + v) for (a, b), (m, v) in zip(totals, moments)]
+    count += 1
+  for layer, (m, v) in zip(step.layers, totals):
+    layer.moving_mean.assign(m / count)
+    layer.moving_variance.assign(v / count)
+  return count * config.global_batch_size
+
+
 def evaluate(eval_step, dataset, sums: Sums) -> tuple[dict[str, float], dict]:
   """One pass over a distributed eval dataset. Returns its metrics (loss, accuracy, image count) and
   details: the confusion matrix (true class by row) and, when eval_step collects them, the `worst`
@@ -468,6 +519,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       run.state.lookahead.finish()
     if run.state.ema:  # the final evaluation and the export use the averaged weights
       run.state.ema.swap()
+    if config.bn_statistics_images:
+      images = recompute_bn_statistics(config, run.strategy, run.state, run.manifest)
+      logging.info("BatchNorm statistics re-estimated from %d train images", images)
     for split, dataset in distributed_eval_datasets(config, run.strategy, run.manifest).items():
       run.metrics[split], _ = evaluate(eval_step, dataset, run.state.eval_sums)
       logging.info("final %s: %s", split, _fmt(run.metrics[split]))
