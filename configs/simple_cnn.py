@@ -1,6 +1,10 @@
 """Seed model: TensorFlow's CNN tutorial: conv32-pool-conv64-pool-conv64 (valid padding), dense 64, Adam,
 10 epochs, batch 32, pixels / 255, no augmentation (122,570 parameters).
 
+One change to the tutorial's recipe: its constant learning rate decays to 0 on a cosine over the 10
+epochs. With the constant rate the net starts to overfit after ~5 epochs and the last epoch's weights
+are noisy: 0.6711 on our validation split (2 runs), the tutorial's own code 0.6431; decayed: 0.6968.
+
   python -m trainer.main --config=configs/simple_cnn.py --workdir=/tmp/simple_cnn --config.data_dir=/tmp/c10
 
 Its tutorial reports 70.3% test accuracy. Measured here: BUILD.md's accuracy table.
@@ -22,4 +26,5 @@ def get_config(arg: str | None = None):
   config.model.dense = (64,)
   config.optimizer.name = "adam"
   config.optimizer.learning_rate = 1e-3
+  config.optimizer.schedule = "cosine"  # the tutorial: "constant"
   return default.variant(config, arg)
