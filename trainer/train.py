@@ -265,11 +265,7 @@ def recompute_bn_statistics(config, strategy, state: State, manifest: dict) -> i
     return 0
   images = min(config.bn_statistics_images, manifest_lib.num_examples(manifest, "train"))
   batches = max(images // config.global_batch_size, 1)
-  mean, std = normalization_for(config, manifest)
-  # Each input pipeline yields per-replica batches: one global batch takes one per replica it feeds.
-  dataset = strategy.distribute_datasets_from_function(lambda ctx: input_pipeline.build_eval_dataset(
-      config.data_dir, "train", batch_size=ctx.get_per_replica_batch_size(config.global_batch_size),
-      mean=mean, std=std, input_context=ctx).take(batches * ctx.num_replicas_in_sync // ctx.num_input_pipelines))
+  dataset = distributed_eval_dataset(config, strategy, manifest, "train", config.global_batch_size, batches)
   totals, count = None, 0
   for batch in dataset:
     moments = [(m.numpy(), v.numpy()) for m, v in step(batch)]
@@ -386,16 +382,26 @@ def train_dataset_fn(config, manifest: dict, steps_per_epoch: int, start_step: i
   return dataset_fn
 
 
-def distributed_eval_datasets(config, strategy, manifest: dict) -> dict:
-  """Distributed eval datasets by split name, for the splits the manifest has."""
+def distributed_eval_dataset(config, strategy, manifest: dict, split: str, global_batch_size: int,
+                             batches: int | None = None):
+  """One split, unaugmented, in file order, distributed over the strategy's replicas in global batches
+  of `global_batch_size`: all of it, or its first `batches` global batches."""
   mean, std = normalization_for(config, manifest)
 
-  def eval_fn(split):
-    return lambda ctx: input_pipeline.build_eval_dataset(
-        config.data_dir, split, batch_size=ctx.get_per_replica_batch_size(config.eval_batch_size),
+  def dataset_fn(ctx):
+    dataset = input_pipeline.build_eval_dataset(
+        config.data_dir, split, batch_size=ctx.get_per_replica_batch_size(global_batch_size),
         mean=mean, std=std, input_context=ctx)
+    # Each input pipeline yields per-replica batches: one global batch takes one per replica it feeds.
+    return dataset if batches is None else dataset.take(
+        batches * ctx.num_replicas_in_sync // ctx.num_input_pipelines)
 
-  return {split: strategy.distribute_datasets_from_function(eval_fn(split))
+  return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+def distributed_eval_datasets(config, strategy, manifest: dict) -> dict:
+  """Distributed eval datasets by split name, for the splits the manifest has."""
+  return {split: distributed_eval_dataset(config, strategy, manifest, split, config.eval_batch_size)
           for split in ("validation", "test") if split in manifest["splits"]}
 
 
