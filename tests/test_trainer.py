@@ -338,6 +338,22 @@ def test_cli_without_data_dir_is_one_line_error(tmp_path):
   assert "Traceback" not in result.stderr
 
 
+def test_benchmark_accuracy_tool_resumes_in_its_workdir(synthetic_dir, tmp_path):
+  command = [sys.executable, "-m", "tools.benchmark_accuracy", "--config=configs/deep.py:smoke", "--runs=1",
+             f"--data_dir={synthetic_dir}", f"--workdir={tmp_path}", "--config.num_epochs=1",
+             "--config.steps_per_epoch=2"]
+  runs = [subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300) for _ in range(2)]
+  for result in runs:
+    assert result.returncode == 0, result.stderr[-2000:]
+  first, second = (r.stdout.splitlines() for r in runs)
+  assert re.fullmatch(r"run 0: validation accuracy [01]\.\d{4} \(\d+/200, from the export\), wall time \d+ s",
+                      first[0]), first
+  assert second[0].endswith("(resumed: this invocation only)") and "(some runs resumed)" in second[-2], second
+  with open(tmp_path / "run0.log") as f:
+    log = f.read()
+  assert "benchmark_accuracy: starting run 0" in log and "benchmark_accuracy: resuming run 0" in log
+
+
 def test_benchmark_input_tool(synthetic_dir):
   result = subprocess.run(
       [sys.executable, "-m", "tools.benchmark_input", "--config=configs/deep.py:smoke",

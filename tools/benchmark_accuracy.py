@@ -3,10 +3,13 @@ r"""Accuracy and wall time of a config on the shared CIFAR-10 data, over several
   python -m tools.benchmark_accuracy --config=configs/deep.py --runs=2
 
 Makes the shards from --source into --data_dir if they are missing (45,000 train / 5,000 validation),
-then for each run trains the config with `python -m trainer.main` (seed = run number) in a fresh workdir
+then for each run trains the config with `python -m trainer.main` (seed = run number) in --workdir/runN
 (its log beside it, as runN.log),
 evaluates the run's export with tools.evaluate, and prints mean ± std of the validation accuracy (from the
 export) and of the wall time of the training command. Long runs are fine here; they are not in CI.
+
+Run again with the same --workdir after a kill or a preemption, it resumes: each run continues from its
+last checkpoint, its log grows, and its wall time (this invocation's only) is marked "resumed".
 """
 
 import os
@@ -19,6 +22,7 @@ import time
 from absl import app
 from absl import flags
 from ml_collections import config_flags
+import tensorflow as tf
 
 from pipeline import manifest as manifest_lib
 from tools import evaluate
@@ -54,24 +58,29 @@ def main(argv):
     make_tfrecords.make(FLAGS.source, FLAGS.data_dir)
   root = FLAGS.workdir or tempfile.mkdtemp(prefix="benchmark_accuracy_")
   os.makedirs(root, exist_ok=True)
-  accuracies, times = [], []
+  accuracies, times, any_resumed = [], [], False
   for run in range(FLAGS.first_seed, FLAGS.first_seed + FLAGS.runs):
     workdir = os.path.join(root, f"run{run}")
     command = trainer_main.command(config_arg, workdir, dict(overrides, data_dir=FLAGS.data_dir, seed=run))
     log = f"{workdir}.log"  # beside the workdir: the trainer refuses foreign files in its workdir
+    resumed = bool(tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")))
     start = time.time()
-    with open(log, "w") as f:
+    with open(log, "a") as f:
+      f.write(f"benchmark_accuracy: {'resuming' if resumed else 'starting'} run {run} at "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(command)}\n")
+      f.flush()
       result = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     elapsed = time.time() - start
     if result.returncode:
       sys.exit(f"benchmark_accuracy: error: run {run} failed (exit {result.returncode}); its log: {log}")
     correct, total = evaluate.evaluate(os.path.join(workdir, "export"), FLAGS.data_dir, "validation", 1000)
     accuracies.append(correct / total)
+    any_resumed |= resumed
     times.append(elapsed)
     print(f"run {run}: validation accuracy {correct / total:.4f} ({correct}/{total}, from the export), "
-          f"wall time {elapsed:.0f} s", flush=True)
+          f"wall time {elapsed:.0f} s{' (resumed: this invocation only)' if resumed else ''}", flush=True)
   print(f"config {config_arg} {' '.join(f'{k}={v}' for k, v in overrides.items())}: {FLAGS.runs} run(s)")
-  print(f"wall time (s): {_mean_std(times)}")
+  print(f"wall time (s): {_mean_std(times)}{' (some runs resumed)' if any_resumed else ''}")
   print(f"validation accuracy: {_mean_std(accuracies)}")
 
 
