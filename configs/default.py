@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.sync_bn = False  # BatchNorm statistics over the global batch (costs an all-reduce per layer)
   config.model.logit_scale = 1.0  # multiplies the logits
   config.model.whiten_size = 2  # airbench: patch side of the frozen whitening conv initialised from the data
+  config.model.whiten_epsilon = 5e-4  # airbench: added to the patch covariance's eigenvalues before 1/sqrt
   config.model.head_init_std = 0.0  # airbench: std of the head's initial kernel; 0 = PyTorch's default
   config.model.whiten_bias_epochs = 3  # airbench: epochs the whitening conv's bias trains before it freezes
   # plain_cnn and mlp (the tutorial models; see trainer/models.py):

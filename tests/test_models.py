@@ -25,6 +25,27 @@ def test_patch_whitening_whitens_the_patches_it_was_set_from():
   np.testing.assert_allclose(out[:, :12].T @ out[:, :12] / len(out), np.eye(12), atol=2e-3)
 
 
+def test_whitening_epsilon_damps_the_faint_directions():
+  keras.mixed_precision.set_dtype_policy("float32")
+  rng = np.random.default_rng(1)
+  base = rng.normal(size=(64, 33, 33, 1))
+  images = tf.constant(base[:, :32, :32] + 0.5 * base[:, 1:, 1:] + 0.01 * rng.normal(size=(64, 32, 32, 3)),
+                       tf.float32)
+  patches = tf.reshape(tf.image.extract_patches(images, [1, 2, 2, 1], [1] * 4, [1] * 4, "VALID"), [-1, 12])
+  eigenvalues = np.linalg.eigvalsh(np.cov(patches.numpy().astype(np.float64).T, bias=True))
+  config = deep.get_config()
+  config.model.whiten_epsilon = 1e-3
+  layer = models.build(config.model).get_layer("whiten")
+  assert layer.epsilon == 1e-3
+  layer.initialize_from_data(images)
+  out = layer(images).numpy().reshape(-1, 24)[:, :12].astype(np.float64)
+  # Each principal direction comes out with variance eigenvalue / (eigenvalue + epsilon): the faintest
+  # (here the pixel noise, eigenvalues ~1e-4) are damped, the strong ones pass at unit variance.
+  expected = eigenvalues / (eigenvalues + 1e-3)
+  assert expected[0] < 0.2 and expected[-1] > 0.99
+  np.testing.assert_allclose(np.linalg.eigvalsh(out.T @ out / len(out)), expected, atol=5e-3)
+
+
 def test_partial_dirac_passes_the_first_channels_through():
   kernel = models.PartialDirac()((3, 3, 4, 6)).numpy()
   x = tf.constant(np.random.default_rng(0).normal(size=(1, 5, 5, 4)), tf.float32)

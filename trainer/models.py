@@ -190,7 +190,8 @@ def airbench(config) -> keras.Model:
   # In bf16 the faintest whitened channels carry 10-19% rounding noise (large filters summing nearly
   # cancelling terms), but float32 here cost ~10% of the step on this CPU and gained nothing measurable
   # (BUILD.md), so the layer follows the model's precision.
-  x = PatchWhitening(config.whiten_size, bias_epochs=config.whiten_bias_epochs, name="whiten")(inputs)
+  x = PatchWhitening(config.whiten_size, epsilon=config.whiten_epsilon, bias_epochs=config.whiten_bias_epochs,
+                     name="whiten")(inputs)
   x = keras.layers.Activation(config.activation, name="whiten_act")(x)
   for g, width in enumerate(config.widths):
     x = conv(width, f"group{g}_conv0")(x)
