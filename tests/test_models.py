@@ -9,13 +9,18 @@ from trainer import models
 from trainer import optim
 
 
+def correlated_images(seed, noise):
+  """64 images whose neighbouring pixels and channels are strongly correlated, as in natural images, plus
+  independent per-pixel noise of standard deviation `noise` (the faintest patch directions)."""
+  rng = np.random.default_rng(seed)
+  base = rng.normal(size=(64, 33, 33, 1))
+  return tf.constant(base[:, :32, :32] + 0.5 * base[:, 1:, 1:] + noise * rng.normal(size=(64, 32, 32, 3)),
+                     tf.float32)
+
+
 def test_patch_whitening_whitens_the_patches_it_was_set_from():
   keras.mixed_precision.set_dtype_policy("float32")
-  rng = np.random.default_rng(0)
-  # Strongly correlated pixels and channels, as in natural images.
-  base = rng.normal(size=(64, 33, 33, 1))
-  images = tf.constant(base[:, :32, :32] + 0.5 * base[:, 1:, 1:] + 0.1 * rng.normal(size=(64, 32, 32, 3)),
-                       tf.float32)
+  images = correlated_images(0, noise=0.1)
   layer = models.PatchWhitening(2, epsilon=0.0)
   layer.build(images.shape)
   layer.initialize_from_data(images)
@@ -27,10 +32,7 @@ def test_patch_whitening_whitens_the_patches_it_was_set_from():
 
 def test_whitening_epsilon_damps_the_faint_directions():
   keras.mixed_precision.set_dtype_policy("float32")
-  rng = np.random.default_rng(1)
-  base = rng.normal(size=(64, 33, 33, 1))
-  images = tf.constant(base[:, :32, :32] + 0.5 * base[:, 1:, 1:] + 0.01 * rng.normal(size=(64, 32, 32, 3)),
-                       tf.float32)
+  images = correlated_images(1, noise=0.01)
   patches = tf.reshape(tf.image.extract_patches(images, [1, 2, 2, 1], [1] * 4, [1] * 4, "VALID"), [-1, 12])
   eigenvalues = np.linalg.eigvalsh(np.cov(patches.numpy().astype(np.float64).T, bias=True))
   config = deep.get_config()
