@@ -56,6 +56,8 @@ def muon(config):
   Its hyperparameters are per summed loss with coupled weight decay; on our mean loss at batch 2000 the
   biases' lr 0.053 is 106 and the head's 0.67 is 12.64x that; its decay of 0.004 per step, amplified
   1 / (1 - 0.85) by momentum, is 0.0267 per step at the peak, i.e. decoupled weight_decay = 0.0267 / 106.
+  The patch-whitening bias trains at the SGD recipe's 1.5, not airbench's 106: at that rate with the
+  whitening conv in bf16 the validation accuracy sat near chance until the learning rate decayed (BUILD.md).
   """
   config.global_batch_size = 2000
   config.steps_per_loop = 22
@@ -63,6 +65,7 @@ def muon(config):
   config.model.head_init_std = 1.0
   config.optimizer.update(name="muon", learning_rate=106.0, momentum=0.85, nesterov=True,
                           weight_decay=0.0267 / 106, bn_bias_lr_scale=1.0, head_lr_scale=0.67 / 0.053,
+                          whiten_bias_lr_scale=1.5 / 106,
                           muon_learning_rate=0.24, muon_momentum=0.6, schedule="triangular", warmup_epochs=0.0,
                           triangular_start=1.0, triangular_end=0.0, lookahead_every=0)
   return config

@@ -74,6 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.muon_learning_rate = 0.24  # muon: peak step size of the conv kernels (same schedule)
   config.optimizer.muon_momentum = 0.6  # muon: Nesterov momentum of the conv kernels
   config.optimizer.bn_bias_lr_scale = 1.0  # learning-rate multiplier of BatchNorm biases (airbench: 64)
+  config.optimizer.whiten_bias_lr_scale = 1.0  # learning-rate multiplier of the patch-whitening bias (airbench: 64)
   config.optimizer.head_lr_scale = 1.0  # learning-rate multiplier of the logits layer's kernel
   config.optimizer.lookahead_every = 0  # steps between lookahead averaging (airbench: 5); 0 = off
   config.optimizer.lookahead_decay = 0.95 ** 5  # lookahead: the average's weight at the last step (ramps as step^3)

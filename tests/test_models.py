@@ -66,8 +66,11 @@ def test_airbench_trains_bn_biases_fast_and_freezes_the_whitening_bias():
   whiten_bias = model.get_layer("whiten").bias
   assert any(v is whiten_bias for v in models.trainable_at(model, config.model.whiten_bias_epochs - 1))
   assert not any(v is whiten_bias for v in models.trainable_at(model, config.model.whiten_bias_epochs))
-  multipliers = optim.gradient_multipliers(model, 64.0, 1.0)  # BN biases only (see the function)
-  assert [n for n, m in zip(names, multipliers) if m == 64.0] == [n for n in names if n.endswith("beta")]
+  config.optimizer.update(whiten_bias_lr_scale=0.5, head_lr_scale=2.0)
+  multipliers = dict(zip(names, optim.gradient_multipliers(model, config.optimizer)))
+  assert [n for n, m in multipliers.items() if m == 64.0] == [n for n in names if n.endswith("beta")]
+  assert multipliers[whiten_bias.path] == 0.5 and multipliers[model.get_layer("logits").kernel.path] == 2.0
+  assert {m for n, m in multipliers.items() if not n.endswith("beta")} == {0.5, 2.0, 1.0}
 
 
 def test_lookahead_blends_every_few_steps_and_finishes_on_the_average():

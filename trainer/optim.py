@@ -3,6 +3,8 @@
 import keras
 import tensorflow as tf
 
+from trainer import models
+
 SCHEDULES = ("cosine", "constant", "triangular", "piecewise")
 
 
@@ -214,17 +216,20 @@ class Lookahead:
       v.assign(tf.cast(average, v.dtype))
 
 
-def gradient_multipliers(model: keras.Model, bn_bias_lr_scale: float, head_lr_scale: float) -> list[float]:
-  """One learning-rate multiplier per trainable variable: `bn_bias_lr_scale` for BatchNorm biases (betas;
-  airbench trains them 64x faster), `head_lr_scale` for the kernel of the `logits` layer, 1 elsewhere.
+def gradient_multipliers(model: keras.Model, opt) -> list[float]:
+  """One learning-rate multiplier per trainable variable, from the optimizer config `opt`:
+  `bn_bias_lr_scale` for BatchNorm biases (betas; airbench trains them 64x faster), `whiten_bias_lr_scale`
+  for the patch-whitening bias, `head_lr_scale` for the kernel of the `logits` layer, 1 elsewhere.
   Applied to the gradients, so weight decay is not scaled (and Muon's normalised steps ignore them).
 
   airbench also trains the patch-whitening bias 64x faster; here, with the whitening conv in bf16, that
   left validation accuracy near chance for the first 6 epochs (train accuracy normal; BUILD.md), and the
-  whitening conv in float32 costs ~10% of the step on this CPU, so that bias keeps 1x."""
+  whitening conv in float32 costs ~10% of the step on this CPU, so deep.py keeps that bias at 1x."""
   layers = model._flatten_layers()  # pylint: disable=protected-access
-  scales = {id(layer.beta): bn_bias_lr_scale for layer in layers
+  scales = {id(layer.beta): opt.bn_bias_lr_scale for layer in layers
             if isinstance(layer, keras.layers.BatchNormalization) and layer.center}
+  scales.update({id(layer.bias): opt.whiten_bias_lr_scale for layer in layers
+                 if isinstance(layer, models.PatchWhitening)})
   if "logits" in [layer.name for layer in model.layers]:
-    scales[id(model.get_layer("logits").kernel)] = head_lr_scale
+    scales[id(model.get_layer("logits").kernel)] = opt.head_lr_scale
   return [scales.get(id(v), 1.0) for v in model.trainable_variables]

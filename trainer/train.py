@@ -141,8 +141,7 @@ def make_train_loop(config, strategy, state: State, mean=None, std=None):
   """
   model, optimizer = state.model, state.optimizer
   multipliers = dict(zip((id(v) for v in model.trainable_variables),
-                         optim.gradient_multipliers(model, config.optimizer.bn_bias_lr_scale,
-                                                                  config.optimizer.head_lr_scale)))
+                         optim.gradient_multipliers(model, config.optimizer)))
 
   def step_fn(batch, variables):
     """Runs per replica."""
