@@ -6,6 +6,8 @@ RMSprop, rotation 15 + shift 0.1 + flip, z-score inputs (309,290 parameters).
 Its tutorial reports ~90% after 125 epochs with RMSprop at 0.001, halved at epoch 75 and cut to 0.3x at 100
 (`--config.optimizer.schedule=piecewise` still runs that). Here the same peak decays to 0 on a cosine: the
 stepped run sat at 0.84 (epochs 54-67, noisy) at its constant 0.001, and its last step still leaves 0.0003.
+The final evaluation and the export average each image with its mirror image (`tta="flip"`; +0.6 points on
+the 70-epoch run, 0.8638 -> 0.8698); `--config.tta=none` scores the single view.
 Measured here: BUILD.md's accuracy table.
 """
 
@@ -32,4 +34,5 @@ def get_config(arg: str | None = None):
   config.augment.rotation_degrees = 15.0
   config.augment.shift_fraction = 0.1
   config.augment.flip = "random"
+  config.tta = "flip"
   return default.variant(config, arg)
