@@ -102,6 +102,28 @@ def test_one_step_on_two_replicas_equals_one_replica(module, clip_norm):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("module", [default, deep], ids=["resnet", "airbench"])
+def test_xla_step_equals_the_plain_step_on_two_replicas(module):
+  """jit_compile compiles each replica's forward and backward pass (the iterator and the cross-replica
+  update cannot be compiled); the step it takes is the plain one, up to XLA's float reordering."""
+  config = module.get_config("smoke")
+  config.mixed_precision = "float32"
+  config.logical_cpus = 2
+  config.optimizer.warmup_epochs = 0.0
+  rng = np.random.default_rng(1)
+  images = tf.constant(rng.normal(size=(32, 32, 32, 3)), tf.float32)
+  labels = tf.constant(rng.integers(0, 10, 32), tf.int64)
+  strategy = distribute.make_strategy(config)
+  init, plain = _one_step(strategy, config, images, labels)
+  config.jit_compile = True
+  init_xla, xla = _one_step(strategy, config, images, labels)
+  for a, b in zip(init, init_xla):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.allclose(a, b) for a, b in zip(init, plain))
+  for a, b in zip(plain, xla):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
 @pytest.fixture(scope="module", params=[2, 1], ids=["2replicas", "1replica"])
 def trained(request, tmp_path_factory, synthetic_dir):
   """The smoke config trained on 2 replicas and on 1, exported."""
@@ -307,6 +329,13 @@ def test_progress_bar_on_a_terminal(synthetic_dir, tmp_path, monkeypatch):
 def test_profile_steps_are_checked(synthetic_dir, tmp_path):
   with pytest.raises(train.TrainingError, match=r"profile_steps=\(5, 2\): give \(first, end\)"):
     train.train_and_evaluate(_smoke(synthetic_dir, profile_steps=(5, 2)), str(tmp_path / "run"))
+
+
+def test_jit_compile_with_sync_bn_is_refused(synthetic_dir, tmp_path):
+  config = _smoke(synthetic_dir, jit_compile=True)
+  config.model.sync_bn = True
+  with pytest.raises(train.TrainingError, match="jit_compile=True cannot compile model.sync_bn"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 def test_resume_continues_the_step_count(synthetic_dir, tmp_path):

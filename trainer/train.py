@@ -143,11 +143,10 @@ def make_train_loop(config, strategy, state: State, mean=None, std=None):
   multipliers = dict(zip((id(v) for v in model.trainable_variables),
                          optim.gradient_multipliers(model, config.optimizer)))
 
-  def step_fn(batch, variables):
-    """Runs per replica."""
-    if config.input.augment_on == "device":
-      batch = augment.train_preprocess(batch, config.augment, mean, std)
-    images, labels = batch["images"], batch["labels"]
+  def gradients(images, labels, variables):
+    """The forward and backward pass: (per-example losses, correct count, gradients). With
+    `config.jit_compile` XLA compiles this part per replica; the cross-replica gradient sum and the update
+    stay outside it (XLA cannot compile the iterator or the strategy's merge_call)."""
     with tf.GradientTape() as tape:
       logits = model(images, training=True)
       per_example = cross_entropy(labels, logits, config.label_smoothing)
@@ -155,13 +154,23 @@ def make_train_loop(config, strategy, state: State, mean=None, std=None):
       if model.losses:  # weight penalties (kernel_regularizer), counted once over the replicas
         loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
       scaled = optimizer.scale_loss(loss)  # the identity unless optimizer is a LossScaleOptimizer
-    grads = tape.gradient(scaled, variables)
+    return per_example, _correct(labels, logits), tape.gradient(scaled, variables)
+
+  def step_fn(batch, variables):
+    """Runs per replica."""
+    if config.input.augment_on == "device":
+      batch = augment.train_preprocess(batch, config.augment, mean, std)
+    images, labels = batch["images"], batch["labels"]
+    if config.jit_compile:  # a function of this replica's own (traced once per replica and variable set)
+      compiled = tf.function(lambda x, y: gradients(x, y, variables), jit_compile=True)
+      per_example, correct, grads = compiled(images, labels)
+    else:
+      per_example, correct, grads = gradients(images, labels, variables)
     if config.optimizer.clip_norm:
       grads = optim.clip_by_global_norm(grads, config.optimizer.clip_norm * optim.scale_factor(optimizer))
     grads = [g * multipliers[id(v)] if multipliers[id(v)] != 1.0 else g for g, v in zip(grads, variables)]
     optimizer.apply(grads, variables)
-    state.train_sums.add(loss=tf.reduce_sum(per_example), correct=_correct(labels, logits),
-                         count=tf.shape(per_example)[0])
+    state.train_sums.add(loss=tf.reduce_sum(per_example), correct=correct, count=tf.shape(per_example)[0])
 
   def sync_fn():
     """Runs per replica. Keras 3 keeps BatchNorm moving statistics per replica (aggregation NONE), so
@@ -190,7 +199,7 @@ def make_train_loop(config, strategy, state: State, mean=None, std=None):
     variables = models.trainable_at(model, epoch)
     key = tuple(id(v) for v in variables)
     if key not in traced:
-      traced[key] = tf.function(lambda it, n: loop(it, n, variables), jit_compile=config.jit_compile)
+      traced[key] = tf.function(lambda it, n: loop(it, n, variables))
     traced[key](iterator, num_steps)
 
   return train_loop
@@ -360,6 +369,12 @@ def check_profile_steps(config) -> None:
   if steps and not (len(steps) == 2 and all(isinstance(s, int) for s in steps) and 0 <= steps[0] < steps[1]):
     raise TrainingError(f"profile_steps={steps}: give (first, end) train steps with 0 <= first < end, "
                         "e.g. --config.profile_steps='(10, 15)', or () for no trace")
+
+
+def check_jit_compile(config) -> None:
+  if config.jit_compile and config.model.get("sync_bn"):
+    raise TrainingError("jit_compile=True cannot compile model.sync_bn's cross-replica all-reduce inside "
+                        "the replica's step; set --config.model.sync_bn=False or --config.jit_compile=False")
 
 
 def check_batch_sizes(config, replicas: int) -> None:
@@ -549,6 +564,7 @@ def _start(config, workdir: str) -> Run:
   chief = distribute.is_chief(strategy)
   check_batch_sizes(config, strategy.num_replicas_in_sync)
   check_profile_steps(config)
+  check_jit_compile(config)
   manifest = manifest_lib.load(config.data_dir)
   if config.input.verify_checksums:
     manifest_lib.verify_checksums(config.data_dir, manifest, manifest["splits"])
