@@ -20,7 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.logical_cpus = 0  # split the CPU into N logical devices so MirroredStrategy has N replicas; 0 = off
   config.strategy = "mirrored"  # mirrored | multi_worker (TF_CONFIG) | one_device
   config.steps_per_loop = 10  # train steps inside one tf.function call; Python runs between calls
-  config.jit_compile = False  # XLA-compile each replica's forward+backward pass (pays on GPUs; not with sync_bn)
+  config.jit_compile = False  # XLA-compile each replica's forward+backward pass (not with sync_bn; off: NOTES.md)
   config.log_every_steps = 50  # steps between progress lines and train summaries
   config.checkpoint_every_steps = 0  # steps between checkpoints; 0 = at the end of every epoch only
   config.summary_flush_secs = 60.0  # seconds: longest a TensorBoard event waits in memory (always flushed on exit)
