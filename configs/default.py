@@ -22,6 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.steps_per_loop = 10  # train steps inside one tf.function call; Python runs between calls
   config.jit_compile = False  # XLA-compile each replica's forward+backward pass (not with sync_bn; off: NOTES.md)
   config.log_every_steps = 50  # steps between progress lines and train summaries
+  config.eval_every_epochs = 1  # epochs between validation passes while training; 0 = only the final one
   config.checkpoint_every_steps = 0  # steps between checkpoints; 0 = at the end of every epoch only
   config.summary_flush_secs = 60.0  # seconds: longest a TensorBoard event waits in memory (always flushed on exit)
   config.summary_worst_images = 16  # per evaluation, TensorBoard gets a confusion matrix and this many of the

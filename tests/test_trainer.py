@@ -347,6 +347,20 @@ def test_resume_continues_the_step_count(synthetic_dir, tmp_path):
   assert (run["start_step"], run["end_step"]) == (4, 8)
 
 
+@pytest.mark.parametrize("every, validated_at", [(2, [4]), (0, [])])
+def test_eval_every_epochs_spaces_the_validation_passes(synthetic_dir, tmp_path, every, validated_at):
+  workdir = str(tmp_path / "run")
+  metrics = train.train_and_evaluate(_smoke(synthetic_dir, num_epochs=3, steps_per_epoch=2, export=False,
+                                            eval_every_epochs=every, summary_flush_secs=0.1), workdir)
+  events = glob.glob(os.path.join(workdir, "summaries", "events.out.tfevents.*"))
+  steps = sorted(e.step for r in tf.data.TFRecordDataset(events) for e in [tf.compat.v1.Event.FromString(r.numpy())]
+                 if any(v.tag == "validation/accuracy" for v in e.summary.value))
+  assert steps == validated_at
+  assert metrics["validation"]["count"] == 200  # the final evaluation always runs
+  assert tf.train.get_checkpoint_state(os.path.join(workdir, "checkpoints")).all_model_checkpoint_paths[-1].endswith(
+      "ckpt-6")
+
+
 def test_non_finite_loss_stops_with_the_step(synthetic_dir, tmp_path):
   config = _smoke(synthetic_dir, export=False)
   config.optimizer.learning_rate = 1e30

@@ -628,12 +628,13 @@ def _train(run: Run, stop: faults.StopRequest) -> None:
       if step % run.steps_per_epoch == 0:
         if epoch_start is not None:
           _write_scalars(run.writer, step, "train", {"epoch_seconds": time.time() - epoch_start})
-        if "validation" in eval_ds:
+        epoch = step // run.steps_per_epoch
+        if "validation" in eval_ds and config.eval_every_epochs > 0 and epoch % config.eval_every_epochs == 0:
           run.metrics["validation"], details = _evaluate_averaged(state, eval_step, eval_ds["validation"])
           _write_scalars(run.writer, step, "validation", run.metrics["validation"])
           if run.chief and config.summary_worst_images:
             _write_eval_images(run, step, details)
-          logging.info("epoch %d validation: %s", step // run.steps_per_epoch, _fmt(run.metrics["validation"]))
+          logging.info("epoch %d validation: %s", epoch, _fmt(run.metrics["validation"]))
         run.manager.save(checkpoint_number=step)
         epoch_start = time.time()
       elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
