@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -22,13 +23,22 @@ EXACT = {"deterministic": True, "mixed_precision": "float32", "model.sync_bn": T
 
 
 def _free_ports(n):
-  sockets = [socket.socket() for _ in range(n)]
-  for s in sockets:
-    s.bind(("127.0.0.1", 0))
-  ports = [s.getsockname()[1] for s in sockets]
-  for s in sockets:
-    s.close()
-  return ports
+  """n ports free on 127.0.0.1, below the kernel's ephemeral range. A port the kernel handed out (bind to
+  port 0) is back in that range once closed, so a worker's own outgoing gRPC connections could take it as
+  their source port before the other worker listens on it: a rare start-up failure."""
+  with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+    ephemeral_low = int(f.read().split()[0])
+  ports = []
+  for port in random.Random().sample(range(max(ephemeral_low - 12000, 1024), ephemeral_low), 50):
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", port))
+      except OSError:
+        continue
+    ports.append(port)
+    if len(ports) == n:
+      return ports
+  raise RuntimeError(f"no {n} free ports below {ephemeral_low}")
 
 
 def _workers(workdir, data_dir, overrides, ports):
