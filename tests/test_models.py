@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from configs import deep
@@ -103,3 +104,53 @@ def test_muon_sgd_normalises_conv_kernels_and_steps_the_rest_with_sgd():
   # A rank-one gradient orthogonalises to a unit-norm direction: the kernel lands at norm sqrt(8) minus a
   # step of 0.05 along it (no decay on kernels).
   assert abs(np.linalg.norm(kernel.numpy()) - np.sqrt(8)) < 0.1
+
+
+def _train_call(layer, x, projection):
+  """Output, and gradients of a fixed random projection of it w.r.t. the input and the trainable weights,
+  of one training call (inside a tf.function, as in the train step)."""
+  @tf.function
+  def run(x):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = layer(x, training=True)
+      loss = tf.reduce_sum(tf.cast(y, tf.float32) * projection)
+    return y, tape.gradient(loss, [x] + layer.trainable_variables)
+  return run(x)
+
+
+@pytest.mark.parametrize("policy,scale", [("float32", True), ("float32", False), ("mixed_bfloat16", False)])
+def test_fused_batch_norm_matches_keras_batch_norm(policy, scale):
+  rng = np.random.default_rng(0)
+  x = tf.constant(rng.normal(3.0, 2.0, size=(4, 3, 3, 5)), tf.float32)  # n = 36 per channel: Bessel matters
+  projection = tf.constant(rng.normal(size=x.shape), tf.float32)
+  layers = [cls(momentum=0.6, epsilon=1e-5, scale=scale, dtype=policy)
+            for cls in (keras.layers.BatchNormalization, models.BatchNorm)]
+  for layer in layers:
+    layer.build(x.shape)
+  for v in layers[0].weights:
+    v.assign(rng.uniform(0.5, 1.5, size=v.shape))
+  for ours, theirs in zip(layers[1].weights, layers[0].weights):
+    ours.assign(theirs)
+  (y0, g0), (y1, g1) = [_train_call(layer, x, projection) for layer in layers]
+  tol = 1e-5 if policy == "float32" else 2e-2
+  assert y1.dtype == y0.dtype
+  np.testing.assert_allclose(np.float32(y1), np.float32(y0), atol=tol)
+  for a, b in zip(g1, g0):
+    np.testing.assert_allclose(np.float32(a), np.float32(b), atol=tol * 10)
+  for ours, theirs in zip(layers[1].non_trainable_weights, layers[0].non_trainable_weights):
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5)  # the biased variance, as Keras
+  np.testing.assert_allclose(np.float32(layers[1](x, training=False)), np.float32(layers[0](x, training=False)),
+                             atol=tol)
+
+
+def test_xla_gelu_while_training_equals_tensorflows():
+  x = tf.constant(np.random.default_rng(1).normal(size=(8, 4, 4, 6)) * 3, tf.float32)
+  projection = tf.constant(np.random.default_rng(2).normal(size=x.shape), tf.float32)
+  y, (grad,) = _train_call(models.Activation("gelu"), x, projection)
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    expected = tf.nn.gelu(x)
+  np.testing.assert_allclose(y.numpy(), expected.numpy(), atol=1e-6)
+  np.testing.assert_allclose(grad.numpy(), tape.gradient(expected, x, projection).numpy(), atol=1e-5)
+  np.testing.assert_allclose(models.Activation("gelu")(x, training=False).numpy(), expected.numpy(), atol=1e-6)
