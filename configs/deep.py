@@ -8,7 +8,8 @@ A frozen 2x2 patch-whitening conv initialised from the training data, three conv
 (128/384/384, airbench95's widths; 64/256/256 with `:sgd`) without residuals, BatchNorm biases only; Muon
 (orthogonalised Nesterov momentum) for the conv kernels and Nesterov SGD for the BatchNorm biases, the
 whitening bias and the head, batch 2000, rates decaying linearly to 0; label smoothing 0.2, alternating flip
-+ 2-pixel translate, flip+translate test-time views in the final evaluation and the export, bf16. Measured results: BUILD.md.
++ 2-pixel translate, flip+translate test-time views in the final evaluation and the export, bf16.
+Measured results: BUILD.md.
 """
 
 from configs import default
