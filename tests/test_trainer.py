@@ -103,9 +103,11 @@ def test_one_step_on_two_replicas_equals_one_replica(module, clip_norm):
 
 
 @pytest.mark.parametrize("module", [default, deep], ids=["resnet", "airbench"])
-def test_xla_step_equals_the_plain_step_on_two_replicas(module):
+@pytest.mark.parametrize("knob", ["jit_compile", "keras_layers"])
+def test_step_variants_equal_the_plain_step_on_two_replicas(module, knob):
   """jit_compile compiles each replica's forward and backward pass (the iterator and the cross-replica
-  update cannot be compiled); the step it takes is the plain one, up to XLA's float reordering."""
+  update cannot be compiled); model.fast_kernels=False trains with Keras's own BatchNormalization and
+  Activation instead of the fused kernel and XLA GELU. Either takes the plain step, up to float reordering."""
   config = module.get_config("smoke")
   config.mixed_precision = "float32"
   config.logical_cpus = 2
@@ -115,12 +117,15 @@ def test_xla_step_equals_the_plain_step_on_two_replicas(module):
   labels = tf.constant(rng.integers(0, 10, 32), tf.int64)
   strategy = distribute.make_strategy(config)
   init, plain = _one_step(strategy, config, images, labels)
-  config.jit_compile = True
-  init_xla, xla = _one_step(strategy, config, images, labels)
-  for a, b in zip(init, init_xla):
+  if knob == "jit_compile":
+    config.jit_compile = True
+  else:
+    config.model.fast_kernels = False
+  init_variant, variant = _one_step(strategy, config, images, labels)
+  for a, b in zip(init, init_variant):
     np.testing.assert_array_equal(a, b)
   assert any(not np.allclose(a, b) for a, b in zip(init, plain))
-  for a, b in zip(plain, xla):
+  for a, b in zip(plain, variant):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
@@ -395,6 +400,17 @@ def test_benchmark_accuracy_tool_resumes_in_its_workdir(synthetic_dir, tmp_path)
   with open(tmp_path / "run0.log") as f:
     log = f.read()
   assert "benchmark_accuracy: starting run 0" in log and "benchmark_accuracy: resuming run 0" in log
+
+
+def test_benchmark_step_tool(synthetic_dir):
+  result = subprocess.run(
+      [sys.executable, "-m", "tools.benchmark_step", "--config=configs/deep.py:smoke",
+       f"--config.data_dir={synthetic_dir}", "--windows=2", "--steps=1"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  assert sum("train step, " in l for l in lines) == 2
+  assert re.fullmatch(r"fast / keras: \d+\.\d\d", lines[-1])
 
 
 def test_benchmark_input_tool(synthetic_dir):

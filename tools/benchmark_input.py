@@ -53,7 +53,7 @@ def _windows(next_batch, batch_size: int, warmup: int, windows: int, per_window:
   return rates
 
 
-def _report(name: str, rates: list[float]) -> float:
+def report(name: str, rates: list[float]) -> float:
   median = statistics.median(rates)
   print(f"{name:<44} median {median:>10,.0f}  min {min(rates):>10,.0f}  max {max(rates):>10,.0f} images/s")
   return median
@@ -81,30 +81,41 @@ def per_example_baseline(config, data_dir: str, batch_size: int, mean, std) -> t
           .prefetch(tf.data.AUTOTUNE))
 
 
-def train_step_comparison(config, manifest: dict, steps: int, windows: int) -> float:
-  """Ratio of the train step's speed fed by the real pipeline to its speed on one cached batch (medians
-  of alternating windows of `steps` steps, after one warm-up window of each)."""
-  strategy = distribute.make_strategy(config)
+def train_loop_timer(config, strategy, manifest: dict):
+  """The config's train loop on a fresh state: returns (run, dataset_fn), where run(iterator, steps) times
+  `steps` steps fed by `iterator` in images/s, and dataset_fn is the train input for the strategy."""
   steps_per_epoch = train.steps_per_epoch_for(config, manifest)
   state = train.make_state(config, strategy, steps_per_epoch)
   loop = train.make_train_loop(config, strategy, state, *train.normalization_for(config, manifest))
-  dataset_fn = train.train_dataset_fn(config, manifest, steps_per_epoch, start_step=0)
-  real = iter(strategy.distribute_datasets_from_function(dataset_fn))
-  cached = iter(strategy.distribute_datasets_from_function(lambda ctx: dataset_fn(ctx).take(1).cache().repeat()))
 
-  def run(iterator):
+  def run(iterator, steps: int) -> float:
     start = time.perf_counter()
     loop(iterator, tf.constant(steps), 0)
     state.step.numpy()  # waits for the steps to finish
     return steps * config.global_batch_size / (time.perf_counter() - start)
 
-  run(cached), run(real)  # traces the step and fills the pipeline
+  return run, train.train_dataset_fn(config, manifest, steps_per_epoch, start_step=0)
+
+
+def cached_batch(strategy, dataset_fn):
+  """An iterator yielding the first batch of `dataset_fn` over and over, from memory."""
+  return iter(strategy.distribute_datasets_from_function(lambda ctx: dataset_fn(ctx).take(1).cache().repeat()))
+
+
+def train_step_comparison(config, manifest: dict, steps: int, windows: int) -> float:
+  """Ratio of the train step's speed fed by the real pipeline to its speed on one cached batch (medians
+  of alternating windows of `steps` steps, after one warm-up window of each)."""
+  strategy = distribute.make_strategy(config)
+  run, dataset_fn = train_loop_timer(config, strategy, manifest)
+  real = iter(strategy.distribute_datasets_from_function(dataset_fn))
+  cached = cached_batch(strategy, dataset_fn)
+  run(cached, steps), run(real, steps)  # traces the step and fills the pipeline
   cached_rates, real_rates = [], []
   for _ in range(windows):
-    cached_rates.append(run(cached))
-    real_rates.append(run(real))
-  c = _report("train step on one cached batch", cached_rates)
-  r = _report("train step fed by the train pipeline", real_rates)
+    cached_rates.append(run(cached, steps))
+    real_rates.append(run(real, steps))
+  c = report("train step on one cached batch", cached_rates)
+  r = report("train step fed by the train pipeline", real_rates)
   print(f"train step with the pipeline / on a cached batch: {r / c:.3f}")
   return r / c
 
@@ -122,7 +133,7 @@ def main(argv):
 
   host = input_pipeline.build_train_dataset(config, config.data_dir, steps_per_epoch=per_epoch,
                                             global_batch_size=batch, mean=mean, std=std)
-  pipeline_rate = _report(f"train pipeline (host side, {config.input.augment_on} augmentation)",
+  pipeline_rate = report(f"train pipeline (host side, {config.input.augment_on} augmentation)",
                           _windows(_drain(iter(host)), batch, FLAGS.warmup, FLAGS.windows, FLAGS.batches))
 
   raw_config = config.copy_and_resolve_references()
@@ -130,11 +141,11 @@ def main(argv):
   raw = next(iter(input_pipeline.build_train_dataset(raw_config, config.data_dir, steps_per_epoch=per_epoch,
                                                      global_batch_size=batch, mean=mean, std=std)))
   device_fn = tf.function(lambda b: augment.train_preprocess(b, config.augment, mean, std)["images"])
-  device_rate = _report("augmentation as a device step (on this CPU)",
+  device_rate = report("augmentation as a device step (on this CPU)",
                         _windows(lambda: device_fn(raw).numpy(), batch, FLAGS.warmup, FLAGS.windows, FLAGS.batches))
 
   baseline = iter(per_example_baseline(config, config.data_dir, batch, mean, std))
-  baseline_rate = _report("plain per-example pipeline (same shards)",
+  baseline_rate = report("plain per-example pipeline (same shards)",
                           _windows(_drain(baseline), batch, FLAGS.warmup, FLAGS.windows, max(FLAGS.batches // 5, 2)))
   print(f"train pipeline / per-example pipeline: {pipeline_rate / baseline_rate:.1f}x")
   if config.input.augment_on == "device":

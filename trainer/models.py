@@ -71,11 +71,19 @@ class Activation(keras.layers.Activation):
     return self.activation(inputs)
 
 
+def _layer_classes(config) -> tuple[type, type]:
+  """The BatchNorm and Activation layers `config.fast_kernels` picks: ours above, or Keras's own."""
+  if config.fast_kernels:
+    return BatchNorm, Activation
+  return keras.layers.BatchNormalization, keras.layers.Activation
+
+
 def _conv_bn(x, width: int, config, name: str):
+  batch_norm, activation = _layer_classes(config)
   x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
-  x = BatchNorm(momentum=config.bn_momentum, epsilon=1e-5,
+  x = batch_norm(momentum=config.bn_momentum, epsilon=1e-5,
                                       synchronized=config.sync_bn, name=f"{name}_bn")(x)
-  return Activation(config.activation, name=f"{name}_act")(x)
+  return activation(config.activation, name=f"{name}_act")(x)
 
 
 def resnet(config) -> keras.Model:
@@ -83,16 +91,17 @@ def resnet(config) -> keras.Model:
   2x2 max-pool followed by `blocks_per_stage` residual blocks of two convs, then global max-pool.
 
   Config: widths (channels per stage), stem_width, blocks_per_stage, activation, bn_momentum, sync_bn,
-  logit_scale (logits are multiplied by it; < 1 softens the initial predictions).
+  logit_scale (logits are multiplied by it; < 1 softens the initial predictions), fast_kernels.
   """
+  batch_norm, activation = _layer_classes(config)
   inputs = keras.Input(cifar10.IMAGE_SHAPE, name="images")
   x = _conv_bn(inputs, config.stem_width, config, "stem")
   for s, width in enumerate(config.widths):
     x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"stage{s}_conv")(x)
     x = keras.layers.MaxPooling2D(2, name=f"stage{s}_pool")(x)
-    x = BatchNorm(momentum=config.bn_momentum, epsilon=1e-5,
+    x = batch_norm(momentum=config.bn_momentum, epsilon=1e-5,
                                         synchronized=config.sync_bn, name=f"stage{s}_bn")(x)
-    x = Activation(config.activation, name=f"stage{s}_act")(x)
+    x = activation(config.activation, name=f"stage{s}_act")(x)
     for b in range(config.blocks_per_stage):
       shortcut = x
       x = _conv_bn(x, width, config, f"stage{s}_block{b}a")
@@ -117,8 +126,9 @@ def plain_cnn(config) -> keras.Model:
 
   Config: widths, convs_per_block, padding, activation, norm (none | post), block_dropout (one value or one
   per block), pool_after_last, dense (widths of the hidden dense layers), dense_dropout, l2 (weight penalty
-  on conv and dense kernels), initializer.
+  on conv and dense kernels), initializer, fast_kernels.
   """
+  batch_norm, _ = _layer_classes(config)
   regularizer = keras.regularizers.L2(config.l2) if config.l2 else None
   dropout = _per_block(config.block_dropout, len(config.widths))
   inputs = keras.Input(cifar10.IMAGE_SHAPE, name="images")
@@ -129,7 +139,7 @@ def plain_cnn(config) -> keras.Model:
                               kernel_initializer=config.initializer, kernel_regularizer=regularizer,
                               name=f"block{b}_conv{c}")(x)
       if config.norm == "post":
-        x = BatchNorm(momentum=config.bn_momentum, synchronized=config.sync_bn,
+        x = batch_norm(momentum=config.bn_momentum, synchronized=config.sync_bn,
                                             name=f"block{b}_bn{c}")(x)
     if b < len(config.widths) - 1 or config.pool_after_last:
       x = keras.layers.MaxPooling2D(2, name=f"block{b}_pool")(x)
@@ -235,10 +245,12 @@ def airbench(config) -> keras.Model:
   scaled by `logit_scale`.
 
   Config: widths, activation, bn_momentum, sync_bn, logit_scale, whiten_size, whiten_bias_epochs,
-  head_init_std (0: PyTorch's default init of the head, uniform in +-1/sqrt(fan_in)).
+  head_init_std (0: PyTorch's default init of the head, uniform in +-1/sqrt(fan_in)), fast_kernels.
   """
+  batch_norm, activation = _layer_classes(config)
+
   def bn(name):
-    return BatchNorm(momentum=config.bn_momentum, epsilon=1e-5, scale=False,
+    return batch_norm(momentum=config.bn_momentum, epsilon=1e-5, scale=False,
                                            synchronized=config.sync_bn, name=name)
 
   def conv(width, name):
@@ -251,13 +263,13 @@ def airbench(config) -> keras.Model:
   # (BUILD.md), so the layer follows the model's precision.
   x = PatchWhitening(config.whiten_size, epsilon=config.whiten_epsilon, bias_epochs=config.whiten_bias_epochs,
                      name="whiten")(inputs)
-  x = Activation(config.activation, name="whiten_act")(x)
+  x = activation(config.activation, name="whiten_act")(x)
   for g, width in enumerate(config.widths):
     x = conv(width, f"group{g}_conv0")(x)
     x = keras.layers.MaxPooling2D(2, name=f"group{g}_pool")(x)
-    x = Activation(config.activation, name=f"group{g}_act0")(bn(f"group{g}_bn0")(x))
+    x = activation(config.activation, name=f"group{g}_act0")(bn(f"group{g}_bn0")(x))
     x = conv(width, f"group{g}_conv1")(x)
-    x = Activation(config.activation, name=f"group{g}_act1")(bn(f"group{g}_bn1")(x))
+    x = activation(config.activation, name=f"group{g}_act1")(bn(f"group{g}_bn1")(x))
   x = keras.layers.GlobalMaxPooling2D(name="pool")(x)
   head_init = (keras.initializers.RandomUniform(-config.head_init_std * 3 ** 0.5, config.head_init_std * 3 ** 0.5)
                if config.head_init_std else _torch_default())
