@@ -56,6 +56,15 @@ def test_every_config_loads(path):
     module.get_config("nope")
 
 
+@pytest.mark.parametrize("arg,widths,optimizer", [(None, (128, 384, 384), "muon"), ("airbench94", (64, 256, 256), "muon"),
+                                                 ("sgd", (64, 256, 256), "sgd"), ("airbench94,smoke", (8, 16), "muon")])
+def test_deep_variants(arg, widths, optimizer):
+  config = deep.get_config(arg)
+  assert (config.model.widths, config.optimizer.name) == (widths, optimizer)
+  if optimizer == "muon" and "smoke" not in (arg or ""):
+    assert config.model.logit_scale == 1 / widths[-1]  # airbench94_muon divides by the last width
+
+
 CONFIG_NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
                       if not p.endswith("__init__.py"))
 
