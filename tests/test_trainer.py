@@ -56,8 +56,9 @@ def test_every_config_loads(path):
     module.get_config("nope")
 
 
-@pytest.mark.parametrize("arg,widths,optimizer", [(None, (128, 384, 384), "muon"), ("airbench94", (64, 256, 256), "muon"),
-                                                 ("sgd", (64, 256, 256), "sgd"), ("airbench94,smoke", (8, 16), "muon")])
+@pytest.mark.parametrize("arg,widths,optimizer", [
+    (None, (128, 384, 384), "muon"), ("airbench94", (64, 256, 256), "muon"), ("sgd", (64, 256, 256), "sgd"),
+    ("airbench94,smoke", (8, 16), "muon")])
 def test_deep_variants(arg, widths, optimizer):
   config = deep.get_config(arg)
   assert (config.model.widths, config.optimizer.name) == (widths, optimizer)

@@ -81,8 +81,7 @@ def _layer_classes(config) -> tuple[type, type]:
 def _conv_bn(x, width: int, config, name: str):
   batch_norm, activation = _layer_classes(config)
   x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
-  x = batch_norm(momentum=config.bn_momentum, epsilon=1e-5,
-                                      synchronized=config.sync_bn, name=f"{name}_bn")(x)
+  x = batch_norm(momentum=config.bn_momentum, epsilon=1e-5, synchronized=config.sync_bn, name=f"{name}_bn")(x)
   return activation(config.activation, name=f"{name}_act")(x)
 
 
@@ -99,8 +98,8 @@ def resnet(config) -> keras.Model:
   for s, width in enumerate(config.widths):
     x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"stage{s}_conv")(x)
     x = keras.layers.MaxPooling2D(2, name=f"stage{s}_pool")(x)
-    x = batch_norm(momentum=config.bn_momentum, epsilon=1e-5,
-                                        synchronized=config.sync_bn, name=f"stage{s}_bn")(x)
+    x = batch_norm(momentum=config.bn_momentum, epsilon=1e-5, synchronized=config.sync_bn,
+                   name=f"stage{s}_bn")(x)
     x = activation(config.activation, name=f"stage{s}_act")(x)
     for b in range(config.blocks_per_stage):
       shortcut = x
@@ -139,8 +138,7 @@ def plain_cnn(config) -> keras.Model:
                               kernel_initializer=config.initializer, kernel_regularizer=regularizer,
                               name=f"block{b}_conv{c}")(x)
       if config.norm == "post":
-        x = batch_norm(momentum=config.bn_momentum, synchronized=config.sync_bn,
-                                            name=f"block{b}_bn{c}")(x)
+        x = batch_norm(momentum=config.bn_momentum, synchronized=config.sync_bn, name=f"block{b}_bn{c}")(x)
     if b < len(config.widths) - 1 or config.pool_after_last:
       x = keras.layers.MaxPooling2D(2, name=f"block{b}_pool")(x)
     if dropout[b]:
@@ -250,8 +248,8 @@ def airbench(config) -> keras.Model:
   batch_norm, activation = _layer_classes(config)
 
   def bn(name):
-    return batch_norm(momentum=config.bn_momentum, epsilon=1e-5, scale=False,
-                                           synchronized=config.sync_bn, name=name)
+    return batch_norm(momentum=config.bn_momentum, epsilon=1e-5, scale=False, synchronized=config.sync_bn,
+                      name=name)
 
   def conv(width, name):
     return keras.layers.Conv2D(width, 3, padding="same", use_bias=False, kernel_initializer=PartialDirac(),
