@@ -38,7 +38,7 @@ def get_config(arg: str | None = None):
     config = muon(config)
     if variants[:1] == ["airbench94"]:
       config, variants = airbench94_widths(config), variants[1:]
-  return default.variant(config, ",".join(variants) or None)
+  return default.variant(config, ",".join(variants) or None, others=("sgd", "airbench94"))
 
 
 def muon(config):

@@ -110,12 +110,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return variant(config, arg)
 
 
-def variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  """Applies the `:ARG` of `--config=FILE:ARG`: none, or `smoke`."""
+def variant(config: ml_collections.ConfigDict, arg: str | None, others: tuple[str, ...] = ()
+            ) -> ml_collections.ConfigDict:
+  """Applies the `:ARG` of `--config=FILE:ARG`: none, or `smoke`; `others` names the calling config's own
+  variants (already applied) for the error message."""
   if arg == "smoke":
     return smoke(config)
   if arg:
-    raise ValueError(f"unknown config variant {arg!r}; known: smoke")
+    raise ValueError(f"unknown config variant {arg!r}; known: {', '.join(others + ('smoke',))}")
   return config
 
 

@@ -45,6 +45,9 @@ def flags_parser(program: str):
       return FLAGS(argv)
     except flags.Error as e:
       message = str(e)
+      if "Traceback (most recent call last)" in message:  # raised inside a config file's get_config(ARG)
+        lines = [line for line in message.splitlines() if line.strip()]
+        message = f"{lines[0].split(': Error whilst parsing')[0]}: {re.sub(r'^ValueError: ', '', lines[-1])}"
     except (AttributeError, KeyError) as e:  # what ml_collections raises for an unknown --config.KEY
       text = str(e).encode().decode("unicode_escape").strip("'\" ")
       key = re.match(r"'?([\w.]+)'?", text)
