@@ -102,6 +102,18 @@ def cached_batch(strategy, dataset_fn):
   return iter(strategy.distribute_datasets_from_function(lambda ctx: dataset_fn(ctx).take(1).cache().repeat()))
 
 
+def alternating_windows(measures: dict, windows: int) -> dict[str, list[float]]:
+  """The rates each of `measures` (name -> a function timing one window) returns over `windows` rounds of
+  one window each in turn, so machine noise hits them alike; after one untimed round (tracing, warm-up)."""
+  rates = {name: [] for name in measures}
+  for round_ in range(windows + 1):
+    for name, measure in measures.items():
+      rate = measure()
+      if round_:
+        rates[name].append(rate)
+  return rates
+
+
 def train_step_comparison(config, manifest: dict, steps: int, windows: int) -> float:
   """Ratio of the train step's speed fed by the real pipeline to its speed on one cached batch (medians
   of alternating windows of `steps` steps, after one warm-up window of each)."""
@@ -109,13 +121,9 @@ def train_step_comparison(config, manifest: dict, steps: int, windows: int) -> f
   run, dataset_fn = train_loop_timer(config, strategy, manifest)
   real = iter(strategy.distribute_datasets_from_function(dataset_fn))
   cached = cached_batch(strategy, dataset_fn)
-  run(cached, steps), run(real, steps)  # traces the step and fills the pipeline
-  cached_rates, real_rates = [], []
-  for _ in range(windows):
-    cached_rates.append(run(cached, steps))
-    real_rates.append(run(real, steps))
-  c = report("train step on one cached batch", cached_rates)
-  r = report("train step fed by the train pipeline", real_rates)
+  rates = alternating_windows({"cached": lambda: run(cached, steps), "real": lambda: run(real, steps)}, windows)
+  c = report("train step on one cached batch", rates["cached"])
+  r = report("train step fed by the train pipeline", rates["real"])
   print(f"train step with the pipeline / on a cached batch: {r / c:.3f}")
   return r / c
 

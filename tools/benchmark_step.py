@@ -8,6 +8,8 @@ times windows of `--steps` steps that alternate between the two, so machine nois
 last line is `fast / keras: R`, the ratio of the medians.
 """
 
+import functools
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -32,20 +34,15 @@ def compare(config, steps: int, windows: int) -> float:
   """Median images/s of the train step with `model.fast_kernels` on over off."""
   manifest = manifest_lib.load(config.data_dir)
   strategy = distribute.make_strategy(config)
-  timers = {}
-  for fast in (False, True):
+  measures = {}
+  for name, fast in (("keras", False), ("fast", True)):
     variant = config.copy_and_resolve_references()
     variant.model.fast_kernels = fast
     run, dataset_fn = benchmark_input.train_loop_timer(variant, strategy, manifest)
-    timers[fast] = (run, benchmark_input.cached_batch(strategy, dataset_fn))
-  rates = {fast: [] for fast in timers}
-  for window in range(windows + 1):
-    for fast, (run, batches) in timers.items():
-      rate = run(batches, steps)
-      if window:  # the first window traces the step
-        rates[fast].append(rate)
-  keras_rate = benchmark_input.report("train step, Keras's BatchNorm and GELU", rates[False])
-  fast_rate = benchmark_input.report("train step, fast kernels", rates[True])
+    measures[name] = functools.partial(run, benchmark_input.cached_batch(strategy, dataset_fn), steps)
+  rates = benchmark_input.alternating_windows(measures, windows)
+  keras_rate = benchmark_input.report("train step, Keras's BatchNorm and GELU", rates["keras"])
+  fast_rate = benchmark_input.report("train step, fast kernels", rates["fast"])
   print(f"fast / keras: {fast_rate / keras_rate:.2f}")
   return fast_rate / keras_rate
 
