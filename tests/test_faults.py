@@ -114,6 +114,23 @@ def test_unwritable_workdir(synthetic_dir, tmp_path):
     train.train_and_evaluate(_smoke(synthetic_dir), str(blocker))
 
 
+def test_workdir_another_worker_creates_meanwhile_is_accepted(tmp_path, monkeypatch):
+  """Workers of a multi-worker run check the shared workdir at once: one may find it missing and see it
+  exist a moment later, made by another (a start-up failure seen in CI)."""
+  workdir = str(tmp_path / "run")
+  real_isdir = tf.io.gfile.isdir
+
+  def isdir(path):
+    if path == workdir and not os.path.exists(workdir):
+      os.makedirs(workdir)  # another worker, right after this one looked
+      return False
+    return real_isdir(path)
+
+  monkeypatch.setattr(tf.io.gfile, "isdir", isdir)
+  train.check_workdir(workdir)
+  assert os.path.isdir(workdir)
+
+
 def test_non_finite_loss_keeps_the_last_good_checkpoint(synthetic_dir, tmp_path):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(_smoke(synthetic_dir, num_epochs=1, export=False), workdir)

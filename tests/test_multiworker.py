@@ -77,9 +77,13 @@ def test_a_killed_worker_stops_the_other_and_both_resume(synthetic_dir, tmp_path
   overrides = {"num_epochs": 8, "checkpoint_every_steps": 5, "steps_per_loop": 1, "log_every_steps": 1,
                "export": False}
   procs = _workers(workdir, synthetic_dir, overrides, _free_ports(2))
+  seen = []
   for line in procs[1].stderr:
+    seen.append(line)
     if "] step 12/" in line:
       break
+  else:
+    raise AssertionError("worker 1 ended before step 12:\n" + "".join(seen[-30:]))
   procs[1].kill()
   procs[1].communicate(timeout=TIMEOUT)
   killed_at = time.time()
@@ -91,7 +95,7 @@ def test_a_killed_worker_stops_the_other_and_both_resume(synthetic_dir, tmp_path
       "command to resume from the last checkpoint")
   assert "Traceback" not in log
   latest = chaos_resume.latest_step(workdir)
-  assert latest >= 10
+  assert latest >= 10, log[-4000:]
   logs = _finish(_workers(workdir, synthetic_dir, overrides, _free_ports(2)))
   assert f"resumed from {workdir}/checkpoints/ckpt-{latest} at step {latest}" in logs[0]
   assert chaos_resume.latest_step(workdir) == 32

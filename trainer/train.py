@@ -353,7 +353,7 @@ def check_workdir(workdir: str) -> None:
       raise TrainingError(f"workdir {workdir} is not empty and is not a run of this trainer "
                           f"(it holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
                           "give an empty or new directory")
-  elif tf.io.gfile.exists(workdir):
+  elif tf.io.gfile.exists(workdir) and not tf.io.gfile.isdir(workdir):  # another worker may create it meanwhile
     raise TrainingError(f"workdir {workdir} is a file, not a directory")
   try:
     tf.io.gfile.makedirs(workdir)
