@@ -142,7 +142,7 @@ def main(argv):
   host = input_pipeline.build_train_dataset(config, config.data_dir, steps_per_epoch=per_epoch,
                                             global_batch_size=batch, mean=mean, std=std)
   pipeline_rate = report(f"train pipeline (host side, {config.input.augment_on} augmentation)",
-                          _windows(_drain(iter(host)), batch, FLAGS.warmup, FLAGS.windows, FLAGS.batches))
+                         _windows(_drain(iter(host)), batch, FLAGS.warmup, FLAGS.windows, FLAGS.batches))
 
   raw_config = config.copy_and_resolve_references()
   raw_config.input.augment_on = "device"
@@ -150,11 +150,11 @@ def main(argv):
                                                      global_batch_size=batch, mean=mean, std=std)))
   device_fn = tf.function(lambda b: augment.train_preprocess(b, config.augment, mean, std)["images"])
   device_rate = report("augmentation as a device step (on this CPU)",
-                        _windows(lambda: device_fn(raw).numpy(), batch, FLAGS.warmup, FLAGS.windows, FLAGS.batches))
+                       _windows(lambda: device_fn(raw).numpy(), batch, FLAGS.warmup, FLAGS.windows, FLAGS.batches))
 
   baseline = iter(per_example_baseline(config, config.data_dir, batch, mean, std))
   baseline_rate = report("plain per-example pipeline (same shards)",
-                          _windows(_drain(baseline), batch, FLAGS.warmup, FLAGS.windows, max(FLAGS.batches // 5, 2)))
+                         _windows(_drain(baseline), batch, FLAGS.warmup, FLAGS.windows, max(FLAGS.batches // 5, 2)))
   print(f"train pipeline / per-example pipeline: {pipeline_rate / baseline_rate:.1f}x")
   if config.input.augment_on == "device":
     print(f"host side and device augmentation: {pipeline_rate:,.0f} and {device_rate:,.0f} images/s")
