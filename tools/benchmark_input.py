@@ -59,6 +59,14 @@ def report(name: str, rates: list[float]) -> float:
   return median
 
 
+def report_ratio(base: tuple[str, list[float]], other: tuple[str, list[float]], name: str, digits: int) -> float:
+  """Reports the medians of two (name, rates) pairs, then `name: R`, R = other's median / base's; returns R."""
+  base_median = report(*base)
+  ratio = report(*other) / base_median
+  print(f"{name}: {ratio:.{digits}f}")
+  return ratio
+
+
 def _drain(iterator):
   """Pulls one element and waits for it (host pipelines yield tensors already computed)."""
   return lambda: next(iterator)
@@ -122,10 +130,9 @@ def train_step_comparison(config, manifest: dict, steps: int, windows: int) -> f
   real = iter(strategy.distribute_datasets_from_function(dataset_fn))
   cached = cached_batch(strategy, dataset_fn)
   rates = alternating_windows({"cached": lambda: run(cached, steps), "real": lambda: run(real, steps)}, windows)
-  c = report("train step on one cached batch", rates["cached"])
-  r = report("train step fed by the train pipeline", rates["real"])
-  print(f"train step with the pipeline / on a cached batch: {r / c:.3f}")
-  return r / c
+  return report_ratio(("train step on one cached batch", rates["cached"]),
+                      ("train step fed by the train pipeline", rates["real"]),
+                      "train step with the pipeline / on a cached batch", digits=3)
 
 
 def main(argv):

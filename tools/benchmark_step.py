@@ -41,10 +41,8 @@ def compare(config, steps: int, windows: int) -> float:
     run, dataset_fn = benchmark_input.train_loop_timer(variant, strategy, manifest)
     measures[name] = functools.partial(run, benchmark_input.cached_batch(strategy, dataset_fn), steps)
   rates = benchmark_input.alternating_windows(measures, windows)
-  keras_rate = benchmark_input.report("train step, Keras's BatchNorm and GELU", rates["keras"])
-  fast_rate = benchmark_input.report("train step, fast kernels", rates["fast"])
-  print(f"fast / keras: {fast_rate / keras_rate:.2f}")
-  return fast_rate / keras_rate
+  return benchmark_input.report_ratio(("train step, Keras's BatchNorm and GELU", rates["keras"]),
+                                      ("train step, fast kernels", rates["fast"]), "fast / keras", digits=2)
 
 
 def main(argv):

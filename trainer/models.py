@@ -33,7 +33,7 @@ class BatchNorm(keras.layers.BatchNormalization):
       return super().call(inputs, training=training, mask=mask)
     ones = tf.ones_like(self.moving_mean.value)
     scale = tf.cast(self.gamma.value, tf.float32) if self.scale else ones
-    offset = tf.cast(self.beta.value, tf.float32) if self.center else 0.0 * ones
+    offset = tf.cast(self.beta.value, tf.float32) if self.center else tf.zeros_like(ones)
     if not (training and self.trainable):
       outputs, *_ = tf.raw_ops.FusedBatchNormV3(
           x=inputs, scale=scale, offset=offset, mean=self.moving_mean.value,
