@@ -42,11 +42,18 @@ def _options(deterministic: bool) -> tf.data.Options:
   return options
 
 
-def _share(files: list[str], ctx: tf.distribute.InputContext) -> tuple[list[str], bool]:
-  """This input pipeline's files, and whether it must further keep only every n-th of their records:
-  whole files when there are enough of them to go round, else all files shared by record."""
-  if len(files) >= ctx.num_input_pipelines:
-    return files[ctx.input_pipeline_id::ctx.num_input_pipelines], False
+def _share(files: list[str], ctx: tf.distribute.InputContext, counts: list[int] | None = None,
+           quota: int = 0) -> tuple[list[str], bool]:
+  """This input pipeline's files, and whether it must further keep only every n-th of their records.
+
+  Whole files when there are enough of them to go round and (training, with the files' record `counts`)
+  every pipeline's files hold the `quota` records it takes per epoch; else every pipeline reads all the
+  files in one common order and keeps every n-th record (more reading, but no pipeline runs short and
+  wraps round while another drops records). Every pipeline takes the same decision.
+  """
+  n = ctx.num_input_pipelines
+  if len(files) >= n and (counts is None or min(sum(counts[i::n]) for i in range(n)) >= quota):
+    return files[ctx.input_pipeline_id::n], False
   return files, True
 
 
@@ -103,8 +110,11 @@ def build_train_dataset(config, data_dir: str, *, steps_per_epoch: int, global_b
   if config.input.cache_in_memory:
     batches = _in_memory_batches(files, layout, config.seed, first_epoch)
   else:
-    batches = _streaming_batches(files, layout, config.seed, first_epoch, config)
+    batches = _streaming_batches(files, manifest_lib.split_counts(manifest, "train"), layout, config.seed,
+                                 first_epoch, config)
   batches = batches.skip(skip * layout.local_replicas)
+  if config.input.data_service:  # each service worker makes every n-th batch: each batch made once
+    batches = batches.shard(tf.data.experimental.SHARD_HINT, tf.data.experimental.SHARD_HINT)
   if config.input.augment_on == "host":
     batches = batches.map(lambda b: augment.train_preprocess(b, config.augment, mean, std),
                           num_parallel_calls=AUTOTUNE, deterministic=config.deterministic)
@@ -113,7 +123,7 @@ def build_train_dataset(config, data_dir: str, *, steps_per_epoch: int, global_b
   batches = batches.prefetch(AUTOTUNE).with_options(_options(config.deterministic))
   if config.input.data_service:
     batches = batches.apply(tf.data.experimental.service.distribute(
-        processing_mode=tf.data.experimental.service.ShardingPolicy.OFF, service=config.input.data_service,
+        processing_mode=tf.data.experimental.service.ShardingPolicy.HINT, service=config.input.data_service,
         job_name=f"train-{config.seed}-{ctx.input_pipeline_id}-{start_step}"))
   return batches
 
@@ -159,17 +169,23 @@ def _in_memory_batches(files, layout: _Layout, seed: int, first_epoch: int) -> t
   return tf.data.Dataset.zip(epochs, everything.repeat()).flat_map(epoch_batches)
 
 
-def _streaming_batches(files, layout: _Layout, seed: int, first_epoch: int, config) -> tf.data.Dataset:
-  """Raw per-replica batches read from this pipeline's shards every epoch, shuffled in windows."""
+def _streaming_batches(files, counts, layout: _Layout, seed: int, first_epoch: int, config) -> tf.data.Dataset:
+  """Raw per-replica batches read from this pipeline's share of the shards every epoch, shuffled in
+  windows. Shares are disjoint and each holds what its pipeline takes per epoch, so an epoch whose batches
+  cover the split reads every record exactly once over all pipelines."""
   ctx = layout.ctx
-  local, by_record = _share(files, ctx)
-  base_seed = tf.constant([seed, ctx.input_pipeline_id], tf.int64)
   batches_per_epoch = layout.steps_per_epoch * layout.local_replicas
+  local, by_record = _share(files, ctx, counts, quota=batches_per_epoch * layout.batch)
+  # The file order is the same on every pipeline (sharing by record takes every n-th record of one common
+  # stream); windows and augmentation are seeded per pipeline.
+  order_seed = tf.constant([seed, 0], tf.int64)
+  base_seed = tf.constant([seed, ctx.input_pipeline_id], tf.int64)
 
   def one_epoch(epoch):
     # Stateless shuffles throughout: tf.data's shuffle() takes no tensor seed once op determinism is on.
     epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, epoch)
-    order = tf.random.experimental.stateless_shuffle(tf.range(len(local)), seed=epoch_seed)
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(len(local)), seed=tf.random.experimental.stateless_fold_in(order_seed, epoch))
     reader = (tf.data.Dataset.from_tensor_slices(tf.gather(tf.constant(local), order))
               .interleave(tf.data.TFRecordDataset, cycle_length=config.input.interleave_cycle,
                           num_parallel_calls=AUTOTUNE, deterministic=True))
@@ -177,12 +193,37 @@ def _streaming_batches(files, layout: _Layout, seed: int, first_epoch: int, conf
     window = lambda i, records: tf.gather(records, tf.random.experimental.stateless_shuffle(
         tf.range(tf.shape(records)[0]), seed=tf.random.experimental.stateless_fold_in(epoch_seed, i)))
     shuffled = reader.batch(config.input.shuffle_buffer).enumerate().map(window).unbatch()
-    return (shuffled.repeat().batch(layout.batch, drop_remainder=True).take(batches_per_epoch).enumerate()
+    return (shuffled.batch(layout.batch, drop_remainder=True).take(batches_per_epoch).enumerate()
             .map(lambda b, s: dict(decode_records(s), epoch=epoch,
                                    seed=augment.batch_seed(base_seed, epoch, b), run_seed=base_seed),
                  num_parallel_calls=AUTOTUNE, deterministic=True))
 
   return tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(one_epoch)
+
+
+def build_prefix_dataset(data_dir: str, split: str, *, images: int, global_batch_size: int, mean, std,
+                         input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+  """The first `images` records of `split` in file order (whole global batches only), unaugmented, as
+  per-replica batches: every input pipeline reads the same prefix and keeps its own replicas' rows, so
+  replica r gets rows [r * b, (r + 1) * b) of each global batch however replicas are spread over workers,
+  and no replica gets an empty batch."""
+  ctx = _context(input_context)
+  manifest = manifest_lib.load(data_dir)
+  files = manifest_lib.split_files(data_dir, manifest, split)
+  batch = ctx.get_per_replica_batch_size(global_batch_size)
+  local = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+  first = ctx.input_pipeline_id * local
+  mine = lambda i, _: tf.logical_and(i % ctx.num_replicas_in_sync >= first, i % ctx.num_replicas_in_sync < first + local)
+  whole = images // global_batch_size * global_batch_size
+  return (tf.data.TFRecordDataset(files).take(whole).batch(batch, drop_remainder=True).enumerate()
+          .filter(mine).map(lambda _, s: _preprocess(s, mean, std), num_parallel_calls=AUTOTUNE)
+          .prefetch(AUTOTUNE).with_options(_options(True)))
+
+
+def _preprocess(serialized: tf.Tensor, mean, std) -> dict[str, tf.Tensor]:
+  data = decode_records(serialized)
+  images = data["images"] if mean is None else ops.normalize(data["images"], mean, std)
+  return {"images": images, "labels": data["labels"]}
 
 
 def build_eval_dataset(data_dir: str, split: str, *, batch_size: int, mean=None, std=None,
@@ -196,10 +237,6 @@ def build_eval_dataset(data_dir: str, split: str, *, batch_size: int, mean=None,
   manifest = manifest_lib.load(data_dir)
   files = manifest_lib.split_files(data_dir, manifest, split)
 
-  def preprocess(serialized):
-    data = decode_records(serialized)
-    images = data["images"] if mean is None else ops.normalize(data["images"], mean, std)
-    return {"images": images, "labels": data["labels"]}
-
-  return (shard_records(files, input_context).batch(batch_size).map(preprocess, num_parallel_calls=AUTOTUNE)
+  return (shard_records(files, input_context).batch(batch_size)
+          .map(lambda s: _preprocess(s, mean, std), num_parallel_calls=AUTOTUNE)
           .prefetch(AUTOTUNE).with_options(_options(True)))

@@ -65,6 +65,12 @@ def split_files(data_dir: str, manifest: dict, split: str) -> list[str]:
   return [os.path.join(data_dir, f) for f in files]
 
 
+def split_counts(manifest: dict, split: str) -> list[int]:
+  """Records per shard of a split, in the order of `split_files`."""
+  return [int(s["num_records"]) for s in sorted(manifest["shards"], key=lambda s: s["file"])
+          if s["split"] == split]
+
+
 def num_examples(manifest: dict, split: str) -> int:
   return int(manifest["splits"][split]["num_examples"])
 

@@ -1,6 +1,7 @@
 """Faults: a stopped run resumes exactly; non-finite loss; bad input gets one clear line."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,12 +36,12 @@ def test_sigterm_then_resume_ends_with_the_same_weights(synthetic_dir, tmp_path,
                "log_every_steps": 1, "logical_cpus": replicas if replicas > 1 else 0}
   reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
   chaos_resume.run_until(trainer_main.command(SMOKE, reference, overrides))
-  log = chaos_resume.run_until(trainer_main.command(SMOKE, resumed, overrides), 3, signal.SIGTERM)
+  log, = chaos_resume.run_until(trainer_main.command(SMOKE, resumed, overrides), 3, signal.SIGTERM)
   stopped_at = chaos_resume.latest_step(resumed)
   assert 3 <= stopped_at < 8
   assert f"stopped by SIGTERM at step {stopped_at}; checkpoint" in log
   assert "Run the same command to resume." in log
-  log = chaos_resume.run_until(trainer_main.command(SMOKE, resumed, overrides))
+  log, = chaos_resume.run_until(trainer_main.command(SMOKE, resumed, overrides))
   assert f"resumed from {resumed}/checkpoints/ckpt-{stopped_at} at step {stopped_at}" in log
   assert chaos_resume.latest_step(resumed) == 8
   diff = chaos_resume.max_difference(os.path.join(resumed, "checkpoints", "ckpt-8"),
@@ -98,6 +99,55 @@ def test_manifest_disagreeing_with_shards(synthetic_dir, tmp_path):
   result = _trainer(f"--workdir={tmp_path / 'run'}", f"--config.data_dir={data}")
   _one_line_error(result, f"trainer: error: {data}/test-00000-of-00001.tfrecord: listed in manifest.json but "
                   "missing")
+
+
+def _files(directory: str) -> dict[str, tuple[bytes, float]]:
+  """Every file below `directory`: contents and modification time."""
+  found = {}
+  for parent, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(parent, name)
+      with open(path, "rb") as f:
+        found[path] = (f.read(), os.path.getmtime(path))
+  return found
+
+
+@pytest.fixture(scope="module")
+def finished_run(synthetic_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("finished") / "run")
+  train.train_and_evaluate(_smoke(synthetic_dir, num_epochs=1, export=False), workdir)
+  return workdir
+
+
+def test_resume_with_another_batch_size_is_one_line_and_changes_nothing(synthetic_dir, finished_run):
+  before = _files(finished_run)
+  result = _trainer(f"--workdir={finished_run}", f"--config.data_dir={synthetic_dir}", "--config.global_batch_size=64")
+  _one_line_error(result, f"trainer: error: workdir {finished_run} holds a run with global_batch_size=32; this "
+                  "command has global_batch_size=64: resume with the same value, or give a new workdir")
+  assert _files(finished_run) == before
+
+
+def test_resume_with_another_model_is_refused(synthetic_dir, finished_run):
+  before = _files(finished_run)
+  config = _smoke(synthetic_dir, num_epochs=2)
+  config.model.widths = (16, 16)
+  with pytest.raises(train.TrainingError, match=re.escape(
+      f"workdir {finished_run} holds a run with model.widths=[8, 16]; this command has model.widths=[16, 16]")):
+    train.train_and_evaluate(config, finished_run)
+  assert _files(finished_run) == before
+
+
+def test_checkpoint_of_another_model_is_one_line(synthetic_dir, finished_run, tmp_path):
+  """Without config.json to compare with, the restore itself says the checkpoint does not fit."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(finished_run, workdir)
+  os.remove(os.path.join(workdir, "config.json"))
+  config = _smoke(synthetic_dir, num_epochs=2)
+  config.model.widths = (16, 16)
+  with pytest.raises(train.TrainingError, match=re.escape(
+      f"checkpoint {workdir}/checkpoints/ckpt-4 does not fit this config's model and optimizer (")) as raised:
+    train.train_and_evaluate(config, workdir)
+  assert "\n" not in str(raised.value) and len(str(raised.value)) < 400
 
 
 def test_foreign_workdir_is_refused(synthetic_dir, tmp_path):

@@ -1,5 +1,7 @@
 """pipeline/: ops eagerly and inside Dataset.map, dataset shapes and ranges, sharding, determinism, resume."""
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -9,6 +11,7 @@ from pipeline import augment
 from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
 from pipeline import ops
+from trainer import faults
 
 SEED = tf.constant([1, 2], tf.int64)
 AUGMENT = default.get_config().augment
@@ -225,19 +228,39 @@ def test_device_augmentation_equals_host_augmentation(synthetic_dir):
     np.testing.assert_array_equal(h["labels"].numpy(), d["labels"].numpy())
 
 
-def test_data_service_serves_the_same_batches(synthetic_dir):
-  dispatcher = tf.data.experimental.service.DispatchServer(
-      tf.data.experimental.service.DispatcherConfig(port=0))
+@pytest.mark.parametrize("workers", [1, 2])
+def test_data_service_serves_each_batch_once(synthetic_dir, workers):
+  """One service worker serves exactly the local batches; two share them, each batch made by one of them
+  (in the order they come)."""
+  dispatcher, servers = _data_service(workers)
+  try:
+    config = _config()
+    local = _train(synthetic_dir, config, batches=48)  # room for one service worker running ahead
+    config.input.data_service = dispatcher.target
+    served = _train(synthetic_dir, config, batches=16)
+    if workers == 1:
+      for (x1, y1), (x2, y2) in zip(local, served):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    index = {x.tobytes(): i for i, (x, _) in enumerate(local)}
+    positions = [index.get(x.tobytes()) for x, _ in served]
+    assert None not in positions and len(set(positions)) == 16, positions  # all local batches, none twice
+  finally:
+    for server in servers:
+      server.stop()
+    dispatcher.stop()
+
+
+def test_data_service_without_a_worker_list_is_one_line(synthetic_dir):
+  dispatcher = tf.data.experimental.service.DispatchServer(tf.data.experimental.service.DispatcherConfig(port=0))
   worker = tf.data.experimental.service.WorkerServer(tf.data.experimental.service.WorkerConfig(
       dispatcher_address=dispatcher.target.split("://")[1], worker_address="localhost:%port%"))
   try:
-    config = _config()
-    local = _train(synthetic_dir, config, batches=6)
-    config.input.data_service = dispatcher.target
-    served = _train(synthetic_dir, config, batches=6)
-    for (x1, y1), (x2, y2) in zip(local, served):
-      np.testing.assert_array_equal(x1, x2)
-      np.testing.assert_array_equal(y1, y2)
+    config = _config(data_service=dispatcher.target)
+    with pytest.raises(faults.TrainingError, match=re.escape(
+        "input.data_service: the tf.data service dispatcher must list its workers")):
+      with faults.data_errors_as_training_errors():
+        _train(synthetic_dir, config, batches=1)
   finally:
     worker.stop()
     dispatcher.stop()
@@ -293,3 +316,57 @@ def test_alternating_flip_mirrors_every_image_from_one_epoch_to_the_next(synthet
   assert len(both) > 100
   assert all(v[0] != v[1] for v in both)
   assert 0.3 < np.mean([v[0] for v in both]) < 0.7
+
+
+def _synthetic(tmp_path_factory, num_shards):
+  from tools import make_tfrecords  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path_factory.mktemp(f"synthetic_{num_shards}_shards"))
+  make_tfrecords.make("synthetic", out, num_shards=num_shards, val_size=200, synthetic_sizes=(800, 200))
+  return out
+
+
+@pytest.mark.parametrize("num_shards,pipelines", [(1, 2), (2, 3), (3, 2)])  # fewer files than pipelines, or
+def test_streaming_pipelines_read_every_record_once_per_epoch(tmp_path_factory, num_shards, pipelines):  # uneven
+  data_dir = _synthetic(tmp_path_factory, num_shards)
+  config = _config(cache_in_memory=False, augment_on="device", shuffle_buffer=64)
+  assert len(manifest_lib.split_files(data_dir, manifest_lib.load(data_dir), "train")) == num_shards
+  manifest = manifest_lib.load(data_dir)
+  keys = {}  # epoch -> keys seen over both pipelines
+  for i in range(pipelines):
+    ds = input_pipeline.build_train_dataset(config, data_dir, steps_per_epoch=10, global_batch_size=60, mean=None,
+                                            std=None, input_context=tf.distribute.InputContext(pipelines, i, pipelines))
+    for batch in ds.take(20):  # two epochs of 10 steps
+      keys.setdefault(int(batch["epoch"]), []).extend(batch["keys"].numpy().tolist())
+  everything = input_pipeline.decode_records(next(iter(tf.data.TFRecordDataset(
+      manifest_lib.split_files(data_dir, manifest, "train")).batch(10000))))["keys"].numpy()
+  assert len(everything) == 600
+  for epoch in (0, 1):
+    assert sorted(keys[epoch]) == sorted(everything.tolist()), epoch
+
+
+def test_prefix_batches_do_not_depend_on_how_replicas_are_spread_over_workers(tmp_path_factory):
+  """The BatchNorm-statistics input: each replica's batch is the same on any layout, and no pipeline
+  runs short when files split unevenly (3 files over 2 pipelines, the whole split asked for)."""
+  data_dir = _synthetic(tmp_path_factory, 3)
+  build = lambda ctx: [b["labels"].numpy() for b in input_pipeline.build_prefix_dataset(
+      data_dir, "train", images=600, global_batch_size=60, mean=None, std=None, input_context=ctx)]
+  one = build(tf.distribute.InputContext(1, 0, 2))
+  halves = [build(tf.distribute.InputContext(2, i, 2)) for i in range(2)]
+  assert len(one) == 20 and [len(h) for h in halves] == [10, 10]
+  for step in range(10):
+    for replica in range(2):
+      np.testing.assert_array_equal(one[2 * step + replica], halves[replica][step])
+  assert all(len(b) == 30 for b in one)
+
+
+def _data_service(workers):
+  """A tf.data service dispatcher listing `workers` workers on 127.0.0.1 (static sharding needs the list)."""
+  from tools import chaos_resume  # pylint: disable=g-import-not-at-top
+  ports = chaos_resume.free_ports(workers)
+  addresses = [f"localhost:{p}" for p in ports]
+  dispatcher = tf.data.experimental.service.DispatchServer(
+      tf.data.experimental.service.DispatcherConfig(port=0, worker_addresses=addresses))
+  servers = [tf.data.experimental.service.WorkerServer(tf.data.experimental.service.WorkerConfig(
+      dispatcher_address=dispatcher.target.split("://")[1], worker_address=a, port=p))
+      for a, p in zip(addresses, ports)]
+  return dispatcher, servers

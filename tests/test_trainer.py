@@ -500,3 +500,35 @@ def test_tta_views():
   assert export_lib.tta_logits(model, images, "flip_translate").shape == (2, 3)
   with pytest.raises(ValueError, match="tta='sideways' is not one of"):
     export_lib.tta_logits(model, images, "sideways")
+
+
+def test_float16_overflow_on_one_replica_skips_the_step_on_every_replica():
+  """Replica 1's gradients overflow in float16 (its soft labels weigh 10^4 times too much, so its loss
+  and gradients are 10^4 times larger), replica 0's do not: the step is skipped on both replicas and the
+  loss scale halves; the next step trains normally."""
+  config = deep.get_config("smoke")
+  config.update(mixed_precision="mixed_float16", logical_cpus=2)
+  config.optimizer.update(clip_norm=0.0, warmup_epochs=0.0)
+  rng = np.random.default_rng(0)
+  images = tf.constant(rng.normal(size=(32, 32, 32, 3)), tf.float32)
+  labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 32)]
+  heavy = labels.copy()
+  heavy[16:] *= 1e4  # replica 1's half of the global batch
+  strategy = distribute.make_strategy(config)
+  assert strategy.num_replicas_in_sync == 2
+  state = train.make_state(config, strategy, steps_per_epoch=10)
+  models.initialize_from_data(state.model, lambda: images)
+  train_loop = train.make_train_loop(config, strategy, state)
+  step = lambda y: train_loop(iter(strategy.experimental_distribute_dataset(
+      tf.data.Dataset.from_tensors({"images": images, "labels": tf.constant(y)}).repeat())), tf.constant(1), 0)
+  initial = [v.numpy() for v in state.model.trainable_variables]
+  scale = optim.loss_scale(state.optimizer)
+  step(heavy)
+  assert optim.loss_scale(state.optimizer) == scale / 2
+  for a, v in zip(initial, state.model.trainable_variables):
+    np.testing.assert_array_equal(a, v.numpy())  # skipped on both replicas
+  step(labels)
+  after = [v.numpy() for v in state.model.trainable_variables]
+  assert all(np.isfinite(a).all() for a in after)
+  assert any(not np.array_equal(a, b) for a, b in zip(initial, after))
+  assert optim.loss_scale(state.optimizer) == scale / 2

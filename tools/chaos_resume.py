@@ -1,22 +1,31 @@
 r"""Kills a training run at random steps and checks that every resume continues exactly.
 
   python -m tools.chaos_resume --config=configs/deep.py:smoke --kills=10
+  python -m tools.chaos_resume --config=configs/deep.py:smoke --workers=2 --kills=10
 
 First trains the config once without interruption, keeping a checkpoint at every step (the reference).
-Then trains it again in another workdir, stopping the process at `--kills` random steps, each time with
-SIGTERM (graceful: the trainer checkpoints and exits) or SIGKILL (hard: the run resumes from its last
-checkpoint), and restarting it. Each resume is checked by comparing the next checkpoint the resumed
-process writes with the reference checkpoint of the same step (every variable, to --atol). The run is
-`deterministic`; without --config.data_dir a small synthetic dataset is written first.
-Last line: `resumed identically: N/K`.
+Then trains it again in another workdir, stopping it at `--kills` random steps and restarting it with the
+same command each time. With `--workers=N` > 1 the run is N trainer processes on 127.0.0.1 under
+MultiWorkerMirroredStrategy (TF_CONFIG), and each kill hits one worker, the chief included (kills are
+dealt round-robin over the workers in a shuffled order), with SIGTERM (graceful: every worker checkpoints
+and exits) or SIGKILL (hard: the others lose contact and exit; the run resumes from its last checkpoint);
+once, a SIGKILLed non-chief worker is also "replaced": its scratch directory is deleted before the
+restart, as on a new machine. Each resume is checked by comparing the next checkpoint the resumed run
+writes with the reference checkpoint of the same step, every variable, to --atol (0: bit for bit). The run
+is `deterministic`; without --config.data_dir a small synthetic dataset is written first.
+Last line: `resumed identically: K/K`.
 """
 
+import json
 import os
 import random
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 
 from absl import app
 from absl import flags
@@ -27,34 +36,107 @@ import tensorflow as tf
 from trainer import main as trainer_main
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 600  # seconds one segment (every worker's process) may take
 
 
 def define_flags():
   """Command-line flags; defined only when run as a program, so modules import side by side."""
   config_flags.DEFINE_config_file("config", None, "A training config, e.g. configs/deep.py:smoke.")
-  flags.DEFINE_integer("kills", 10, "Times to stop the run at a random step.")
-  flags.DEFINE_integer("seed", 0, "Seed of the kill steps and signals (not of training).")
-  flags.DEFINE_float("atol", 1e-6, "Largest difference allowed between resumed and reference variables.")
+  flags.DEFINE_integer("kills", 10, "Times to stop the run at a random step.", lower_bound=1)
+  flags.DEFINE_integer("workers", 1, "Trainer processes: 1 = one process as configured; N > 1 = N workers "
+                       "on 127.0.0.1 under MultiWorkerMirroredStrategy.", lower_bound=1)
+  flags.DEFINE_integer("seed", 0, "Seed of the kill steps, targets and signals (not of training).")
+  flags.DEFINE_float("atol", 0.0, "Largest difference allowed between resumed and reference variables.",
+                     lower_bound=0.0)
   flags.DEFINE_string("workdir", None, "Where the runs go; a temporary directory if unset.")
   flags.mark_flags_as_required(["config"])
 
 
-def run_until(command: list[str], stop_at_step: int | None = None, sig: int = signal.SIGTERM) -> str:
-  """Runs the trainer; if `stop_at_step`, sends `sig` once it logs that step. Returns its log."""
-  proc = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-  log, sent = [], False
-  for line in proc.stderr:
-    log.append(line)
-    if stop_at_step is not None and not sent and f"] step {stop_at_step}/" in line:
-      proc.send_signal(sig)
-      sent = True
-  proc.wait(timeout=600)
-  text = "".join(log)
-  expected = (0,) if stop_at_step is None or sig == signal.SIGTERM else (-signal.SIGKILL,)
-  if proc.returncode not in expected:
-    raise RuntimeError(f"trainer exited {proc.returncode}:\n{text[-3000:]}")
-  return text
+def free_ports(n: int) -> list[int]:
+  """n ports free on 127.0.0.1, below the kernel's ephemeral range. A port the kernel handed out (bind to
+  port 0) is back in that range once closed, so a worker's own outgoing gRPC connections could take it as
+  their source port before the other worker listens on it: a rare start-up failure."""
+  with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+    ephemeral_low = int(f.read().split()[0])
+  ports = []
+  for port in random.Random().sample(range(max(ephemeral_low - 12000, 1024), ephemeral_low), 50):
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", port))
+      except OSError:
+        continue
+    ports.append(port)
+    if len(ports) == n:
+      return ports
+  raise RuntimeError(f"no {n} free ports below {ephemeral_low}")
+
+
+def worker_commands(command: list[str], workers: int) -> list[tuple[list[str], dict]]:
+  """(command, environment) of each process: the command itself for 1; for N > 1, N workers of one
+  MultiWorkerMirroredStrategy cluster on 127.0.0.1, worker 0 the chief."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  if workers == 1:
+    return [(command, env)]
+  cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(workers)]}
+  return [(command + ["--config.strategy=multi_worker"],
+           dict(env, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})))
+          for i in range(workers)]
+
+
+class Segment:
+  """One start of the run: every worker process, their logs read as they come, and optionally one
+  signal sent to one worker when it logs a given train step."""
+
+  def __init__(self, command: list[str], workers: int = 1, *, target: int = 0, stop_at_step: int | None = None,
+               sig: int = signal.SIGTERM):
+    self.procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                   text=True) for cmd, env in worker_commands(command, workers)]
+    self.logs = [[] for _ in self.procs]
+    self.sent = threading.Event()
+    self._readers = [threading.Thread(target=self._read, args=(i, i == target and stop_at_step, sig), daemon=True)
+                     for i in range(len(self.procs))]
+    for reader in self._readers:
+      reader.start()
+
+  def _read(self, index: int, stop_at_step: int | None, sig: int) -> None:
+    for line in self.procs[index].stderr:
+      self.logs[index].append(line)
+      if stop_at_step and not self.sent.is_set() and f"] step {stop_at_step}/" in line:
+        self.procs[index].send_signal(sig)
+        self.sent.set()
+
+  def wait(self, timeout: float = TIMEOUT) -> list[int]:
+    """Every process's exit code; kills them all and raises if any is still running after `timeout`."""
+    try:
+      for p in self.procs:
+        p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      for p in self.procs:
+        p.kill()
+      raise RuntimeError(f"a worker still ran after {timeout:.0f} s (hung?):\n{self.log(-1)[-3000:]}") from None
+    for reader in self._readers:
+      reader.join(timeout=10)
+    return [p.returncode for p in self.procs]
+
+  def log(self, index: int) -> str:
+    return "".join(self.logs[index])
+
+
+def run_until(command: list[str], stop_at_step: int | None = None, sig: int = signal.SIGTERM, *,
+              workers: int = 1, target: int = 0) -> list[str]:
+  """Runs one segment; if `stop_at_step`, sends `sig` to worker `target` once it logs that step. Checks
+  the exit codes: 0 everywhere, but for SIGKILL -9 for the target and for the others 0 or 1 with the
+  lost-contact line. Returns each worker's log."""
+  segment = Segment(command, workers, target=target, stop_at_step=stop_at_step, sig=sig)
+  codes = segment.wait()
+  killed = stop_at_step is not None and sig == signal.SIGKILL
+  for i, code in enumerate(codes):
+    last = (segment.log(i).strip().splitlines() or [""])[-1]
+    ok = (code == -signal.SIGKILL if i == target else
+          code == 0 or (code == 1 and "lost contact with" in last)) if killed else code == 0
+    if not ok:
+      raise RuntimeError(f"worker {i} exited {code}:\n{segment.log(i)[-3000:]}")
+  return [segment.log(i) for i in range(len(codes))]
 
 
 def checkpoint_values(path: str) -> dict[str, np.ndarray]:
@@ -77,6 +159,22 @@ def latest_step(workdir: str) -> int:
   return int(latest.rsplit("-", 1)[1]) if latest else 0
 
 
+def plan(kills: int, total_steps: int, workers: int, seed: int) -> list[tuple[int, int, int, bool]]:
+  """(step, target worker, signal, replace the target first) per kill, in step order: distinct random
+  steps in [1, total_steps); targets dealt round-robin in a shuffled order (each worker, the chief
+  included, gets kills // workers or one more); signals alternating in a shuffled order; with several
+  workers, one SIGKILLed non-chief worker is replaced."""
+  rng = random.Random(seed)
+  steps = sorted(rng.sample(range(1, total_steps), kills))
+  targets = [i % workers for i in range(kills)]
+  signals = [(signal.SIGTERM, signal.SIGKILL)[i % 2] for i in range(kills)]
+  rng.shuffle(targets)
+  rng.shuffle(signals)
+  hard = [i for i in range(kills) if targets[i] and signals[i] == signal.SIGKILL]
+  replaced = rng.choice(hard) if hard else None
+  return [(s, t, g, i == replaced) for i, (s, t, g) in enumerate(zip(steps, targets, signals))]
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -95,35 +193,56 @@ def main(argv):
   total = config.num_epochs * (config.steps_per_epoch or 0)
   if not total:
     raise app.UsageError("give the config a steps_per_epoch (the smoke variants have one)")
-  total = max(total, FLAGS.kills + 2)
+  total = max(total, 3 * FLAGS.kills)  # room: a SIGTERM stops at the next loop boundary, a step or so later
   overrides["steps_per_epoch"] = total // config.num_epochs + (total % config.num_epochs > 0)
   total = config.num_epochs * overrides["steps_per_epoch"]
-  reference, chaos = os.path.join(root, "reference"), os.path.join(root, "chaos")
-  print(f"reference run: {total} steps, a checkpoint at every step, in {reference}", flush=True)
-  run_until(trainer_main.command(config_arg, reference, dict(overrides, keep_checkpoints=total + 1)))
+  kills = plan(FLAGS.kills, total, FLAGS.workers, FLAGS.seed)
+  identical = run(config_arg, overrides, total, kills, FLAGS.workers, root, FLAGS.atol)
+  print(f"resumed identically: {identical}/{len(kills)}")
+  sys.exit(0 if identical == len(kills) else 1)
 
-  rng = random.Random(FLAGS.seed)
-  kill_steps = sorted(rng.sample(range(1, total), FLAGS.kills))
+
+def run(config_arg: str, overrides: dict, total: int, kills: list[tuple[int, int, int, bool]], workers: int,
+        root: str, atol: float) -> int:
+  """The reference run and the run killed as `plan` says, in `root`; prints each kill and check and
+  returns how many kills resumed identically."""
+  reference, chaos = os.path.join(root, "reference"), os.path.join(root, "chaos")
+  print(f"reference run: {workers} worker(s), {total} steps, a checkpoint at every step, in {reference}",
+        flush=True)
+  run_until(trainer_main.command(config_arg, reference, dict(overrides, keep_checkpoints=total + 1)),
+            workers=workers)
+  print(f"kills: {sum(t == 0 for _, t, _, _ in kills)} aimed at the chief, {sum(t > 0 for _, t, _, _ in kills)} "
+        f"at other workers; {sum(g == signal.SIGKILL for _, _, g, _ in kills)} SIGKILL; "
+        f"{sum(r for *_, r in kills)} replaced worker(s)", flush=True)
   identical, pending = 0, []  # kills whose resume no newer checkpoint has checked yet
-  for step in kill_steps + [None]:
+  replace = None  # the worker whose scratch directory goes before the next start
+  for number, (step, target, sig, replaced) in enumerate(kills + [(None, 0, signal.SIGTERM, False)], 1):
+    if replace is not None:
+      shutil.rmtree(os.path.join(chaos, "tmp", f"checkpoints-worker{replace}"), ignore_errors=True)
+      print(f"  worker {replace} replaced: its scratch directory deleted before the restart", flush=True)
+      replace = None
     resumed_from = latest_step(chaos)
-    sig = rng.choice([signal.SIGTERM, signal.SIGKILL]) if step else signal.SIGTERM
-    run_until(trainer_main.command(config_arg, chaos, overrides), step, sig)
+    if step and step <= resumed_from:  # the last stop landed at or after this kill's step: take the next one
+      step = resumed_from + 1
+      if step >= total:
+        raise RuntimeError(f"kill {number}: no step left before the end ({total}); give fewer --kills")
+    run_until(trainer_main.command(config_arg, chaos, overrides), step, sig, workers=workers, target=target)
     at = latest_step(chaos)
-    if pending and at > resumed_from:  # this process resumed and wrote a checkpoint of its own
+    if pending and at > resumed_from:  # this start resumed and wrote a checkpoint of its own
       diff = max_difference(os.path.join(chaos, "checkpoints", f"ckpt-{at}"),
                             os.path.join(reference, "checkpoints", f"ckpt-{at}"))
-      ok = diff <= FLAGS.atol
+      ok = diff <= atol
       identical += len(pending) if ok else 0
       print(f"  resumed from step {resumed_from}, checkpoint at step {at} vs reference: max |diff| {diff:.3g} "
             f"-> {'identical' if ok else 'DIFFERENT'} (checks kill {', '.join(map(str, pending))})", flush=True)
       pending = []
     if step:
-      pending.append(kill_steps.index(step) + 1)
-      print(f"kill {kill_steps.index(step) + 1}: {signal.Signals(sig).name} on seeing step {step}; "
-            f"latest checkpoint: step {at}", flush=True)
-  print(f"resumed identically: {identical}/{FLAGS.kills}")
-  sys.exit(0 if identical == FLAGS.kills else 1)
+      pending.append(number)
+      who = "the chief" if target == 0 else f"worker {target}"
+      print(f"kill {number}: {signal.Signals(sig).name} to {who} on seeing step {step}; latest checkpoint: "
+            f"step {at}", flush=True)
+      replace = target if replaced else None
+  return identical
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import json
 import os
 
 from absl import logging
+import numpy as np
 import tensorflow as tf
 
 
@@ -63,6 +64,28 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
   task_type, task_id = resolver.task_type, resolver.task_id
   return task_type == "chief" or (task_type == "worker" and task_id == 0 and
                                   "chief" not in resolver.cluster_spec().as_dict())
+
+
+def _sums_over_replicas(strategy: tf.distribute.Strategy, values: list[float]) -> np.ndarray:
+  """Each of `values` summed over every replica of every worker process (a collective under
+  MultiWorkerMirroredStrategy: every worker must call it at the same point). On one machine, where one
+  Python process decides for all its replicas, the values themselves."""
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return np.asarray(values, np.float64)
+  per_replica = strategy.experimental_distribute_values_from_function(
+      lambda ctx: tf.constant(values, tf.float64))
+  return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
+
+
+def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
+  """True on every worker if `flag` is true on any: a decision all workers then take together."""
+  return bool(_sums_over_replicas(strategy, [1.0 if flag else 0.0])[0] > 0)
+
+
+def same_on_every_worker(strategy: tf.distribute.Strategy, value: int) -> bool:
+  """Whether every worker holds the same integer `value`; the same answer on every worker."""
+  total, squares, count = _sums_over_replicas(strategy, [float(value), float(value) ** 2, 1.0])
+  return count * squares == total * total  # Cauchy-Schwarz: equality iff all values are equal
 
 
 def worker_id(strategy: tf.distribute.Strategy) -> str:

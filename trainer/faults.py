@@ -8,6 +8,8 @@ import threading
 
 import tensorflow as tf
 
+from trainer import distribute
+
 
 class TrainingError(RuntimeError):
   """Training cannot go on (bad config for the hardware, non-finite loss); the message says why."""
@@ -23,11 +25,17 @@ def data_errors_as_training_errors():
     tasks = sorted(set(re.findall(r"/job:\w+/replica:\d+/task:\d+", culprits)))
     raise TrainingError(f"lost contact with {', '.join(tasks) or 'another worker'}; restart every worker with "
                         "the same command to resume from the last checkpoint") from None
+  except tf.errors.NotFoundError as e:
+    if "is not in the workers list" not in e.message:
+      raise
+    raise TrainingError("input.data_service: the tf.data service dispatcher must list its workers "
+                        "(DispatcherConfig(worker_addresses=[...])), so that each makes its own share of the "
+                        "batches and every batch is made once") from None
   except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
-    raise TrainingError(f"bad training data: {_first_line(e.message)}") from None
+    raise TrainingError(f"bad training data: {first_line(e.message)}") from None
 
 
-def _first_line(message: str) -> str:
+def first_line(message: str) -> str:
   """The informative part of a TensorFlow error message."""
   message = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", message).strip()
   line = message.splitlines()[0] if message else ""
@@ -63,9 +71,6 @@ class StopRequest:
     self.signal = signal.Signals(signum).name
 
   def agreed(self, strategy) -> bool:
-    """True if any worker was asked to stop, so that all workers stop after the same step."""
-    local = 1.0 if self.signal else 0.0
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-      votes = strategy.experimental_distribute_values_from_function(lambda ctx: tf.constant(local))
-      return bool(strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None).numpy() > 0)
-    return bool(local)
+    """True on every worker if any worker was asked to stop, so that all workers stop after the same
+    step and take the same path after it (a collective: every worker asks at the same loop boundary)."""
+    return distribute.any_worker(strategy, self.signal is not None)

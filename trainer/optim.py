@@ -137,6 +137,19 @@ def scale_factor(optimizer: keras.optimizers.Optimizer):
   return 1.0
 
 
+def agree_on_finite(grads: list[tf.Tensor]) -> list[tf.Tensor]:
+  """Runs per replica. Keras's LossScaleOptimizer skips a step whose gradients are not finite, but judges
+  each replica's own un-reduced gradients (under MirroredStrategy the first replica's only): an overflow
+  on another replica was applied, and workers of a multi-worker run could take different branches and
+  hang. One scalar all-reduce makes every replica's gradients non-finite when any replica's are, so all
+  skip the step and halve the loss scale together."""
+  ctx = tf.distribute.get_replica_context()
+  finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+  not_finite = ctx.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
+  return tf.cond(not_finite == 0.0, lambda: list(grads),
+                 lambda: [g * tf.constant(float("nan"), g.dtype) for g in grads])
+
+
 def loss_scale(optimizer: keras.optimizers.Optimizer) -> float | None:
   """The dynamic loss scale of a LossScaleOptimizer, else None."""
   if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):

@@ -8,6 +8,7 @@ runs between calls of `steps_per_loop` steps. The loss is averaged over the glob
 import dataclasses
 import datetime
 import importlib.metadata
+import json
 import math
 import os
 import platform
@@ -142,6 +143,7 @@ def make_train_loop(config, strategy, state: State, mean=None, std=None):
   model, optimizer = state.model, state.optimizer
   multipliers = dict(zip((id(v) for v in model.trainable_variables),
                          optim.gradient_multipliers(model, config.optimizer)))
+  loss_scaled = optim.loss_scale(optimizer) is not None
 
   def gradients(images, labels, variables):
     """The forward and backward pass: (per-example losses, correct count, gradients). With
@@ -166,6 +168,8 @@ def make_train_loop(config, strategy, state: State, mean=None, std=None):
       per_example, correct, grads = compiled(images, labels)
     else:
       per_example, correct, grads = gradients(images, labels, variables)
+    if loss_scaled and strategy.num_replicas_in_sync > 1:
+      grads = optim.agree_on_finite(grads)
     if config.optimizer.clip_norm:
       grads = optim.clip_by_global_norm(grads, config.optimizer.clip_norm * optim.scale_factor(optimizer))
     grads = [g * multipliers[id(v)] if multipliers[id(v)] != 1.0 else g for g, v in zip(grads, variables)]
@@ -271,9 +275,12 @@ def recompute_bn_statistics(config, strategy, state: State, manifest: dict) -> i
   step = make_bn_statistics_step(strategy, state.model)
   if step is None:
     return 0
-  images = min(config.bn_statistics_images, manifest_lib.num_examples(manifest, "train"))
-  batches = max(images // config.global_batch_size, 1)
-  dataset = distributed_eval_dataset(config, strategy, manifest, "train", config.global_batch_size, batches)
+  images = max(min(config.bn_statistics_images, manifest_lib.num_examples(manifest, "train")),
+               config.global_batch_size)
+  mean, std = normalization_for(config, manifest)
+  dataset = strategy.distribute_datasets_from_function(lambda ctx: input_pipeline.build_prefix_dataset(
+      config.data_dir, "train", images=images, global_batch_size=config.global_batch_size, mean=mean, std=std,
+      input_context=ctx))
   totals, count = None, 0
   for batch in dataset:
     moments = [(m.numpy(), v.numpy()) for m, v in step(batch)]
@@ -396,21 +403,13 @@ def train_dataset_fn(config, manifest: dict, steps_per_epoch: int, start_step: i
   return dataset_fn
 
 
-def distributed_eval_dataset(config, strategy, manifest: dict, split: str, global_batch_size: int,
-                             batches: int | None = None):
+def distributed_eval_dataset(config, strategy, manifest: dict, split: str, global_batch_size: int):
   """One split, unaugmented, in file order, distributed over the strategy's replicas in global batches
-  of `global_batch_size`: all of it, or its first `batches` global batches."""
+  of `global_batch_size`."""
   mean, std = normalization_for(config, manifest)
-
-  def dataset_fn(ctx):
-    dataset = input_pipeline.build_eval_dataset(
-        config.data_dir, split, batch_size=ctx.get_per_replica_batch_size(global_batch_size),
-        mean=mean, std=std, input_context=ctx)
-    # Each input pipeline yields per-replica batches: one global batch takes one per replica it feeds.
-    return dataset if batches is None else dataset.take(
-        batches * ctx.num_replicas_in_sync // ctx.num_input_pipelines)
-
-  return strategy.distribute_datasets_from_function(dataset_fn)
+  return strategy.distribute_datasets_from_function(lambda ctx: input_pipeline.build_eval_dataset(
+      config.data_dir, split, batch_size=ctx.get_per_replica_batch_size(global_batch_size), mean=mean, std=std,
+      input_context=ctx))
 
 
 def distributed_eval_datasets(config, strategy, manifest: dict) -> dict:
@@ -519,6 +518,7 @@ class Run:
   writer: object
   start_step: int
   started: str
+  saved_step: int  # the step of the last checkpoint this run wrote or restored (-1: none), alike on every worker
   metrics: dict = dataclasses.field(default_factory=dict)
 
 
@@ -527,12 +527,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   with faults.data_errors_as_training_errors():
     run = _start(config, workdir)
     with faults.StopRequest() as stop:
-      _train(run, stop)
-    if stop.signal:
-      path = run.manager.save(checkpoint_number=int(run.state.step.numpy()))
+      stopped = _train(run, stop)
+    if stopped:  # agreed by every worker: all save here and leave together
+      step = int(run.state.step.numpy())
+      path = _save(run, step)
+      cause = stop.signal or "another worker's stop request"
       logging.info("stopped by %s at step %d; checkpoint %s written. Run the same command to resume.",
-                   stop.signal, int(run.state.step.numpy()), path)
-      _finish(run, status=f"stopped by {stop.signal}")
+                   cause, step, path)
+      _finish(run, status=f"stopped by {cause}")
       return run.metrics
     eval_step = make_eval_step(run.strategy, run.state, config.tta)  # the export's own views
     if run.state.lookahead:  # the weights end as their lookahead average (idempotent on a re-run)
@@ -562,45 +564,127 @@ def _start(config, workdir: str) -> Run:
   strategy = distribute.make_strategy(config)
   distribute.log_devices(strategy)
   chief = distribute.is_chief(strategy)
-  check_batch_sizes(config, strategy.num_replicas_in_sync)
-  check_profile_steps(config)
-  check_jit_compile(config)
-  manifest = manifest_lib.load(config.data_dir)
-  if config.input.verify_checksums:
-    manifest_lib.verify_checksums(config.data_dir, manifest, manifest["splits"])
-  check_workdir(workdir)
-  steps_per_epoch = steps_per_epoch_for(config, manifest)
+  manifest, steps_per_epoch, latest = _agreed(strategy, lambda: _check_start(config, workdir, strategy))
+  check_same_checkpoint(strategy, latest)
   state = make_state(config, strategy, steps_per_epoch)
+  if latest:
+    restore(state, latest)
+    logging.info("resumed from %s at step %d", latest, int(state.step.numpy()))
   manager = _checkpoint_manager(config, strategy, state, workdir)
-  if manager.latest_checkpoint:
-    state.checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    logging.info("resumed from %s at step %d", manager.latest_checkpoint, int(state.step.numpy()))
   if chief:  # check_workdir made the directory
     fileio.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n")
+  check_shared_workdir(strategy, workdir)
   # Buffered: events reach the file at most every summary_flush_secs and on exit, not per call. On gs://
   # every flush re-uploads the event file, so per-step flushing would cost more than the training.
   writer = (tf.summary.create_file_writer(os.path.join(workdir, "summaries"), max_queue=10000,
                                           flush_millis=int(config.summary_flush_secs * 1000)) if chief
             else tf.summary.create_noop_writer())
   start_step = int(state.step.numpy())
-  if not manager.latest_checkpoint:
+  if not latest:
     _initialize_from_data(config, manifest, state)
   if chief and start_step == 0:
     _write_input_summaries(config, manifest, writer, start_step)
     _write_hparams(config, writer)
   return Run(config, workdir, strategy, chief, manifest, steps_per_epoch, config.num_epochs * steps_per_epoch,
-             state, manager, writer, start_step, started)
+             state, manager, writer, start_step, started, saved_step=start_step if latest else -1)
 
 
-def _train(run: Run, stop: faults.StopRequest) -> None:
-  """Steps until the end or a stop request: logs, evaluates and checkpoints at the boundaries."""
+def _check_start(config, workdir: str, strategy) -> tuple[dict, int, str | None]:
+  """This worker's checks of the config, the data and the workdir before anything is built or written.
+  Returns the manifest, the steps per epoch and the latest checkpoint (the chief's) or None."""
+  check_batch_sizes(config, strategy.num_replicas_in_sync)
+  check_profile_steps(config)
+  check_jit_compile(config)
+  manifest = manifest_lib.load(config.data_dir)
+  if config.input.verify_checksums:
+    manifest_lib.verify_checksums(config.data_dir, manifest, manifest["splits"])
+  steps_per_epoch = steps_per_epoch_for(config, manifest)
+  check_workdir(workdir)
+  check_resumable(config, workdir, steps_per_epoch)
+  # Every worker restores the chief's checkpoint, so that all resume at the same step: a non-chief's own
+  # checkpoints (tmp/, written only because saving is collective) may be missing or one save behind.
+  return manifest, steps_per_epoch, tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+
+
+def _agreed(strategy, check):
+  """Runs the start-up `check` on every worker and returns its result. If it refuses on any worker,
+  every worker refuses (a collective), so none is left waiting for a peer that quit."""
+  try:
+    result, problem = check(), None
+  except (TrainingError, manifest_lib.ManifestError) as e:
+    result, problem = None, e
+  if distribute.any_worker(strategy, problem is not None):
+    raise problem or TrainingError("another worker refused to start; its log says why")
+  return result
+
+
+SHARED = "give every worker the same workdir, on storage all of them read (gs:// or a shared filesystem)"
+
+
+def check_same_checkpoint(strategy, latest: str | None) -> None:
+  """Refuses to start unless every worker found the same latest checkpoint (a collective)."""
+  step = -1 if latest is None else int(latest.rsplit("-", 1)[1])
+  if not distribute.same_on_every_worker(strategy, step):
+    raise TrainingError(f"the workers see different latest checkpoints (this one: {latest or 'none'}); {SHARED}")
+
+
+def check_shared_workdir(strategy, workdir: str) -> None:
+  """Refuses to train unless every worker sees the config.json the chief has just written (two
+  collectives: a barrier, then the vote), so that a later resume can restore the chief's checkpoints."""
+  distribute.any_worker(strategy, False)
+  path = os.path.join(workdir, "config.json")
+  seen = tf.io.gfile.exists(path)
+  if distribute.any_worker(strategy, not seen):
+    raise TrainingError(f"{'this worker' if not seen else 'another worker'} cannot see {path}, which the chief "
+                        f"wrote; {SHARED}")
+
+
+def restore(state: State, path: str) -> None:
+  """Restores `state` from checkpoint `path`, or says in one line that it was written for another model."""
+  try:
+    state.checkpoint.restore(path).assert_existing_objects_matched()
+  except (AssertionError, ValueError, tf.errors.OpError) as e:
+    detail = faults.first_line(str(getattr(e, "message", e)))[:160]
+    raise TrainingError(f"checkpoint {path} does not fit this config's model and optimizer ({detail}); "
+                        "resume with the config it was written with, or give a new workdir") from None
+
+
+# What a checkpoint holds and how its steps map to data: a resumed run must keep them (model.fast_kernels
+# computes the same weights either way; num_epochs may change, the schedule then stretches to the new end).
+RESUME_KEYS = ("global_batch_size", "steps_per_epoch", "mixed_precision", "model.", "optimizer.name",
+               "optimizer.ema_decay", "optimizer.lookahead_every")
+RESUME_FREE = ("model.fast_kernels",)
+
+
+def check_resumable(config, workdir: str, steps_per_epoch: int) -> None:
+  """Refuses to resume a workdir whose previous run (its config.json and run.json) differs in a
+  RESUME_KEYS value, naming the key, both values and the workdir, before anything is written."""
+  def read(name):
+    path = os.path.join(workdir, name)
+    return fileio.read_json(path) if tf.io.gfile.exists(path) else {}
+
+  before = dict(flat_config(read("config.json")))
+  now = dict(flat_config(json.loads(config.to_json_best_effort())))
+  run = read("run.json")
+  if "steps_per_epoch" in run:  # resolved from the data; config.steps_per_epoch may be 0 = all
+    before["resolved steps per epoch"], now["resolved steps per epoch"] = run["steps_per_epoch"], steps_per_epoch
+  for key in sorted(before):
+    if (key.startswith(RESUME_KEYS) or key == "resolved steps per epoch") and key not in RESUME_FREE and \
+        before[key] != now.get(key):
+      raise TrainingError(f"workdir {workdir} holds a run with {key}={before[key]!r}; this command has "
+                          f"{key}={now.get(key)!r}: resume with the same value, or give a new workdir")
+
+
+def _train(run: Run, stop: faults.StopRequest) -> bool:
+  """Steps until the end or a stop request: logs, evaluates and checkpoints at the boundaries. Returns
+  whether a stop was requested (on any worker: every worker returns the same)."""
   config, state = run.config, run.state
   train_ds = run.strategy.distribute_datasets_from_function(
       train_dataset_fn(config, run.manifest, run.steps_per_epoch, run.start_step))
   eval_ds = distributed_eval_datasets(config, run.strategy, run.manifest)
   train_loop = make_train_loop(config, run.strategy, state, *normalization_for(run.config, run.manifest))
   eval_step = make_eval_step(run.strategy, state, worst=config.summary_worst_images if run.chief else 0)
-  profile = _Profile(config, run) if run.chief else None
+  profile = _Profile(config, run)  # on every worker: its marks set the loop lengths
   bar = (keras.utils.Progbar(run.total_steps, unit_name="step", stateful_metrics=["loss", "accuracy", "images/s"])
          if run.chief and config.progress_bar and sys.stdout.isatty() else None)
   iterator = iter(train_ds)
@@ -608,15 +692,12 @@ def _train(run: Run, stop: faults.StopRequest) -> None:
   window_start, window_step = time.time(), step  # steps and time since the last log line, boundaries excluded
   epoch_start = time.time() if step % run.steps_per_epoch == 0 else None  # None: resumed mid-epoch
   try:
-    while step < run.total_steps and not stop.agreed(run.strategy):
-      if profile:
-        profile.before(step)
-      num_steps = _steps_until_boundary(config, step, run.steps_per_epoch, run.total_steps,
-                                        profile.marks(step) if profile else ())
+    while step < run.total_steps:
+      profile.before(step)
+      num_steps = _steps_until_boundary(config, step, run.steps_per_epoch, run.total_steps, profile.marks(step))
       train_loop(iterator, tf.constant(num_steps), step // run.steps_per_epoch)
       step = int(state.step.numpy())
-      if profile:
-        profile.after(step)
+      profile.after(step)
       _check_finite(state, step, run.manager)
       boundary = step % config.log_every_steps == 0 or step % run.steps_per_epoch == 0
       if boundary:
@@ -635,15 +716,17 @@ def _train(run: Run, stop: faults.StopRequest) -> None:
           if run.chief and config.summary_worst_images:
             _write_eval_images(run, step, details)
           logging.info("epoch %d validation: %s", epoch, _fmt(run.metrics["validation"]))
-        run.manager.save(checkpoint_number=step)
+        _save(run, step)
         epoch_start = time.time()
       elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-        run.manager.save(checkpoint_number=step)
+        _save(run, step)
       if boundary:
         window_start, window_step = time.time(), step
+      if stop.agreed(run.strategy):  # after every loop, the last one too
+        return True
+    return False
   finally:
-    if profile:
-      profile.stop()
+    profile.stop()
 
 
 class _Profile:
@@ -653,6 +736,7 @@ class _Profile:
   def __init__(self, config, run: Run):
     self.range = tuple(config.profile_steps)
     self.directory = os.path.join(run.workdir, "summaries")
+    self.chief = run.chief  # only the chief traces; every worker stops its loops at the marks
     self.active = False
 
   def marks(self, step: int) -> tuple[int, ...]:
@@ -660,7 +744,7 @@ class _Profile:
     return tuple(m for m in self.range if m > step)
 
   def before(self, step: int) -> None:
-    if self.range and not self.active and self.range[0] <= step < self.range[1]:
+    if self.chief and self.range and not self.active and self.range[0] <= step < self.range[1]:
       tf.profiler.experimental.start(self.directory)
       self.active = True
       logging.info("profiling steps %d to %d into %s", step, self.range[1] - 1, self.directory)
@@ -692,6 +776,15 @@ def _check_finite(state: State, step: int, manager: tf.train.CheckpointManager) 
   if not math.isfinite(loss):
     raise TrainingError(f"loss is {loss} at step {step}; stopped without saving. The last good "
                         f"checkpoint is {manager.latest_checkpoint or 'none (none was written yet)'}")
+
+
+def _save(run: Run, step: int) -> str:
+  """Checkpoints `step` unless this run already has it; every worker takes the same decision (saving is
+  collective). Returns the path."""
+  if run.saved_step != step:
+    run.manager.save(checkpoint_number=step)
+    run.saved_step = step
+  return os.path.join(run.manager.directory, f"ckpt-{step}")
 
 
 def _finish(run: Run, status: str) -> None:
@@ -745,6 +838,7 @@ def _write_run_json(run: Run, status: str) -> None:
   fileio.write_json(os.path.join(run.workdir, "run.json"), {
       "status": status, "started": run.started, "ended": _now(),
       "start_step": run.start_step, "end_step": int(run.state.step.numpy()), "total_steps": run.total_steps,
+      "steps_per_epoch": run.steps_per_epoch,
       "versions": {"project": _project_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
                    "python": platform.python_version()},
       "git_commit": _git_commit(), "host": platform.node(),
