@@ -106,7 +106,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.augment_on = "host"  # host: tf.data augments and normalises; device: inside the train step
   config.input.probe_batches = 20  # batches of the train pipeline timed alone at start (TensorBoard
                                    # input/images_per_sec, what the host can feed); 0 = off
-  config.input.data_service = ""  # grpc://host:port of a tf.data service dispatcher; "" = in-process tf.data
+  config.input.data_service = ""  # grpc://host:port of a tf.data service dispatcher whose DispatcherConfig lists
+                                  # its workers (each makes every n-th batch); "" = in-process tf.data
 
   return variant(config, arg)
 

@@ -3,6 +3,8 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -10,6 +12,7 @@ from tools import chaos_resume
 from tools import make_tfrecords
 from trainer import main as trainer_main
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "configs/deep.py:smoke"
 # Same per-replica batches and seeds on both layouts (test_pipeline checks that bit for bit); only the
 # all-reduce differs (a ring across processes vs reduction on one device), i.e. float32 summation order.
@@ -58,3 +61,20 @@ def test_two_workers_killed_and_replaced_resume_bit_for_bit(three_shards, tmp_pa
   final = json.loads((tmp_path / "chaos" / "run.json").read_text())
   assert final["status"] == "finished" and final["end_step"] == 8
   assert final["metrics"]["validation"]["count"] == 200 and 0 < final["metrics"]["validation"]["loss"] < 10
+
+
+def test_float16_overflow_on_one_worker_skips_the_step_on_both_without_hanging():
+  procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "fp16_overflow_worker.py")], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for env in chaos_resume.cluster_environments(2)]
+  try:
+    outputs = [p.communicate(timeout=180) for p in procs]
+  except subprocess.TimeoutExpired:
+    pytest.fail("a worker still ran after 180 s: the workers hung")
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1]) == {"skipped": True, "halved": True, "finite": True,
+                                                         "trained": True}

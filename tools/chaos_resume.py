@@ -71,16 +71,21 @@ def free_ports(n: int) -> list[int]:
   raise RuntimeError(f"no {n} free ports below {ephemeral_low}")
 
 
-def worker_commands(command: list[str], workers: int) -> list[tuple[list[str], dict]]:
-  """(command, environment) of each process: the command itself for 1; for N > 1, N workers of one
-  MultiWorkerMirroredStrategy cluster on 127.0.0.1, worker 0 the chief."""
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  if workers == 1:
-    return [(command, env)]
+def cluster_environments(workers: int) -> list[dict]:
+  """The environment of each of `workers` processes forming one MultiWorkerMirroredStrategy cluster on
+  127.0.0.1 (TF_CONFIG), worker 0 the chief."""
   cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(workers)]}
-  return [(command + ["--config.strategy=multi_worker"],
-           dict(env, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})))
+  return [dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+               TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
           for i in range(workers)]
+
+
+def worker_commands(command: list[str], workers: int) -> list[tuple[list[str], dict]]:
+  """(command, environment) of each process: the trainer command itself for 1; for N > 1, N workers of
+  one cluster (`cluster_environments`)."""
+  if workers == 1:
+    return [(command, dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))]
+  return [(command + ["--config.strategy=multi_worker"], env) for env in cluster_environments(workers)]
 
 
 class Segment:
