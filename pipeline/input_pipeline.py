@@ -210,12 +210,11 @@ def build_prefix_dataset(data_dir: str, split: str, *, images: int, global_batch
   ctx = _context(input_context)
   manifest = manifest_lib.load(data_dir)
   files = manifest_lib.split_files(data_dir, manifest, split)
-  batch = ctx.get_per_replica_batch_size(global_batch_size)
-  local = ctx.num_replicas_in_sync // ctx.num_input_pipelines
-  first = ctx.input_pipeline_id * local
-  mine = lambda i, _: tf.logical_and(i % ctx.num_replicas_in_sync >= first, i % ctx.num_replicas_in_sync < first + local)
+  layout = _Layout(ctx, global_batch_size, steps_per_epoch=0)
+  replica = lambda i: i % layout.replicas
+  mine = lambda i, _: (replica(i) >= layout.first_replica) & (replica(i) < layout.first_replica + layout.local_replicas)
   whole = images // global_batch_size * global_batch_size
-  return (tf.data.TFRecordDataset(files).take(whole).batch(batch, drop_remainder=True).enumerate()
+  return (tf.data.TFRecordDataset(files).take(whole).batch(layout.batch, drop_remainder=True).enumerate()
           .filter(mine).map(lambda _, s: _preprocess(s, mean, std), num_parallel_calls=AUTOTUNE)
           .prefetch(AUTOTUNE).with_options(_options(True)))
 

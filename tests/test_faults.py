@@ -119,22 +119,36 @@ def finished_run(synthetic_dir, tmp_path_factory):
   return workdir
 
 
-def test_resume_with_another_batch_size_is_one_line_and_changes_nothing(synthetic_dir, finished_run):
-  before = _files(finished_run)
-  result = _trainer(f"--workdir={finished_run}", f"--config.data_dir={synthetic_dir}", "--config.global_batch_size=64")
-  _one_line_error(result, f"trainer: error: workdir {finished_run} holds a run with global_batch_size=32; this "
+def test_resume_with_another_batch_size_is_one_line_and_changes_nothing(synthetic_dir, finished_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(finished_run, workdir)
+  before = _files(workdir)
+  result = _trainer(f"--workdir={workdir}", f"--config.data_dir={synthetic_dir}", "--config.global_batch_size=64")
+  _one_line_error(result, f"trainer: error: workdir {workdir} holds a run with global_batch_size=32; this "
                   "command has global_batch_size=64: resume with the same value, or give a new workdir")
-  assert _files(finished_run) == before
+  assert _files(workdir) == before
 
 
-def test_resume_with_another_model_is_refused(synthetic_dir, finished_run):
-  before = _files(finished_run)
+def test_resume_with_another_model_is_refused(synthetic_dir, finished_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(finished_run, workdir)
+  before = _files(workdir)
   config = _smoke(synthetic_dir, num_epochs=2)
   config.model.widths = (16, 16)
   with pytest.raises(train.TrainingError, match=re.escape(
-      f"workdir {finished_run} holds a run with model.widths=[8, 16]; this command has model.widths=[16, 16]")):
-    train.train_and_evaluate(config, finished_run)
-  assert _files(finished_run) == before
+      f"workdir {workdir} holds a run with model.widths=[8, 16]; this command has model.widths=[16, 16]")):
+    train.train_and_evaluate(config, workdir)
+  assert _files(workdir) == before
+
+
+def test_a_run_that_never_checkpointed_may_be_retried_with_other_values(synthetic_dir, finished_run, tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  shutil.copy(os.path.join(finished_run, "config.json"), workdir)  # what a run killed before its first save leaves
+  shutil.copy(os.path.join(finished_run, "run.json"), workdir)
+  metrics = train.train_and_evaluate(_smoke(synthetic_dir, num_epochs=1, steps_per_epoch=2, global_batch_size=64,
+                                            export=False), str(workdir))
+  assert metrics["validation"]["count"] == 200
 
 
 def test_checkpoint_of_another_model_is_one_line(synthetic_dir, finished_run, tmp_path):

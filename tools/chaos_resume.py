@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 from absl import app
 from absl import flags
@@ -112,13 +113,14 @@ class Segment:
 
   def wait(self, timeout: float = TIMEOUT) -> list[int]:
     """Every process's exit code; kills them all and raises if any is still running after `timeout`."""
-    try:
-      for p in self.procs:
-        p.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-      for p in self.procs:
-        p.kill()
-      raise RuntimeError(f"a worker still ran after {timeout:.0f} s (hung?):\n{self.log(-1)[-3000:]}") from None
+    deadline = time.monotonic() + timeout
+    for i, p in enumerate(self.procs):
+      try:
+        p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+      except subprocess.TimeoutExpired:
+        for q in self.procs:
+          q.kill()
+        raise RuntimeError(f"worker {i} still ran after {timeout:.0f} s (hung?):\n{self.log(i)[-3000:]}") from None
     for reader in self._readers:
       reader.join(timeout=10)
     return [p.returncode for p in self.procs]
@@ -134,6 +136,9 @@ def run_until(command: list[str], stop_at_step: int | None = None, sig: int = si
   lost-contact line. Returns each worker's log."""
   segment = Segment(command, workers, target=target, stop_at_step=stop_at_step, sig=sig)
   codes = segment.wait()
+  if stop_at_step is not None and not segment.sent.is_set():
+    raise RuntimeError(f"worker {target} never logged step {stop_at_step}, so no signal was sent:\n"
+                       f"{segment.log(target)[-3000:]}")
   killed = stop_at_step is not None and sig == signal.SIGKILL
   for i, code in enumerate(codes):
     last = (segment.log(i).strip().splitlines() or [""])[-1]
@@ -166,17 +171,21 @@ def latest_step(workdir: str) -> int:
 
 def plan(kills: int, total_steps: int, workers: int, seed: int) -> list[tuple[int, int, int, bool]]:
   """(step, target worker, signal, replace the target first) per kill, in step order: distinct random
-  steps in [1, total_steps); targets dealt round-robin in a shuffled order (each worker, the chief
-  included, gets kills // workers or one more); signals alternating in a shuffled order; with several
-  workers, one SIGKILLed non-chief worker is replaced."""
+  steps in [1, total_steps - 1) (a loop is left after each, so a late SIGTERM still stops before the end);
+  targets dealt round-robin in a shuffled order (each worker, the chief included, gets kills // workers
+  or one more); signals alternating in a shuffled order; with several workers, one non-chief worker is
+  SIGKILLed and replaced."""
   rng = random.Random(seed)
-  steps = sorted(rng.sample(range(1, total_steps), kills))
+  steps = sorted(rng.sample(range(1, total_steps - 1), kills))
   targets = [i % workers for i in range(kills)]
   signals = [(signal.SIGTERM, signal.SIGKILL)[i % 2] for i in range(kills)]
   rng.shuffle(targets)
   rng.shuffle(signals)
-  hard = [i for i in range(kills) if targets[i] and signals[i] == signal.SIGKILL]
+  others = [i for i in range(kills) if targets[i]]
+  hard = [i for i in others if signals[i] == signal.SIGKILL] or others[:1]
   replaced = rng.choice(hard) if hard else None
+  if replaced is not None:
+    signals[replaced] = signal.SIGKILL
   return [(s, t, g, i == replaced) for i, (s, t, g) in enumerate(zip(steps, targets, signals))]
 
 

@@ -100,6 +100,7 @@ def describe(strategy: tf.distribute.Strategy) -> dict:
   return {
       "strategy": type(strategy).__name__,
       "replicas": strategy.num_replicas_in_sync,
+      "workers": strategy.num_replicas_in_sync // len(strategy.extended.worker_devices),  # input pipelines
       "devices": list(strategy.extended.worker_devices),
       "gpus": [d.name for d in tf.config.list_logical_devices("GPU")],
       "tf_config": json.loads(os.environ.get("TF_CONFIG", "null")),

@@ -144,10 +144,12 @@ def agree_on_finite(grads: list[tf.Tensor]) -> list[tf.Tensor]:
   hang. One scalar all-reduce makes every replica's gradients non-finite when any replica's are, so all
   skip the step and halve the loss scale together."""
   ctx = tf.distribute.get_replica_context()
-  finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+  present = [g for g in grads if g is not None]
+  finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in present])
   not_finite = ctx.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
-  return tf.cond(not_finite == 0.0, lambda: list(grads),
-                 lambda: [g * tf.constant(float("nan"), g.dtype) for g in grads])
+  agreed = iter(tf.cond(not_finite == 0.0, lambda: list(present),
+                        lambda: [g * tf.constant(float("nan"), g.dtype) for g in present]))
+  return [None if g is None else next(agreed) for g in grads]
 
 
 def loss_scale(optimizer: keras.optimizers.Optimizer) -> float | None:

@@ -168,8 +168,8 @@ def make_train_loop(config, strategy, state: State, mean=None, std=None):
       per_example, correct, grads = compiled(images, labels)
     else:
       per_example, correct, grads = gradients(images, labels, variables)
-    if loss_scaled and strategy.num_replicas_in_sync > 1:
-      grads = optim.agree_on_finite(grads)
+    if loss_scaled and strategy.num_replicas_in_sync > 1 and not config.optimizer.clip_norm:
+      grads = optim.agree_on_finite(grads)  # clipping all-reduces the gradients, so agrees already
     if config.optimizer.clip_norm:
       grads = optim.clip_by_global_norm(grads, config.optimizer.clip_norm * optim.scale_factor(optimizer))
     grads = [g * multipliers[id(v)] if multipliers[id(v)] != 1.0 else g for g, v in zip(grads, variables)]
@@ -568,7 +568,7 @@ def _start(config, workdir: str) -> Run:
   check_same_checkpoint(strategy, latest)
   state = make_state(config, strategy, steps_per_epoch)
   if latest:
-    restore(state, latest)
+    _agreed(strategy, lambda: restore(state, latest))
     logging.info("resumed from %s at step %d", latest, int(state.step.numpy()))
   manager = _checkpoint_manager(config, strategy, state, workdir)
   if chief:  # check_workdir made the directory
@@ -585,8 +585,11 @@ def _start(config, workdir: str) -> Run:
   if chief and start_step == 0:
     _write_input_summaries(config, manifest, writer, start_step)
     _write_hparams(config, writer)
-  return Run(config, workdir, strategy, chief, manifest, steps_per_epoch, config.num_epochs * steps_per_epoch,
-             state, manager, writer, start_step, started, saved_step=start_step if latest else -1)
+  run = Run(config, workdir, strategy, chief, manifest, steps_per_epoch, config.num_epochs * steps_per_epoch,
+            state, manager, writer, start_step, started, saved_step=start_step if latest else -1)
+  if chief:  # what the next start checks a resume against, even if this one is killed
+    _write_run_json(run, "running")
+  return run
 
 
 def _check_start(config, workdir: str, strategy) -> tuple[dict, int, str | None]:
@@ -600,10 +603,12 @@ def _check_start(config, workdir: str, strategy) -> tuple[dict, int, str | None]
     manifest_lib.verify_checksums(config.data_dir, manifest, manifest["splits"])
   steps_per_epoch = steps_per_epoch_for(config, manifest)
   check_workdir(workdir)
-  check_resumable(config, workdir, steps_per_epoch)
   # Every worker restores the chief's checkpoint, so that all resume at the same step: a non-chief's own
   # checkpoints (tmp/, written only because saving is collective) may be missing or one save behind.
-  return manifest, steps_per_epoch, tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+  latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+  if latest:  # a run that never checkpointed may be retried with other values
+    check_resumable(config, workdir, steps_per_epoch, distribute.describe(strategy)["workers"])
+  return manifest, steps_per_epoch, latest
 
 
 def _agreed(strategy, check):
@@ -611,7 +616,7 @@ def _agreed(strategy, check):
   every worker refuses (a collective), so none is left waiting for a peer that quit."""
   try:
     result, problem = check(), None
-  except (TrainingError, manifest_lib.ManifestError) as e:
+  except (TrainingError, manifest_lib.ManifestError, ValueError, OSError, tf.errors.OpError) as e:
     result, problem = None, e
   if distribute.any_worker(strategy, problem is not None):
     raise problem or TrainingError("another worker refused to start; its log says why")
@@ -649,30 +654,33 @@ def restore(state: State, path: str) -> None:
                         "resume with the config it was written with, or give a new workdir") from None
 
 
-# What a checkpoint holds and how its steps map to data: a resumed run must keep them (model.fast_kernels
-# computes the same weights either way; num_epochs may change, the schedule then stretches to the new end).
-RESUME_KEYS = ("global_batch_size", "steps_per_epoch", "mixed_precision", "model.", "optimizer.name",
-               "optimizer.ema_decay", "optimizer.lookahead_every")
-RESUME_FREE = ("model.fast_kernels",)
+# What a checkpoint holds and how its steps map to data: a resumed run must keep them. model.fast_kernels
+# and model.sync_bn change how the same weights are computed, not which; num_epochs may change (the
+# schedule then stretches to the new end); so may the replica count at the same global batch.
+RESUME_KEYS = ("global_batch_size", "mixed_precision", "model.", "optimizer.name", "optimizer.ema_decay",
+               "optimizer.lookahead_every")
+RESUME_FREE = ("model.fast_kernels", "model.sync_bn")
 
 
-def check_resumable(config, workdir: str, steps_per_epoch: int) -> None:
-  """Refuses to resume a workdir whose previous run (its config.json and run.json) differs in a
-  RESUME_KEYS value, naming the key, both values and the workdir, before anything is written."""
+def check_resumable(config, workdir: str, steps_per_epoch: int, workers: int) -> None:
+  """Refuses to resume a workdir whose run (its config.json and run.json) differs in a RESUME_KEYS value,
+  in the steps per epoch resolved from the data, or (streaming input, whose shares depend on it) in the
+  number of workers; names the key, both values and the workdir. Reads only."""
   def read(name):
     path = os.path.join(workdir, name)
     return fileio.read_json(path) if tf.io.gfile.exists(path) else {}
 
-  before = dict(flat_config(read("config.json")))
+  before = {k: v for k, v in flat_config(read("config.json")) if k.startswith(RESUME_KEYS) and k not in RESUME_FREE}
   now = dict(flat_config(json.loads(config.to_json_best_effort())))
   run = read("run.json")
-  if "steps_per_epoch" in run:  # resolved from the data; config.steps_per_epoch may be 0 = all
-    before["resolved steps per epoch"], now["resolved steps per epoch"] = run["steps_per_epoch"], steps_per_epoch
-  for key in sorted(before):
-    if (key.startswith(RESUME_KEYS) or key == "resolved steps per epoch") and key not in RESUME_FREE and \
-        before[key] != now.get(key):
+  if "steps_per_epoch" in run:
+    before["steps per epoch"], now["steps per epoch"] = run["steps_per_epoch"], steps_per_epoch
+  if not config.input.cache_in_memory and "workers" in run.get("distribution", {}):
+    before["workers"], now["workers"] = run["distribution"]["workers"], workers
+  for key in sorted(k for k in before if k in now):  # keys since renamed or removed do not count
+    if before[key] != now[key]:
       raise TrainingError(f"workdir {workdir} holds a run with {key}={before[key]!r}; this command has "
-                          f"{key}={now.get(key)!r}: resume with the same value, or give a new workdir")
+                          f"{key}={now[key]!r}: resume with the same value, or give a new workdir")
 
 
 def _train(run: Run, stop: faults.StopRequest) -> bool:
@@ -784,7 +792,7 @@ def _save(run: Run, step: int) -> str:
   if run.saved_step != step:
     run.manager.save(checkpoint_number=step)
     run.saved_step = step
-  return os.path.join(run.manager.directory, f"ckpt-{step}")
+  return run.manager.latest_checkpoint
 
 
 def _finish(run: Run, status: str) -> None:
