@@ -15,7 +15,7 @@ from configs import deep  # pylint: disable=g-import-not-at-top,wrong-import-pos
 from trainer import distribute  # pylint: disable=g-import-not-at-top,wrong-import-position
 from trainer import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from trainer import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
-from trainer import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from trainer import steps  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def main():
@@ -27,15 +27,15 @@ def main():
   rng = np.random.default_rng(index)
   images = tf.constant(rng.normal(size=(16, 32, 32, 3)), tf.float32)
   labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 16)]
-  state = train.make_state(config, strategy, steps_per_epoch=10)
+  state = steps.make_state(config, strategy, steps_per_epoch=10)
   models.initialize_from_data(state.model, lambda: tf.constant(np.random.default_rng(9).normal(size=(32, 32, 32, 3)),
                                                                  tf.float32))
-  train_loop = train.make_train_loop(config, strategy, state)
+  learner = steps.Learner(config, strategy, state)
 
   def step(weight):
     dataset = strategy.distribute_datasets_from_function(lambda ctx: tf.data.Dataset.from_tensors(
         {"images": images, "labels": tf.constant(labels * weight)}).repeat())
-    train_loop(iter(dataset), tf.constant(1), 0)
+    learner.train(iter(dataset), 1, 0)
 
   initial = [v.numpy() for v in state.model.trainable_variables]
   scale = optim.loss_scale(state.optimizer)

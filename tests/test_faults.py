@@ -15,8 +15,10 @@ from pipeline import fileio
 from pipeline import manifest as manifest_lib
 from pipeline import records
 from tools import chaos_resume
+from trainer import faults
 from trainer import main as trainer_main
 from trainer import train
+from trainer import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -191,7 +193,7 @@ def test_workdir_another_worker_creates_meanwhile_is_accepted(tmp_path, monkeypa
     return real_isdir(path)
 
   monkeypatch.setattr(tf.io.gfile, "isdir", isdir)
-  train.check_workdir(workdir)
+  workdir_lib.check(workdir)
   assert os.path.isdir(workdir)
 
 
@@ -206,6 +208,96 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(synthetic_dir, tmp_path)
                      r"The last good checkpoint is .*ckpt-4"):
     train.train_and_evaluate(config, workdir)
   assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")).endswith("ckpt-4")
+
+
+def test_a_failed_run_says_so_in_run_json_and_keeps_its_summaries(synthetic_dir, tmp_path):
+  """run.json records the failure and its message; the writer is closed, so events buffered for a long
+  flush interval are on disk (input/images_per_sec, written at the start)."""
+  workdir = str(tmp_path / "run")
+  config = _smoke(synthetic_dir, export=False, summary_flush_secs=3600.0)
+  config.optimizer.learning_rate = 1e30
+  with pytest.raises(train.TrainingError, match="loss is (nan|inf) at step"):
+    train.train_and_evaluate(config, workdir)
+  run = fileio.read_json(os.path.join(workdir, "run.json"))
+  assert run["status"] == "failed"
+  assert re.match(r"loss is (nan|inf) at step \d+; stopped without saving", run["error"]), run["error"]
+  from tools import report  # pylint: disable=g-import-not-at-top
+  assert report.read_scalars(os.path.join(workdir, "summaries"))["input/images_per_sec"][0][0] == 0
+
+
+def test_bad_data_fails_the_run_in_run_json(synthetic_dir, tmp_path):
+  data = _copy(synthetic_dir, tmp_path)
+  _replace_train_shards(data, [_good(i) for i in range(40)] + [BAD_RECORDS["label"][0]])
+  with pytest.raises(train.TrainingError):
+    train.train_and_evaluate(_smoke(data), str(tmp_path / "run"))
+  run = fileio.read_json(str(tmp_path / "run" / "run.json"))
+  assert (run["status"], run["error"]) == ("failed", BAD_RECORDS["label"][1])
+
+
+def test_config_arguments_are_parsed_as_absl_parses_them():
+  """Tools pass their --config and --config.KEY flags on to the trainer: with a space or an `=`."""
+  argv = ["--config", SMOKE, "--config.seed", "3", "--kills=2", "--config.profile_steps=(2, 4)",
+          "--workdir", "/tmp/x"]
+  assert trainer_main.config_arguments(argv) == (SMOKE, {"seed": 3, "profile_steps": (2, 4)})
+  assert trainer_main.config_arguments([f"--config={SMOKE}"]) == (SMOKE, {})
+
+
+PEER_LOST = ("The following tasks are unhealthy (stopped sending heartbeats):\n/job:worker/replica:0/task:1\n"
+             "The tasks have crashed. Check the task logs for an earlier error to debug further.")
+
+
+@pytest.mark.parametrize("error,expected", [
+    (tf.errors.UnavailableError(None, None, PEER_LOST),
+     "lost contact with /job:worker/replica:0/task:1; restart every worker with the same command to resume "
+     "from the last checkpoint"),
+    (tf.errors.UnavailableError(None, None, "Error executing an HTTP request: libcurl code 6 meaning "
+                                "'Couldn't resolve host name' when reading gs://bucket/data/train-00000"),
+     "UnavailableError: Error executing an HTTP request: libcurl code 6 meaning 'Couldn't resolve host name' "
+     "when reading gs://bucket/data/train-00000"),
+    (tf.errors.UnavailableError(None, None, "Failed to get dispatcher version from dispatcher running at "
+                                "localhost:5050: failed to connect to all addresses"),
+     "UnavailableError: Failed to get dispatcher version from dispatcher running at localhost:5050: failed to "
+     "connect to all addresses"),
+    (tf.errors.InvalidArgumentError(None, None, "Matrix size-incompatible: In[0]: [32,10], In[1]: [16,10]\n"
+                                    "\t [[{{node airbench/head/MatMul}}]] [Op:__inference_loop_1234]"),
+     "InvalidArgumentError in op airbench/head/MatMul: Matrix size-incompatible: In[0]: [32,10], In[1]: "
+     "[16,10]"),
+    (tf.errors.InvalidArgumentError(None, None, "assertion failed: [record train_7: label 12 is outside 0..9]\n"
+                                    "\t [[{{node MultiDeviceIteratorGetNextFromShard}}]]"),
+     "bad training data: record train_7: label 12 is outside 0..9"),
+])
+def test_only_data_and_peer_errors_get_their_one_line(error, expected):
+  """A model bug, an unreachable bucket or tf.data service are not "bad training data" or "lost contact
+  with another worker": they keep their type and name the op."""
+  if expected.startswith(("bad", "lost")):
+    with pytest.raises(train.TrainingError, match=f"^{re.escape(expected)}$"):
+      with faults.data_errors_as_training_errors():
+        raise error
+  else:
+    with pytest.raises(type(error)):
+      with faults.data_errors_as_training_errors():
+        raise error
+    assert faults.describe(error) == expected
+
+
+def test_sigterm_in_the_final_evaluation_stops_cleanly_and_resumes(synthetic_dir, tmp_path):
+  """A stop request after the last step (here in the final evaluation) exits 0 with the last checkpoint
+  as it was and no export; the same command then evaluates and exports, with the same final metrics."""
+  workdir = str(tmp_path / "run")
+  command = trainer_main.command(SMOKE, workdir, {"data_dir": synthetic_dir})
+  segment = chaos_resume.Segment(command, on_line="final validation:", sig=signal.SIGTERM)
+  assert segment.wait() == [0], segment.log(0)[-3000:]
+  log = segment.log(0)
+  assert segment.sent.is_set() and "stopped by SIGTERM after the last step, before the export" in log, log[-3000:]
+  run = fileio.read_json(os.path.join(workdir, "run.json"))
+  assert run["status"] == "stopped by SIGTERM" and run["end_step"] == 8
+  assert not os.path.exists(os.path.join(workdir, "export"))
+  final = re.search(r"final validation: .*", log).group(0)
+  log, = chaos_resume.run_until(command)
+  assert f"resumed from {workdir}/checkpoints/ckpt-8 at step 8" in log
+  assert re.search(r"final validation: .*", log).group(0) == final
+  assert fileio.read_json(os.path.join(workdir, "run.json"))["status"] == "finished"
+  assert os.path.exists(os.path.join(workdir, "export", "saved_model.pb"))
 
 
 def test_make_tfrecords_killed_half_way_then_rerun(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 from configs import deep
 from tools import report
 from trainer import train
+from trainer import workdir as workdir_lib
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
@@ -31,7 +32,7 @@ def test_report_writes_page_and_figures(rendered):
       assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
   page = open(index).read()
   assert "validation accuracy (export)" in page and "optimizer.learning_rate" in page and "split train" in page
-  train.check_workdir(workdir)  # a report inside the workdir does not stop the run from resuming
+  workdir_lib.check(workdir)  # a report inside the workdir does not stop the run from resuming
 
 
 @pytest.mark.skipif(not BROWSER and not os.environ.get("CI"), reason="no Chromium here (apt-get install chromium)")

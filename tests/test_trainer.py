@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -22,11 +23,16 @@ from pipeline import ops
 from pipeline import records
 from tools import evaluate as evaluate_tool
 from tools import predict as predict_tool
+from tools import report as report_tool
 from trainer import distribute
 from trainer import export as export_lib
 from trainer import models
 from trainer import optim
+from trainer import data
+from trainer import evaluation
+from trainer import steps
 from trainer import train
+from trainer import views
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED_KEYS = ("data_dir", "num_epochs", "global_batch_size", "seed", "deterministic", "mixed_precision",
@@ -79,12 +85,12 @@ def test_every_config_trains_a_few_steps(name, synthetic_dir, tmp_path):
 
 
 def _one_step(strategy, config, images, labels):
-  state = train.make_state(config, strategy, steps_per_epoch=10)
+  state = steps.make_state(config, strategy, steps_per_epoch=10)
   models.initialize_from_data(state.model, lambda: images)
   initial = [v.numpy() for v in state.model.weights]
   dataset = strategy.experimental_distribute_dataset(
       tf.data.Dataset.from_tensors({"images": images, "labels": labels}).repeat())
-  train.make_train_loop(config, strategy, state)(iter(dataset), tf.constant(1), 0)
+  steps.Learner(config, strategy, state).train(iter(dataset), 1, 0)
   return initial, [v.numpy() for v in state.model.weights]
 
 
@@ -193,7 +199,7 @@ def test_signatures_agree_with_the_trained_model(trained):
     lookahead.finish()
   # Traced, as the export is: TF then fuses the same kernels (conv + BatchNorm) in both, which round alike
   # (run eagerly, the model differed from the export by up to 2.6e-3 in bf16).
-  trained_model = tf.function(lambda x: tf.nn.softmax(export_lib.tta_logits(model, x, config.tta)))
+  trained_model = tf.function(lambda x: tf.nn.softmax(views.logits(model, x, config.tta)))
   expected = trained_model(ops.normalize(images, mean, std)).numpy()
 
   loaded = export_lib.load(os.path.join(workdir, "export"))
@@ -285,17 +291,17 @@ def test_evaluation_counts_confusion_and_worst_images(synthetic_dir):
   highest loss over the whole split (across replicas and batches), checked against the model run eagerly."""
   config = _smoke(synthetic_dir, logical_cpus=2)
   strategy = distribute.make_strategy(config)
-  state = train.make_state(config, strategy, steps_per_epoch=4)
+  state = steps.make_state(config, strategy, steps_per_epoch=4)
   manifest = manifest_lib.load(synthetic_dir)
-  dataset = train.distributed_eval_datasets(config, strategy, manifest)["test"]
-  metrics, details = train.evaluate(train.make_eval_step(strategy, state, worst=5), dataset, state.eval_sums)
+  dataset = data.eval_datasets(config, strategy, manifest)["test"]
+  metrics, details = evaluation.Evaluator(strategy, state, 10).evaluate(dataset, worst=5)
   matrix, worst = details["confusion"], details["worst"]
   assert matrix.sum() == metrics["count"] == 200
   assert np.trace(matrix) == round(metrics["accuracy"] * 200)
-  mean, std = train.normalization_for(config, manifest)
+  mean, std = data.normalization_for(config, manifest)
   everything = next(iter(input_pipeline.build_eval_dataset(synthetic_dir, "test", batch_size=200, mean=mean, std=std)))
   logits = state.model(everything["images"], training=False)
-  loss = train.cross_entropy(everything["labels"], logits, 0.0).numpy()
+  loss = steps.cross_entropy(everything["labels"], logits, 0.0).numpy()
   wrong = np.argmax(logits, -1) != everything["labels"].numpy()
   expected = np.sort(loss[wrong])[::-1][:5]
   assert len(worst["labels"]) == 5 and np.all(worst["labels"] != worst["predicted"])
@@ -311,9 +317,9 @@ def test_bn_statistics_are_the_average_batch_moments(synthetic_dir, replicas):
                   bn_statistics_images=64)
   strategy = distribute.make_strategy(config)
   assert strategy.num_replicas_in_sync == replicas
-  state = train.make_state(config, strategy, steps_per_epoch=4)
+  state = steps.make_state(config, strategy, steps_per_epoch=4)
   manifest = manifest_lib.load(synthetic_dir)
-  mean, std = train.normalization_for(config, manifest)
+  mean, std = data.normalization_for(config, manifest)
   images = next(iter(input_pipeline.build_eval_dataset(synthetic_dir, "train", batch_size=64, mean=mean, std=std)))
   models.initialize_from_data(state.model, lambda: images["images"])
   layers = [layer for layer in state.model.layers if isinstance(layer, keras.layers.BatchNormalization)]
@@ -323,7 +329,8 @@ def test_bn_statistics_are_the_average_batch_moments(synthetic_dir, replicas):
              for i in range(0, 64, per_replica)]
   expected = [np.mean([m[k] for m in moments], axis=0) for k in range(len(layers))]  # [2, channels] per layer
 
-  assert train.recompute_bn_statistics(config, strategy, state, manifest) == 64
+  batches = evaluation.bn_statistics(strategy, state.model, data.bn_statistics_dataset(config, strategy, manifest))
+  assert batches * config.global_batch_size == 64
   for layer, (m, v) in zip(layers, expected):
     assert not np.allclose(m, 0.0)  # differs from the initial statistics: the test can see an assignment
     np.testing.assert_allclose(layer.moving_mean.numpy(), m, rtol=1e-4, atol=1e-5)
@@ -340,6 +347,28 @@ def test_progress_bar_on_a_terminal(synthetic_dir, tmp_path, monkeypatch):
   train.train_and_evaluate(_smoke(synthetic_dir, num_epochs=1, export=False), str(tmp_path / "run"))
   shown = terminal.getvalue()
   assert "4/4" in shown and "loss:" in shown and "images/s:" in shown and "\r" in shown, shown
+
+
+def test_images_per_sec_leave_out_a_checkpoint_between_reports(synthetic_dir, tmp_path, monkeypatch):
+  """Each checkpoint takes 1,000 s here (every clock jumps), one after every step and three between two
+  reports: train/images_per_sec must stay the step's rate, not fall to ~0.1 images/s."""
+  offset = [0.0]
+  for name in ("time", "monotonic", "perf_counter"):
+    real = getattr(time, name)
+    monkeypatch.setattr(time, name, lambda real=real: real() + offset[0])
+  save = tf.train.CheckpointManager.save
+
+  def slow_save(self, *args, **kwargs):
+    offset[0] += 1000.0
+    return save(self, *args, **kwargs)
+
+  monkeypatch.setattr(tf.train.CheckpointManager, "save", slow_save)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(_smoke(synthetic_dir, export=False, steps_per_loop=1, log_every_steps=4,
+                                  checkpoint_every_steps=1, summary_flush_secs=0.1), workdir)
+  rates = report_tool.read_scalars(os.path.join(workdir, "summaries"))["train/images_per_sec"]
+  assert [step for step, _ in rates] == [4, 8]
+  assert min(rate for _, rate in rates) > 5.0, rates
 
 
 def test_profile_steps_are_checked(synthetic_dir, tmp_path):
@@ -494,12 +523,12 @@ def test_tta_views():
   inputs = keras.Input((32, 32, 3))
   model = keras.Model(inputs, keras.layers.Lambda(lambda x: x[:, 0, :3, 0])(inputs))  # reads 3 pixels
   images = tf.reshape(tf.range(2 * 32 * 32 * 3, dtype=tf.float32), [2, 32, 32, 3])
-  np.testing.assert_allclose(export_lib.tta_logits(model, images, "none"), images[:, 0, :3, 0])
+  np.testing.assert_allclose(views.logits(model, images, "none"), images[:, 0, :3, 0])
   flipped = 0.5 * (images[:, 0, :3, 0] + images[:, 0, ::-1, 0][:, :3])
-  np.testing.assert_allclose(export_lib.tta_logits(model, images, "flip"), flipped)
-  assert export_lib.tta_logits(model, images, "flip_translate").shape == (2, 3)
+  np.testing.assert_allclose(views.logits(model, images, "flip"), flipped)
+  assert views.logits(model, images, "flip_translate").shape == (2, 3)
   with pytest.raises(ValueError, match="tta='sideways' is not one of"):
-    export_lib.tta_logits(model, images, "sideways")
+    views.logits(model, images, "sideways")
 
 
 def test_float16_overflow_on_one_replica_skips_the_step_on_every_replica():
@@ -516,11 +545,11 @@ def test_float16_overflow_on_one_replica_skips_the_step_on_every_replica():
   heavy[16:] *= 1e4  # replica 1's half of the global batch
   strategy = distribute.make_strategy(config)
   assert strategy.num_replicas_in_sync == 2
-  state = train.make_state(config, strategy, steps_per_epoch=10)
+  state = steps.make_state(config, strategy, steps_per_epoch=10)
   models.initialize_from_data(state.model, lambda: images)
-  train_loop = train.make_train_loop(config, strategy, state)
-  step = lambda y: train_loop(iter(strategy.experimental_distribute_dataset(
-      tf.data.Dataset.from_tensors({"images": images, "labels": tf.constant(y)}).repeat())), tf.constant(1), 0)
+  learner = steps.Learner(config, strategy, state)
+  step = lambda y: learner.train(iter(strategy.experimental_distribute_dataset(
+      tf.data.Dataset.from_tensors({"images": images, "labels": tf.constant(y)}).repeat())), 1, 0)
   initial = [v.numpy() for v in state.model.trainable_variables]
   scale = optim.loss_scale(state.optimizer)
   step(heavy)

@@ -24,9 +24,10 @@ from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
 from pipeline import ops
 from pipeline import records
+from trainer import data
 from trainer import distribute
 from trainer import main as trainer_main
-from trainer import train
+from trainer import steps as steps_lib
 FLAGS = flags.FLAGS
 
 
@@ -92,17 +93,16 @@ def per_example_baseline(config, data_dir: str, batch_size: int, mean, std) -> t
 def train_loop_timer(config, strategy, manifest: dict):
   """The config's train loop on a fresh state: returns (run, dataset_fn), where run(iterator, steps) times
   `steps` steps fed by `iterator` in images/s, and dataset_fn is the train input for the strategy."""
-  steps_per_epoch = train.steps_per_epoch_for(config, manifest)
-  state = train.make_state(config, strategy, steps_per_epoch)
-  loop = train.make_train_loop(config, strategy, state, *train.normalization_for(config, manifest))
+  steps_per_epoch = data.steps_per_epoch_for(config, manifest)
+  learner = steps_lib.Learner(config, strategy, steps_lib.make_state(config, strategy, steps_per_epoch),
+                              *data.normalization_for(config, manifest))
 
   def run(iterator, steps: int) -> float:
     start = time.perf_counter()
-    loop(iterator, tf.constant(steps), 0)
-    state.step.numpy()  # waits for the steps to finish
+    learner.train(iterator, steps, 0)  # returns once the steps are done (it reads their metrics)
     return steps * config.global_batch_size / (time.perf_counter() - start)
 
-  return run, train.train_dataset_fn(config, manifest, steps_per_epoch, start_step=0)
+  return run, data.train_dataset_fn(config, manifest, steps_per_epoch, start_step=0)
 
 
 def cached_batch(strategy, dataset_fn):
@@ -140,7 +140,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = FLAGS.config
   manifest = manifest_lib.load(config.data_dir)
-  mean, std = train.normalization_for(config, manifest)
+  mean, std = data.normalization_for(config, manifest)
   batch = config.global_batch_size
   per_epoch = manifest_lib.num_examples(manifest, "train") // batch
   print(f"data_dir {config.data_dir}, batch {batch}, augment_on {config.input.augment_on}, "

@@ -91,23 +91,25 @@ def worker_commands(command: list[str], workers: int) -> list[tuple[list[str], d
 
 class Segment:
   """One start of the run: every worker process, their logs read as they come, and optionally one
-  signal sent to one worker when it logs a given train step."""
+  signal sent to one worker when it logs a given train step (or, with `on_line`, a line holding that)."""
 
   def __init__(self, command: list[str], workers: int = 1, *, target: int = 0, stop_at_step: int | None = None,
-               sig: int = signal.SIGTERM):
+               sig: int = signal.SIGTERM, on_line: str | None = None):
+    self.trigger = on_line or (f"] step {stop_at_step}/" if stop_at_step else None)
     self.procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                    text=True) for cmd, env in worker_commands(command, workers)]
     self.logs = [[] for _ in self.procs]
     self.sent = threading.Event()
-    self._readers = [threading.Thread(target=self._read, args=(i, i == target and stop_at_step, sig), daemon=True)
+    self._readers = [threading.Thread(target=self._read, args=(i, self.trigger if i == target else None, sig),
+                                      daemon=True)
                      for i in range(len(self.procs))]
     for reader in self._readers:
       reader.start()
 
-  def _read(self, index: int, stop_at_step: int | None, sig: int) -> None:
+  def _read(self, index: int, trigger: str | None, sig: int) -> None:
     for line in self.procs[index].stderr:
       self.logs[index].append(line)
-      if stop_at_step and not self.sent.is_set() and f"] step {stop_at_step}/" in line:
+      if trigger and not self.sent.is_set() and trigger in line:
         self.procs[index].send_signal(sig)
         self.sent.set()
 

@@ -24,7 +24,7 @@ from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
 from trainer import export as export_lib
 from trainer import figures
-from trainer import train
+from trainer import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 SAMPLES = 24  # sample predictions shown
@@ -143,7 +143,7 @@ def report(workdir: str, output_dir: str | None = None) -> str:
                     for s, info in manifest["splits"].items()]
   page = PAGE.format(title=html.escape(f"Training report: {config.get('model', {}).get('name', '')} "
                                        f"in {workdir}"),
-                     summary=summary, split=split, config=_table(train.flat_config(config)), manifest=_table(manifest_rows))
+                     summary=summary, split=split, config=_table(workdir_lib.flat_config(config)), manifest=_table(manifest_rows))
   index = os.path.join(output_dir, "index.html")
   fileio.atomic_write(index, page)
   return index

@@ -14,33 +14,11 @@ from pipeline import cifar10
 from pipeline import fileio
 from pipeline import ops
 from pipeline import records
+from trainer import views
 
 _IMAGES = tf.TensorSpec([None, *cifar10.IMAGE_SHAPE], tf.uint8, name="images")
 _BYTES = tf.TensorSpec([None], tf.string, name="image_bytes")
 _EXAMPLES = tf.TensorSpec([None], tf.string, name="examples")
-
-
-TTA = ("none", "flip", "flip_translate")
-
-
-def tta_logits(model, images: tf.Tensor, tta: str) -> tf.Tensor:
-  """Logits of normalised images, averaged over test-time views (as airbench94):
-
-  none: the image; flip: the mean over it and its mirror; flip_translate: that, weighted 1/2, plus the
-  same for the image shifted one pixel up-left and one pixel down-right (reflected), 1/4 each.
-  """
-  mirror = lambda x: 0.5 * (tf.cast(model(x, training=False), tf.float32) +
-                            tf.cast(model(tf.reverse(x, axis=[2]), training=False), tf.float32))
-  if tta == "none":
-    return tf.cast(model(images, training=False), tf.float32)
-  if tta == "flip":
-    return mirror(images)
-  if tta == "flip_translate":
-    padded = tf.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="REFLECT")
-    size = images.shape[1]
-    return (0.5 * mirror(images) + 0.25 * mirror(padded[:, :size, :size]) +
-            0.25 * mirror(padded[:, 2:size + 2, 2:size + 2]))
-  raise ValueError(f"tta={tta!r} is not one of: {', '.join(TTA)}")
 
 
 class Serving(tf.Module):
@@ -56,7 +34,7 @@ class Serving(tf.Module):
     self.normalization = tf.Variable([self._mean, self._std], trainable=False, name="normalization")
 
   def _predict(self, images):
-    probabilities = tf.nn.softmax(tta_logits(self.model, ops.normalize(images, self._mean, self._std), self._tta))
+    probabilities = tf.nn.softmax(views.logits(self.model, ops.normalize(images, self._mean, self._std), self._tta))
     return {"probabilities": probabilities, "classes": tf.argmax(probabilities, axis=-1, output_type=tf.int64)}
 
   @tf.function(input_signature=[_IMAGES])

@@ -12,6 +12,7 @@ from ml_collections import config_flags
 import tensorflow as tf
 
 from pipeline import manifest
+from trainer import faults
 from trainer import train
 
 FLAGS = flags.FLAGS
@@ -31,11 +32,13 @@ def command(config_arg: str, workdir: str, overrides: dict) -> list[str]:
 
 
 def config_arguments(argv: list[str]) -> tuple[str, dict]:
-  """From a tool's own command line: the `--config=` value and its `--config.KEY=VALUE` overrides, to pass
-  on to `command`."""
-  config_arg = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
-  overrides = dict(a[len("--config."):].split("=", 1) for a in argv if a.startswith("--config."))
-  return config_arg, overrides
+  """From a tool's own command line: the `--config` value and its `--config.KEY` overrides (typed), to
+  pass on to `command`. Parsed as absl parses them (`--config X`, `--config=X`, `--config.seed 3` alike);
+  the tool's other flags are left alone."""
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=["tool", *argv])
+  values(["tool", *argv], known_only=True)
+  return config_flags.get_config_filename(values["config"]), dict(config_flags.get_override_values(values["config"]))
 
 
 def flags_parser(program: str):
@@ -65,12 +68,10 @@ def main(argv):
   tf.get_logger().setLevel("WARNING")  # tf.distribute logs every all-reduce it builds at INFO
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (manifest.ManifestError, train.TrainingError, ValueError) as e:
-    print(f"trainer: error: {e}", file=sys.stderr)
+  except (manifest.ManifestError, train.TrainingError, ValueError, tf.errors.OpError) as e:
+    print(f"trainer: error: {faults.describe(e)}", file=sys.stderr)
     sys.exit(1)
-  except tf.errors.OpError as e:  # not a data error train_and_evaluate recognised: say what TF said
-    print(f"trainer: error: {type(e).__name__}: {e.message.strip().splitlines()[0]}", file=sys.stderr)
-    sys.exit(1)
+
 
 if __name__ == "__main__":
   define_flags()

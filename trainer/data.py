@@ -1,0 +1,112 @@
+"""The run's data as the trainer sees it: the facts it takes from the manifest (normalisation, steps per
+epoch) and the pipeline's datasets distributed over a strategy's replicas.
+
+`pipeline/` knows nothing of strategies; this module is where its datasets meet one.
+"""
+
+import math
+import time
+
+import tensorflow as tf
+
+from pipeline import input_pipeline
+from pipeline import manifest as manifest_lib
+from pipeline import ops
+from trainer.faults import TrainingError
+
+NORMALIZATIONS = {"centered": ((0.5, 0.5, 0.5), (1.0, 1.0, 1.0)),  # pixels / 255 - 0.5
+                  "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}  # pixels / 255
+DATA_INIT_IMAGES = 5000  # what data-dependent layers (models.PatchWhitening) see before the first step
+
+
+def normalization_for(config, manifest: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """(mean, std) in [0, 1] units for `config.input.normalization`: `dataset` (the train split's per-channel
+  statistics from the manifest: z-score), `centered` or `unit`. The export bakes the same in."""
+  if config.input.normalization == "dataset":
+    return manifest_lib.normalization(manifest)
+  if config.input.normalization not in NORMALIZATIONS:
+    raise ValueError(f"input.normalization={config.input.normalization!r} is not one of: dataset, "
+                     f"{', '.join(NORMALIZATIONS)}")
+  return NORMALIZATIONS[config.input.normalization]
+
+
+def steps_per_epoch_for(config, manifest: dict) -> int:
+  """Full global batches in the train split, capped by `config.steps_per_epoch` when it is set."""
+  per_epoch = manifest_lib.num_examples(manifest, "train") // config.global_batch_size
+  if config.steps_per_epoch:
+    per_epoch = min(per_epoch, config.steps_per_epoch) if per_epoch else config.steps_per_epoch
+  if per_epoch <= 0:
+    raise TrainingError(f"global_batch_size={config.global_batch_size} is larger than the train split "
+                        f"({manifest_lib.num_examples(manifest, 'train')} images)")
+  return per_epoch
+
+
+def train_dataset_fn(config, manifest: dict, steps_per_epoch: int, start_step: int):
+  """The function `distribute_datasets_from_function` calls once per input pipeline for training."""
+  mean, std = normalization_for(config, manifest)
+
+  def dataset_fn(ctx):
+    return input_pipeline.build_train_dataset(
+        config, config.data_dir, steps_per_epoch=steps_per_epoch, global_batch_size=config.global_batch_size,
+        mean=mean, std=std, input_context=ctx, start_step=start_step)
+
+  return dataset_fn
+
+
+def eval_dataset(config, strategy, manifest: dict, split: str):
+  """One split, unaugmented, in file order, distributed over the strategy's replicas in global batches
+  of `config.eval_batch_size`."""
+  mean, std = normalization_for(config, manifest)
+  return strategy.distribute_datasets_from_function(lambda ctx: input_pipeline.build_eval_dataset(
+      config.data_dir, split, batch_size=ctx.get_per_replica_batch_size(config.eval_batch_size), mean=mean,
+      std=std, input_context=ctx))
+
+
+def eval_datasets(config, strategy, manifest: dict) -> dict:
+  """Distributed eval datasets by split name, for the splits the manifest has."""
+  return {split: eval_dataset(config, strategy, manifest, split)
+          for split in ("validation", "test") if split in manifest["splits"]}
+
+
+def bn_statistics_dataset(config, strategy, manifest: dict):
+  """The first `config.bn_statistics_images` unaugmented train images (at least one global batch), the
+  same prefix on every worker, each replica keeping its rows: what precise BatchNorm averages over."""
+  images = max(min(config.bn_statistics_images, manifest_lib.num_examples(manifest, "train")),
+               config.global_batch_size)
+  mean, std = normalization_for(config, manifest)
+  return strategy.distribute_datasets_from_function(lambda ctx: input_pipeline.build_prefix_dataset(
+      config.data_dir, "train", images=images, global_batch_size=config.global_batch_size, mean=mean, std=std,
+      input_context=ctx))
+
+
+def data_init_images(config, manifest: dict) -> tf.Tensor:
+  """The first DATA_INIT_IMAGES normalised train images in file order: the same on every worker and run."""
+  mean, std = normalization_for(config, manifest)
+  return next(iter(input_pipeline.build_eval_dataset(config.data_dir, "train", batch_size=DATA_INIT_IMAGES,
+                                                     mean=mean, std=std)))["images"]
+
+
+def input_probe(config, manifest: dict) -> tuple[tf.Tensor, float | None]:
+  """From one host pipeline as configured (host-side augmentation): a grid [1, H, W, 3] of augmented
+  training images as the model gets them (de-normalised), and the images/s the pipeline makes alone over
+  `input.probe_batches` batches after two of warm-up (None when 0; the step's own rate is
+  train/images_per_sec)."""
+  mean, std = normalization_for(config, manifest)
+  host = config.copy_and_resolve_references()
+  host.input.augment_on, host.input.data_service = "host", ""
+  batches = iter(input_pipeline.build_train_dataset(host, config.data_dir, steps_per_epoch=1,
+                                                    global_batch_size=config.global_batch_size, mean=mean, std=std))
+  images = next(batches)["images"]
+  side = min(8, math.isqrt(images.shape[0]))
+  images = ops.denormalize(images[:side * side], mean, std)
+  height, width, channels = images.shape[1:]
+  rows = tf.reshape(images, [side, side, height, width, channels])  # grid row r holds images r*side...
+  grid = tf.reshape(tf.transpose(rows, [0, 2, 1, 3, 4]), [1, side * height, side * width, channels])
+  if not config.input.probe_batches:
+    return grid, None
+  for _ in range(2):
+    next(batches)
+  start = time.perf_counter()
+  for _ in range(config.input.probe_batches):
+    next(batches)
+  return grid, config.input.probe_batches * config.global_batch_size / (time.perf_counter() - start)

@@ -1,0 +1,234 @@
+"""The outer loop (orbit's Controller, in small): train loops of `Learner.train` between boundaries, and a
+list of periodic actions asked at each boundary whether it is their time (clu's PeriodicAction).
+
+The multi-worker rule: every worker runs the same actions at the same steps and takes the same decisions;
+only what a writer writes differs. So the step triggers of the actions set the train-loop lengths, and an
+action's `every_secs` trigger (seen at the first boundary after, and so not alike on every worker) is for
+work that is not collective.
+"""
+
+import dataclasses
+import math
+import time
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from trainer import evaluation
+from trainer import figures
+from trainer import writers
+from trainer.faults import TrainingError
+
+
+def default_clock() -> float:
+  return time.monotonic()
+
+
+@dataclasses.dataclass
+class Loop:
+  """What one train loop did: the step it reached, its steps, its seconds and `Learner.train`'s metrics."""
+  step: int
+  steps: int
+  seconds: float
+  metrics: dict
+
+
+class PeriodicAction:
+  """Runs `run(step)` at the loop boundaries where it is due: at multiples of `every_steps` (one period or
+  several), at `on_steps`, or once `every_secs` seconds of `clock` have passed since it last ran (or was
+  made). Subclasses may also watch every loop (`observe`) and act before one (`before`)."""
+
+  def __init__(self, *, every_steps: int | tuple[int, ...] = (), every_secs: float = 0.0, on_steps=(),
+               clock=None):
+    periods = (every_steps,) if isinstance(every_steps, int) else tuple(every_steps)
+    self.periods = tuple(p for p in periods if p > 0)
+    self.on_steps = frozenset(on_steps)
+    self.every_secs = every_secs
+    self.clock = clock or default_clock
+    self._last_time = self.clock()
+
+  def next_step(self, step: int) -> int | None:
+    """The first step after `step` where a step trigger fires; None if none will."""
+    candidates = [(step // p + 1) * p for p in self.periods] + [s for s in self.on_steps if s > step]
+    return min(candidates) if candidates else None
+
+  def due(self, step: int) -> bool:
+    return (any(step % p == 0 for p in self.periods) or step in self.on_steps or
+            bool(self.every_secs and self.clock() - self._last_time >= self.every_secs))
+
+  def before(self, step: int) -> None:
+    """Called before each train loop, which starts at `step`."""
+
+  def observe(self, loop: Loop) -> None:
+    """Called after each train loop, before `run`."""
+
+  def __call__(self, loop: Loop) -> bool:
+    """Observes `loop`; runs the action if it is due at `loop.step`. Returns whether it ran."""
+    self.observe(loop)
+    if not self.due(loop.step):
+      return False
+    self.run(loop.step)
+    self._last_time = self.clock()
+    return True
+
+  def run(self, step: int) -> None:
+    raise NotImplementedError
+
+  def close(self) -> None:
+    """Called once when the loop ends, however it ends."""
+
+
+class ReportProgress(PeriodicAction):
+  """Writes train/loss, accuracy, learning_rate (and loss_scale) and images_per_sec, over the loops since
+  its last report. Images/s count the time inside train loops only: evaluation, checkpoints and
+  summaries between loops are not the step's."""
+
+  def __init__(self, writer: writers.MetricWriter, global_batch_size: int, optimizer_scalars, **trigger):
+    super().__init__(**trigger)
+    self.writer, self.batch, self.optimizer_scalars = writer, global_batch_size, optimizer_scalars
+    self.last = {}  # the last report, without the train/ prefix
+    self._reset()
+
+  def _reset(self):
+    self._steps, self._seconds, self._loss, self._correct, self._count = 0, 0.0, 0.0, 0.0, 0
+
+  def observe(self, loop):
+    count = loop.metrics["count"]
+    self._steps += loop.steps
+    self._seconds += loop.seconds
+    self._loss += loop.metrics["loss"] * count
+    self._correct += loop.metrics["accuracy"] * count
+    self._count += count
+
+  def run(self, step):
+    count = max(self._count, 1)
+    self.last = {"loss": self._loss / count, "accuracy": self._correct / count, **self.optimizer_scalars(),
+                 "images_per_sec": self._steps * self.batch / max(self._seconds, 1e-9)}
+    self.writer.write_scalars(step, {f"train/{k}": v for k, v in self.last.items()})
+    self._reset()
+
+
+class EpochTimer(PeriodicAction):
+  """Writes train/epoch_seconds at each epoch's end: wall time from before its first train loop, so the
+  epoch's own logs and checkpoints count, the previous epoch's validation does not. Not for an epoch this
+  process started in the middle (a resumed run)."""
+
+  def __init__(self, writer: writers.MetricWriter, steps_per_epoch: int, clock=None):
+    super().__init__(every_steps=steps_per_epoch, clock=clock)
+    self.writer, self.steps_per_epoch = writer, steps_per_epoch
+    self._start = None
+
+  def before(self, step):
+    if step % self.steps_per_epoch == 0:
+      self._start = self.clock()
+
+  def run(self, step):
+    if self._start is not None:
+      self.writer.write_scalars(step, {"train/epoch_seconds": self.clock() - self._start})
+    self._start = None
+
+
+class Evaluate(PeriodicAction):
+  """Scores the validation split (with the EMA weights when there are any) and writes validation/*; with
+  `images` (the chief, config.summary_worst_images > 0) also its confusion matrix and worst images."""
+
+  def __init__(self, evaluator: evaluation.Evaluator, dataset, writer: writers.MetricWriter, *,
+               class_names, worst: int, denormalize, **trigger):
+    super().__init__(**trigger)
+    self.evaluator, self.dataset, self.writer = evaluator, dataset, writer
+    self.class_names, self.worst, self.denormalize = list(class_names), worst, denormalize
+    self.last = {}
+
+  def run(self, step):
+    with evaluation.averaged_weights(self.evaluator.state):
+      self.last, details = self.evaluator.evaluate(self.dataset, worst=self.worst)
+    self.writer.write_scalars(step, {f"validation/{k}": v for k, v in self.last.items()})
+    if self.worst:
+      self.writer.write_images(step, self._figures(details))
+
+  def _figures(self, details: dict) -> dict[str, np.ndarray]:
+    images = {"validation/confusion_matrix":
+              figures.summary_image(figures.confusion(details["confusion"], self.class_names))}
+    worst = details.get("worst")
+    if worst is not None and len(worst["labels"]):
+      images["validation/worst_misclassified"] = figures.summary_image(figures.predictions(
+          self.denormalize(worst["images"]), worst["labels"], worst["predicted"], worst["probability"],
+          self.class_names))
+    return images
+
+
+class Checkpoint(PeriodicAction):
+  """Calls `save(step)`, which every worker must reach alike (saving is collective)."""
+
+  def __init__(self, save, **trigger):
+    super().__init__(**trigger)
+    self.save = save
+
+  def run(self, step):
+    self.save(step)
+
+
+class Profile(PeriodicAction):
+  """A profiler trace of train steps [first, end) into `directory`, where TensorBoard's profile plugin
+  finds it (plugins/profile/<run>/*.xplane.pb). Every worker cuts its loops at the two steps; only the
+  one with `trace` (the chief) traces."""
+
+  def __init__(self, steps: tuple[int, ...], directory: str, trace: bool):
+    super().__init__(on_steps=steps)
+    self.range, self.directory, self.trace = tuple(steps), directory, trace
+    self.active = False
+
+  def before(self, step):
+    if self.trace and self.range and not self.active and self.range[0] <= step < self.range[1]:
+      tf.profiler.experimental.start(self.directory)
+      self.active = True
+      logging.info("profiling steps %d to %d into %s", step, self.range[1] - 1, self.directory)
+
+  def run(self, step):
+    if self.active and step >= self.range[1]:
+      self.close()
+
+  def close(self):
+    if self.active:
+      tf.profiler.experimental.stop()
+      self.active = False
+
+
+def loop_length(step: int, total_steps: int, steps_per_epoch: int, steps_per_loop: int,
+                actions: list[PeriodicAction]) -> int:
+  """Steps to run before Python must act again: to the next multiple of `steps_per_loop`, the epoch's
+  end (it decides which variables train), the end, or any action's next step trigger."""
+  nearest = [total_steps, (step // steps_per_epoch + 1) * steps_per_epoch]
+  nearest += [(step // steps_per_loop + 1) * steps_per_loop] if steps_per_loop > 0 else []
+  nearest += [s for s in (a.next_step(step) for a in actions) if s is not None]
+  return min(nearest) - step
+
+
+def run(learner, iterator, actions: list[PeriodicAction], *, start_step: int, total_steps: int,
+        steps_per_epoch: int, steps_per_loop: int, stop_requested, last_checkpoint, clock=None) -> bool:
+  """Trains from `start_step` to `total_steps`, running `actions` at each loop boundary, until the end or
+  until `stop_requested()` (asked after every loop, the last included: a collective) says so. Returns
+  whether it stopped early. A non-finite loss raises before any action, so no checkpoint holds it."""
+  clock = clock or default_clock
+  step = start_step
+  try:
+    while step < total_steps:
+      num_steps = loop_length(step, total_steps, steps_per_epoch, steps_per_loop, actions)
+      for action in actions:
+        action.before(step)
+      start = clock()
+      metrics = learner.train(iterator, num_steps, step // steps_per_epoch)
+      loop = Loop(metrics["step"], metrics["step"] - step, clock() - start, metrics)
+      step = loop.step
+      if not math.isfinite(metrics["loss"]):
+        raise TrainingError(f"loss is {metrics['loss']} at step {step}; stopped without saving. The last good "
+                            f"checkpoint is {last_checkpoint() or 'none (none was written yet)'}")
+      for action in actions:
+        action(loop)
+      if stop_requested():
+        return True
+    return False
+  finally:
+    for action in actions:
+      action.close()

@@ -1,0 +1,190 @@
+"""What a run trains, and how one train loop runs: the state made under one strategy scope and the step
+functions over it, behind `Learner.train(iterator, num_steps, epoch) -> metrics`.
+
+Step functions are pure tf.functions run per replica by `strategy.run`; `num_steps` steps run inside one
+tf.function call and Python runs between calls (trainer/loop.py decides when). The loss is averaged over
+the global batch.
+"""
+
+import dataclasses
+
+import keras
+import tensorflow as tf
+
+from pipeline import augment
+from trainer import models
+from trainer import optim
+
+
+class Sums:
+  """Running sums kept per replica and read as totals over all replicas (ON_READ, SUM variables): scalars
+  by name, and arrays given as name=shape.
+
+  Create under `strategy.scope()`; `add` runs per replica inside the step; `result` and `reset` run
+  between steps.
+  """
+
+  def __init__(self, *names: str, **shapes: tuple[int, ...]):
+    self._vars = {n: tf.Variable(tf.zeros(shape), trainable=False, name=n,
+                                 synchronization=tf.VariableSynchronization.ON_READ,
+                                 aggregation=tf.VariableAggregation.SUM)
+                  for n, shape in {**{n: () for n in names}, **shapes}.items()}
+
+  def add(self, **values) -> None:
+    """Runs per replica."""
+    for name, value in values.items():
+      self._vars[name].assign_add(tf.cast(value, tf.float32))
+
+  def total(self, name: str) -> tf.Tensor:
+    """The sum over replicas, as a tensor (usable inside a tf.function, in cross-replica context)."""
+    return self._vars[name].read_value()
+
+  def result(self) -> dict:
+    """Floats for the scalars, numpy arrays for the rest."""
+    values = {n: v.read_value().numpy() for n, v in self._vars.items()}
+    return {n: float(x) if x.ndim == 0 else x for n, x in values.items()}
+
+  def reset(self) -> None:
+    for v in self._vars.values():
+      v.assign(tf.zeros_like(v))
+
+
+@dataclasses.dataclass
+class State:
+  """What a run trains and checkpoints, made under one strategy scope."""
+  model: keras.Model
+  optimizer: keras.optimizers.Optimizer
+  step: tf.Variable  # train steps done; the checkpoint's number
+  checkpoint: tf.train.Checkpoint
+  ema: optim.EMA | None  # averaged weights, when optimizer.ema_decay > 0
+  lookahead: optim.Lookahead | None  # when optimizer.lookahead_every > 0
+
+
+def make_state(config, strategy, steps_per_epoch: int) -> State:
+  """The model, optimizer, step counter, averages and their checkpoint, under `strategy.scope()`."""
+  opt = config.optimizer
+  keras.mixed_precision.set_dtype_policy(config.mixed_precision)
+  keras.utils.set_random_seed(config.seed)
+  with strategy.scope():
+    model = models.build(config.model)
+    optimizer = optim.make_optimizer(config, steps_per_epoch)
+    optimizer.build(model.trainable_variables)
+    step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    ema = optim.EMA(model.trainable_variables, opt.ema_decay) if opt.ema_decay else None
+    lookahead = (optim.Lookahead(model.variables, opt.lookahead_every, opt.lookahead_decay,
+                                 config.num_epochs * steps_per_epoch) if opt.lookahead_every else None)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step,
+                                     **({"ema": ema.averages} if ema else {}),
+                                     **({"lookahead": lookahead.averages} if lookahead else {}))
+  return State(model, optimizer, step, checkpoint, ema, lookahead)
+
+
+def cross_entropy(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float) -> tf.Tensor:
+  """Per-example softmax cross-entropy in float32; labels are class ids or [N, K] probabilities."""
+  logits = tf.cast(logits, tf.float32)
+  if labels.dtype.is_integer:
+    labels = tf.one_hot(labels, logits.shape[-1])
+  if label_smoothing:
+    labels = labels * (1.0 - label_smoothing) + label_smoothing / logits.shape[-1]
+  return tf.nn.softmax_cross_entropy_with_logits(labels, logits)
+
+
+def correct(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+  """How many argmax predictions match the labels (class ids, or the argmax of soft labels)."""
+  hard = labels if labels.dtype.is_integer else tf.argmax(labels, -1)
+  return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), hard), tf.float32))
+
+
+class Learner:
+  """The train step of `config` over `state` (orbit's StandardTrainer, in small): `train` runs a loop of
+  steps and returns its metrics. Made once per run, after `state`; `mean` and `std` ([0, 1] units) are
+  needed with `config.input.augment_on="device"`, where each step augments and normalises its raw batch."""
+
+  def __init__(self, config, strategy, state: State, mean=None, std=None):
+    self.config, self.strategy, self.state = config, strategy, state
+    self._mean, self._std = mean, std
+    with strategy.scope():
+      self._sums = Sums("loss", "correct", "count")
+    variables = state.model.trainable_variables
+    self._multipliers = dict(zip((id(v) for v in variables),
+                                 optim.gradient_multipliers(state.model, config.optimizer)))
+    self._loss_scaled = optim.loss_scale(state.optimizer) is not None
+    self._traced = {}  # one tf.function per set of trained variables (airbench: 2), not one per epoch
+
+  def train(self, iterator, num_steps: int, epoch: int) -> dict:
+    """Runs `num_steps` steps of epoch number `epoch` (it decides which variables train,
+    models.trainable_at), fed by `iterator`, in one tf.function call; stops early after a step whose loss
+    is not finite. Returns the loop's mean loss and accuracy, its image count and the step reached."""
+    variables = models.trainable_at(self.state.model, epoch)
+    key = tuple(id(v) for v in variables)
+    if key not in self._traced:
+      self._traced[key] = tf.function(lambda it, n: self._loop(it, n, variables))
+    self._sums.reset()
+    self._traced[key](iterator, tf.constant(num_steps))
+    totals = self._sums.result()
+    count = max(totals["count"], 1.0)
+    return {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count,
+            "count": int(totals["count"]), "step": int(self.state.step.numpy())}
+
+  def optimizer_scalars(self) -> dict[str, float]:
+    """The learning rate now, and the loss scale when there is one."""
+    scalars = {"learning_rate": float(self.state.optimizer.learning_rate.numpy())}
+    if self._loss_scaled:
+      scalars["loss_scale"] = optim.loss_scale(self.state.optimizer)
+    return scalars
+
+  def _gradients(self, images, labels, variables):
+    """The forward and backward pass: (per-example losses, correct count, gradients). With
+    `config.jit_compile` XLA compiles this part per replica; the cross-replica gradient sum and the update
+    stay outside it (XLA cannot compile the iterator or the strategy's merge_call)."""
+    model, optimizer, config = self.state.model, self.state.optimizer, self.config
+    with tf.GradientTape() as tape:
+      logits = model(images, training=True)
+      per_example = cross_entropy(labels, logits, config.label_smoothing)
+      loss = tf.nn.compute_average_loss(per_example, global_batch_size=config.global_batch_size)
+      if model.losses:  # weight penalties (kernel_regularizer), counted once over the replicas
+        loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+      scaled = optimizer.scale_loss(loss)  # the identity unless optimizer is a LossScaleOptimizer
+    return per_example, correct(labels, logits), tape.gradient(scaled, variables)
+
+  def _step(self, batch, variables):
+    """Runs per replica."""
+    config, optimizer = self.config, self.state.optimizer
+    if config.input.augment_on == "device":
+      batch = augment.train_preprocess(batch, config.augment, self._mean, self._std)
+    images, labels = batch["images"], batch["labels"]
+    if config.jit_compile:  # a function of this replica's own (traced once per replica and variable set)
+      compiled = tf.function(lambda x, y: self._gradients(x, y, variables), jit_compile=True)
+      per_example, hits, grads = compiled(images, labels)
+    else:
+      per_example, hits, grads = self._gradients(images, labels, variables)
+    if self._loss_scaled and self.strategy.num_replicas_in_sync > 1 and not config.optimizer.clip_norm:
+      grads = optim.agree_on_finite(grads)  # clipping all-reduces the gradients, so agrees already
+    if config.optimizer.clip_norm:
+      grads = optim.clip_by_global_norm(grads, config.optimizer.clip_norm * optim.scale_factor(optimizer))
+    grads = [g * self._multipliers[id(v)] if self._multipliers[id(v)] != 1.0 else g
+             for g, v in zip(grads, variables)]
+    optimizer.apply(grads, variables)
+    self._sums.add(loss=tf.reduce_sum(per_example), correct=hits, count=tf.shape(per_example)[0])
+
+  def _sync_statistics(self):
+    """Runs per replica. Keras 3 keeps BatchNorm moving statistics per replica (aggregation NONE), so
+    they drift apart; averaging them after every loop keeps all replicas, checkpoints and the export equal."""
+    ctx = tf.distribute.get_replica_context()
+    for v in self.state.model.non_trainable_variables:
+      if tf.as_dtype(v.dtype).is_floating:
+        v.assign(ctx.all_reduce(tf.distribute.ReduceOp.MEAN, tf.identity(v.value)))
+
+  def _loop(self, iterator, num_steps, variables):
+    state = self.state
+    for _ in tf.range(num_steps):
+      self.strategy.run(self._step, args=(next(iterator), variables))
+      state.step.assign_add(1)
+      if state.ema:
+        state.ema.update()
+      if state.lookahead:
+        state.lookahead.update(state.step)
+      if not tf.math.is_finite(self._sums.total("loss")):
+        break  # stop at the step that went wrong; Python reports it
+    if self.strategy.num_replicas_in_sync > 1:
+      self.strategy.run(self._sync_statistics)
