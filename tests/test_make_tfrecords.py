@@ -3,6 +3,7 @@
 import io
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
@@ -257,3 +258,78 @@ def test_label_out_of_range_in_an_archive_is_named(tmp_path):
       _add(tar, name, data)
   with pytest.raises(sources.SourceError, match=r"^train_00003: label 12 is outside 0..9$"):
     make_tfrecords.make(archive, str(tmp_path / "out"), num_shards=1, val_size=0)
+
+
+def test_a_source_with_only_test_images_writes_test_shards(tmp_path):
+  """A held-out set to score with tools.evaluate: test/ only, no train/ to carve a validation split from."""
+  folder = str(tmp_path / "held_out")
+  written = _image_folder(folder, ["cat", "dog"], 3, "png")
+  for rel in [r for r in written if r.startswith("train/")]:
+    os.remove(os.path.join(folder, rel))
+  manifest = make_tfrecords.make(folder, str(tmp_path / "out"), num_shards=4)
+  assert list(manifest["splits"]) == ["test"] and manifest["splits"]["test"]["num_examples"] == 6
+  ids, _, _ = _read_split(str(tmp_path / "out"), "test")
+  assert ids == sorted(r for r in written if r.startswith("test/"))
+  from configs import deep  # pylint: disable=g-import-not-at-top
+  from trainer import train  # pylint: disable=g-import-not-at-top
+  config = deep.get_config("smoke")
+  config.data_dir = str(tmp_path / "out")
+  with pytest.raises(train.TrainingError, match=r"has no train split \(it has test\)"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_hidden_files_in_a_tar_are_not_images(tmp_path):
+  """What macOS puts in a tar it makes: AppleDouble `._name.png` beside each image, __MACOSX/, .DS_Store."""
+  folder = str(tmp_path / "imgs")
+  written = _image_folder(folder, ["cat", "dog"], 2, "png")
+  archive = str(tmp_path / "mac.tar.gz")
+  with tarfile.open(archive, "w:gz") as tar:
+    tar.add(folder, arcname="photos")
+    for rel in written:
+      head, name = os.path.split(rel)
+      _add(tar, f"photos/{head}/._{name}", b"\x00\x05\x16\x07 AppleDouble")
+      _add(tar, f"__MACOSX/photos/{head}/._{name}", b"\x00\x05\x16\x07 AppleDouble")
+    _add(tar, "photos/train/cat/.DS_Store", b"\x00\x00\x00\x01Bud1")
+  make_tfrecords.make(archive, str(tmp_path / "out"), num_shards=1, val_size=0)
+  ids, _, _ = _read_split(str(tmp_path / "out"), "train")
+  assert ids == sorted(r for r in written if r.startswith("train/"))
+
+
+def test_same_file_names_in_two_folders_get_distinct_ids(tmp_path):
+  root = tmp_path / "photos"
+  for i, shop in enumerate(("shop_a", "shop_b")):
+    _image_folder(str(root / shop), ["cat"], 2, "png", seed=i)
+  make_tfrecords.make(str(root), str(tmp_path / "out"), num_shards=1, val_size=0)
+  ids, images, _ = _read_split(str(tmp_path / "out"), "train")
+  assert ids == ["shop_a/train/cat/0000.png", "shop_a/train/cat/0001.png", "shop_b/train/cat/0000.png",
+                 "shop_b/train/cat/0001.png"]
+  assert not np.array_equal(images[0], images[2])
+
+
+def _limit_file_size(limit):
+  def limit_file_size():
+    import resource  # pylint: disable=g-import-not-at-top
+    import signal  # pylint: disable=g-import-not-at-top
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+  return limit_file_size
+
+
+def test_a_failed_rerun_leaves_the_dataset_usable_and_says_why_in_one_line(tmp_path):
+  """A re-run that cannot write its shards (here a file-size limit, as a full disk would) is one line
+  naming the shard; the old manifest and shards are as they were and nothing temporary is left."""
+  out = str(tmp_path / "out")
+  make_tfrecords.make("synthetic", out, num_shards=2, val_size=50, synthetic_sizes=(300, 60))
+  before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+  result = subprocess.run([sys.executable, "-m", "tools.make_tfrecords", "--source=synthetic", f"--output_dir={out}",
+                           "--num_shards=2", "--val_size=50", "--synthetic_train_size=300",
+                           "--synthetic_test_size=60", "--encoding=png"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size(50_000),
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+  assert result.returncode == 1, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert re.fullmatch(rf"make_tfrecords: error: {re.escape(out)}/\w+-\d+-of-\d+\.tfrecord: cannot be written "
+                      rf"\(File too large\); the data in {re.escape(out)} is as it was", last), last
+  assert "Traceback" not in result.stderr
+  assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
+  make_tfrecords.verify(out)

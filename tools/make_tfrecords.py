@@ -74,9 +74,10 @@ def split_validation(train: sources.Split, val_size: int, seed: int) -> dict[str
 
 
 def shard_counts(sizes: dict[str, int], num_shards: int) -> dict[str, int]:
-  """Train gets `num_shards`; the other splits proportionally fewer, at least one."""
-  return {split: num_shards if split == "train" else max(1, round(num_shards * n / sizes["train"]))
-          for split, n in sizes.items()}
+  """Train (or, without one, the largest split) gets `num_shards`; the others proportionally fewer, at
+  least one."""
+  largest = sizes.get("train", max(sizes.values()))
+  return {split: max(1, round(num_shards * n / largest)) for split, n in sizes.items()}
 
 
 def _encode(image: np.ndarray, encoding: str) -> bytes:
@@ -84,21 +85,20 @@ def _encode(image: np.ndarray, encoding: str) -> bytes:
 
 
 def write_shard(path: str, split: sources.Split, indices: np.ndarray, encoding: str) -> dict:
-  """Writes one shard atomically; returns its manifest entry, `unchanged` if it was already there."""
+  """Writes one shard under a temporary name beside `path`; returns its manifest entry with `tmp`, the
+  file to rename to `path` (None when `path` already holds the same bytes)."""
   tmp = fileio.temp_name(path)
   with tf.io.TFRecordWriter(tmp) as writer:
     for i in indices:
       writer.write(records.serialize_example(_encode(split.images[i], encoding), encoding,
                                              int(split.labels[i]), split.ids[i]))
   digest = fileio.sha256_file(tmp)
-  unchanged = tf.io.gfile.exists(path) and fileio.sha256_file(path) == digest
-  if unchanged:
+  if tf.io.gfile.exists(path) and fileio.sha256_file(path) == digest:
     tf.io.gfile.remove(tmp)
-  else:
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    tmp = None
   counts = np.bincount(split.labels[indices], minlength=cifar10.NUM_CLASSES)
   return {"file": os.path.basename(path), "num_records": len(indices), "class_counts": counts.tolist(),
-          "sha256": digest, "unchanged": unchanged}
+          "sha256": digest, "tmp": tmp}
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
@@ -132,11 +132,35 @@ def write_all(output_dir: str, splits: dict[str, sources.Split], num_shards: int
                for name, path, idx in jobs}
     for future in concurrent.futures.as_completed(futures):
       name, path = futures[future]
-      entries[path] = dict(split=name, **future.result())
+      try:
+        entries[path] = dict(split=name, **future.result())
+      except (tf.errors.OpError, OSError) as e:  # a full disk, a lost bucket: the old dataset stays
+        for f in futures:
+          f.cancel()
+        message = (e.message if isinstance(e, tf.errors.OpError) else str(e)).strip().splitlines()[0]
+        reason = message.split("; ", 1)[-1] if ".tmp-" in message.split("; ", 1)[0] else message  # not the temp name
+        raise sources.SourceError(f"{path}: cannot be written ({reason}); the data in {output_dir} is as "
+                                  "it was") from None
       done += entries[path]["num_records"]
       logging.info("shards %d/%d  images %d/%d  %.0f images/s", len(entries), len(jobs), done, total,
                    done / max(time.time() - start, 1e-9))
   return [entries[path] for _, path, _ in jobs]
+
+
+def publish(output_dir: str, shards: list[dict], manifest: dict) -> None:
+  """Swaps the new shards in for the old ones and writes the manifest: the old manifest goes only now,
+  once every new shard is complete, so a run that fails before leaves the old dataset usable."""
+  manifest_path = os.path.join(output_dir, manifest_lib.FILENAME)
+  if tf.io.gfile.exists(manifest_path):  # the directory is incomplete until the new manifest lands
+    tf.io.gfile.remove(manifest_path)
+  for shard in shards:
+    if shard["tmp"]:
+      tf.io.gfile.rename(shard["tmp"], os.path.join(output_dir, shard["file"]), overwrite=True)
+  written = {s["file"] for s in shards}
+  for stale in manifest_lib.list_shards(output_dir):  # from an earlier run with other --num_shards
+    if stale not in written:
+      tf.io.gfile.remove(os.path.join(output_dir, stale))
+  fileio.write_json(manifest_path, manifest)
 
 
 def build_manifest(source: sources.Source, splits: dict[str, sources.Split], shards: list[dict], *,
@@ -156,7 +180,7 @@ def build_manifest(source: sources.Source, splits: dict[str, sources.Split], sha
       "image_shape": list(cifar10.IMAGE_SHAPE),
       "encoding": encoding, "seed": seed, "val_size": val_size,
       "splits": split_info,
-      "shards": [{k: v for k, v in s.items() if k != "unchanged"} for s in shards],
+      "shards": [{k: v for k, v in s.items() if k != "tmp"} for s in shards],
   }
 
 
@@ -179,24 +203,26 @@ def make(source_name: str, output_dir: str, *, num_shards: int = 16, val_size: i
   source = sources.load(source_name, seed=seed, synthetic_sizes=synthetic_sizes)
   logging.info("loaded %s (%s): %s in %.1fs", source.name, source.kind,
                ", ".join(f"{k} {len(v)}" for k, v in source.splits.items()), time.time() - start)
-  splits = split_validation(source.splits["train"], val_size, seed)
+  splits = {}
+  if "train" in source.splits:
+    splits = split_validation(source.splits["train"], val_size, seed)
+  else:  # a held-out set to score: there is no train split to carve a validation split from
+    logging.info("%s has no train split: writing its test split only", source.name)
   if "test" in source.splits:
     splits["test"] = source.splits["test"]
   tf.io.gfile.makedirs(output_dir)
   for leftover in tf.io.gfile.glob(os.path.join(output_dir, ".tmp-*")):  # from a run killed half-way
     tf.io.gfile.remove(leftover)
-  manifest_path = os.path.join(output_dir, manifest_lib.FILENAME)
-  if tf.io.gfile.exists(manifest_path):  # the directory is incomplete until the new manifest lands
-    tf.io.gfile.remove(manifest_path)
-  shards = write_all(output_dir, splits, num_shards, encoding, workers)
-  written = {s["file"] for s in shards}
-  for stale in manifest_lib.list_shards(output_dir):  # from an earlier run with other --num_shards
-    if stale not in written:
-      tf.io.gfile.remove(os.path.join(output_dir, stale))
+  try:
+    shards = write_all(output_dir, splits, num_shards, encoding, workers)
+  except BaseException:  # a full disk, Ctrl-C: this run's temporary files go, the old dataset stays
+    for leftover in tf.io.gfile.glob(os.path.join(output_dir, ".tmp-*")):
+      tf.io.gfile.remove(leftover)
+    raise
   manifest = build_manifest(source, splits, shards, encoding=encoding, seed=seed, val_size=val_size)
-  fileio.write_json(manifest_path, manifest)
+  publish(output_dir, shards, manifest)
   images = sum(len(s) for s in splits.values())
-  unchanged = sum(s["unchanged"] for s in shards)
+  unchanged = sum(s["tmp"] is None for s in shards)
   print(summary_table(manifest))
   print(f"wrote {len(shards)} shards, {images} images to {output_dir} in {time.time() - start:.1f}s "
         f"({images / (time.time() - start):.0f} images/s)")

@@ -44,7 +44,7 @@ class Split:
 
 @dataclasses.dataclass
 class Source:
-  """A loaded source: what it was, its checksum, class names and its splits (`train`, maybe `test`)."""
+  """A loaded source: what it was, its checksum, class names and its splits (`train`, `test` or both)."""
   name: str
   kind: str
   checksum: str
@@ -167,6 +167,20 @@ def _array_split(split: str, images: np.ndarray, labels: np.ndarray) -> Split:
 _IMAGE_PATH = re.compile(r"(?:^|/)(train|test)/([^/]+)/([^/]+)$")
 
 
+def _hidden(rel: str) -> bool:
+  """macOS's AppleDouble `._x.png` and `__MACOSX/`, `.DS_Store` and other dot files are not images."""
+  return any((part.startswith(".") and part not in (".", "..")) or part == "__MACOSX" for part in rel.split("/"))
+
+
+def _ids(paths: list[str], starts: list[int]) -> list[str]:
+  """Unique record ids: each path less the leading folders that every path shares (`cifar10-jpeg/` in
+  the shared tar), so `train/cat/1.png` stays that, and `a/train/cat/1.png` and `b/train/cat/1.png` differ."""
+  heads = [p[:start].strip("/").split("/") if p[:start].strip("/") else [] for p, start in zip(paths, starts)]
+  common = os.path.commonprefix(heads) if heads else []
+  return [p[start:] if len(head) == len(common) else "/".join(head[len(common):]) + "/" + p[start:]
+          for p, start, head in zip(paths, starts, heads)]
+
+
 def _walk_folder(root: str):
   for dirpath, _, filenames in tf.io.gfile.walk(root):
     for filename in filenames:
@@ -194,15 +208,17 @@ def class_ids(names: set[str]) -> tuple[str, ...]:
 
 def _load_image_files(name: str, kind: str, checksum_fn, entries) -> Source:
   """Reads `<split>/<class>/<image>` entries (path, read function), decodes them in parallel."""
-  found = []  # (split, class, relative path, bytes)
+  found, starts = [], []  # (split, class, path inside the source, bytes); where <split>/ starts in the path
   for rel, read in entries:
     match = _IMAGE_PATH.search(rel)
-    if match and rel.lower().endswith(IMAGE_EXTENSIONS):
-      found.append((match.group(1), match.group(2), f"{match.group(1)}/{match.group(2)}/{match.group(3)}",
-                    read()))
+    if match and rel.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(rel):
+      found.append((match.group(1), match.group(2), rel, read()))
+      starts.append(match.start(1))
   if not found:
     raise SourceError(f"{name}: no images found under <train|test>/<class_name>/ "
                       f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+  found = [(split, cls, record_id, data) for (split, cls, _, data), record_id
+           in zip(found, _ids([e[2] for e in found], starts))]
   found.sort(key=lambda e: e[2])
   names = class_ids({e[1] for e in found})
   images = _decode_all(name, [(e[2], e[3]) for e in found])
@@ -212,8 +228,6 @@ def _load_image_files(name: str, kind: str, checksum_fn, entries) -> Source:
     if idx:
       splits[split] = Split(images[idx], np.array([names.index(found[i][1]) for i in idx], np.int64),
                             [found[i][2] for i in idx])
-  if "train" not in splits:
-    raise SourceError(f"{name}: no train/<class_name>/ images found")
   return Source(name, kind, checksum_fn([(e[2], e[3]) for e in found]), names, splits)
 
 

@@ -32,6 +32,9 @@ def normalization_for(config, manifest: dict) -> tuple[tuple[float, ...], tuple[
 
 def steps_per_epoch_for(config, manifest: dict) -> int:
   """Full global batches in the train split, capped by `config.steps_per_epoch` when it is set."""
+  if "train" not in manifest["splits"]:
+    raise TrainingError(f"data_dir {config.data_dir} has no train split (it has {', '.join(manifest['splits'])}): "
+                        "give make_tfrecords a source with train/ images to train on it")
   per_epoch = manifest_lib.num_examples(manifest, "train") // config.global_batch_size
   if config.steps_per_epoch:
     per_epoch = min(per_epoch, config.steps_per_epoch) if per_epoch else config.steps_per_epoch
