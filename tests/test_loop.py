@@ -116,6 +116,19 @@ def test_epoch_timer_skips_an_epoch_resumed_in_the_middle():
   assert learner.calls == [(3, 1, 0), (4, 2, 1), (6, 2, 1), (8, 2, 2), (10, 2, 2)]
 
 
+def test_epoch_seconds_leave_out_the_validation_after_the_timer():
+  """The trainer lists the timer before validation: an epoch's seconds are its train loops (and what runs
+  inside the epoch), not its end-of-epoch evaluation, nor the previous one's."""
+  clock = FakeClock()
+  recorder = Recorder()
+  slow_validation = Counting(every_steps=4, clock=clock)
+  slow_validation.run = lambda step: setattr(clock, "now", clock.now + 100.0)
+  loop.run(FakeLearner(clock, step_secs=1.0), None, [loop.EpochTimer(recorder, 4, clock=clock), slow_validation],
+           start_step=0, total_steps=8, steps_per_epoch=4, steps_per_loop=2, stop_requested=lambda: False,
+           last_checkpoint=lambda: None, clock=clock)
+  assert recorder.values("train/epoch_seconds") == [(4, 4.0), (8, 4.0)]
+
+
 def test_stop_request_ends_the_loop_after_the_actions():
   clock = FakeClock()
   action = Counting(every_steps=1, clock=clock)

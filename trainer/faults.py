@@ -17,8 +17,8 @@ class TrainingError(RuntimeError):
 
 # What a peer's loss looks like (the coordination service's heartbeats, an aborted collective), as against
 # other UnavailableErrors: a gs:// bucket or a tf.data service that cannot be reached.
-PEER_SIGNS = ("unhealthy", "heartbeat", "Collective ops is aborted", "coordination service", "/job:worker/")
-NOT_PEER_SIGNS = ("dispatcher", "data service", "HTTP", "curl", "gs://", "googleapis")
+PEER_SIGNS = ("unhealthy", "heartbeat", "collective ops is aborted", "coordination service")
+NOT_PEER_SIGNS = ("dispatcher", "data service", "http request", "curl", "gs://", "googleapis")
 # Where an error of the input pipeline comes from: a tf.data function or the iterator the step reads.
 INPUT_SIGNS = ("user-defined function passed to", "IteratorGetNext", "corrupted record")
 
@@ -45,15 +45,17 @@ def as_training_error(error: BaseException) -> BaseException:
 
 
 def _lost_peer(message: str) -> bool:
+  message = message.lower()
   return any(s in message for s in PEER_SIGNS) and not any(s in message for s in NOT_PEER_SIGNS)
 
 
 def describe(error: BaseException) -> str:
-  """One line for `error`: a TrainingError's message; for another TensorFlow error its type, the op it
-  came from (when the message names one) and the first line of its message."""
+  """What to tell a person about `error`: a TrainingError's (or any other error's) message; for another
+  TensorFlow error, one line: its type, the op it came from (when the message names one) and the first
+  line of its message."""
   error = as_training_error(error)
   if not isinstance(error, tf.errors.OpError):
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return str(error).strip() or type(error).__name__
   node = re.search(r"\{\{node ([^}]+)\}\}", error.message)
   where = f" in op {node.group(1)}" if node else (f" in op {error.op.name}" if error.op is not None else "")
   return f"{type(error).__name__}{where}: {first_line(error.message)}"

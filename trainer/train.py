@@ -57,9 +57,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; evaluates the final weights on
   every split the data has and exports them. Returns the final metrics. A stop request (SIGTERM, SIGINT)
   at any point after start-up ends in a checkpoint and a clean return; the same command resumes."""
+  if config.deterministic:
+    tf.config.experimental.enable_op_determinism()
+  # Before our SIGTERM handler: MultiWorkerMirroredStrategy's coordination service installs its own, which
+  # would replace ours and leave a stop request unseen.
+  strategy = distribute.make_strategy(config)
   with faults.StopRequest() as stop, faults.data_errors_as_training_errors():
-    run = _start(config, workdir)
+    run = _start(config, workdir, strategy)
     try:
+      workdir_lib.check_shared(run.strategy, workdir)
       if run.start_step == 0:
         _first_start(run)
       stopped = _train(run, stop) or _final_evaluation(run, stop)
@@ -75,13 +81,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return run.metrics
 
 
-def _start(config, workdir: str) -> Run:
-  """Strategy, checks, state restored from the latest checkpoint if there is one, config.json and a
-  run.json saying "running" (what the next start checks a resume against, even if this one is killed)."""
+def _start(config, workdir: str, strategy) -> Run:
+  """Checks, state restored from the latest checkpoint if there is one, config.json and a run.json saying
+  "running" (what the next start checks a resume against, even if this one is killed)."""
   started = workdir_lib.now()
-  if config.deterministic:
-    tf.config.experimental.enable_op_determinism()
-  strategy = distribute.make_strategy(config)
   distribute.log_devices(strategy)
   manifest, steps_per_epoch, latest = _agreed(strategy, lambda: _check_start(config, workdir, strategy))
   workdir_lib.check_same_checkpoint(strategy, latest)
@@ -95,7 +98,6 @@ def _start(config, workdir: str) -> Run:
   chief = distribute.is_chief(strategy)
   if chief:  # _check_start made the directory
     workdir_lib.write_config(workdir, config)
-  workdir_lib.check_shared(strategy, workdir)
   console = writers.ConsoleWriter(config.num_epochs * steps_per_epoch, steps_per_epoch, config.global_batch_size,
                                   progress_bar=chief and config.progress_bar)
   writer = writers.create_default_writer(os.path.join(workdir, "summaries"), chief=chief,
@@ -171,13 +173,16 @@ def _train(run: Run, stop: faults.StopRequest) -> bool:
   learner = steps.Learner(config, strategy, run.state, *data.normalization_for(config, run.manifest))
   iterator = iter(strategy.distribute_datasets_from_function(
       data.train_dataset_fn(config, run.manifest, run.steps_per_epoch, run.start_step)))
-  actions = _actions(run, learner)
+  if run.start_step < run.total_steps and stop.agreed(strategy):  # asked during start-up: nothing to save
+    logging.info("stopped by %s before the first step. Run the same command to resume.", stop.cause)
+    return True
+  report, validation, actions = _actions(run, learner)
   try:
     stopped = loop.run(learner, iterator, actions, start_step=run.start_step, total_steps=run.total_steps,
                        steps_per_epoch=run.steps_per_epoch, steps_per_loop=config.steps_per_loop,
                        stop_requested=lambda: stop.agreed(strategy), last_checkpoint=lambda: run.checkpoints.latest)
   finally:  # also for run.json when the loop fails
-    run.metrics.update({name: a.last for name, a in zip(("train", "validation"), actions[:2]) if a.last})
+    run.metrics.update({name: a.last for name, a in (("train", report), ("validation", validation)) if a.last})
   if stopped:  # agreed by every worker: all save here and leave together
     step = int(run.state.step.numpy())
     logging.info("stopped by %s at step %d; checkpoint %s written. Run the same command to resume.",
@@ -185,24 +190,24 @@ def _train(run: Run, stop: faults.StopRequest) -> bool:
   return stopped
 
 
-def _actions(run: Run, learner: steps.Learner) -> list[loop.PeriodicAction]:
-  """What runs between train loops, in order; the first two keep the last train and validation metrics."""
+def _actions(run: Run, learner: steps.Learner):
+  """What runs between train loops, in order (the epoch timer before validation, which it does not
+  count). Returns the train report, the validation and the list of all actions."""
   config, per_epoch = run.config, run.steps_per_epoch
   mean, std = data.normalization_for(config, run.manifest)
+  names = manifest_lib.class_names(run.manifest)
   validation = config.eval_every_epochs > 0 and "validation" in run.manifest["splits"]
-  return [
-      loop.ReportProgress(run.writer, config.global_batch_size, learner.optimizer_scalars,
-                          every_steps=(config.log_every_steps, per_epoch)),
-      loop.Evaluate(evaluation.Evaluator(run.strategy, run.state, len(manifest_lib.class_names(run.manifest))),
-                    data.eval_dataset(config, run.strategy, run.manifest, "validation") if validation else None,
-                    run.writer, class_names=manifest_lib.class_names(run.manifest),
-                    worst=config.summary_worst_images if run.chief else 0,
-                    denormalize=lambda images: ops.denormalize(images, mean, std).numpy(),
-                    every_steps=per_epoch * config.eval_every_epochs if validation else ()),
-      loop.EpochTimer(run.writer, per_epoch),
+  report = loop.ReportProgress(run.writer, config.global_batch_size, learner.optimizer_scalars,
+                               every_steps=(config.log_every_steps, per_epoch))
+  evaluate = loop.Evaluate(evaluation.Evaluator(run.strategy, run.state, len(names)),
+                           data.eval_dataset(config, run.strategy, run.manifest, "validation") if validation else None,
+                           run.writer, class_names=names, worst=config.summary_worst_images if run.chief else 0,
+                           denormalize=lambda images: ops.denormalize(images, mean, std).numpy(),
+                           every_steps=per_epoch * config.eval_every_epochs if validation else ())
+  return report, evaluate, [
+      report, loop.EpochTimer(run.writer, per_epoch), evaluate,
       loop.Checkpoint(run.checkpoints.save, every_steps=(per_epoch, config.checkpoint_every_steps)),
-      loop.Profile(tuple(config.profile_steps), os.path.join(run.workdir, "summaries"), trace=run.chief),
-  ]
+      loop.Profile(tuple(config.profile_steps), os.path.join(run.workdir, "summaries"), trace=run.chief)]
 
 
 def _final_evaluation(run: Run, stop: faults.StopRequest) -> bool:
@@ -210,6 +215,7 @@ def _final_evaluation(run: Run, stop: faults.StopRequest) -> bool:
   with the export's test-time views. Asks for a stop request between its parts (a collective); returns
   whether one came. The checkpoint of the last step is written already and is left as it is."""
   state, config = run.state, run.config
+  logging.info("final evaluation of the weights at step %d (views: %s)", int(state.step.numpy()), config.tta)
   if state.lookahead:  # the weights end as their lookahead average (idempotent on a re-run)
     state.lookahead.finish()
   if state.ema:
@@ -232,10 +238,16 @@ def _final_evaluation(run: Run, stop: faults.StopRequest) -> bool:
 
 
 def _end(run: Run, status: str, error: str | None = None) -> None:
-  """Closes the writer and records how the run ended in run.json (the chief's)."""
-  run.writer.close()
-  if run.chief:
-    _write_run_json(run, status, **({"error": error} if error else {}))
+  """Records how the run ended in run.json (the chief's) and closes the writer. After an `error`, a
+  failure here is logged, not raised: the caller raises the error itself."""
+  try:
+    if run.chief:
+      _write_run_json(run, status, **({"error": error} if error else {}))
+    run.writer.close()
+  except Exception:  # pylint: disable=broad-except
+    if not error:
+      raise
+    logging.exception("could not record the failure in %s/run.json", run.workdir)
 
 
 def _write_run_json(run: Run, status: str, **extra) -> None:

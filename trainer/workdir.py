@@ -21,7 +21,7 @@ from trainer import distribute
 from trainer import faults
 from trainer.faults import TrainingError
 
-MARKS = ("config.json", "run.json", "checkpoints")  # what makes a directory a run of this trainer
+FILES = ("checkpoints", "summaries", "export", "config.json", "run.json", "tmp")  # what the trainer writes
 SHARED = "give every worker the same workdir, on storage all of them read (gs:// or a shared filesystem)"
 # What a checkpoint holds and how its steps map to data: a resumed run must keep them. model.fast_kernels
 # and model.sync_bn change how the same weights are computed, not which; num_epochs may change (the
@@ -47,15 +47,15 @@ def flat_config(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 
 def check(workdir: str) -> None:
-  """Refuses a workdir that cannot be written, is a file, or is a non-empty directory with none of the
-  MARKS of a run (files beside a run's, such as a tool's report, are left alone)."""
+  """Refuses a workdir that cannot be written, is a file, or is a non-empty directory holding other files
+  than a run's (FILES) unless it has a run's run.json: then the others (a tool's report) are left alone."""
   try:
     fileio.check_bucket(workdir)
   except fileio.StorageError as e:
     raise TrainingError(f"workdir {e}") from None
   if tf.io.gfile.isdir(workdir):
     names = sorted(n.rstrip("/") for n in tf.io.gfile.listdir(workdir) if not n.startswith(".tmp-"))
-    if names and not set(names) & set(MARKS):
+    if set(names) - set(FILES) and not _has_run_json(workdir):
       raise TrainingError(f"workdir {workdir} is not empty and is not a run of this trainer "
                           f"(it holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); "
                           "give an empty or new directory")
@@ -68,6 +68,15 @@ def check(workdir: str) -> None:
     tf.io.gfile.remove(probe)
   except (tf.errors.OpError, OSError) as e:
     raise TrainingError(f"workdir {workdir} is not writable ({getattr(e, 'message', e)})") from None
+
+
+def _has_run_json(workdir: str) -> bool:
+  """Whether `workdir` holds a run.json this trainer wrote (a config.json alone could be anyone's)."""
+  try:
+    run = _read_json(workdir, "run.json")
+  except (ValueError, OSError, tf.errors.OpError):
+    return False
+  return isinstance(run, dict) and {"status", "total_steps", "versions"} <= set(run)
 
 
 def latest_checkpoint(workdir: str) -> str | None:
