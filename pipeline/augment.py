@@ -28,21 +28,22 @@ def check(config) -> None:
       raise ValueError(f"augment.{key}={config[key]} must be >= 0")
 
 
-def train_preprocess(batch: dict, config, mean, std) -> dict:
+def train_preprocess(batch: dict, config, mean, std, num_classes: int = cifar10.NUM_CLASSES) -> dict:
   """Augments and normalises a training batch.
 
   Args:
-    batch: `images` uint8 [N, 32, 32, 3], `labels` int64 [N], `seed` [2] (the batch's), `run_seed` [2],
+    batch: `images` uint8 [N, H, W, C], `labels` int64 [N], `seed` [2] (the batch's), `run_seed` [2],
       `epoch` scalar, `keys` int64 [N] (stable per image).
-    config: the `augment` ConfigDict (see configs/default.py).
+    config: the `augment` ConfigDict (see configs/default.py); sizes in pixels.
     mean, std: per-channel normalisation in [0, 1] units.
+    num_classes: the dataset's, for mixup's and cutmix's one-hot labels.
   Returns:
-    {`images`: float32 [N, 32, 32, 3], `labels`: int64 [N], or float32 [N, 10] when mixup/cutmix is on}.
+    {`images`: float32 [N, H, W, C], `labels`: int64 [N], or float32 [N, K] when mixup/cutmix is on}.
   """
   images, labels = batch["images"], batch["labels"]
   seeds = tf.unstack(tf.random.experimental.stateless_split(batch["seed"], 6))
   n = tf.shape(images)[0]
-  grid = ops.identity_grid(n, cifar10.IMAGE_SIZE, cifar10.IMAGE_SIZE)
+  grid = ops.identity_grid(n, images.shape[1], images.shape[2])
   moved = False
   if config.rotation_degrees or config.shift_fraction or config.zoom_fraction:
     grid = ops.affine(grid, seeds[0], config.rotation_degrees, config.shift_fraction, config.zoom_fraction)
@@ -60,14 +61,13 @@ def train_preprocess(batch: dict, config, mean, std) -> dict:
     images = ops.cutout(images, seeds[3], config.cutout_size, config.cutout_probability)
   images = ops.normalize(images, mean, std)
   if config.mixup_alpha or config.cutmix_alpha:
-    images, labels = _mix(images, labels, seeds[4], seeds[5], config)
+    images, labels = _mix(images, tf.one_hot(labels, num_classes), seeds[4], seeds[5], config)
   return {"images": images, "labels": labels}
 
 
-def _mix(images, labels, choice_seed, mix_seed, config):
+def _mix(images, onehot, choice_seed, mix_seed, config):
   """Mixup or cutmix on a batch with probability `mix_probability`; cutmix when both are on and a coin
-  says so. Labels become one-hot probabilities either way, so every batch has the same structure."""
-  onehot = tf.one_hot(labels, cifar10.NUM_CLASSES)
+  says so. Labels are one-hot probabilities either way, so every batch has the same structure."""
   u = tf.random.stateless_uniform([2], choice_seed)
   identity = lambda: (images, onehot)
   do_mixup = lambda: ops.mixup(images, onehot, mix_seed, config.mixup_alpha)

@@ -69,13 +69,21 @@ def shard_records(files: list[str], input_context: tf.distribute.InputContext | 
   return _keep_share(tf.data.TFRecordDataset(local), by_record, ctx)
 
 
-def decode_records(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-  """[N] serialized records -> `images` uint8 [N, 32, 32, 3], `labels` int64 [N], `keys` int64 [N]
-  (a hash of each record's id: stable per image, wherever it lands)."""
-  features = records.check_batch(records.parse_batch(serialized))
-  return {"images": records.decode_batch(features[records.ENCODED], features[records.FORMAT], features[records.ID]),
+def decode_records(serialized: tf.Tensor, shape: tuple[int, int, int] = records.cifar10.IMAGE_SHAPE,
+                   num_classes: int = records.cifar10.NUM_CLASSES) -> dict[str, tf.Tensor]:
+  """[N] serialized records of images of `shape` in `num_classes` classes -> `images` uint8 [N, *shape],
+  `labels` int64 [N], `keys` int64 [N] (a hash of each record's id: stable per image, wherever it lands)."""
+  features = records.check_batch(records.parse_batch(serialized), shape, num_classes)
+  return {"images": records.decode_batch(features[records.ENCODED], features[records.FORMAT], features[records.ID],
+                                         shape),
           "labels": features[records.LABEL],
           "keys": tf.strings.to_hash_bucket_fast(features[records.ID], 1 << 62)}
+
+
+def decoder(manifest: dict):
+  """`decode_records` for the dataset of `manifest`: its image shape and class count."""
+  shape, num_classes = manifest_lib.image_shape(manifest), manifest_lib.num_classes(manifest)
+  return lambda serialized: decode_records(serialized, shape, num_classes)
 
 
 def _epoch_permutation(seed: tf.Tensor, epoch: tf.Tensor, num_records: tf.Tensor, needed: int) -> tf.Tensor:
@@ -107,16 +115,18 @@ def build_train_dataset(config, data_dir: str, *, steps_per_epoch: int, global_b
   files = manifest_lib.split_files(data_dir, manifest, "train")
   layout = _Layout(ctx, global_batch_size, steps_per_epoch)
   first_epoch, skip = divmod(start_step, steps_per_epoch)
+  decode = decoder(manifest)
   if config.input.cache_in_memory:
-    batches = _in_memory_batches(files, layout, config.seed, first_epoch)
+    batches = _in_memory_batches(files, decode, layout, config.seed, first_epoch)
   else:
-    batches = _streaming_batches(files, manifest_lib.split_counts(manifest, "train"), layout, config.seed,
-                                 first_epoch, config)
+    batches = _streaming_batches(files, manifest_lib.split_counts(manifest, "train"), decode, layout,
+                                 config.seed, first_epoch, config)
   batches = batches.skip(skip * layout.local_replicas)
   if config.input.data_service:  # each service worker makes every n-th batch: each batch made once
     batches = batches.shard(tf.data.experimental.SHARD_HINT, tf.data.experimental.SHARD_HINT)
   if config.input.augment_on == "host":
-    batches = batches.map(lambda b: augment.train_preprocess(b, config.augment, mean, std),
+    num_classes = manifest_lib.num_classes(manifest)
+    batches = batches.map(lambda b: augment.train_preprocess(b, config.augment, mean, std, num_classes),
                           num_parallel_calls=AUTOTUNE, deterministic=config.deterministic)
   elif config.input.augment_on != "device":
     raise ValueError(f"input.augment_on={config.input.augment_on!r} is not one of: host, device")
@@ -140,7 +150,7 @@ class _Layout:
     self.ctx = ctx
 
 
-def _in_memory_batches(files, layout: _Layout, seed: int, first_epoch: int) -> tf.data.Dataset:
+def _in_memory_batches(files, decode, layout: _Layout, seed: int, first_epoch: int) -> tf.data.Dataset:
   """Raw per-replica batches gathered from the whole train split, decoded once and held in memory.
 
   Every pipeline holds the whole split and draws the same permutation per epoch; replica r of step s
@@ -148,7 +158,7 @@ def _in_memory_batches(files, layout: _Layout, seed: int, first_epoch: int) -> t
   what a replica sees does not depend on how replicas are spread over workers: 2 workers of 1 replica
   train exactly as 1 worker with 2 (a test checks it), and a resumed run continues exactly.
   """
-  everything = tf.data.TFRecordDataset(files).batch(_ALL).map(decode_records).cache()
+  everything = tf.data.TFRecordDataset(files).batch(_ALL).map(decode).cache()
   base_seed = tf.constant([seed, 0], tf.int64)
   needed = layout.steps_per_epoch * layout.replicas * layout.batch
 
@@ -169,7 +179,8 @@ def _in_memory_batches(files, layout: _Layout, seed: int, first_epoch: int) -> t
   return tf.data.Dataset.zip(epochs, everything.repeat()).flat_map(epoch_batches)
 
 
-def _streaming_batches(files, counts, layout: _Layout, seed: int, first_epoch: int, config) -> tf.data.Dataset:
+def _streaming_batches(files, counts, decode, layout: _Layout, seed: int, first_epoch: int,
+                       config) -> tf.data.Dataset:
   """Raw per-replica batches read from this pipeline's share of the shards every epoch, shuffled in
   windows. Shares are disjoint and each holds what its pipeline takes per epoch, so an epoch whose batches
   cover the split reads every record exactly once over all pipelines."""
@@ -194,7 +205,7 @@ def _streaming_batches(files, counts, layout: _Layout, seed: int, first_epoch: i
         tf.range(tf.shape(records)[0]), seed=tf.random.experimental.stateless_fold_in(epoch_seed, i)))
     shuffled = reader.batch(config.input.shuffle_buffer).enumerate().map(window).unbatch()
     return (shuffled.batch(layout.batch, drop_remainder=True).take(batches_per_epoch).enumerate()
-            .map(lambda b, s: dict(decode_records(s), epoch=epoch,
+            .map(lambda b, s: dict(decode(s), epoch=epoch,
                                    seed=augment.batch_seed(base_seed, epoch, b), run_seed=base_seed),
                  num_parallel_calls=AUTOTUNE, deterministic=True))
 
@@ -210,17 +221,17 @@ def build_prefix_dataset(data_dir: str, split: str, *, images: int, global_batch
   ctx = _context(input_context)
   manifest = manifest_lib.load(data_dir)
   files = manifest_lib.split_files(data_dir, manifest, split)
+  decode = decoder(manifest)
   layout = _Layout(ctx, global_batch_size, steps_per_epoch=0)
   replica = lambda i: i % layout.replicas
   mine = lambda i, _: (replica(i) >= layout.first_replica) & (replica(i) < layout.first_replica + layout.local_replicas)
   whole = images // global_batch_size * global_batch_size
   return (tf.data.TFRecordDataset(files).take(whole).batch(layout.batch, drop_remainder=True).enumerate()
-          .filter(mine).map(lambda _, s: _preprocess(s, mean, std), num_parallel_calls=AUTOTUNE)
+          .filter(mine).map(lambda _, s: _preprocess(decode(s), mean, std), num_parallel_calls=AUTOTUNE)
           .prefetch(AUTOTUNE).with_options(_options(True)))
 
 
-def _preprocess(serialized: tf.Tensor, mean, std) -> dict[str, tf.Tensor]:
-  data = decode_records(serialized)
+def _preprocess(data: dict, mean, std) -> dict[str, tf.Tensor]:
   images = data["images"] if mean is None else ops.normalize(data["images"], mean, std)
   return {"images": images, "labels": data["labels"]}
 
@@ -230,12 +241,12 @@ def build_eval_dataset(data_dir: str, split: str, *, batch_size: int, mean=None,
   """One pass over `split`, every record exactly once across all input pipelines, last batch partial.
 
   Returns:
-    A dataset of {`images`: float32 [B, 32, 32, 3] normalised by `mean`, `std` ([0, 1] units), or the
+    A dataset of {`images`: float32 [B, H, W, C] normalised by `mean`, `std` ([0, 1] units), or the
     uint8 pixels when they are None; `labels`}.
   """
   manifest = manifest_lib.load(data_dir)
   files = manifest_lib.split_files(data_dir, manifest, split)
-
+  decode = decoder(manifest)
   return (shard_records(files, input_context).batch(batch_size)
-          .map(lambda s: _preprocess(s, mean, std), num_parallel_calls=AUTOTUNE)
+          .map(lambda s: _preprocess(decode(s), mean, std), num_parallel_calls=AUTOTUNE)
           .prefetch(AUTOTUNE).with_options(_options(True)))

@@ -85,6 +85,15 @@ def class_names(manifest: dict) -> tuple[str, ...]:
   return tuple(manifest.get("class_names", cifar10.CLASS_NAMES))
 
 
+def num_classes(manifest: dict) -> int:
+  return len(class_names(manifest))
+
+
+def image_shape(manifest: dict) -> tuple[int, int, int]:
+  """(height, width, channels) of every image of the dataset."""
+  return tuple(int(d) for d in manifest.get("image_shape", cifar10.IMAGE_SHAPE))
+
+
 def verify_checksums(data_dir: str, manifest: dict, splits) -> None:
   """Re-hashes the shards of `splits` and names the first that differs from the manifest (changed,
   truncated or corrupted since make_tfrecords wrote it). Costs one read of the data (~0.5 s for CIFAR-10)."""

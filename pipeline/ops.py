@@ -210,3 +210,21 @@ def denormalize(images, mean, std) -> tf.Tensor:
   and `std` in [0, 1] units."""
   images = tf.convert_to_tensor(images, tf.float32)
   return tf.clip_by_value(images * tf.constant(std, tf.float32) + tf.constant(mean, tf.float32), 0.0, 1.0)
+
+
+def fit_image(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
+  """One uint8 image [h, w, C] of any size as uint8 [height, width, C]: the largest central crop of the
+  target's aspect ratio, resized bilinearly with antialiasing (no distortion; the edges of a photo of
+  another shape are cut). An image of the target size comes back unchanged. make_tfrecords' --image_size
+  and the export's serve_bytes both use it, so a served photo gets the pixels training data got."""
+  shape = tf.shape(image)
+  h, w = shape[0], shape[1]
+  # Crop to the target aspect: keep h x round(h * width / height), or round(w * height / width) x w.
+  crop_w = tf.minimum(w, tf.cast(tf.round(tf.cast(h, tf.float64) * width / height), tf.int32))
+  crop_h = tf.minimum(h, tf.cast(tf.round(tf.cast(w, tf.float64) * height / width), tf.int32))
+  crop_h, crop_w = tf.maximum(crop_h, 1), tf.maximum(crop_w, 1)
+  cropped = tf.image.crop_to_bounding_box(image, (h - crop_h) // 2, (w - crop_w) // 2, crop_h, crop_w)
+  resized = tf.image.resize(cropped, [height, width], method="bilinear", antialias=True)
+  resized = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+  same = tf.logical_and(tf.equal(h, height), tf.equal(w, width))
+  return tf.ensure_shape(tf.cond(same, lambda: image, lambda: resized), [height, width, image.shape[-1]])

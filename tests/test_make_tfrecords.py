@@ -128,8 +128,7 @@ def test_image_folder_and_tar(tmp_path, ext):
 def test_other_class_names_are_sorted():
   assert sources.class_ids({"zebra", "apple", "cat"}) == ("apple", "cat", "zebra")
   assert sources.class_ids({"ship", "cat"}) == cifar10.CLASS_NAMES
-  with pytest.raises(sources.SourceError, match="11 classes found"):
-    sources.class_ids({f"c{i}" for i in range(11)})
+  assert sources.class_ids({f"c{i:02d}" for i in range(37)}) == tuple(f"c{i:02d}" for i in range(37))  # any count
 
 
 def test_unreadable_image_is_named(tmp_path):

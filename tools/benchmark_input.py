@@ -76,11 +76,12 @@ def _drain(iterator):
 def per_example_baseline(config, data_dir: str, batch_size: int, mean, std) -> tf.data.Dataset:
   """The plain pipeline the tutorials write: one record at a time through parse, decode, augment."""
   manifest = manifest_lib.load(data_dir)
+  shape = manifest_lib.image_shape(manifest)
   files = manifest_lib.split_files(data_dir, manifest, "train")
 
   def one(index, serialized):
     features = tf.io.parse_single_example(serialized, records.FEATURES)
-    image = records.decode_image(features[records.ENCODED], features[records.FORMAT])
+    image = records.decode_image(features[records.ENCODED], features[records.FORMAT], shape=shape)
     seed = tf.stack([tf.constant(config.seed, tf.int64), index])
     image = ops.random_flip(ops.random_crop(image, seed, config.augment.crop_padding), seed + 1)
     return ops.normalize(image, mean, std), features[records.LABEL]

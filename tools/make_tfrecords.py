@@ -1,10 +1,19 @@
-r"""Turns CIFAR-10 (or any 32x32 image set) into sharded TFRecords plus `manifest.json`.
+r"""Turns CIFAR-10, CIFAR-100 or your own images into sharded TFRecords plus `manifest.json`.
 
   python -m tools.make_tfrecords --source=tfds --output_dir=/data/cifar10
+  python -m tools.make_tfrecords --source=tfds --dataset=cifar100 --output_dir=/data/cifar100
+  python -m tools.make_tfrecords --source=cifar-100-python.tar.gz --label=coarse --output_dir=/data/c100-coarse
+  python -m tools.make_tfrecords --source=photos/ --image_size=64 --output_dir=/data/photos64
   python -m tools.make_tfrecords --source=cifar-10-python.tar.gz --output_dir=gs://bucket/cifar10
   python -m tools.make_tfrecords --source=../shared/data/cifar10-jpeg-train.tar.gz --output_dir=/tmp/c10
   python -m tools.make_tfrecords --source=synthetic --output_dir=/tmp/fake
   python -m tools.make_tfrecords --verify --output_dir=/tmp/c10
+
+An image folder or tar holds `<split>/<class_name>/<image>` (split: train or test): its images are
+decoded to RGB (grey and RGBA converted) and must share one size, or are all fitted to --image_size (the
+largest central crop of that aspect ratio, resized bilinearly with antialiasing: pipeline/ops.fit_image,
+which the export's serve_bytes applies to photos too). The manifest records the image shape, the class
+names and the train split's per-channel statistics: what the trainer, the model and the export read.
 
 A seeded, class-stratified validation split is carved out of train. Shards are written in parallel, each
 under a temporary name and renamed when complete; the manifest is written last, so a directory with a
@@ -43,13 +52,18 @@ def define_flags():
   flags.DEFINE_integer("synthetic_train_size", 50000, "Images in the synthetic train split.")
   flags.DEFINE_integer("synthetic_test_size", 10000, "Images in the synthetic test split.")
   flags.DEFINE_integer("workers", 0, "Parallel shard writers; 0 = one per CPU core.")
+  flags.DEFINE_list("image_size", [], "H or H,W: fit every image of a folder or tar to this size (pixels); "
+                    "unset: all images must share one size.")
+  flags.DEFINE_string("dataset", "cifar10", "With --source=tfds: the tensorflow-datasets name (cifar10, cifar100, ...).")
+  flags.DEFINE_enum("label", "fine", list(sources.LABELS), "CIFAR-100's labels: fine (100 classes) or coarse (20).")
 
 
 class VerifyError(ValueError):
   """A shard disagrees with the manifest."""
 
 
-def split_validation(train: sources.Split, val_size: int, seed: int) -> dict[str, sources.Split]:
+def split_validation(train: sources.Split, val_size: int, seed: int,
+                     num_classes: int = cifar10.NUM_CLASSES) -> dict[str, sources.Split]:
   """Carves a class-stratified validation split out of `train`; both come back shuffled by `seed`.
 
   Each class gives `val_size * class_share` images, the remainders going to the largest fractions, so
@@ -59,12 +73,12 @@ def split_validation(train: sources.Split, val_size: int, seed: int) -> dict[str
   n = len(train)
   if not 0 <= val_size < n:
     raise sources.SourceError(f"--val_size={val_size} must be in [0, {n}) for a train split of {n} images")
-  counts = np.bincount(train.labels, minlength=cifar10.NUM_CLASSES)
+  counts = np.bincount(train.labels, minlength=num_classes)
   exact = val_size * counts / n
   quota = np.floor(exact).astype(int)
   quota[np.argsort(-(exact - quota), kind="stable")[:val_size - quota.sum()]] += 1
   val_idx = np.concatenate([rng.permutation(np.flatnonzero(train.labels == k))[:quota[k]]
-                            for k in range(cifar10.NUM_CLASSES)]).astype(int)
+                            for k in range(len(counts))]).astype(int)
   train_idx = np.setdiff1d(np.arange(n), val_idx)
   pick = lambda s, idx: sources.Split(s.images[idx], s.labels[idx], [s.ids[i] for i in idx])
   out = {"train": pick(train, rng.permutation(train_idx))}
@@ -84,19 +98,19 @@ def _encode(image: np.ndarray, encoding: str) -> bytes:
   return image.tobytes() if encoding == "raw" else tf.io.encode_png(image).numpy()
 
 
-def write_shard(path: str, split: sources.Split, indices: np.ndarray, encoding: str) -> dict:
+def write_shard(path: str, split: sources.Split, indices: np.ndarray, encoding: str, num_classes: int) -> dict:
   """Writes one shard under a temporary name beside `path`; returns its manifest entry with `tmp`, the
   file to rename to `path` (None when `path` already holds the same bytes)."""
   tmp = fileio.temp_name(path)
   with tf.io.TFRecordWriter(tmp) as writer:
     for i in indices:
       writer.write(records.serialize_example(_encode(split.images[i], encoding), encoding,
-                                             int(split.labels[i]), split.ids[i]))
+                                             int(split.labels[i]), split.ids[i], split.images.shape[1:]))
   digest = fileio.sha256_file(tmp)
   if tf.io.gfile.exists(path) and fileio.sha256_file(path) == digest:
     tf.io.gfile.remove(tmp)
     tmp = None
-  counts = np.bincount(split.labels[indices], minlength=cifar10.NUM_CLASSES)
+  counts = np.bincount(split.labels[indices], minlength=num_classes)
   return {"file": os.path.basename(path), "num_records": len(indices), "class_counts": counts.tolist(),
           "sha256": digest, "tmp": tmp}
 
@@ -115,7 +129,7 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 
 
 def write_all(output_dir: str, splits: dict[str, sources.Split], num_shards: int, encoding: str,
-              workers: int) -> list[dict]:
+              workers: int, num_classes: int) -> list[dict]:
   """Writes every split's shards in parallel, logging progress; returns the shard entries in order."""
   counts = shard_counts({k: len(v) for k, v in splits.items()}, num_shards)
   jobs = []
@@ -128,7 +142,7 @@ def write_all(output_dir: str, splits: dict[str, sources.Split], num_shards: int
   total = sum(len(j[2]) for j in jobs)
   start, done, entries = time.time(), 0, {}
   with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-    futures = {pool.submit(write_shard, path, splits[name], idx, encoding): (name, path)
+    futures = {pool.submit(write_shard, path, splits[name], idx, encoding, num_classes): (name, path)
                for name, path, idx in jobs}
     for future in concurrent.futures.as_completed(futures):
       name, path = futures[future]
@@ -168,7 +182,7 @@ def build_manifest(source: sources.Source, splits: dict[str, sources.Split], sha
   split_info = {}
   for name, split in splits.items():
     info = {"num_examples": len(split), "num_shards": sum(s["split"] == name for s in shards),
-            "class_counts": np.bincount(split.labels, minlength=cifar10.NUM_CLASSES).tolist()}
+            "class_counts": np.bincount(split.labels, minlength=len(source.class_names)).tolist()}
     if name == "train":
       info["mean"], info["std"] = channel_stats(split.images)
     split_info[name] = info
@@ -177,17 +191,20 @@ def build_manifest(source: sources.Source, splits: dict[str, sources.Split], sha
       "tool": "tools.make_tfrecords", "tool_version": tools.__version__,
       "source": {"name": source.name, "kind": source.kind, "checksum": source.checksum},
       "class_names": list(source.class_names),
-      "image_shape": list(cifar10.IMAGE_SHAPE),
+      "image_shape": list(source.image_shape),
       "encoding": encoding, "seed": seed, "val_size": val_size,
       "splits": split_info,
       "shards": [{k: v for k, v in s.items() if k != "tmp"} for s in shards],
   }
 
 
-def summary_table(manifest: dict) -> str:
-  names = manifest["class_names"]
+def summary_table(manifest: dict, columns: int = 10) -> str:
+  """Images per split and class; the first `columns` classes (CIFAR-100 has 100)."""
+  names = manifest["class_names"][:columns]
   width = max(8, *(len(n) for n in names))
   header = f"{'split':<11}{'shards':>7}{'images':>8}  " + " ".join(f"{n:>{width}}" for n in names)
+  if len(manifest["class_names"]) > columns:
+    header += f"  ... {len(manifest['class_names'])} classes"
   lines = [header]
   for split, info in manifest["splits"].items():
     counts = " ".join(f"{c:>{width}}" for c in info["class_counts"][:len(names)])
@@ -196,16 +213,19 @@ def summary_table(manifest: dict) -> str:
 
 
 def make(source_name: str, output_dir: str, *, num_shards: int = 16, val_size: int = 5000, seed: int = 0,
-         encoding: str = "raw", workers: int = 0, synthetic_sizes: tuple[int, int] = (50000, 10000)) -> dict:
-  """Loads the source, splits it, writes shards and the manifest; returns the manifest."""
+         encoding: str = "raw", workers: int = 0, synthetic_sizes: tuple[int, int] = (50000, 10000),
+         image_size: tuple[int, int] | None = None, dataset: str = "cifar10", label: str = "fine") -> dict:
+  """Loads the source (sources.load: `image_size`, `dataset`, `label`), splits it, writes shards and the
+  manifest; returns the manifest."""
   start = time.time()
   fileio.check_bucket(output_dir)
-  source = sources.load(source_name, seed=seed, synthetic_sizes=synthetic_sizes)
+  source = sources.load(source_name, seed=seed, synthetic_sizes=synthetic_sizes, image_size=image_size,
+                        dataset=dataset, label=label)
   logging.info("loaded %s (%s): %s in %.1fs", source.name, source.kind,
                ", ".join(f"{k} {len(v)}" for k, v in source.splits.items()), time.time() - start)
   splits = {}
   if "train" in source.splits:
-    splits = split_validation(source.splits["train"], val_size, seed)
+    splits = split_validation(source.splits["train"], val_size, seed, len(source.class_names))
   else:  # a held-out set to score: there is no train split to carve a validation split from
     logging.info("%s has no train split: writing its test split only", source.name)
   if "test" in source.splits:
@@ -214,7 +234,7 @@ def make(source_name: str, output_dir: str, *, num_shards: int = 16, val_size: i
   for leftover in tf.io.gfile.glob(os.path.join(output_dir, ".tmp-*")):  # from a run killed half-way
     tf.io.gfile.remove(leftover)
   try:
-    shards = write_all(output_dir, splits, num_shards, encoding, workers)
+    shards = write_all(output_dir, splits, num_shards, encoding, workers, len(source.class_names))
   except BaseException:  # a full disk, Ctrl-C: this run's temporary files go, the old dataset stays
     for leftover in tf.io.gfile.glob(os.path.join(output_dir, ".tmp-*")):
       tf.io.gfile.remove(leftover)
@@ -249,13 +269,26 @@ def verify(output_dir: str) -> None:
     except tf.errors.OpError as e:
       raise VerifyError(f"{path}: unreadable record ({e.message.splitlines()[0]})") from None
     labels = np.concatenate(labels) if labels else np.zeros([0], np.int64)
-    counts = np.bincount(labels, minlength=cifar10.NUM_CLASSES).tolist()
+    counts = np.bincount(labels, minlength=manifest_lib.num_classes(manifest)).tolist()
     if len(labels) != entry["num_records"] or counts != entry["class_counts"]:
       raise VerifyError(f"{path}: {len(labels)} records with class counts {counts}; the manifest says "
                         f"{entry['num_records']} with {entry['class_counts']}")
     total += len(labels)
   print(summary_table(manifest))
   print(f"verify: OK: {len(manifest['shards'])} shards, {total} records match {manifest_lib.FILENAME}")
+
+
+def parse_image_size(values: list[str]) -> tuple[int, int] | None:
+  """--image_size=H or H,W -> (H, W); unset -> None."""
+  if not values:
+    return None
+  try:
+    sizes = [int(v) for v in values]
+  except ValueError:
+    sizes = []
+  if len(sizes) not in (1, 2) or min(sizes) <= 0:
+    raise sources.SourceError(f"--image_size={','.join(values)}: give H or H,W in pixels, e.g. 64 or 64,48")
+  return (sizes[0], sizes[-1])
 
 
 def main(argv):
@@ -269,7 +302,8 @@ def main(argv):
     else:
       make(FLAGS.source, FLAGS.output_dir, num_shards=FLAGS.num_shards, val_size=FLAGS.val_size,
            seed=FLAGS.seed, encoding=FLAGS.encoding, workers=FLAGS.workers,
-           synthetic_sizes=(FLAGS.synthetic_train_size, FLAGS.synthetic_test_size))
+           synthetic_sizes=(FLAGS.synthetic_train_size, FLAGS.synthetic_test_size),
+           image_size=parse_image_size(FLAGS.image_size), dataset=FLAGS.dataset, label=FLAGS.label)
   except (sources.SourceError, manifest_lib.ManifestError, VerifyError, fileio.StorageError) as e:
     print(f"make_tfrecords: error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -1,5 +1,7 @@
-r"""Classifies image files (PNG or JPEG, 32x32, local or gs://) with an exported SavedModel, or answers a
-request in TF Serving's REST JSON format.
+r"""Classifies image files (PNG or JPEG of any size, local or gs://) with an exported SavedModel, or
+answers a request in TF Serving's REST JSON format. Each image is fitted to the size the model was
+trained at, as make_tfrecords fitted its photos (the export's serve_bytes: a central crop of the
+model's aspect ratio, resized).
 
   python -m tools.predict --model=/tmp/run/export cat.png dog.jpg
   python -m tools.predict --model=/tmp/run/export --top_k=3 cat.png
@@ -21,7 +23,6 @@ from absl import flags
 import numpy as np
 import tensorflow as tf
 
-from pipeline import cifar10
 from pipeline import fileio
 from trainer import export as export_lib
 
@@ -36,22 +37,20 @@ def define_flags():
 
 
 class InputError(ValueError):
-  """An input file cannot be read or is not a 32x32 image."""
+  """An input file cannot be read or is not an image."""
 
 
 def read_image(path: str) -> bytes:
-  """The file's bytes, after checking that it decodes to a 32x32 image."""
+  """The file's bytes, after checking that it decodes as an image."""
   try:
     fileio.check_bucket(path)
   except fileio.StorageError as e:
     raise InputError(str(e)) from None
   try:
     data = tf.io.gfile.GFile(path, "rb").read()
-    shape = tuple(tf.io.decode_image(data, channels=cifar10.CHANNELS, expand_animations=False).shape)
+    tf.io.decode_image(data, channels=3, expand_animations=False)
   except tf.errors.OpError as e:
     raise InputError(f"{path}: not a readable PNG/JPEG image ({e.message.splitlines()[0]})") from None
-  if shape != cifar10.IMAGE_SHAPE:
-    raise InputError(f"{path}: image is {'x'.join(map(str, shape))}, expected 32x32x3")
   return data
 
 

@@ -1,8 +1,10 @@
-"""Readers for every CIFAR-10 source make_tfrecords accepts; each returns decoded uint8 images.
+"""Readers for every source make_tfrecords accepts; each returns decoded uint8 RGB images of one size.
 
-Sources (../shared/CONTRACTS.md): `tfds` (the official download through tensorflow-datasets), the official
-`cifar-10-python.tar.gz` / `cifar-10-binary.tar.gz` archives, a folder or `.tar[.gz]` of
-`<split>/<class_name>/<image>` files, and `synthetic` (learnable fake data, no download).
+Sources (../shared/CONTRACTS.md): `tfds` (the official download through tensorflow-datasets: CIFAR-10 by
+default, or another image-classification set of one image size), the official `cifar-10-python.tar.gz` /
+`cifar-10-binary.tar.gz` / `cifar-100-python.tar.gz` archives, a folder or `.tar[.gz]` of
+`<split>/<class_name>/<image>` files (any class names, any image sizes with `image_size`), and `synthetic`
+(learnable fake data, no download).
 """
 
 import concurrent.futures
@@ -19,9 +21,12 @@ import tensorflow as tf
 
 from pipeline import cifar10
 from pipeline import fileio
+from pipeline import ops
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _PY_DIR = "cifar-10-batches-py"
+_PY100_DIR = "cifar-100-python"
+LABELS = ("fine", "coarse")  # CIFAR-100's 100 classes or its 20 superclasses
 _BIN_DIR = "cifar-10-batches-bin"
 _TFDS_BATCH = 1000  # images per read from tensorflow-datasets
 _TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -34,7 +39,7 @@ class SourceError(ValueError):
 @dataclasses.dataclass
 class Split:
   """One split of a source: decoded images, their labels and unique ids."""
-  images: np.ndarray  # uint8 [N, 32, 32, 3]
+  images: np.ndarray  # uint8 [N, H, W, 3]
   labels: np.ndarray  # int64 [N]
   ids: list[str]
 
@@ -51,11 +56,28 @@ class Source:
   class_names: tuple[str, ...]
   splits: dict[str, Split]
 
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(next(iter(self.splits.values())).images.shape[1:])
 
-def load(source: str, *, seed: int = 0, synthetic_sizes: tuple[int, int] = (50000, 10000)) -> Source:
-  """Loads `source` (see the module docstring) into memory."""
+
+def load(source: str, *, seed: int = 0, synthetic_sizes: tuple[int, int] = (50000, 10000),
+         image_size: tuple[int, int] | None = None, dataset: str = "cifar10", label: str = "fine") -> Source:
+  """Loads `source` (see the module docstring) into memory.
+
+  Args:
+    source: tfds | synthetic | a path.
+    seed: of the synthetic data.
+    synthetic_sizes: train and test images of the synthetic data.
+    image_size: (height, width) every image of an image folder or tar is fitted to (ops.fit_image);
+      None: all must have the size most of them have.
+    dataset: the tensorflow-datasets name, with `tfds`.
+    label: CIFAR-100's `fine` (100 classes) or `coarse` (20 superclasses) labels.
+  """
+  if label not in LABELS:
+    raise SourceError(f"--label={label!r} is not one of: {', '.join(LABELS)}")
   if source == "tfds":
-    return load_tfds()
+    return load_tfds(dataset, label=label)
   if source == "synthetic":
     return make_synthetic(seed, *synthetic_sizes)
   try:
@@ -65,35 +87,40 @@ def load(source: str, *, seed: int = 0, synthetic_sizes: tuple[int, int] = (5000
   if not tf.io.gfile.exists(source):
     raise SourceError(f"{source}: no such file or folder")
   if tf.io.gfile.isdir(source):
-    return _load_image_files(source, "folder", _sha256_of_entries, _walk_folder(source))
-  return _load_tar(source)
+    return _load_image_files(source, "folder", _sha256_of_entries, _walk_folder(source), image_size)
+  return _load_tar(source, image_size, label)
 
 
 # --- tensorflow-datasets -------------------------------------------------------------------------------
 
-def load_tfds(data_dir: str | None = None) -> Source:
-  """The official CIFAR-10 through tensorflow-datasets (downloads on first use)."""
+def load_tfds(name: str = "cifar10", data_dir: str | None = None, label: str = "fine") -> Source:
+  """An image-classification set of one image size through tensorflow-datasets (downloads on first
+  use): its `image` and `label` features (CIFAR-100's `coarse_label` with label="coarse")."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import, one source)
+  feature = "coarse_label" if label == "coarse" else "label"
   try:
-    builder = tfds.builder("cifar10", data_dir=data_dir)
+    builder = tfds.builder(name, data_dir=data_dir)
     builder.download_and_prepare()
     splits = {}
     for split in ("train", "test"):
+      if builder.info.splits and split not in builder.info.splits:  # (tfds's mock data lists none)
+        continue
       batches = list(tfds.as_numpy(builder.as_dataset(split=split, batch_size=_TFDS_BATCH, shuffle_files=False)))
       ids = [i.decode() if isinstance(i, bytes) else str(i) for b in batches for i in b["id"]]
       splits[split] = Split(np.concatenate([b["image"] for b in batches]).astype(np.uint8),
-                            np.concatenate([b["label"] for b in batches]).astype(np.int64), ids)
+                            np.concatenate([b[feature] for b in batches]).astype(np.int64), ids)
   except Exception as e:  # pylint: disable=broad-except  (tfds raises many kinds; all mean "no data")
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise SourceError(f"tfds: could not download or read CIFAR-10 ({first_line}); without network pass "
-                      "--source=PATH to cifar-10-python.tar.gz, cifar-10-binary.tar.gz or an image folder") from e
-  names = tuple(builder.info.features["label"].names)
-  return Source("tfds", "tfds", f"tfds:cifar10:{builder.info.version}", names, splits)
+    raise SourceError(f"tfds: could not download or read {name} ({first_line}); without network pass "
+                      "--source=PATH to cifar-10-python.tar.gz, cifar-10-binary.tar.gz, cifar-100-python.tar.gz "
+                      "or an image folder") from e
+  names = tuple(builder.info.features[feature].names)
+  return Source("tfds", "tfds", f"tfds:{name}:{builder.info.version}", names, splits)
 
 
 # --- official archives and image tars --------------------------------------------------------------------
 
-def _load_tar(path: str) -> Source:
+def _load_tar(path: str, image_size=None, label: str = "fine") -> Source:
   """Reads a tar archive once, then dispatches on what it holds."""
   with tf.io.gfile.GFile(path, "rb") as f:
     blob = f.read()
@@ -108,8 +135,10 @@ def _load_tar(path: str) -> Source:
     return _python_archive(path, checksum, members)
   if _BIN_DIR in dirs:
     return _binary_archive(path, checksum, members)
+  if _PY100_DIR in dirs:
+    return _cifar100_archive(path, checksum, members, label)
   entries = [(name, lambda data=data: data) for name, data in sorted(members.items())]
-  return _load_image_files(path, "image_tar", lambda _: checksum, entries)
+  return _load_image_files(path, "image_tar", lambda _: checksum, entries, image_size)
 
 
 def _member(path: str, members: dict[str, bytes], suffix: str) -> bytes:
@@ -155,10 +184,33 @@ def _binary_archive(path: str, checksum: str, members: dict[str, bytes]) -> Sour
   return Source(path, "cifar10_binary", checksum, tuple(meta), splits)
 
 
-def _array_split(split: str, images: np.ndarray, labels: np.ndarray) -> Split:
-  bad = np.flatnonzero((labels < 0) | (labels >= cifar10.NUM_CLASSES))
+def _cifar100_archive(path: str, checksum: str, members: dict[str, bytes], label: str) -> Source:
+  """`cifar-100-python.tar.gz`: pickled `train` and `test` dicts of N x 3072 uint8 rows (CHW planes) with
+  fine and coarse labels, and `meta` with both name lists."""
+  def unpickle(name):
+    try:
+      return pickle.loads(_member(path, members, f"{_PY100_DIR}/{name}"), encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+      raise SourceError(f"{path}: member {name} is not a CIFAR-100 python pickle ({e!r})") from e
+
+  def split(name, num_classes):
+    d = unpickle(name)
+    try:
+      images = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+      return _array_split(name, images, np.asarray(d[f"{label}_labels".encode()], np.int64), num_classes)
+    except (KeyError, ValueError) as e:
+      raise SourceError(f"{path}: member {name} is not a CIFAR-100 python batch ({e!r})") from e
+
+  meta = unpickle("meta")
+  names = tuple(n.decode() for n in meta[f"{label}_label_names".encode()])
+  return Source(path, f"cifar100_python_{label}", checksum, names,
+                {"train": split("train", len(names)), "test": split("test", len(names))})
+
+
+def _array_split(split: str, images: np.ndarray, labels: np.ndarray, num_classes: int = cifar10.NUM_CLASSES) -> Split:
+  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
   if bad.size:
-    raise SourceError(f"{split}_{bad[0]:05d}: label {labels[bad[0]]} is outside 0..{cifar10.NUM_CLASSES - 1}")
+    raise SourceError(f"{split}_{bad[0]:05d}: label {labels[bad[0]]} is outside 0..{num_classes - 1}")
   return Split(np.ascontiguousarray(images), labels, [f"{split}_{i:05d}" for i in range(len(labels))])
 
 
@@ -197,16 +249,14 @@ def _sha256_of_entries(entries) -> str:
 
 
 def class_ids(names: set[str]) -> tuple[str, ...]:
-  """Class names indexed by label id: CIFAR-10's own ids when every name is a CIFAR-10 name."""
+  """Class names indexed by label id: CIFAR-10's own ids when every name is a CIFAR-10 name, else the
+  names sorted."""
   if names <= set(cifar10.CLASS_NAMES):
     return cifar10.CLASS_NAMES
-  if len(names) > cifar10.NUM_CLASSES:
-    raise SourceError(f"{len(names)} classes found ({', '.join(sorted(names))}); "
-                      f"at most {cifar10.NUM_CLASSES} are supported")
   return tuple(sorted(names))
 
 
-def _load_image_files(name: str, kind: str, checksum_fn, entries) -> Source:
+def _load_image_files(name: str, kind: str, checksum_fn, entries, image_size=None) -> Source:
   """Reads `<split>/<class>/<image>` entries (path, read function), decodes them in parallel."""
   found, starts = [], []  # (split, class, path inside the source, bytes); where <split>/ starts in the path
   for rel, read in entries:
@@ -221,7 +271,7 @@ def _load_image_files(name: str, kind: str, checksum_fn, entries) -> Source:
            in zip(found, _ids([e[2] for e in found], starts))]
   found.sort(key=lambda e: e[2])
   names = class_ids({e[1] for e in found})
-  images = _decode_all(name, [(e[2], e[3]) for e in found])
+  images = _decode_all(name, [(e[2], e[3]) for e in found], image_size)
   splits = {}
   for split in ("train", "test"):
     idx = [i for i, e in enumerate(found) if e[0] == split]
@@ -231,22 +281,30 @@ def _load_image_files(name: str, kind: str, checksum_fn, entries) -> Source:
   return Source(name, kind, checksum_fn([(e[2], e[3]) for e in found]), names, splits)
 
 
-def _decode_one(source: str, rel: str, data: bytes) -> np.ndarray:
+def _decode(source: str, rel: str, data: bytes) -> np.ndarray:
   # TensorFlow's decoder, the same the `serve_bytes` signature uses, so training and serving see the same
-  # pixels from the same file.
+  # pixels from the same file; grey and RGBA images come out RGB.
   try:
-    image = tf.io.decode_image(data, channels=cifar10.CHANNELS, expand_animations=False).numpy()
+    return tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
     raise SourceError(f"{source}: {rel}: not a decodable image ({e.message.splitlines()[0]})") from None
-  if image.shape != cifar10.IMAGE_SHAPE:
-    raise SourceError(f"{source}: {rel}: image is {'x'.join(map(str, image.shape))}, "
-                      f"expected {'x'.join(map(str, cifar10.IMAGE_SHAPE))}")
-  return image
 
 
-def _decode_all(source: str, files: list[tuple[str, bytes]]) -> np.ndarray:
+def _decode_all(source: str, files: list[tuple[str, bytes]], image_size=None) -> np.ndarray:
+  """Every file decoded, fitted to `image_size` (height, width) when given; else all must be of the size
+  most of them have, and the first of another size is named."""
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-    return np.stack(list(pool.map(lambda f: _decode_one(source, *f), files)))
+    images = list(pool.map(lambda f: _decode(source, *f), files))
+  if image_size:
+    fit = tf.function(lambda image: ops.fit_image(image, *image_size), reduce_retracing=True)
+    return np.stack([fit(image).numpy() for image in images])
+  shapes = [image.shape for image in images]
+  common = max(set(shapes), key=lambda s: (shapes.count(s), -shapes.index(s)))
+  for (rel, _), shape in zip(files, shapes):
+    if shape != common:
+      raise SourceError(f"{source}: {rel}: image is {'x'.join(map(str, shape))}, expected "
+                        f"{'x'.join(map(str, common))}")  # the size of most; --image_size fits all to one
+  return np.stack(images)
 
 
 # --- synthetic ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import tensorflow as tf
 from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
 from pipeline import ops
+from trainer import models
 from trainer.faults import TrainingError
 
 NORMALIZATIONS = {"centered": ((0.5, 0.5, 0.5), (1.0, 1.0, 1.0)),  # pixels / 255 - 0.5
@@ -28,6 +29,11 @@ def normalization_for(config, manifest: dict) -> tuple[tuple[float, ...], tuple[
     raise ValueError(f"input.normalization={config.input.normalization!r} is not one of: dataset, "
                      f"{', '.join(NORMALIZATIONS)}")
   return NORMALIZATIONS[config.input.normalization]
+
+
+def model_shape(manifest: dict) -> models.DataShape:
+  """What the model is built for: the dataset's image shape and class count."""
+  return models.DataShape(manifest_lib.image_shape(manifest), manifest_lib.num_classes(manifest))
 
 
 def steps_per_epoch_for(config, manifest: dict) -> int:

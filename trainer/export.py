@@ -1,8 +1,9 @@
-"""The SavedModel for serving: self-contained (normalisation, class names and test-time augmentation inside),
-three signatures.
+"""The SavedModel for serving: self-contained (normalisation, class names, image size and test-time
+views inside), three signatures, for the dataset's H x W images and K classes (32x32 and 10 for CIFAR-10).
 
-  serving_default(images: uint8 [N, 32, 32, 3]) -> probabilities float32 [N, 10], classes int64 [N]
-  serve_bytes(image_bytes: string [N], PNG or JPEG)  -> the same
+  serving_default(images: uint8 [N, H, W, 3]) -> probabilities float32 [N, K], classes int64 [N]
+  serve_bytes(image_bytes: string [N], PNG or JPEG of any size, grey, RGB or RGBA) -> the same; each image
+    fitted to H x W as make_tfrecords fits photos (ops.fit_image)
   serve_examples(examples: string [N], serialized records as written by make_tfrecords) -> the same
 """
 
@@ -10,47 +11,44 @@ import os
 
 import tensorflow as tf
 
-from pipeline import cifar10
 from pipeline import fileio
 from pipeline import ops
 from pipeline import records
 from trainer import views
 
-_IMAGES = tf.TensorSpec([None, *cifar10.IMAGE_SHAPE], tf.uint8, name="images")
-_BYTES = tf.TensorSpec([None], tf.string, name="image_bytes")
-_EXAMPLES = tf.TensorSpec([None], tf.string, name="examples")
-
 
 class Serving(tf.Module):
-  """Wraps a trained Keras model with the normalisation it was trained with and the class names."""
+  """Wraps a trained Keras model with the normalisation it was trained with, the class names and the
+  image shape of its data."""
 
   def __init__(self, model, mean, std, class_names, tta: str = "none"):
     super().__init__(name="serving")
     self.model = model
     self._tta = tta
     self._mean, self._std = tuple(mean), tuple(std)
-    names = list(class_names) + [f"class_{i}" for i in range(len(class_names), cifar10.NUM_CLASSES)]
-    self.class_names = tf.Variable(names, trainable=False, name="class_names")
+    self._shape = tuple(model.inputs[0].shape[1:])
+    self.class_names = tf.Variable(list(class_names), trainable=False, name="class_names")
     self.normalization = tf.Variable([self._mean, self._std], trainable=False, name="normalization")
+    self.serve_images = tf.function(self._predict, input_signature=[
+        tf.TensorSpec([None, *self._shape], tf.uint8, name="images")])
+    self.serve_bytes = tf.function(self._predict_bytes, input_signature=[
+        tf.TensorSpec([None], tf.string, name="image_bytes")])
+    self.serve_examples = tf.function(self._predict_examples, input_signature=[
+        tf.TensorSpec([None], tf.string, name="examples")])
 
   def _predict(self, images):
     probabilities = tf.nn.softmax(views.logits(self.model, ops.normalize(images, self._mean, self._std), self._tta))
     return {"probabilities": probabilities, "classes": tf.argmax(probabilities, axis=-1, output_type=tf.int64)}
 
-  @tf.function(input_signature=[_IMAGES])
-  def serve_images(self, images):
-    return self._predict(images)
+  def _predict_bytes(self, image_bytes):
+    height, width, channels = self._shape
+    fit = lambda b: ops.fit_image(tf.io.decode_image(b, channels=channels, expand_animations=False), height, width)
+    return self._predict(tf.map_fn(fit, image_bytes, fn_output_signature=tf.TensorSpec(self._shape, tf.uint8)))
 
-  @tf.function(input_signature=[_BYTES])
-  def serve_bytes(self, image_bytes):
-    images = tf.map_fn(lambda b: records.decode_image(b, tf.constant("encoded")), image_bytes,
-                       fn_output_signature=tf.TensorSpec(cifar10.IMAGE_SHAPE, tf.uint8))
-    return self._predict(images)
-
-  @tf.function(input_signature=[_EXAMPLES])
-  def serve_examples(self, examples):
+  def _predict_examples(self, examples):
     features = records.parse_batch(examples)
-    return self._predict(records.decode_batch(features[records.ENCODED], features[records.FORMAT]))
+    return self._predict(records.decode_batch(features[records.ENCODED], features[records.FORMAT],
+                                              shape=self._shape))
 
   def signatures(self) -> dict:
     return {"serving_default": self.serve_images, "serve_bytes": self.serve_bytes,

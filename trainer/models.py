@@ -1,10 +1,12 @@
-"""Keras 3 models. Each builder takes the `model` ConfigDict and returns a `keras.Model` mapping normalised
-float images [N, 32, 32, 3] to float32 logits [N, 10].
+"""Keras 3 models. Each builder takes the `model` ConfigDict and the data's shape and returns a
+`keras.Model` mapping normalised float images [N, H, W, C] to float32 logits [N, K].
 
 Under a mixed-precision policy layers compute in bf16/fp16; the logits layer stays float32, and BatchNorm
 computes its statistics in float32. BatchNorm and Activation below are Keras's layers made faster (fused
 kernel, XLA-compiled GELU) with the same weights and results.
 """
+
+import dataclasses
 
 import keras
 import numpy as np
@@ -85,7 +87,17 @@ def _conv_bn(x, width: int, config, name: str):
   return activation(config.activation, name=f"{name}_act")(x)
 
 
-def resnet(config) -> keras.Model:
+@dataclasses.dataclass(frozen=True)
+class DataShape:
+  """What a model needs to know of the data: the input shape and the head's size."""
+  image_shape: tuple[int, int, int]
+  num_classes: int
+
+
+CIFAR10 = DataShape(cifar10.IMAGE_SHAPE, cifar10.NUM_CLASSES)
+
+
+def resnet(config, data: DataShape) -> keras.Model:
   """A deep residual CNN in the shape of Page's ResNet-9 / airbench: a stem, then per stage a conv and a
   2x2 max-pool followed by `blocks_per_stage` residual blocks of two convs, then global max-pool.
 
@@ -93,7 +105,7 @@ def resnet(config) -> keras.Model:
   logit_scale (logits are multiplied by it; < 1 softens the initial predictions), fast_kernels.
   """
   batch_norm, activation = _layer_classes(config)
-  inputs = keras.Input(cifar10.IMAGE_SHAPE, name="images")
+  inputs = keras.Input(data.image_shape, name="images")
   x = _conv_bn(inputs, config.stem_width, config, "stem")
   for s, width in enumerate(config.widths):
     x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"stage{s}_conv")(x)
@@ -107,7 +119,7 @@ def resnet(config) -> keras.Model:
       x = _conv_bn(x, width, config, f"stage{s}_block{b}b")
       x = keras.layers.Add(name=f"stage{s}_block{b}_add")([shortcut, x])
   x = keras.layers.GlobalMaxPooling2D(name="pool")(x)
-  x = keras.layers.Dense(cifar10.NUM_CLASSES, use_bias=False, dtype="float32", name="logits")(x)
+  x = keras.layers.Dense(data.num_classes, use_bias=False, dtype="float32", name="logits")(x)
   if config.logit_scale != 1.0:
     x = keras.layers.Rescaling(config.logit_scale, dtype="float32", name="logit_scale")(x)
   return keras.Model(inputs, x, name="resnet")
@@ -119,7 +131,7 @@ def _per_block(values, blocks: int) -> tuple:
   return values * blocks if len(values) == 1 else values
 
 
-def plain_cnn(config) -> keras.Model:
+def plain_cnn(config, data: DataShape) -> keras.Model:
   """The tutorial CNNs: blocks of `convs_per_block` convs (with bias), each optionally followed by
   BatchNorm (`norm="post"`: conv -> activation -> BN), then a 2x2 max-pool and dropout; then dense layers.
 
@@ -130,7 +142,7 @@ def plain_cnn(config) -> keras.Model:
   batch_norm, _ = _layer_classes(config)
   regularizer = keras.regularizers.L2(config.l2) if config.l2 else None
   dropout = _per_block(config.block_dropout, len(config.widths))
-  inputs = keras.Input(cifar10.IMAGE_SHAPE, name="images")
+  inputs = keras.Input(data.image_shape, name="images")
   x = inputs
   for b, width in enumerate(config.widths):
     for c in range(config.convs_per_block):
@@ -149,17 +161,17 @@ def plain_cnn(config) -> keras.Model:
                            kernel_regularizer=regularizer, name=f"dense{d}")(x)
     if config.dense_dropout:
       x = keras.layers.Dropout(config.dense_dropout, name=f"dense{d}_dropout")(x)
-  x = keras.layers.Dense(cifar10.NUM_CLASSES, dtype="float32", kernel_regularizer=regularizer, name="logits")(x)
+  x = keras.layers.Dense(data.num_classes, dtype="float32", kernel_regularizer=regularizer, name="logits")(x)
   return keras.Model(inputs, x, name="plain_cnn")
 
 
-def mlp(config) -> keras.Model:
+def mlp(config, data: DataShape) -> keras.Model:
   """A multi-layer perceptron on the flattened pixels. Config: dense (hidden widths), activation."""
-  inputs = keras.Input(cifar10.IMAGE_SHAPE, name="images")
+  inputs = keras.Input(data.image_shape, name="images")
   x = keras.layers.Flatten(name="flatten")(inputs)
   for d, width in enumerate(config.dense):
     x = keras.layers.Dense(width, activation=config.activation, name=f"dense{d}")(x)
-  x = keras.layers.Dense(cifar10.NUM_CLASSES, dtype="float32", name="logits")(x)
+  x = keras.layers.Dense(data.num_classes, dtype="float32", name="logits")(x)
   return keras.Model(inputs, x, name="mlp")
 
 
@@ -236,7 +248,7 @@ def trainable_at(model: keras.Model, epoch: int) -> list:
   return [v for v in model.trainable_variables if id(v) not in frozen]
 
 
-def airbench(config) -> keras.Model:
+def airbench(config, data: DataShape) -> keras.Model:
   """airbench94's net (Keller Jordan's cifar10-airbench, after Page's ResNet-9 and hlb-CIFAR10): a frozen
   patch-whitening conv, then per width a group conv -> 2x2 max-pool -> BN -> act -> conv -> BN -> act, no
   residuals, BatchNorm without a scale (its bias only), a global max-pool and a bias-free linear head
@@ -255,7 +267,7 @@ def airbench(config) -> keras.Model:
     return keras.layers.Conv2D(width, 3, padding="same", use_bias=False, kernel_initializer=PartialDirac(),
                                name=name)
 
-  inputs = keras.Input(cifar10.IMAGE_SHAPE, name="images")
+  inputs = keras.Input(data.image_shape, name="images")
   # In bf16 the faintest whitened channels carry 10-19% rounding noise (large filters summing nearly
   # cancelling terms), but float32 here cost ~10% of the step on this CPU and gained nothing measurable
   # (BUILD.md), so the layer follows the model's precision.
@@ -271,7 +283,7 @@ def airbench(config) -> keras.Model:
   x = keras.layers.GlobalMaxPooling2D(name="pool")(x)
   head_init = (keras.initializers.RandomUniform(-config.head_init_std * 3 ** 0.5, config.head_init_std * 3 ** 0.5)
                if config.head_init_std else _torch_default())
-  x = keras.layers.Dense(cifar10.NUM_CLASSES, use_bias=False, dtype="float32", name="logits",
+  x = keras.layers.Dense(data.num_classes, use_bias=False, dtype="float32", name="logits",
                          kernel_initializer=head_init)(x)
   x = keras.layers.Rescaling(config.logit_scale, dtype="float32", name="logit_scale")(x)
   return keras.Model(inputs, x, name="airbench")
@@ -280,8 +292,9 @@ def airbench(config) -> keras.Model:
 BUILDERS = {"resnet": resnet, "airbench": airbench, "plain_cnn": plain_cnn, "mlp": mlp}
 
 
-def build(config) -> keras.Model:
-  """Builds `config.name` from BUILDERS."""
+def build(config, data: DataShape | None = None) -> keras.Model:
+  """Builds `config.name` from BUILDERS for `data`: the run's, as its manifest says (CIFAR-10's when not
+  given: config checks, tests)."""
   if config.name not in BUILDERS:
     raise ValueError(f"model.name={config.name!r} is not one of: {', '.join(sorted(BUILDERS))}")
-  return BUILDERS[config.name](config)
+  return BUILDERS[config.name](config, data or CIFAR10)

@@ -60,13 +60,14 @@ class State:
   lookahead: optim.Lookahead | None  # when optimizer.lookahead_every > 0
 
 
-def make_state(config, strategy, steps_per_epoch: int) -> State:
-  """The model, optimizer, step counter, averages and their checkpoint, under `strategy.scope()`."""
+def make_state(config, strategy, steps_per_epoch: int, data: models.DataShape | None = None) -> State:
+  """The model (for `data`: see models.build), optimizer, step counter, averages and their checkpoint,
+  under `strategy.scope()`."""
   opt = config.optimizer
   keras.mixed_precision.set_dtype_policy(config.mixed_precision)
   keras.utils.set_random_seed(config.seed)
   with strategy.scope():
-    model = models.build(config.model)
+    model = models.build(config.model, data)
     optimizer = optim.make_optimizer(config, steps_per_epoch)
     optimizer.build(model.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
@@ -151,7 +152,8 @@ class Learner:
     """Runs per replica."""
     config, optimizer = self.config, self.state.optimizer
     if config.input.augment_on == "device":
-      batch = augment.train_preprocess(batch, config.augment, self._mean, self._std)
+      batch = augment.train_preprocess(batch, config.augment, self._mean, self._std,
+                                       num_classes=self.state.model.outputs[0].shape[-1])
     images, labels = batch["images"], batch["labels"]
     if config.jit_compile:  # a function of this replica's own (traced once per replica and variable set)
       compiled = tf.function(lambda x, y: self._gradients(x, y, variables), jit_compile=True)

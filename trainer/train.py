@@ -88,7 +88,7 @@ def _start(config, workdir: str, strategy) -> Run:
   distribute.log_devices(strategy)
   manifest, steps_per_epoch, latest = _agreed(strategy, lambda: _check_start(config, workdir, strategy))
   workdir_lib.check_same_checkpoint(strategy, latest)
-  state = steps.make_state(config, strategy, steps_per_epoch)
+  state = steps.make_state(config, strategy, steps_per_epoch, data.model_shape(manifest))
   if latest:
     _agreed(strategy, lambda: workdir_lib.restore(state.checkpoint, latest))
     logging.info("resumed from %s at step %d", latest, int(state.step.numpy()))
