@@ -192,6 +192,35 @@ def test_sigterm_during_start_up_stops_before_the_first_step(synthetic_dir, tmp_
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("global_batch_size", 0, "global_batch_size=0 must be an integer >= 1"),
+    ("global_batch_size", -32, "global_batch_size=-32 must be an integer >= 1"),
+    ("eval_batch_size", 0, "eval_batch_size=0 must be an integer >= 1"),
+    ("num_epochs", 0, "num_epochs=0 must be an integer >= 1"),
+    ("keep_checkpoints", 0, "keep_checkpoints=0 must be an integer >= 1"),
+    ("steps_per_epoch", -3, "steps_per_epoch=-3 must be an integer >= 0"),
+    ("tta", "sideways", "tta='sideways' is not one of: none, flip, flip_translate"),
+])
+def test_out_of_range_config_values_are_refused_before_anything_runs(synthetic_dir, tmp_path, key, value, message):
+  """Before: 0 divided by zero, a negative batch was "larger than the train split", num_epochs=0 exported an
+  untrained model, a bad tta failed after the whole training."""
+  with pytest.raises(train.TrainingError, match=f"^{re.escape(message)}$"):
+    train.train_and_evaluate(_smoke(synthetic_dir, **{key: value}), str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_an_empty_workdir_flag_and_a_missing_config_file_are_one_line(synthetic_dir):
+  _one_line_error(subprocess.run([sys.executable, "-m", "trainer.main", f"--config={SMOKE}", "--workdir=",
+                                  f"--config.data_dir={synthetic_dir}"], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=300),
+                  "trainer: error: --workdir is empty: give the directory the run's checkpoints, summaries and "
+                  "export go to")
+  _one_line_error(subprocess.run([sys.executable, "-m", "trainer.main", "--config=configs/nope.py", "--workdir=/tmp/x"],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=300),
+                  "trainer: error: --config=configs/nope.py: [Errno 2] No such file or directory: 'configs/nope.py'",
+                  2)
+
+
 def test_unwritable_workdir(synthetic_dir, tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("")

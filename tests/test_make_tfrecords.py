@@ -332,3 +332,21 @@ def test_a_failed_rerun_leaves_the_dataset_usable_and_says_why_in_one_line(tmp_p
   assert "Traceback" not in result.stderr
   assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
   make_tfrecords.verify(out)
+
+
+@pytest.mark.parametrize("flag,expected", [
+    ("--num_shards=0", "flag --num_shards=0: 0 is not a positive integer"),  # was a numpy traceback
+    ("--workers=-1", "flag --workers=-1: -1 is not a non-negative integer"),  # was a ThreadPoolExecutor traceback
+])
+def test_flags_out_of_range_are_named(tmp_path, flag, expected):
+  result = _run("tools.make_tfrecords", "--source=synthetic", f"--output_dir={tmp_path}/out", flag)
+  assert result.returncode == 1 and expected in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_output_dir_that_is_a_file_is_one_line(tmp_path):
+  (tmp_path / "out").write_text("precious")
+  result = _run("tools.make_tfrecords", "--source=synthetic", f"--output_dir={tmp_path}/out",
+                "--synthetic_train_size=100", "--synthetic_test_size=10", "--val_size=0")
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+  assert result.stderr.strip().splitlines()[-1] == f"make_tfrecords: error: --output_dir={tmp_path}/out is a file, not a directory"
+  assert (tmp_path / "out").read_text() == "precious"

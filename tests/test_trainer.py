@@ -236,6 +236,20 @@ def test_predict_tool(trained, tmp_path):
     np.testing.assert_allclose([q for _, q in top], np.sort(row)[::-1][:3], atol=1e-6)
 
 
+@pytest.mark.parametrize("tool,flag,expected", [
+    ("tools.evaluate", "--batch_size=0", "flag --batch_size=0: 0 is not a positive integer"),  # was a traceback
+    ("tools.predict", "--top_k=0", "flag --top_k=0: 0 is not a positive integer"),  # printed no class at all
+])
+def test_tool_flags_out_of_range_are_named(trained, tmp_path, tool, flag, expected):
+  workdir, _, config = trained
+  image = str(tmp_path / "x.png")
+  tf.io.write_file(image, tf.io.encode_png(tf.zeros([40, 30, 3], tf.uint8)))
+  args = [f"--data_dir={config.data_dir}"] if tool == "tools.evaluate" else [image]
+  result = subprocess.run([sys.executable, "-m", tool, f"--model={workdir}/export", flag, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and expected in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_rest_json_requests_match_the_signatures(trained, tmp_path):
   import base64  # pylint: disable=g-import-not-at-top
   workdir, _, config = trained

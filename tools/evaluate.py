@@ -23,7 +23,7 @@ def define_flags():
   flags.DEFINE_string("model", None, "Export directory (a SavedModel), local or gs://.")
   flags.DEFINE_string("data_dir", None, "Directory written by make_tfrecords.")
   flags.DEFINE_string("split", "test", "train | validation | test")
-  flags.DEFINE_integer("batch_size", 1000, "Images per call of the serving signature.")
+  flags.DEFINE_integer("batch_size", 1000, "Images per call of the serving signature.", lower_bound=1)
   flags.mark_flags_as_required(["model", "data_dir"])
 
 

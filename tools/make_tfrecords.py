@@ -44,14 +44,15 @@ def define_flags():
   """Command-line flags; defined only when run as a program, so modules import side by side."""
   flags.DEFINE_string("source", "tfds", "tfds | synthetic | path to an official archive, image folder or tar.")
   flags.DEFINE_string("output_dir", None, "Where shards and manifest.json go (local or gs://).")
-  flags.DEFINE_integer("num_shards", 16, "Shards for train; validation and test get proportionally fewer (>= 1).")
+  flags.DEFINE_integer("num_shards", 16, "Shards for train; validation and test get proportionally fewer (>= 1).",
+                       lower_bound=1)
   flags.DEFINE_integer("val_size", 5000, "Validation images carved out of train, stratified by class; 0 = none.")
   flags.DEFINE_integer("seed", 0, "Seed of the validation split and of the shard order.")
   flags.DEFINE_enum("encoding", "raw", ["raw", "png"], "raw: 3072 uint8 bytes per image (fastest); png: smaller.")
   flags.DEFINE_bool("verify", False, "Re-read --output_dir and check it against its manifest; write nothing.")
-  flags.DEFINE_integer("synthetic_train_size", 50000, "Images in the synthetic train split.")
-  flags.DEFINE_integer("synthetic_test_size", 10000, "Images in the synthetic test split.")
-  flags.DEFINE_integer("workers", 0, "Parallel shard writers; 0 = one per CPU core.")
+  flags.DEFINE_integer("synthetic_train_size", 50000, "Images in the synthetic train split.", lower_bound=1)
+  flags.DEFINE_integer("synthetic_test_size", 10000, "Images in the synthetic test split.", lower_bound=1)
+  flags.DEFINE_integer("workers", 0, "Parallel shard writers; 0 = one per CPU core.", lower_bound=0)
   flags.DEFINE_list("image_size", [], "H or H,W: fit every image of a folder or tar to this size (pixels); "
                     "unset: all images must share one size.")
   flags.DEFINE_string("dataset", "cifar10", "With --source=tfds: the tensorflow-datasets name (cifar10, cifar100, ...).")
@@ -219,6 +220,8 @@ def make(source_name: str, output_dir: str, *, num_shards: int = 16, val_size: i
   manifest; returns the manifest."""
   start = time.time()
   fileio.check_bucket(output_dir)
+  if tf.io.gfile.exists(output_dir) and not tf.io.gfile.isdir(output_dir):
+    raise sources.SourceError(f"--output_dir={output_dir} is a file, not a directory")
   source = sources.load(source_name, seed=seed, synthetic_sizes=synthetic_sizes, image_size=image_size,
                         dataset=dataset, label=label)
   logging.info("loaded %s (%s): %s in %.1fs", source.name, source.kind,

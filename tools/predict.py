@@ -25,13 +25,14 @@ import tensorflow as tf
 
 from pipeline import fileio
 from trainer import export as export_lib
+from trainer import faults
 
 FLAGS = flags.FLAGS
 
 def define_flags():
   """Command-line flags; defined only when run as a program, so modules import side by side."""
   flags.DEFINE_string("model", None, "Export directory (a SavedModel), local or gs://.")
-  flags.DEFINE_integer("top_k", 1, "Classes printed per image, most probable first.")
+  flags.DEFINE_integer("top_k", 1, "Classes printed per image, most probable first.", lower_bound=1)
   flags.DEFINE_string("json", None, "A TF Serving REST request body (file, gs:// or - for stdin) to answer.")
   flags.mark_flags_as_required(["model"])
 
@@ -50,7 +51,7 @@ def read_image(path: str) -> bytes:
     data = tf.io.gfile.GFile(path, "rb").read()
     tf.io.decode_image(data, channels=3, expand_animations=False)
   except tf.errors.OpError as e:
-    raise InputError(f"{path}: not a readable PNG/JPEG image ({e.message.splitlines()[0]})") from None
+    raise InputError(f"{path}: not a readable PNG/JPEG image ({faults.first_line(e.message)})") from None
   return data
 
 

@@ -80,6 +80,8 @@ def load(source: str, *, seed: int = 0, synthetic_sizes: tuple[int, int] = (5000
     return load_tfds(dataset, label=label)
   if source == "synthetic":
     return make_synthetic(seed, *synthetic_sizes)
+  if not source:
+    raise SourceError("--source is empty: give tfds, synthetic, or the path of an archive, image folder or tar")
   try:
     fileio.check_bucket(source)
   except fileio.StorageError as e:
@@ -129,7 +131,8 @@ def _load_tar(path: str, image_size=None, label: str = "fine") -> Source:
     with tarfile.open(fileobj=io.BytesIO(blob), mode="r:*") as tar:
       members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
   except (tarfile.TarError, EOFError, OSError) as e:
-    raise SourceError(f"{path}: not a readable tar archive ({e})") from e
+    reason = "not a tar, tar.gz, tar.bz2 or tar.xz file" if isinstance(e, tarfile.ReadError) else " ".join(str(e).split())
+    raise SourceError(f"{path}: not a readable tar archive ({reason})") from e
   dirs = {name.split("/")[-2] for name in members if "/" in name}
   if _PY_DIR in dirs:
     return _python_archive(path, checksum, members)

@@ -45,7 +45,12 @@ def flags_parser(program: str):
   """An absl `flags_parser` that turns bad flags and bad `--config.KEY` overrides into one line, exit 2."""
   def parse(argv):
     try:
-      return FLAGS(argv)
+      rest = FLAGS(argv)
+      if "config" in FLAGS and FLAGS["config"].present:
+        FLAGS.config.keys()  # a file that failed to load is a placeholder that raises OSError on use
+      return rest
+    except OSError as e:  # the config file cannot be read
+      message = f"--config={config_flags.get_config_filename(FLAGS['config'])}: {str(e).strip().splitlines()[-1].strip()}"
     except flags.Error as e:
       message = str(e)
       if "Traceback (most recent call last)" in message:  # raised inside a config file's get_config(ARG)

@@ -24,6 +24,7 @@ from trainer import faults
 from trainer import loop
 from trainer import models
 from trainer import steps
+from trainer import views
 from trainer import workdir as workdir_lib
 from trainer import writers
 from trainer.faults import TrainingError  # pylint: disable=unused-import  (part of this module's API)
@@ -135,8 +136,21 @@ def _agreed(strategy, check):
   return result
 
 
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+POSITIVE = ("global_batch_size", "eval_batch_size", "num_epochs", "keep_checkpoints")
+NOT_NEGATIVE = ("steps_per_epoch", "steps_per_loop", "log_every_steps", "checkpoint_every_steps",
+                "eval_every_epochs", "bn_statistics_images", "summary_worst_images")
+
+
 def check_config(config, replicas: int) -> None:
-  """Refuses values the hardware or each other rule out, naming the key."""
+  """Refuses values out of range, or that the hardware or each other rule out, naming the key."""
+  for key in POSITIVE + NOT_NEGATIVE:
+    if not isinstance(config[key], int) or config[key] < (1 if key in POSITIVE else 0):
+      raise TrainingError(f"{key}={config[key]!r} must be an integer >= {1 if key in POSITIVE else 0}")
+  if config.mixed_precision not in PRECISIONS:
+    raise TrainingError(f"mixed_precision={config.mixed_precision!r} is not one of: {', '.join(PRECISIONS)}")
+  if config.tta not in views.VIEWS:
+    raise TrainingError(f"tta={config.tta!r} is not one of: {', '.join(views.VIEWS)}")
   for key in ("global_batch_size", "eval_batch_size"):
     if config[key] % replicas:
       raise TrainingError(f"{key}={config[key]} does not divide by the {replicas} replicas; "

@@ -49,6 +49,8 @@ def flat_config(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
 def check(workdir: str) -> None:
   """Refuses a workdir that cannot be written, is a file, or is a non-empty directory holding other files
   than a run's (FILES) unless it has a run's run.json: then the others (a tool's report) are left alone."""
+  if not workdir:
+    raise TrainingError("--workdir is empty: give the directory the run's checkpoints, summaries and export go to")
   try:
     fileio.check_bucket(workdir)
   except fileio.StorageError as e:
