@@ -39,13 +39,15 @@ def _photo_folder(root, per_class):
       os.makedirs(os.path.join(root, split, name))
       for i in range(n):
         image = _photo(rng, label, *sizes[i % len(sizes)])
-        if i % 7 == 3:
+        if i % 7 == 3:  # RGBA
           encoded = tf.io.encode_png(np.concatenate([image, np.full(image.shape[:2] + (1,), 255, np.uint8)], -1))
+        elif i % 7 == 5:  # grey
+          encoded = tf.io.encode_png(image[..., :1])
         elif i % 2:
           encoded = tf.io.encode_jpeg(image, quality=95)
         else:
           encoded = tf.io.encode_png(image)
-        tf.io.write_file(os.path.join(root, split, name, f"{i:03d}.{'jpg' if i % 2 and i % 7 != 3 else 'png'}"),
+        tf.io.write_file(os.path.join(root, split, name, f"{i:03d}.{'jpg' if i % 2 and i % 7 not in (3, 5) else 'png'}"),
                          encoded)
 
 
@@ -137,3 +139,13 @@ def test_cifar100_in_its_official_format_to_a_100_class_export(tmp_path):
   assert [n.decode() for n in model.class_names.numpy()] == fine
   images = tf.zeros([2, 32, 32, 3], tf.uint8)
   assert model.signatures["serving_default"](images=images)["probabilities"].shape == (2, 100)
+
+
+def test_tfds_takes_other_datasets(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  with tfds.testing.mock_data(num_examples=30):
+    fine = make_tfrecords.make("tfds", str(tmp_path / "fine"), num_shards=1, val_size=0, dataset="cifar100")
+    coarse = make_tfrecords.make("tfds", str(tmp_path / "coarse"), num_shards=1, val_size=0, dataset="cifar100",
+                                 label="coarse")
+  assert fine["source"]["checksum"].startswith("tfds:cifar100:") and len(fine["class_names"]) == 100
+  assert len(coarse["class_names"]) == 20
