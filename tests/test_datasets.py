@@ -52,9 +52,11 @@ def _photo_folder(root, per_class):
 
 
 def _smoke(data_dir, arg="smoke", **overrides):
+  """A smoke run of one epoch without the per-evaluation figures (a 100-class confusion matrix takes
+  seconds to draw)."""
   config = deep.get_config(arg)
-  config.data_dir = data_dir
-  config.update(overrides)
+  config.update(data_dir=data_dir, num_epochs=1, summary_worst_images=0, **overrides)
+  config.input.probe_batches = 0
   return config
 
 
