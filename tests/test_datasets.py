@@ -69,6 +69,14 @@ def test_fit_image_crops_to_the_aspect_then_resizes():
   np.testing.assert_array_equal(square, np.clip(np.round(expected), 0, 255).astype(np.uint8))
 
 
+def test_test_time_views_of_images_that_are_not_square():
+  import keras  # pylint: disable=g-import-not-at-top
+  from trainer import views  # pylint: disable=g-import-not-at-top
+  inputs = keras.Input((6, 4, 3))
+  model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(inputs)))
+  assert views.logits(model, tf.zeros([2, 6, 4, 3]), "flip_translate").shape == (2, 2)
+
+
 def test_mixed_size_photos_without_image_size_name_the_odd_one(tmp_path):
   folder = str(tmp_path / "photos")
   _photo_folder(folder, per_class=4)
@@ -141,6 +149,10 @@ def test_cifar100_in_its_official_format_to_a_100_class_export(tmp_path):
   assert [n.decode() for n in model.class_names.numpy()] == fine
   images = tf.zeros([2, 32, 32, 3], tf.uint8)
   assert model.signatures["serving_default"](images=images)["probabilities"].shape == (2, 100)
+  cifar10 = str(tmp_path / "cifar10")
+  make_tfrecords.make("synthetic", cifar10, num_shards=1, val_size=0, synthetic_sizes=(40, 20))
+  with pytest.raises(manifest_lib.ManifestError, match=r"was trained on other classes than .* \(100 and 10 classes"):
+    evaluate_tool.evaluate(os.path.join(workdir, "export"), cifar10, "test", 100)
 
 
 def test_tfds_takes_other_datasets(tmp_path):

@@ -95,8 +95,8 @@ def train_loop_timer(config, strategy, manifest: dict):
   """The config's train loop on a fresh state: returns (run, dataset_fn), where run(iterator, steps) times
   `steps` steps fed by `iterator` in images/s, and dataset_fn is the train input for the strategy."""
   steps_per_epoch = data.steps_per_epoch_for(config, manifest)
-  learner = steps_lib.Learner(config, strategy, steps_lib.make_state(config, strategy, steps_per_epoch),
-                              *data.normalization_for(config, manifest))
+  state = steps_lib.make_state(config, strategy, steps_per_epoch, data.model_shape(manifest))
+  learner = steps_lib.Learner(config, strategy, state, *data.normalization_for(config, manifest))
 
   def run(iterator, steps: int) -> float:
     start = time.perf_counter()

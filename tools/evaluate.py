@@ -29,12 +29,18 @@ def define_flags():
 
 def evaluate(model_dir: str, data_dir: str, split: str, batch_size: int) -> tuple[int, int]:
   """Returns (correct, total) of the export's `serving_default` on `split`."""
-  serve = export_lib.load(model_dir).signatures["serving_default"]
-  takes = tuple(serve.structured_input_signature[1]["images"].shape[1:])
-  holds = manifest_lib.image_shape(manifest_lib.load(data_dir))
+  model = export_lib.load(model_dir)
+  serve = model.signatures["serving_default"]
+  manifest = manifest_lib.load(data_dir)
+  takes, holds = tuple(serve.structured_input_signature[1]["images"].shape[1:]), manifest_lib.image_shape(manifest)
   if takes != holds:
     raise manifest_lib.ManifestError(f"{model_dir} takes {'x'.join(map(str, takes))} images; {data_dir} holds "
                                      f"{'x'.join(map(str, holds))} images")
+  names = tuple(n.decode() for n in model.class_names.numpy())
+  if names != manifest_lib.class_names(manifest):
+    raise manifest_lib.ManifestError(f"{model_dir} was trained on other classes than {data_dir} holds "
+                                     f"({len(names)} and {manifest_lib.num_classes(manifest)} classes, "
+                                     "or another order): its accuracy there would mean nothing")
   dataset = input_pipeline.build_eval_dataset(data_dir, split, batch_size=batch_size)  # uint8, as served
   correct = total = 0
   for batch in dataset:

@@ -47,7 +47,7 @@ def define_flags():
   flags.DEFINE_integer("num_shards", 16, "Shards for train; validation and test get proportionally fewer (>= 1).",
                        lower_bound=1)
   flags.DEFINE_integer("val_size", 5000, "Validation images carved out of train, stratified by class; 0 = none.")
-  flags.DEFINE_integer("seed", 0, "Seed of the validation split and of the shard order.")
+  flags.DEFINE_integer("seed", 0, "Seed of the validation split and of the shard order.", lower_bound=0)
   flags.DEFINE_enum("encoding", "raw", ["raw", "png"], "raw: 3072 uint8 bytes per image (fastest); png: smaller.")
   flags.DEFINE_bool("verify", False, "Re-read --output_dir and check it against its manifest; write nothing.")
   flags.DEFINE_integer("synthetic_train_size", 50000, "Images in the synthetic train split.", lower_bound=1)

@@ -108,14 +108,18 @@ def load_tfds(name: str = "cifar10", data_dir: str | None = None, label: str = "
       if builder.info.splits and split not in builder.info.splits:  # (tfds's mock data lists none)
         continue
       batches = list(tfds.as_numpy(builder.as_dataset(split=split, batch_size=_TFDS_BATCH, shuffle_files=False)))
-      ids = [i.decode() if isinstance(i, bytes) else str(i) for b in batches for i in b["id"]]
-      splits[split] = Split(np.concatenate([b["image"] for b in batches]).astype(np.uint8),
+      images = np.concatenate([b["image"] for b in batches]).astype(np.uint8)
+      ids = ([i.decode() if isinstance(i, bytes) else str(i) for b in batches for i in b["id"]]
+             if "id" in batches[0] else [f"{split}_{i:05d}" for i in range(len(images))])
+      splits[split] = Split(np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images,  # grey: RGB
                             np.concatenate([b[feature] for b in batches]).astype(np.int64), ids)
   except Exception as e:  # pylint: disable=broad-except  (tfds raises many kinds; all mean "no data")
     first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise SourceError(f"tfds: could not download or read {name} ({first_line}); without network pass "
                       "--source=PATH to cifar-10-python.tar.gz, cifar-10-binary.tar.gz, cifar-100-python.tar.gz "
                       "or an image folder") from e
+  if not splits:
+    raise SourceError(f"tfds: {name} has neither a train nor a test split")
   names = tuple(builder.info.features[feature].names)
   return Source("tfds", "tfds", f"tfds:{name}:{builder.info.version}", names, splits)
 
@@ -222,9 +226,10 @@ def _array_split(split: str, images: np.ndarray, labels: np.ndarray, num_classes
 _IMAGE_PATH = re.compile(r"(?:^|/)(train|test)/([^/]+)/([^/]+)$")
 
 
-def _hidden(rel: str) -> bool:
-  """macOS's AppleDouble `._x.png` and `__MACOSX/`, `.DS_Store` and other dot files are not images."""
-  return any((part.startswith(".") and part not in (".", "..")) or part == "__MACOSX" for part in rel.split("/"))
+def _hidden(rel: str, start: int) -> bool:
+  """macOS's AppleDouble `._x.png` and `__MACOSX/`, `.DS_Store` and other dot files are not images: a dot
+  name from <split>/ on, or __MACOSX anywhere (folders above <split>/, such as .cache/, may be dot names)."""
+  return "__MACOSX" in rel.split("/") or any(part.startswith(".") for part in rel[start:].split("/"))
 
 
 def _ids(paths: list[str], starts: list[int]) -> list[str]:
@@ -264,7 +269,7 @@ def _load_image_files(name: str, kind: str, checksum_fn, entries, image_size=Non
   found, starts = [], []  # (split, class, path inside the source, bytes); where <split>/ starts in the path
   for rel, read in entries:
     match = _IMAGE_PATH.search(rel)
-    if match and rel.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(rel):
+    if match and rel.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(rel, match.start(1)):
       found.append((match.group(1), match.group(2), rel, read()))
       starts.append(match.start(1))
   if not found:
@@ -273,8 +278,9 @@ def _load_image_files(name: str, kind: str, checksum_fn, entries, image_size=Non
   found = [(split, cls, record_id, data) for (split, cls, _, data), record_id
            in zip(found, _ids([e[2] for e in found], starts))]
   found.sort(key=lambda e: e[2])
-  names = class_ids({e[1] for e in found})
   images = _decode_all(name, [(e[2], e[3]) for e in found], image_size)
+  names = class_ids({e[1] for e in found}) if images.shape[1:] == cifar10.IMAGE_SHAPE else tuple(
+      sorted({e[1] for e in found}))  # CIFAR-10's ids only for CIFAR-10-sized images
   splits = {}
   for split in ("train", "test"):
     idx = [i for i, e in enumerate(found) if e[0] == split]

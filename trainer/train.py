@@ -145,7 +145,7 @@ NOT_NEGATIVE = ("steps_per_epoch", "steps_per_loop", "log_every_steps", "checkpo
 def check_config(config, replicas: int) -> None:
   """Refuses values out of range, or that the hardware or each other rule out, naming the key."""
   for key in POSITIVE + NOT_NEGATIVE:
-    if not isinstance(config[key], int) or config[key] < (1 if key in POSITIVE else 0):
+    if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < (1 if key in POSITIVE else 0):
       raise TrainingError(f"{key}={config[key]!r} must be an integer >= {1 if key in POSITIVE else 0}")
   if config.mixed_precision not in PRECISIONS:
     raise TrainingError(f"mixed_precision={config.mixed_precision!r} is not one of: {', '.join(PRECISIONS)}")

@@ -19,7 +19,7 @@ def logits(model, images: tf.Tensor, views: str) -> tf.Tensor:
     return mirror(images)
   if views == "flip_translate":
     padded = tf.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="REFLECT")
-    size = images.shape[1]
-    return (0.5 * mirror(images) + 0.25 * mirror(padded[:, :size, :size]) +
-            0.25 * mirror(padded[:, 2:size + 2, 2:size + 2]))
+    height, width = images.shape[1], images.shape[2]
+    return (0.5 * mirror(images) + 0.25 * mirror(padded[:, :height, :width]) +
+            0.25 * mirror(padded[:, 2:height + 2, 2:width + 2]))
   raise ValueError(f"tta={views!r} is not one of: {', '.join(VIEWS)}")
