@@ -162,6 +162,11 @@ def write_all(output_dir: str, splits: dict[str, sources.Split], num_shards: int
   return [entries[path] for _, path, _ in jobs]
 
 
+def _remove_temporaries(output_dir: str) -> None:
+  for leftover in tf.io.gfile.glob(os.path.join(output_dir, ".tmp-*")):
+    tf.io.gfile.remove(leftover)
+
+
 def publish(output_dir: str, shards: list[dict], manifest: dict) -> None:
   """Swaps the new shards in for the old ones and writes the manifest: the old manifest goes only now,
   once every new shard is complete, so a run that fails before leaves the old dataset usable."""
@@ -234,13 +239,11 @@ def make(source_name: str, output_dir: str, *, num_shards: int = 16, val_size: i
   if "test" in source.splits:
     splits["test"] = source.splits["test"]
   tf.io.gfile.makedirs(output_dir)
-  for leftover in tf.io.gfile.glob(os.path.join(output_dir, ".tmp-*")):  # from a run killed half-way
-    tf.io.gfile.remove(leftover)
+  _remove_temporaries(output_dir)  # from a run killed half-way
   try:
     shards = write_all(output_dir, splits, num_shards, encoding, workers, len(source.class_names))
   except BaseException:  # a full disk, Ctrl-C: this run's temporary files go, the old dataset stays
-    for leftover in tf.io.gfile.glob(os.path.join(output_dir, ".tmp-*")):
-      tf.io.gfile.remove(leftover)
+    _remove_temporaries(output_dir)
     raise
   manifest = build_manifest(source, splits, shards, encoding=encoding, seed=seed, val_size=val_size)
   publish(output_dir, shards, manifest)

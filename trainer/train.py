@@ -244,11 +244,12 @@ def _final_evaluation(run: Run, stop: faults.StopRequest) -> bool:
       break
     run.metrics[split], _ = evaluator.evaluate(dataset, views=config.tta)
     logging.info("final %s: %s", split, writers.format_metrics(run.metrics[split]))
-  if stop.agreed(run.strategy):
-    logging.info("stopped by %s after the last step, before the export; %s holds the trained weights. Run the "
-                 "same command to evaluate and export them.", stop.cause, run.checkpoints.latest)
-    return True
-  return False
+  else:  # every split scored: one last vote before the export
+    if not stop.agreed(run.strategy):
+      return False
+  logging.info("stopped by %s after the last step, before the export; %s holds the trained weights. Run the "
+               "same command to evaluate and export them.", stop.cause, run.checkpoints.latest)
+  return True
 
 
 def _end(run: Run, status: str, error: str | None = None) -> None:
