@@ -37,7 +37,10 @@ class Loop:
 class PeriodicAction:
   """Runs `run(step)` at the loop boundaries where it is due: at multiples of `every_steps` (one period or
   several), at `on_steps`, or once `every_secs` seconds of `clock` have passed since it last ran (or was
-  made). Subclasses may also watch every loop (`observe`) and act before one (`before`)."""
+  made). Subclasses may also watch every loop (`observe`) and act before one (`before`). Counts its runs
+  and their seconds, reported under `name` (run.json's timing; "" = not reported)."""
+
+  name = ""
 
   def __init__(self, *, every_steps: int | tuple[int, ...] = (), every_secs: float = 0.0, on_steps=(),
                clock=None):
@@ -47,6 +50,7 @@ class PeriodicAction:
     self.every_secs = every_secs
     self.clock = clock or default_clock
     self._last_time = self.clock()
+    self.runs, self.seconds = 0, 0.0
 
   def next_step(self, step: int) -> int | None:
     """The first step after `step` where a step trigger fires; None if none will."""
@@ -68,8 +72,10 @@ class PeriodicAction:
     self.observe(loop)
     if not self.due(loop.step):
       return False
+    start = self.clock()
     self.run(loop.step)
     self._last_time = self.clock()
+    self.runs, self.seconds = self.runs + 1, self.seconds + self._last_time - start
     return True
 
   def run(self, step: int) -> None:
@@ -78,11 +84,40 @@ class PeriodicAction:
   def close(self) -> None:
     """Called once when the loop ends, however it ends."""
 
+  def timing(self) -> dict:
+    """{name: {runs, secs}} for run.json; empty when unnamed or never run."""
+    if not self.name or not self.runs:
+      return {}
+    return {self.name: {"runs": self.runs, "secs": round(self.seconds, 3)}}
+
+
+class Timeline(PeriodicAction):
+  """Never runs; watches every loop for the run's timing: when the first and the last train loop of this
+  process ended, their steps, and the seconds inside train loops. First in the list of actions, so that
+  the others' work does not count as the loops'."""
+
+  def __init__(self, clock=None):
+    super().__init__(clock=clock)
+    self.loops, self.first_steps, self.train_seconds = 0, 0, 0.0
+    self.first_end = self.last_end = None
+
+  def observe(self, loop):
+    self.last_end = self.clock()
+    if not self.loops:
+      self.first_end, self.first_steps = self.last_end, loop.steps
+    self.loops += 1
+    self.train_seconds += loop.seconds
+
+  def run(self, step):
+    del step
+
 
 class ReportProgress(PeriodicAction):
   """Writes train/loss, accuracy, learning_rate (and loss_scale) and images_per_sec, over the loops since
   its last report. Images/s count the time inside train loops only: evaluation, checkpoints and
   summaries between loops are not the step's."""
+
+  name = "train_summaries"
 
   def __init__(self, writer: writers.MetricWriter, global_batch_size: int, optimizer_scalars, **trigger):
     super().__init__(**trigger)
@@ -133,19 +168,33 @@ class Evaluate(PeriodicAction):
   """Scores the validation split (with the EMA weights when there are any) and writes validation/*; with
   `images` (the chief, config.summary_worst_images > 0) also its confusion matrix and worst images."""
 
+  name = "validation"
+
   def __init__(self, evaluator: evaluation.Evaluator, dataset, writer: writers.MetricWriter, *,
                class_names, worst: int, denormalize, **trigger):
     super().__init__(**trigger)
     self.evaluator, self.dataset, self.writer = evaluator, dataset, writer
     self.class_names, self.worst, self.denormalize = list(class_names), worst, denormalize
     self.last = {}
+    self.figure_seconds = 0.0
 
   def run(self, step):
     with evaluation.averaged_weights(self.evaluator.state):
       self.last, details = self.evaluator.evaluate(self.dataset, worst=self.worst)
     self.writer.write_scalars(step, {f"validation/{k}": v for k, v in self.last.items()})
     if self.worst:
+      start = self.clock()
       self.writer.write_images(step, self._figures(details))
+      self.figure_seconds += self.clock() - start
+
+  def timing(self):
+    """The passes over the split, and apart from them the figures (confusion matrix, worst images)."""
+    if not self.runs:
+      return {}
+    passes = {"validation": {"runs": self.runs, "secs": round(self.seconds - self.figure_seconds, 3)}}
+    if not self.worst:
+      return passes
+    return {**passes, "validation_figures": {"runs": self.runs, "secs": round(self.figure_seconds, 3)}}
 
   def _figures(self, details: dict) -> dict[str, np.ndarray]:
     images = {"validation/confusion_matrix":
@@ -160,6 +209,8 @@ class Evaluate(PeriodicAction):
 
 class Checkpoint(PeriodicAction):
   """Calls `save(step)`, which every worker must reach alike (saving is collective)."""
+
+  name = "checkpoint"
 
   def __init__(self, save, **trigger):
     super().__init__(**trigger)

@@ -5,6 +5,7 @@ r"""Trains a config and exports a SavedModel.
 
 import re
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -15,6 +16,7 @@ from pipeline import manifest
 from trainer import faults
 from trainer import train
 
+IMPORTED = time.monotonic()  # run.json's timing counts start-up from here
 FLAGS = flags.FLAGS
 
 
@@ -72,7 +74,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   tf.get_logger().setLevel("WARNING")  # tf.distribute logs every all-reduce it builds at INFO
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, since=IMPORTED)
   except (manifest.ManifestError, train.TrainingError, ValueError, tf.errors.OpError) as e:
     print(f"trainer: error: {faults.describe(e)}", file=sys.stderr)
     sys.exit(1)

@@ -7,8 +7,10 @@ trainer/writers.py, the workdir's checks and files in trainer/workdir.py, the da
 trainer/data.py, stop requests and error messages in trainer/faults.py.
 """
 
+import contextlib
 import dataclasses
 import os
+import time
 
 from absl import logging
 import ml_collections
@@ -43,7 +45,10 @@ class Run:
   writer: writers.MetricWriter
   started: str
   start_step: int
+  since: float  # time.monotonic() where this process's timing starts (the end of its imports)
   metrics: dict = dataclasses.field(default_factory=dict)
+  timing: dict = dataclasses.field(default_factory=dict)  # run.json's: fixed and per-epoch costs, seconds
+  last_loop_end: float | None = None
 
   @property
   def chief(self) -> bool:
@@ -54,27 +59,39 @@ class Run:
     return self.config.num_epochs * self.steps_per_epoch
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, *, since: float | None = None) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; evaluates the final weights on
   every split the data has and exports them. Returns the final metrics. A stop request (SIGTERM, SIGINT)
-  at any point after start-up ends in a checkpoint and a clean return; the same command resumes."""
+  at any point after start-up ends in a checkpoint and a clean return; the same command resumes.
+  run.json's timing counts start-up from `since` (time.monotonic() at the end of trainer.main's imports;
+  by default this call)."""
+  since = time.monotonic() if since is None else since
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
   # Before our SIGTERM handler: MultiWorkerMirroredStrategy's coordination service installs its own, which
   # would replace ours and leave a stop request unseen.
   strategy = distribute.make_strategy(config)
   with faults.StopRequest() as stop, faults.data_errors_as_training_errors():
-    run = _start(config, workdir, strategy)
+    run = _start(config, workdir, strategy, since)
     try:
       workdir_lib.check_shared(run.strategy, workdir)
       if run.start_step == 0:
         _first_start(run)
-      stopped = _train(run, stop) or _final_evaluation(run, stop)
+      stopped = _train(run, stop)
+      if not stopped:
+        with _timed(run, "final_evaluation_secs"):
+          stopped = _final_evaluation(run, stop)
       if not stopped and run.chief and config.export:
         mean, std = data.normalization_for(config, run.manifest)
-        path = export_lib.export(run.state.model, os.path.join(workdir, "export"), mean=mean, std=std,
-                                 class_names=manifest_lib.class_names(run.manifest), tta=config.tta)
+        with _timed(run, "export_secs"):
+          path = export_lib.export(run.state.model, os.path.join(workdir, "export"), mean=mean, std=std,
+                                   class_names=manifest_lib.class_names(run.manifest), tta=config.tta)
         logging.info("exported SavedModel to %s", path)
+      if not stopped and run.last_loop_end is not None:
+        run.timing["last_step_to_export_secs"] = round(time.monotonic() - run.last_loop_end, 3)
+        logging.info("fixed cost: %.1f s from the start to the end of the first train loop, %.1f s from the "
+                     "last step to the export written", run.timing["start_to_first_step_secs"],
+                     run.timing["last_step_to_export_secs"])
     except BaseException as e:
       _end(run, "failed", error=faults.describe(e))
       raise
@@ -82,7 +99,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return run.metrics
 
 
-def _start(config, workdir: str, strategy) -> Run:
+def _start(config, workdir: str, strategy, since: float) -> Run:
   """Checks, state restored from the latest checkpoint if there is one, config.json and a run.json saying
   "running" (what the next start checks a resume against, even if this one is killed)."""
   started = workdir_lib.now()
@@ -103,7 +120,8 @@ def _start(config, workdir: str, strategy) -> Run:
                                   progress_bar=chief and config.progress_bar)
   writer = writers.create_default_writer(os.path.join(workdir, "summaries"), chief=chief,
                                          flush_secs=config.summary_flush_secs, console=console)
-  run = Run(config, workdir, strategy, manifest, steps_per_epoch, state, checkpoints, writer, started, start_step)
+  run = Run(config, workdir, strategy, manifest, steps_per_epoch, state, checkpoints, writer, started, start_step,
+            since)
   if chief:
     _write_run_json(run, "running")
   return run
@@ -191,17 +209,41 @@ def _train(run: Run, stop: faults.StopRequest) -> bool:
     logging.info("stopped by %s before the first step. Run the same command to resume.", stop.cause)
     return True
   report, validation, actions = _actions(run, learner)
+  timeline = loop.Timeline()
   try:
-    stopped = loop.run(learner, iterator, actions, start_step=run.start_step, total_steps=run.total_steps,
-                       steps_per_epoch=run.steps_per_epoch, steps_per_loop=config.steps_per_loop,
-                       stop_requested=lambda: stop.agreed(strategy), last_checkpoint=lambda: run.checkpoints.latest)
+    stopped = loop.run(learner, iterator, [timeline, *actions], start_step=run.start_step,
+                       total_steps=run.total_steps, steps_per_epoch=run.steps_per_epoch,
+                       steps_per_loop=config.steps_per_loop, stop_requested=lambda: stop.agreed(strategy),
+                       last_checkpoint=lambda: run.checkpoints.latest)
   finally:  # also for run.json when the loop fails
     run.metrics.update({name: a.last for name, a in (("train", report), ("validation", validation)) if a.last})
+    run.last_loop_end = timeline.last_end
+    run.timing.update(_loop_timing(run, timeline, actions))
   if stopped:  # agreed by every worker: all save here and leave together
     step = int(run.state.step.numpy())
     logging.info("stopped by %s at step %d; checkpoint %s written. Run the same command to resume.",
                  stop.cause, step, run.checkpoints.save(step))
   return stopped
+
+
+def _loop_timing(run: Run, timeline: loop.Timeline, actions: list) -> dict:
+  """run.json's timing of the train loops: start-up to the end of the first loop (an upper bound on "to
+  the first step": it holds that loop's steps too), seconds inside loops, and each action's runs."""
+  timing = {"train_loops": timeline.loops, "train_loop_secs": round(timeline.train_seconds, 3),
+            "actions": {k: v for action in actions for k, v in action.timing().items()}}
+  if timeline.first_end is not None:
+    timing.update(start_to_first_step_secs=round(timeline.first_end - run.since, 3),
+                  first_loop_steps=timeline.first_steps)
+  return timing
+
+
+@contextlib.contextmanager
+def _timed(run: Run, key: str):
+  start = time.monotonic()
+  try:
+    yield
+  finally:
+    run.timing[key] = round(time.monotonic() - start, 3)
 
 
 def _actions(run: Run, learner: steps.Learner):
@@ -269,4 +311,4 @@ def _write_run_json(run: Run, status: str, **extra) -> None:
   workdir_lib.write_run(run.workdir, status=status, started=run.started, start_step=run.start_step,
                         end_step=int(run.state.step.numpy()), total_steps=run.total_steps,
                         steps_per_epoch=run.steps_per_epoch, distribution=distribute.describe(run.strategy),
-                        metrics=run.metrics, **extra)
+                        metrics=run.metrics, timing=run.timing, **extra)
