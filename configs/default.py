@@ -14,6 +14,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.steps_per_epoch = 0  # steps per epoch; 0 = train images // global_batch_size (>0 caps it: smoke runs)
   config.global_batch_size = 512  # images per step over all replicas; must divide by the replica count
   config.eval_batch_size = 1000  # images per evaluation step over all replicas
+  config.eval_steps = 0  # evaluation batches per split; 0 = the whole split (>0 caps it: smoke runs)
   config.seed = 0  # seeds initialisation, data order and augmentation
   config.deterministic = False  # True: same seed -> same batches in the same order (slower tf.data)
   config.mixed_precision = "float32"  # float32 | mixed_float16 (GPU) | mixed_bfloat16 (TPU, A100+, AVX512-BF16)
@@ -104,8 +105,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.normalization = "dataset"  # dataset: z-score by the train split's mean/std; centered; unit
   config.input.verify_checksums = True  # re-hash every shard against manifest.json before training
   config.input.augment_on = "host"  # host: tf.data augments and normalises; device: inside the train step
-  config.input.probe_batches = 20  # batches of the train pipeline timed alone at start (TensorBoard
-                                   # input/images_per_sec, what the host can feed); 0 = off
+  config.input.probe_batches = 0  # batches of the train pipeline timed alone at start (TensorBoard
+                                  # input/images_per_sec, what the host can feed; 20 costs ~2 s); 0 = off
   config.input.data_service = ""  # grpc://host:port of a tf.data service dispatcher whose DispatcherConfig lists
                                   # its workers (each makes every n-th batch); "" = in-process tf.data
 
@@ -142,6 +143,7 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.steps_per_epoch = 4
   config.global_batch_size = 32
   config.eval_batch_size = 250
+  config.eval_steps = 2  # 500 images per split: the start-up and end of a real run, not its evaluation
   config.steps_per_loop = 2
   config.log_every_steps = 2
   config.model.stem_width = 8

@@ -28,6 +28,10 @@ from pipeline import records
 AUTOTUNE = tf.data.AUTOTUNE
 _MAX_EPOCHS = 1 << 40  # "forever": training stops by step count, not by running out of data
 _ALL = 1 << 40  # a batch size that takes a whole split in one element
+_CHUNK = 2048  # records decoded by one op while loading a split into memory
+# The functions given to tf.data have no tensor-dependent Python control flow, so AutoGraph need not
+# rewrite them (and everything they call) first: that rewrite was most of a pipeline's build time.
+_as_is = tf.autograph.experimental.do_not_convert
 
 
 def _context(input_context: tf.distribute.InputContext | None) -> tf.distribute.InputContext:
@@ -126,7 +130,7 @@ def build_train_dataset(config, data_dir: str, *, steps_per_epoch: int, global_b
     batches = batches.shard(tf.data.experimental.SHARD_HINT, tf.data.experimental.SHARD_HINT)
   if config.input.augment_on == "host":
     num_classes = manifest_lib.num_classes(manifest)
-    batches = batches.map(lambda b: augment.train_preprocess(b, config.augment, mean, std, num_classes),
+    batches = batches.map(_as_is(lambda b: augment.train_preprocess(b, config.augment, mean, std, num_classes)),
                           num_parallel_calls=AUTOTUNE, deterministic=config.deterministic)
   elif config.input.augment_on != "device":
     raise ValueError(f"input.augment_on={config.input.augment_on!r} is not one of: host, device")
@@ -158,7 +162,9 @@ def _in_memory_batches(files, decode, layout: _Layout, seed: int, first_epoch: i
   what a replica sees does not depend on how replicas are spread over workers: 2 workers of 1 replica
   train exactly as 1 worker with 2 (a test checks it), and a resumed run continues exactly.
   """
-  everything = tf.data.TFRecordDataset(files).batch(_ALL).map(decode).cache()
+  # Decoded in chunks on every core, then made one element: one op over the whole split ran on one core.
+  everything = (tf.data.TFRecordDataset(files).batch(_CHUNK)
+                .map(_as_is(decode), num_parallel_calls=AUTOTUNE, deterministic=True).unbatch().batch(_ALL).cache())
   base_seed = tf.constant([seed, 0], tf.int64)
   needed = layout.steps_per_epoch * layout.replicas * layout.batch
 
@@ -170,13 +176,13 @@ def _in_memory_batches(files, decode, layout: _Layout, seed: int, first_epoch: i
     ids = tf.reshape(tf.range(layout.steps_per_epoch, dtype=tf.int64)[:, None] * layout.replicas
                      + replica_ids[None, :], [-1])
     index = tf.data.Dataset.from_tensor_slices((ids, tf.reshape(mine, [-1, layout.batch])))
-    return index.map(lambda b, idx: dict(
+    return index.map(_as_is(lambda b, idx: dict(
         {k: tf.gather(v, idx) for k, v in data.items()}, epoch=epoch,
-        seed=augment.batch_seed(base_seed, epoch, b), run_seed=base_seed))
+        seed=augment.batch_seed(base_seed, epoch, b), run_seed=base_seed)))
 
   # Each epoch's element holds a reference to the cached tensors, not a copy.
   epochs = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS)
-  return tf.data.Dataset.zip(epochs, everything.repeat()).flat_map(epoch_batches)
+  return tf.data.Dataset.zip(epochs, everything.repeat()).flat_map(_as_is(epoch_batches))
 
 
 def _streaming_batches(files, counts, decode, layout: _Layout, seed: int, first_epoch: int,
@@ -203,13 +209,13 @@ def _streaming_batches(files, counts, decode, layout: _Layout, seed: int, first_
     reader = _keep_share(reader, by_record, ctx)
     window = lambda i, records: tf.gather(records, tf.random.experimental.stateless_shuffle(
         tf.range(tf.shape(records)[0]), seed=tf.random.experimental.stateless_fold_in(epoch_seed, i)))
-    shuffled = reader.batch(config.input.shuffle_buffer).enumerate().map(window).unbatch()
+    shuffled = reader.batch(config.input.shuffle_buffer).enumerate().map(_as_is(window)).unbatch()
     return (shuffled.batch(layout.batch, drop_remainder=True).take(batches_per_epoch).enumerate()
-            .map(lambda b, s: dict(decode(s), epoch=epoch,
-                                   seed=augment.batch_seed(base_seed, epoch, b), run_seed=base_seed),
+            .map(_as_is(lambda b, s: dict(decode(s), epoch=epoch,
+                                          seed=augment.batch_seed(base_seed, epoch, b), run_seed=base_seed)),
                  num_parallel_calls=AUTOTUNE, deterministic=True))
 
-  return tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(one_epoch)
+  return tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(_as_is(one_epoch))
 
 
 def build_prefix_dataset(data_dir: str, split: str, *, images: int, global_batch_size: int, mean, std,
@@ -227,7 +233,7 @@ def build_prefix_dataset(data_dir: str, split: str, *, images: int, global_batch
   mine = lambda i, _: (replica(i) >= layout.first_replica) & (replica(i) < layout.first_replica + layout.local_replicas)
   whole = images // global_batch_size * global_batch_size
   return (tf.data.TFRecordDataset(files).take(whole).batch(layout.batch, drop_remainder=True).enumerate()
-          .filter(mine).map(lambda _, s: _preprocess(decode(s), mean, std), num_parallel_calls=AUTOTUNE)
+          .filter(_as_is(mine)).map(_as_is(lambda _, s: _preprocess(decode(s), mean, std)), num_parallel_calls=AUTOTUNE)
           .prefetch(AUTOTUNE).with_options(_options(True)))
 
 
@@ -248,5 +254,5 @@ def build_eval_dataset(data_dir: str, split: str, *, batch_size: int, mean=None,
   files = manifest_lib.split_files(data_dir, manifest, split)
   decode = decoder(manifest)
   return (shard_records(files, input_context).batch(batch_size)
-          .map(lambda s: _preprocess(decode(s), mean, std), num_parallel_calls=AUTOTUNE)
+          .map(_as_is(lambda s: _preprocess(decode(s), mean, std)), num_parallel_calls=AUTOTUNE)
           .prefetch(AUTOTUNE).with_options(_options(True)))

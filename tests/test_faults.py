@@ -264,6 +264,7 @@ def test_a_failed_run_says_so_in_run_json_and_keeps_its_summaries(synthetic_dir,
   workdir = str(tmp_path / "run")
   config = _smoke(synthetic_dir, export=False, summary_flush_secs=3600.0)
   config.optimizer.learning_rate = 1e30
+  config.input.probe_batches = 2
   with pytest.raises(train.TrainingError, match="loss is (nan|inf) at step"):
     train.train_and_evaluate(config, workdir)
   run = fileio.read_json(os.path.join(workdir, "run.json"))

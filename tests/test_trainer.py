@@ -150,6 +150,7 @@ def trained(request, tmp_path_factory, synthetic_dir):
   """The smoke config trained on 2 replicas and on 1, exported."""
   workdir = str(tmp_path_factory.mktemp("run"))
   config = _smoke(synthetic_dir, logical_cpus=request.param if request.param > 1 else 0, profile_steps=(2, 4))
+  config.input.probe_batches = 2
   metrics = train.train_and_evaluate(config, workdir)
   return workdir, metrics, config
 
@@ -172,6 +173,13 @@ def test_smoke_run_writes_checkpoint_summaries_export_and_run_files(trained):
   assert run["end_step"] == 8 and run["distribution"]["replicas"] == max(config["logical_cpus"], 1)
   assert run["metrics"]["test"]["count"] == 200
   assert not [n for n in os.listdir(workdir) if n.startswith(".tmp")]
+  timing = run["timing"]  # 2 epochs of 4 steps, loops of 2: validation and a checkpoint after each epoch
+  assert timing["train_loops"] == 4 and timing["first_loop_steps"] == 2
+  assert {k: v["runs"] for k, v in timing["actions"].items()} == {
+      "train_summaries": 4, "validation": 1, "validation_figures": 1, "checkpoint": 2}  # the last: final evaluation
+  parts = (timing["final_evaluation_secs"], timing["export_secs"])
+  assert 0 < min(parts) and sum(parts) <= timing["last_step_to_export_secs"]
+  assert 0 < timing["train_loop_secs"] and 0 < timing["start_to_first_step_secs"]
 
 
 @pytest.mark.parametrize("split", ["validation", "test"])
@@ -307,7 +315,7 @@ def test_evaluation_counts_confusion_and_worst_images(synthetic_dir):
   strategy = distribute.make_strategy(config)
   state = steps.make_state(config, strategy, steps_per_epoch=4)
   manifest = manifest_lib.load(synthetic_dir)
-  dataset = data.eval_datasets(config, strategy, manifest)["test"]
+  dataset = data.eval_dataset(config, strategy, manifest, "test")
   metrics, details = evaluation.Evaluator(strategy, state, 10).evaluate(dataset, worst=5)
   matrix, worst = details["confusion"], details["worst"]
   assert matrix.sum() == metrics["count"] == 200
@@ -406,7 +414,7 @@ def test_resume_continues_the_step_count(synthetic_dir, tmp_path):
   assert (run["start_step"], run["end_step"]) == (4, 8)
 
 
-@pytest.mark.parametrize("every, validated_at", [(2, [4]), (0, [])])
+@pytest.mark.parametrize("every, validated_at", [(2, [4, 6]), (0, [6])])  # 6: the final evaluation's point
 def test_eval_every_epochs_spaces_the_validation_passes(synthetic_dir, tmp_path, every, validated_at):
   workdir = str(tmp_path / "run")
   metrics = train.train_and_evaluate(_smoke(synthetic_dir, num_epochs=3, steps_per_epoch=2, export=False,

@@ -1,57 +1,254 @@
-r"""How much the fast kernels (trainer/models.py: fused BatchNorm, XLA-compiled GELU) speed up the train step.
+r"""The train step against this machine's limit and against `model.fit`.
 
   python -m tools.benchmark_step --config=configs/deep.py --config.data_dir=/tmp/c10
+  python -m tools.benchmark_step ... --layers    # and where the step's time goes, layer by layer
+  python -m tools.benchmark_step ... --kernels   # and model.fast_kernels against Keras's own layers
 
-Builds the config's model, optimizer and train loop twice in one process, `model.fast_kernels` off (Keras's
-own BatchNormalization and Activation) and on, feeds each one cached batch of the real train pipeline, and
-times windows of `--steps` steps that alternate between the two, so machine noise hits both alike. The
-last line is `fast / keras: R`, the ratio of the medians.
+In one process, every train step fed one batch of the real train pipeline held in memory:
+  1. FLOPs per image of the train step: the forward pass counted by TensorFlow's profiler on the model's
+     graph (the ops with a registered count: convolutions, matmuls, bias adds, pooling...), times 3 for
+     forward and backward (the backward pass makes two products per forward one), plus the optimizer's
+     Newton-Schulz matmuls (Muon) counted from the kernels' shapes, per image at the run's batch;
+  2. the machine's peak at the run's compute precision: the faster of a 3x3 convolution and a square
+     matmul, timed in this process;
+  3. the custom loop (trainer/steps.Learner) and `model.compile` + `model.fit` with the same model,
+     optimizer, loss and steps per call, under the same strategy;
+  4. 1 and 2 replicas at the same global batch (2 GPUs when the machine has them, else 2 logical CPUs).
+Windows alternate between the variants compared, so machine noise hits them alike; each figure is the
+median. The last lines are `MFU: X`, `custom loop / fit: R` and `2 / 1 replicas: R`.
 """
 
-import functools
+import statistics
+import time
 
 from absl import app
 from absl import flags
+import keras
 from ml_collections import config_flags
+import numpy as np
+import tensorflow as tf
 
 from pipeline import manifest as manifest_lib
 from tools import benchmark_input
+from trainer import data
 from trainer import distribute
 from trainer import main as trainer_main
+from trainer import models
+from trainer import optim
+from trainer import steps as steps_lib
 
 FLAGS = flags.FLAGS
+COMPUTE_DTYPES = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16, "mixed_float16": tf.float16}
 
 
 def define_flags():
   """Command-line flags; defined only when run as a program, so modules import side by side."""
   config_flags.DEFINE_config_file("config", None, "A training config, e.g. configs/deep.py.", lock_config=True)
-  flags.DEFINE_integer("steps", 2, "Train steps per timed window.")
-  flags.DEFINE_integer("windows", 5, "Timed windows per variant, after one warm-up window each.")
+  flags.DEFINE_integer("steps", 2, "Train steps per timed window.", lower_bound=1)
+  flags.DEFINE_integer("windows", 3, "Timed windows per variant, after one warm-up window each.", lower_bound=1)
+  flags.DEFINE_bool("fit", True, "Compare with model.fit.")
+  flags.DEFINE_bool("replicas", True, "Compare 2 replicas with 1 at the same global batch.")
+  flags.DEFINE_bool("layers", False, "Also time each layer's forward and backward pass alone.")
+  flags.DEFINE_bool("kernels", False, "Also compare model.fast_kernels on and off.")
   flags.mark_flags_as_required(["config"])
 
 
-def compare(config, steps: int, windows: int) -> float:
-  """Median images/s of the train step with `model.fast_kernels` on over off."""
-  manifest = manifest_lib.load(config.data_dir)
-  strategy = distribute.make_strategy(config)
+def forward_flops(model: keras.Model) -> float:
+  """FLOPs of one image's forward pass in inference, as TensorFlow's profiler counts them on the graph."""
+  return _profiled_flops(model, model.inputs[0].shape[1:])
+
+
+def _profiled_flops(layer, image_shape) -> float:
+  function = tf.function(lambda x: layer(x, training=False))
+  graph = function.get_concrete_function(tf.TensorSpec([1, *image_shape], tf.float32)).graph
+  options = (tf.compat.v1.profiler.ProfileOptionBuilder(tf.compat.v1.profiler.ProfileOptionBuilder.float_operation())
+             .with_empty_output().build())
+  return float(tf.compat.v1.profiler.profile(graph, options=options).total_float_ops)
+
+
+def optimizer_flops(config, model: keras.Model) -> float:
+  """FLOPs of one optimizer update beyond elementwise work: Muon's Newton-Schulz iterations on each conv
+  kernel as an m x n matrix (m <= n): 4 m^2 n + 2 m^3 per iteration. 0 for the other optimizers."""
+  optimizer = optim.make_optimizer(config, 1)
+  optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # under a LossScaleOptimizer
+  if not isinstance(optimizer, optim.MuonSGD):
+    return 0.0
+  total = 0.0
+  for variable in model.trainable_variables:
+    if len(variable.shape) == 4:
+      m, n = sorted((int(np.prod(variable.shape[:-1])), int(variable.shape[-1])))
+      total += optimizer.ns_steps * (4 * m * m * n + 2 * m ** 3)
+  return total
+
+
+def peak_flops(dtype: tf.DType, repeats: int = 5) -> dict[str, float]:
+  """FLOP/s of a 3x3 convolution (500 x 15 x 15 x 256 -> 256) and a 2048^3 matmul in `dtype`, the best of
+  `repeats` timed calls each after one warm-up."""
+  rng = tf.random.Generator.from_seed(0)
+  images, kernel = tf.cast(rng.normal([500, 15, 15, 256]), dtype), tf.cast(rng.normal([3, 3, 256, 256]), dtype)
+  a, b = tf.cast(rng.normal([2048, 2048]), dtype), tf.cast(rng.normal([2048, 2048]), dtype)
+  probes = {"conv 3x3": (tf.function(lambda: tf.nn.conv2d(images, kernel, 1, "SAME")), 2 * 500 * 15 * 15 * 9 * 256 * 256),
+            "matmul 2048^3": (tf.function(lambda: a @ b), 2 * 2048 ** 3)}
+  rates = {}
+  for name, (probe, flops) in probes.items():
+    probe().numpy()
+    best = float("inf")
+    for _ in range(repeats):
+      start = time.perf_counter()
+      probe().numpy()
+      best = min(best, time.perf_counter() - start)
+    rates[name] = flops / best
+  return rates
+
+
+def strategies(gpus: list) -> dict:
+  """{1: the 1-replica strategy, 2: the 2-replica one, or None when the machine has just 1 GPU}."""
+  if gpus:
+    two = tf.distribute.MirroredStrategy(["/gpu:0", "/gpu:1"]) if len(gpus) > 1 else None
+    return {1: tf.distribute.MirroredStrategy(["/gpu:0"]), 2: two}
+  return {1: tf.distribute.MirroredStrategy(["/cpu:0"]), 2: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])}
+
+
+def held_batch(config, manifest: dict) -> dict:
+  """The first global batch of the real train pipeline (host augmentation), as tensors in memory."""
+  dataset_fn = data.train_dataset_fn(config, manifest, data.steps_per_epoch_for(config, manifest), start_step=0)
+  return next(iter(dataset_fn(tf.distribute.InputContext())))
+
+
+def replica_batches(strategy, batch: dict):
+  """An iterator giving every replica a per-replica share of `batch` (its first rows) at every step."""
+  def dataset_fn(ctx):
+    rows = ctx.get_per_replica_batch_size(int(batch["labels"].shape[0]))
+    return tf.data.Dataset.from_tensors({k: v[:rows] for k, v in batch.items()}).repeat()
+  return iter(strategy.distribute_datasets_from_function(dataset_fn))
+
+
+def custom_loop(config, strategy, manifest: dict, batch: dict, steps: int):
+  """A function timing `steps` steps of the trainer's own loop, in images/s."""
+  run, _ = benchmark_input.train_loop_timer(config, strategy, manifest)
+  iterator = replica_batches(strategy, batch)
+  return lambda: run(iterator, steps)
+
+
+def keras_fit(config, strategy, manifest: dict, batch: dict, steps: int):
+  """A function timing `model.fit` over `steps` steps (one call, `steps_per_execution=steps`) of the same
+  model, optimizer and loss under `strategy`, in images/s. What a user of Keras would write instead."""
+  shape = data.model_shape(manifest)
+  keras.mixed_precision.set_dtype_policy(config.mixed_precision)
+  with strategy.scope():
+    model = models.build(config.model, shape)
+    model.compile(optimizer=optim.make_optimizer(config, data.steps_per_epoch_for(config, manifest)),
+                  loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing),
+                  metrics=["accuracy"], steps_per_execution=steps, jit_compile=config.jit_compile)
+  pairs = tf.data.Dataset.from_tensors((batch["images"], tf.one_hot(batch["labels"], shape.num_classes))).repeat()
+
+  def window():
+    start = time.perf_counter()
+    model.fit(pairs, epochs=1, steps_per_epoch=steps, verbose=0)
+    return steps * config.global_batch_size / (time.perf_counter() - start)
+
+  return window
+
+
+def layer_profile(config, manifest: dict, repeats: int = 3) -> list[tuple[str, str, float, float]]:
+  """Each layer of the model alone, forward and backward (gradients of its input and weights) at the
+  run's per-replica batch: (name, output shape, ms, GFLOP/s from its forward FLOPs x3), slowest first."""
+  keras.mixed_precision.set_dtype_policy(config.mixed_precision)
+  model = models.build(config.model, data.model_shape(manifest))
+  x = tf.random.normal([config.global_batch_size, *model.inputs[0].shape[1:]])
+  rows = []
+  for layer in model.layers[1:]:
+    def step(x, layer=layer):
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32))
+      return y, tape.gradient(loss, [x, *layer.trainable_variables])
+    traced = tf.function(step)
+    y, _ = traced(x)
+    best = float("inf")
+    for _ in range(repeats):
+      start = time.perf_counter()
+      tf.nest.map_structure(lambda t: t.numpy() if t is not None else None, traced(x))
+      best = min(best, time.perf_counter() - start)
+    flops = _profiled_flops(layer, x.shape[1:]) * config.global_batch_size
+    rows.append((layer.name, "x".join(map(str, y.shape[1:])), best * 1e3, 3 * flops / best / 1e9))
+    x = tf.cast(y, tf.float32)
+  return sorted(rows, key=lambda row: -row[2])
+
+
+def compare(measures: dict, windows: int) -> dict[str, float]:
+  """Median images/s of each of `measures` (name -> a function timing one window), windows alternating."""
+  rates = benchmark_input.alternating_windows(measures, windows)
+  for name, values in rates.items():
+    print(f"{name:<44} median {statistics.median(values):>9,.1f}  min {min(values):>9,.1f}  "
+          f"max {max(values):>9,.1f} images/s")
+  return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def kernels_comparison(config, strategy, manifest: dict, batch: dict, steps: int, windows: int) -> float:
+  """Median images/s with `model.fast_kernels` on over off."""
   measures = {}
-  for name, fast in (("keras", False), ("fast", True)):
+  for name, fast in (("train step, Keras's BatchNorm and GELU", False), ("train step, fast kernels", True)):
     variant = config.copy_and_resolve_references()
     variant.model.fast_kernels = fast
-    run, dataset_fn = benchmark_input.train_loop_timer(variant, strategy, manifest)
-    measures[name] = functools.partial(run, benchmark_input.cached_batch(strategy, dataset_fn), steps)
-  rates = benchmark_input.alternating_windows(measures, windows)
-  return benchmark_input.report_ratio(("train step, Keras's BatchNorm and GELU", rates["keras"]),
-                                      ("train step, fast kernels", rates["fast"]), "fast / keras", digits=2)
+    measures[name] = custom_loop(variant, strategy, manifest, batch, steps)
+  rates = list(compare(measures, windows).values())
+  print(f"fast / keras: {rates[1] / rates[0]:.2f}")
+  return rates[1] / rates[0]
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  config = FLAGS.config
-  print(f"data_dir {config.data_dir}, batch {config.global_batch_size}, widths {config.model.widths}, "
-        f"{config.mixed_precision}")
-  compare(config, FLAGS.steps, FLAGS.windows)
+  tf.get_logger().setLevel("WARNING")  # tf.distribute logs every all-reduce it builds at INFO
+  config = FLAGS.config.copy_and_resolve_references()
+  config.input.augment_on = "host"  # model.fit is fed the same augmented batch
+  gpus = tf.config.list_physical_devices("GPU")
+  if not gpus and FLAGS.replicas:
+    distribute.configure_devices(2)
+  manifest = manifest_lib.load(config.data_dir)
+  kinds = strategies(gpus)
+  dtype = COMPUTE_DTYPES[config.mixed_precision]
+  print(f"data_dir {config.data_dir}, batch {config.global_batch_size}, model {config.model.name} "
+        f"{tuple(config.model.widths)}, optimizer {config.optimizer.name}, {config.mixed_precision}, "
+        f"{'GPU ' + gpus[0].name if gpus else 'CPU'}")
+
+  keras.mixed_precision.set_dtype_policy(config.mixed_precision)
+  model = models.build(config.model, data.model_shape(manifest))
+  forward = forward_flops(model)
+  per_image = 3 * forward + optimizer_flops(config, model) / config.global_batch_size
+  print(f"train step: {per_image / 1e9:.3f} GFLOP per image (forward {forward / 1e9:.3f} counted by "
+        f"TensorFlow's profiler, x3 for forward + backward, + the optimizer's Newton-Schulz matmuls "
+        f"{optimizer_flops(config, model) / 1e9:.2f} GFLOP per step)")
+  peaks = peak_flops(dtype)
+  for name, rate in peaks.items():
+    print(f"peak probe, {name} in {dtype.name}: {rate / 1e9:,.0f} GFLOP/s")
+  peak = max(peaks.values())
+
+  batch = held_batch(config, manifest)
+  measures = {"custom loop (steps.Learner), 1 replica": custom_loop(config, kinds[1], manifest, batch, FLAGS.steps)}
+  if FLAGS.fit:
+    measures["model.fit, 1 replica"] = keras_fit(config, kinds[1], manifest, batch, FLAGS.steps)
+  if FLAGS.replicas and kinds[2] is not None:
+    measures["custom loop, 2 replicas"] = custom_loop(config, kinds[2], manifest, batch, FLAGS.steps)
+  elif FLAGS.replicas:
+    print("2 / 1 replicas: skipped, this machine has 1 GPU")
+  rates = compare(measures, FLAGS.windows)
+  if FLAGS.kernels:
+    kernels_comparison(config, kinds[1], manifest, batch, FLAGS.steps, FLAGS.windows)
+  if FLAGS.layers:
+    print(f"{'layer':<16} {'output':<12} {'ms fwd+bwd':>10} {'GFLOP/s':>9}  (batch {config.global_batch_size}, alone)")
+    for name, shape, ms, gflops in layer_profile(config, manifest):
+      print(f"{name:<16} {shape:<12} {ms:>10.1f} {gflops:>9.1f}")
+
+  custom = rates["custom loop (steps.Learner), 1 replica"]
+  print(f"achieved: {custom * per_image / 1e9:,.0f} GFLOP/s at {custom:,.1f} images/s; peak {peak / 1e9:,.0f} GFLOP/s")
+  print(f"MFU: {custom * per_image / peak:.3f}")
+  if "model.fit, 1 replica" in rates:
+    print(f"custom loop / fit: {custom / rates['model.fit, 1 replica']:.3f}")
+  if "custom loop, 2 replicas" in rates:
+    print(f"2 / 1 replicas: {rates['custom loop, 2 replicas'] / custom:.3f}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import time
 
 import tensorflow as tf
 
+from pipeline import augment
 from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
 from pipeline import ops
@@ -64,17 +65,21 @@ def train_dataset_fn(config, manifest: dict, steps_per_epoch: int, start_step: i
 
 def eval_dataset(config, strategy, manifest: dict, split: str):
   """One split, unaugmented, in file order, distributed over the strategy's replicas in global batches
-  of `config.eval_batch_size`."""
+  of `config.eval_batch_size`; only the first `config.eval_steps` of them when that is set."""
   mean, std = normalization_for(config, manifest)
-  return strategy.distribute_datasets_from_function(lambda ctx: input_pipeline.build_eval_dataset(
-      config.data_dir, split, batch_size=ctx.get_per_replica_batch_size(config.eval_batch_size), mean=mean,
-      std=std, input_context=ctx))
+
+  def dataset_fn(ctx):
+    dataset = input_pipeline.build_eval_dataset(
+        config.data_dir, split, batch_size=ctx.get_per_replica_batch_size(config.eval_batch_size), mean=mean,
+        std=std, input_context=ctx)
+    return dataset.take(config.eval_steps) if config.eval_steps else dataset
+
+  return strategy.distribute_datasets_from_function(dataset_fn)
 
 
-def eval_datasets(config, strategy, manifest: dict) -> dict:
-  """Distributed eval datasets by split name, for the splits the manifest has."""
-  return {split: eval_dataset(config, strategy, manifest, split)
-          for split in ("validation", "test") if split in manifest["splits"]}
+def eval_splits(manifest: dict) -> list[str]:
+  """The splits a run is scored on, of those the manifest has."""
+  return [split for split in ("validation", "test") if split in manifest["splits"]]
 
 
 def bn_statistics_dataset(config, strategy, manifest: dict):
@@ -88,34 +93,44 @@ def bn_statistics_dataset(config, strategy, manifest: dict):
       input_context=ctx))
 
 
-def data_init_images(config, manifest: dict) -> tf.Tensor:
-  """The first DATA_INIT_IMAGES normalised train images in file order: the same on every worker and run."""
+def first_train_images(config) -> dict:
+  """The first DATA_INIT_IMAGES train records in file order, decoded (`images` uint8, `labels`): the same
+  on every worker and run. What data-dependent layers are set from, and the input grid shows."""
+  return next(iter(input_pipeline.build_eval_dataset(config.data_dir, "train", batch_size=DATA_INIT_IMAGES)))
+
+
+def data_init_images(config, manifest: dict, first: dict) -> tf.Tensor:
+  """`first_train_images` normalised as the model gets them."""
+  return ops.normalize(first["images"], *normalization_for(config, manifest))
+
+
+def input_grid(config, manifest: dict, first: dict) -> tf.Tensor:
+  """A grid [1, 8H, 8W, C] of 64 of `first_train_images`, augmented as the config augments the first
+  batch (its seed, epoch 0), then de-normalised: what the model is shown, for TensorBoard."""
   mean, std = normalization_for(config, manifest)
-  return next(iter(input_pipeline.build_eval_dataset(config.data_dir, "train", batch_size=DATA_INIT_IMAGES,
-                                                     mean=mean, std=std)))["images"]
+  side = min(8, math.isqrt(first["images"].shape[0]))
+  seed = tf.constant([config.seed, 0], tf.int64)
+  batch = {"images": first["images"][:side * side], "labels": first["labels"][:side * side],
+           "seed": augment.batch_seed(seed, tf.constant(0, tf.int64), tf.constant(0, tf.int64)), "run_seed": seed,
+           "epoch": tf.constant(0, tf.int64), "keys": tf.range(side * side, dtype=tf.int64)}
+  images = augment.train_preprocess(batch, config.augment, mean, std, manifest_lib.num_classes(manifest))["images"]
+  images = ops.denormalize(images, mean, std)
+  height, width, channels = images.shape[1:]
+  rows = tf.reshape(images, [side, side, height, width, channels])  # grid row r holds images r*side...
+  return tf.reshape(tf.transpose(rows, [0, 2, 1, 3, 4]), [1, side * height, side * width, channels])
 
 
-def input_probe(config, manifest: dict) -> tuple[tf.Tensor, float | None]:
-  """From one host pipeline as configured (host-side augmentation): a grid [1, H, W, 3] of augmented
-  training images as the model gets them (de-normalised), and the images/s the pipeline makes alone over
-  `input.probe_batches` batches after two of warm-up (None when 0; the step's own rate is
-  train/images_per_sec)."""
+def input_rate(config, manifest: dict) -> float:
+  """Images/s of one host pipeline as configured (host-side augmentation) alone, over
+  `input.probe_batches` batches after two of warm-up; the step's own rate is train/images_per_sec."""
   mean, std = normalization_for(config, manifest)
   host = config.copy_and_resolve_references()
   host.input.augment_on, host.input.data_service = "host", ""
   batches = iter(input_pipeline.build_train_dataset(host, config.data_dir, steps_per_epoch=1,
                                                     global_batch_size=config.global_batch_size, mean=mean, std=std))
-  images = next(batches)["images"]
-  side = min(8, math.isqrt(images.shape[0]))
-  images = ops.denormalize(images[:side * side], mean, std)
-  height, width, channels = images.shape[1:]
-  rows = tf.reshape(images, [side, side, height, width, channels])  # grid row r holds images r*side...
-  grid = tf.reshape(tf.transpose(rows, [0, 2, 1, 3, 4]), [1, side * height, side * width, channels])
-  if not config.input.probe_batches:
-    return grid, None
   for _ in range(2):
     next(batches)
   start = time.perf_counter()
   for _ in range(config.input.probe_batches):
     next(batches)
-  return grid, config.input.probe_batches * config.global_batch_size / (time.perf_counter() - start)
+  return config.input.probe_batches * config.global_batch_size / (time.perf_counter() - start)

@@ -26,6 +26,16 @@ def configure_devices(logical_cpus: int) -> None:
                        f"{len(tf.config.list_logical_devices('CPU'))} CPU devices") from e
 
 
+def share_gpus(gpus) -> None:
+  """GPU memory taken as needed, not all of it at start, so that several processes on one GPU (two
+  workers in a test, an evaluation beside training) can run. Before TensorFlow initialises its devices."""
+  for gpu in gpus:
+    try:
+      tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError:  # initialised already: it keeps the setting it started with
+      pass
+
+
 def make_strategy(config) -> tf.distribute.Strategy:
   """`config.strategy`: mirrored (all local GPUs, or the logical CPUs), multi_worker (TF_CONFIG), one_device.
 
@@ -42,9 +52,11 @@ def _strategy(kind: str, logical_cpus: int) -> tf.distribute.Strategy:
   # Physical, not logical, devices: listing logical ones starts TensorFlow's runtime, after which
   # MultiWorkerMirroredStrategy can no longer configure its collectives.
   gpus = tf.config.list_physical_devices("GPU")
+  share_gpus(gpus)
   if kind == "mirrored":
-    if gpus:
+    if gpus and not logical_cpus:
       return tf.distribute.MirroredStrategy()  # every local GPU, NCCL all-reduce
+    # Asked for logical CPUs: they, even beside a GPU (tests of 2 replicas on a 1-GPU machine).
     return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(max(logical_cpus, 1))])
   if kind == "multi_worker":
     implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL if gpus

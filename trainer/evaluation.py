@@ -20,14 +20,17 @@ class Evaluator:
   def __init__(self, strategy, state: steps.State, num_classes: int):
     self.strategy, self.state, self.num_classes = strategy, state, num_classes
     with strategy.scope():
-      self._sums = steps.Sums("loss", "correct", "count", confusion=(num_classes, num_classes))
+      self._sums = steps.Sums("loss", "correct", "count", "plain_loss", "plain_correct",
+                              confusion=(num_classes, num_classes))
     self._traced = {}
 
   def evaluate(self, dataset, views: str = "none", worst: int = 0) -> tuple[dict, dict]:
     """One pass over a distributed eval dataset, with test-time `views` (trainer/views.py). Returns its
     metrics (loss, accuracy, image count) and details: the confusion matrix (true class by row) and, with
     `worst` > 0, the `worst` misclassified images of highest loss that this process saw (all of them on
-    one machine; on several, this worker's share), with labels, predictions, loss and probability."""
+    one machine; on several, this worker's share), with labels, predictions, loss and probability. With
+    views other than "none" the metrics also hold the image's own view's: single_view_loss and
+    single_view_accuracy, from the same pass."""
     if (views, worst) not in self._traced:
       step = lambda batch: self._step(batch, views, worst)
       self._traced[views, worst] = tf.function(lambda batch: self.strategy.run(step, args=(batch,)),
@@ -44,6 +47,8 @@ class Evaluator:
     count = max(totals["count"], 1.0)
     metrics = {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count,
                "count": int(totals["count"])}
+    if views != "none":
+      metrics.update(single_view_loss=totals["plain_loss"] / count, single_view_accuracy=totals["plain_correct"] / count)
     details = {"confusion": totals["confusion"].astype(np.int64)}
     if candidates:
       merged = {k: np.concatenate([c[k] for c in candidates]) for k in candidates[0]}
@@ -54,11 +59,12 @@ class Evaluator:
   def _step(self, batch, views: str, worst: int) -> dict:
     """Runs per replica; a replica may get an empty last batch."""
     images, labels = batch["images"], batch["labels"]
-    logits = views_lib.logits(self.state.model, images, views)
+    logits, plain = views_lib.logits(self.state.model, images, views, with_plain=True)
     per_example = steps.cross_entropy(labels, logits, 0.0)
     predicted = tf.argmax(logits, -1, output_type=labels.dtype)
     self._sums.add(loss=tf.reduce_sum(per_example), correct=steps.correct(labels, logits),
-                   count=tf.shape(labels)[0],
+                   count=tf.shape(labels)[0], plain_loss=tf.reduce_sum(steps.cross_entropy(labels, plain, 0.0)),
+                   plain_correct=steps.correct(labels, plain),
                    confusion=tf.math.confusion_matrix(labels, predicted, num_classes=self.num_classes,
                                                       dtype=tf.float32))
     if not worst:

@@ -36,19 +36,19 @@ class Serving(tf.Module):
     self.serve_examples = tf.function(self._predict_examples, input_signature=[
         tf.TensorSpec([None], tf.string, name="examples")])
 
-  def _predict(self, images):
+  def _predict(self, images):  # the other signatures call its traced function: the model is traced once
     probabilities = tf.nn.softmax(views.logits(self.model, ops.normalize(images, self._mean, self._std), self._tta))
     return {"probabilities": probabilities, "classes": tf.argmax(probabilities, axis=-1, output_type=tf.int64)}
 
   def _predict_bytes(self, image_bytes):
     height, width, channels = self._shape
     fit = lambda b: ops.fit_image(tf.io.decode_image(b, channels=channels, expand_animations=False), height, width)
-    return self._predict(tf.map_fn(fit, image_bytes, fn_output_signature=tf.TensorSpec(self._shape, tf.uint8)))
+    return self.serve_images(tf.map_fn(fit, image_bytes, fn_output_signature=tf.TensorSpec(self._shape, tf.uint8)))
 
   def _predict_examples(self, examples):
     features = records.parse_batch(examples)
-    return self._predict(records.decode_batch(features[records.ENCODED], features[records.FORMAT],
-                                              shape=self._shape))
+    return self.serve_images(records.decode_batch(features[records.ENCODED], features[records.FORMAT],
+                                                  shape=self._shape))
 
   def signatures(self) -> dict:
     return {"serving_default": self.serve_images, "serve_bytes": self.serve_bytes,

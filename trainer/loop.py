@@ -166,26 +166,48 @@ class EpochTimer(PeriodicAction):
 
 class Evaluate(PeriodicAction):
   """Scores the validation split (with the EMA weights when there are any) and writes validation/*; with
-  `images` (the chief, config.summary_worst_images > 0) also its confusion matrix and worst images."""
+  `worst` (the chief, config.summary_worst_images > 0) also its confusion matrix and worst images.
+  `dataset` is a distributed dataset or a function making one at the first evaluation. Not due at
+  `final_step`: the final evaluation scores those weights (`final`) in the same pass as its views."""
 
   name = "validation"
 
   def __init__(self, evaluator: evaluation.Evaluator, dataset, writer: writers.MetricWriter, *,
-               class_names, worst: int, denormalize, **trigger):
+               class_names, worst: int, denormalize, final_step: int | None = None, **trigger):
     super().__init__(**trigger)
     self.evaluator, self.dataset, self.writer = evaluator, dataset, writer
     self.class_names, self.worst, self.denormalize = list(class_names), worst, denormalize
+    self.final_step = final_step
     self.last = {}
     self.figure_seconds = 0.0
 
+  def due(self, step):
+    return step != self.final_step and super().due(step)
+
   def run(self, step):
     with evaluation.averaged_weights(self.evaluator.state):
-      self.last, details = self.evaluator.evaluate(self.dataset, worst=self.worst)
-    self.writer.write_scalars(step, {f"validation/{k}": v for k, v in self.last.items()})
+      self.last = self._evaluate(step, "none")
+
+  def final(self, step: int, views: str) -> dict:
+    """The final evaluation's pass over the split, on the weights the model holds, with test-time `views`:
+    writes the curve's point at `step` from the image's own view (as `run`), validation/tta_loss and
+    tta_accuracy, and the figures of the views' predictions. Returns the metrics (evaluate's)."""
+    return self._evaluate(step, views)
+
+  def _evaluate(self, step: int, views: str) -> dict:
+    if callable(self.dataset):
+      self.dataset = self.dataset()
+    metrics, details = self.evaluator.evaluate(self.dataset, views=views, worst=self.worst)
+    scalars = dict(metrics)
+    if views != "none":
+      scalars = {"loss": metrics["single_view_loss"], "accuracy": metrics["single_view_accuracy"],
+                 "count": metrics["count"], "tta_loss": metrics["loss"], "tta_accuracy": metrics["accuracy"]}
+    self.writer.write_scalars(step, {f"validation/{k}": v for k, v in scalars.items()})
     if self.worst:
       start = self.clock()
       self.writer.write_images(step, self._figures(details))
       self.figure_seconds += self.clock() - start
+    return metrics
 
   def timing(self):
     """The passes over the split, and apart from them the figures (confusion matrix, worst images)."""

@@ -116,16 +116,23 @@ class Learner:
     """Runs `num_steps` steps of epoch number `epoch` (it decides which variables train,
     models.trainable_at), fed by `iterator`, in one tf.function call; stops early after a step whose loss
     is not finite. Returns the loop's mean loss and accuracy, its image count and the step reached."""
-    variables = models.trainable_at(self.state.model, epoch)
-    key = tuple(id(v) for v in variables)
-    if key not in self._traced:
-      self._traced[key] = tf.function(lambda it, n: self._loop(it, n, variables))
     self._sums.reset()
-    self._traced[key](iterator, tf.constant(num_steps))
+    self._function(epoch)(iterator, tf.constant(num_steps))
     totals = self._sums.result()
     count = max(totals["count"], 1.0)
     return {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count,
             "count": int(totals["count"]), "step": int(self.state.step.numpy())}
+
+  def trace(self, iterator, epoch: int) -> None:
+    """Traces `train`'s loop for `epoch` ahead of its first call, so other work can be timed beside it."""
+    self._function(epoch).get_concrete_function(iterator, tf.constant(1))
+
+  def _function(self, epoch: int):
+    variables = models.trainable_at(self.state.model, epoch)
+    key = tuple(id(v) for v in variables)
+    if key not in self._traced:
+      self._traced[key] = tf.function(lambda it, n: self._loop(it, n, variables))
+    return self._traced[key]
 
   def optimizer_scalars(self) -> dict[str, float]:
     """The learning rate now, and the loss scale when there is one."""

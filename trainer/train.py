@@ -7,8 +7,10 @@ trainer/writers.py, the workdir's checks and files in trainer/workdir.py, the da
 trainer/data.py, stop requests and error messages in trainer/faults.py.
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 
@@ -48,6 +50,7 @@ class Run:
   since: float  # time.monotonic() where this process's timing starts (the end of its imports)
   metrics: dict = dataclasses.field(default_factory=dict)
   timing: dict = dataclasses.field(default_factory=dict)  # run.json's: fixed and per-epoch costs, seconds
+  validation: loop.Evaluate | None = None  # the periodic validation, which the final evaluation finishes
   last_loop_end: float | None = None
 
   @property
@@ -75,9 +78,7 @@ def train_and_evaluate(config, workdir: str, *, since: float | None = None) -> d
     run = _start(config, workdir, strategy, since)
     try:
       workdir_lib.check_shared(run.strategy, workdir)
-      if run.start_step == 0:
-        _first_start(run)
-      stopped = _train(run, stop)
+      stopped = _train(run, stop, ready=_first_start(run) if run.start_step == 0 else lambda: None)
       if not stopped:
         with _timed(run, "final_evaluation_secs"):
           stopped = _final_evaluation(run, stop)
@@ -156,7 +157,7 @@ def _agreed(strategy, check):
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 POSITIVE = ("global_batch_size", "eval_batch_size", "num_epochs", "keep_checkpoints")
-NOT_NEGATIVE = ("steps_per_epoch", "steps_per_loop", "log_every_steps", "checkpoint_every_steps",
+NOT_NEGATIVE = ("steps_per_epoch", "eval_steps", "steps_per_loop", "log_every_steps", "checkpoint_every_steps",
                 "eval_every_epochs", "bn_statistics_images", "summary_worst_images")
 
 
@@ -182,33 +183,50 @@ def check_config(config, replicas: int) -> None:
                         "the replica's step; set --config.model.sync_bn=False or --config.jit_compile=False")
 
 
-def _first_start(run: Run) -> None:
+def _first_start(run: Run):
   """Before a fresh run's first step: data-dependent layers set from the data (the same on every worker),
-  and, from the chief, the HParams and a look at the input."""
-  if models.initialize_from_data(run.state.model, lambda: data.data_init_images(run.config, run.manifest)):
-    for averages in (run.state.ema, run.state.lookahead):
-      if averages:
-        averages.reset()
-  if run.chief:
-    run.writer.write_hparams(dict(workdir_lib.flat_config(run.config.to_dict())))
-    grid, rate = data.input_probe(run.config, run.manifest)
-    run.writer.write_images(0, {"train/augmented_inputs": grid})
-    if rate is not None:
-      run.writer.write_scalars(0, {"input/images_per_sec": rate})
-      logging.info("input pipeline alone: %.0f images/s", rate)
+  and, from the chief, the HParams, a grid of augmented inputs and (`input.probe_batches`) the input
+  pipeline's own rate. Reading the images and computing the layers' values starts in a background thread
+  (TensorFlow's ops, which release the GIL, so it overlaps the tracing of the train step; no collective);
+  returns the function that waits for them and does the rest, to call before the first step."""
+  config = run.config
+  first = functools.cache(lambda: data.first_train_images(config))
+  pool = concurrent.futures.ThreadPoolExecutor(1)
+  computed = pool.submit(models.compute_from_data, run.state.model,
+                         lambda: data.data_init_images(config, run.manifest, first()))
+
+  def ready():
+    if models.set_from_data(computed.result()):
+      for averages in (run.state.ema, run.state.lookahead):
+        if averages:
+          averages.reset()
+    if run.chief:
+      run.writer.write_hparams(dict(workdir_lib.flat_config(config.to_dict())))
+      run.writer.write_images(0, {"train/augmented_inputs": data.input_grid(config, run.manifest, first())})
+      if config.input.probe_batches:
+        rate = data.input_rate(config, run.manifest)
+        run.writer.write_scalars(0, {"input/images_per_sec": rate})
+        logging.info("input pipeline alone: %.0f images/s", rate)
+
+  pool.shutdown(wait=False)  # its thread ends with the task
+  return ready
 
 
-def _train(run: Run, stop: faults.StopRequest) -> bool:
-  """The train loops and their periodic actions; returns whether a stop was requested (on any worker:
-  every worker returns the same), after saving a checkpoint there."""
+def _train(run: Run, stop: faults.StopRequest, ready) -> bool:
+  """The train loops and their periodic actions, after `ready()` (the first start's); returns whether a
+  stop was requested (on any worker: every worker returns the same), after saving a checkpoint there."""
   config, strategy = run.config, run.strategy
   learner = steps.Learner(config, strategy, run.state, *data.normalization_for(config, run.manifest))
   iterator = iter(strategy.distribute_datasets_from_function(
       data.train_dataset_fn(config, run.manifest, run.steps_per_epoch, run.start_step)))
+  if run.start_step < run.total_steps:
+    learner.trace(iterator, run.start_step // run.steps_per_epoch)
+  ready()
   if run.start_step < run.total_steps and stop.agreed(strategy):  # asked during start-up: nothing to save
     logging.info("stopped by %s before the first step. Run the same command to resume.", stop.cause)
     return True
   report, validation, actions = _actions(run, learner)
+  run.validation = validation
   timeline = loop.Timeline()
   try:
     stopped = loop.run(learner, iterator, [timeline, *actions], start_step=run.start_step,
@@ -252,13 +270,14 @@ def _actions(run: Run, learner: steps.Learner):
   config, per_epoch = run.config, run.steps_per_epoch
   mean, std = data.normalization_for(config, run.manifest)
   names = manifest_lib.class_names(run.manifest)
-  validation = config.eval_every_epochs > 0 and "validation" in run.manifest["splits"]
+  validation = "validation" in run.manifest["splits"]
   report = loop.ReportProgress(run.writer, config.global_batch_size, learner.optimizer_scalars,
                                every_steps=(config.log_every_steps, per_epoch))
   evaluate = loop.Evaluate(evaluation.Evaluator(run.strategy, run.state, len(names)),
-                           data.eval_dataset(config, run.strategy, run.manifest, "validation") if validation else None,
+                           lambda: data.eval_dataset(config, run.strategy, run.manifest, "validation"),
                            run.writer, class_names=names, worst=config.summary_worst_images if run.chief else 0,
                            denormalize=lambda images: ops.denormalize(images, mean, std).numpy(),
+                           final_step=run.total_steps,
                            every_steps=per_epoch * config.eval_every_epochs if validation else ())
   return report, evaluate, [
       report, loop.EpochTimer(run.writer, per_epoch), evaluate,
@@ -280,11 +299,15 @@ def _final_evaluation(run: Run, stop: faults.StopRequest) -> bool:
     batches = evaluation.bn_statistics(run.strategy, state.model,
                                        data.bn_statistics_dataset(config, run.strategy, run.manifest))
     logging.info("BatchNorm statistics re-estimated from %d train images", batches * config.global_batch_size)
-  evaluator = evaluation.Evaluator(run.strategy, state, len(manifest_lib.class_names(run.manifest)))
-  for split, dataset in data.eval_datasets(config, run.strategy, run.manifest).items():
+  step = int(state.step.numpy())
+  for split in data.eval_splits(run.manifest):
     if stop.agreed(run.strategy):
       break
-    run.metrics[split], _ = evaluator.evaluate(dataset, views=config.tta)
+    if split == "validation":  # also the validation curve's last point, and its figures
+      run.metrics[split] = run.validation.final(step, config.tta)
+    else:
+      run.metrics[split], _ = run.validation.evaluator.evaluate(
+          data.eval_dataset(config, run.strategy, run.manifest, split), views=config.tta)
     logging.info("final %s: %s", split, writers.format_metrics(run.metrics[split]))
   else:  # every split scored: one last vote before the export
     if not stop.agreed(run.strategy):

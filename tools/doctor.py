@@ -1,0 +1,228 @@
+r"""What a user on a new node needs to know before training, in under 2 minutes.
+
+  python -m tools.doctor                                # the deep config
+  python -m tools.doctor --config=configs/deep.py:smoke --budget_secs=20
+
+Prints: the software; the CPU and which precisions it runs fast; every GPU with its compute capability
+and which precisions pay on it; whether TensorFlow was built with CUDA and which CUDA and cuDNN; an
+all-reduce over the local GPUs (NCCL) or the logical CPUs; an XLA-compiled function; and the config's
+train step timed per precision on a batch of random images (20 steps, or as many as fit in the time
+budget). Each check ends in OK, NOTE or FAIL; any FAIL makes the exit status 1 (a broken setup), and the
+last line says so.
+"""
+
+import os
+import platform
+import shutil
+import sys
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import numpy as np
+import tensorflow as tf
+
+from trainer import distribute
+from trainer import main as trainer_main
+from trainer import models
+from trainer import steps as steps_lib
+
+FLAGS = flags.FLAGS
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "deep.py")
+
+
+def define_flags():
+  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The config whose train step is timed.",
+                                  lock_config=True)
+  flags.DEFINE_integer("steps", 20, "Train steps timed per precision (fewer if the budget runs out).",
+                       lower_bound=1)
+  flags.DEFINE_float("budget_secs", 60.0, "Seconds for all the step timings together.", lower_bound=1.0)
+
+
+class Report:
+  """Check lines, and whether any failed."""
+
+  def __init__(self):
+    self.failed = []
+
+  def line(self, status: str, what: str, detail: str) -> None:
+    print(f"{status:<4} {what:<12} {detail}", flush=True)
+    if status == "FAIL":
+      self.failed.append(what)
+
+
+def cpu_flags() -> set[str]:
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def cpu_precisions(cpu: set[str]) -> str:
+  """Which precisions this CPU runs in hardware (oneDNN's bf16 needs AVX512_BF16 or AMX)."""
+  if "amx_bf16" in cpu:
+    return "AMX: bf16 convs and matmuls several times float32's; use mixed_bfloat16"
+  if "avx512_bf16" in cpu:
+    return "AVX512_BF16: bf16 about twice float32's; mixed_bfloat16 pays"
+  if "avx512f" in cpu:
+    return "AVX-512 without bf16: bf16 is converted in software; use float32"
+  return "AVX2 at most: bf16 is converted in software; use float32"
+
+
+def gpu_precisions(capability: tuple[int, int] | None) -> str:
+  if capability is None:
+    return "compute capability unknown"
+  if capability >= (8, 0):
+    return "tensor cores for bf16 and fp16: mixed_bfloat16 (no loss scaling) or mixed_float16"
+  if capability >= (7, 0):
+    return "tensor cores for fp16 only: mixed_float16; bf16 is not faster than float32 here"
+  return "no tensor cores: float32 (mixed precision does not pay)"
+
+
+def check_devices(report: Report) -> list:
+  cpu = cpu_flags()
+  report.line("OK", "cpu", f"{cpu_model()}, {os.cpu_count()} cores; {cpu_precisions(cpu)}")
+  gpus = tf.config.list_physical_devices("GPU")
+  build = tf.sysconfig.get_build_info()
+  cuda = f"CUDA {build.get('cuda_version', '?')}, cuDNN {build.get('cudnn_version', '?')}"
+  if not gpus:
+    if shutil.which("nvidia-smi"):
+      report.line("FAIL", "gpu", f"nvidia-smi is here but TensorFlow sees no GPU (built with CUDA: "
+                  f"{tf.test.is_built_with_cuda()}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                  "install tensorflow[and-cuda] or check the driver")
+    else:
+      report.line("NOTE", "gpu", f"none: training runs on the CPU (TensorFlow built with CUDA: "
+                  f"{tf.test.is_built_with_cuda()})")
+    return []
+  report.line("OK", "cuda", cuda)
+  for gpu in gpus:
+    details = tf.config.experimental.get_device_details(gpu)
+    capability = details.get("compute_capability")
+    report.line("OK", "gpu", f"{gpu.name}: {details.get('device_name', '?')}, compute capability "
+                f"{'.'.join(map(str, capability)) if capability else '?'}; {gpu_precisions(capability)}")
+  return gpus
+
+
+def check_all_reduce(report: Report, gpus: list) -> None:
+  """A sum over 2 replicas: NCCL over the local GPUs when there are 2 or more, else 2 logical CPUs."""
+  devices = [f"/gpu:{i}" for i in range(len(gpus))] if len(gpus) > 1 else ["/cpu:0", "/cpu:1"]
+  what = f"NCCL over {len(gpus)} GPUs" if len(gpus) > 1 else "2 logical CPUs (no NCCL: fewer than 2 GPUs)"
+  try:
+    strategy = tf.distribute.MirroredStrategy(devices)
+    values = strategy.experimental_distribute_values_from_function(
+        lambda ctx: tf.constant(float(ctx.replica_id_in_sync_group + 1)))
+    total = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda v: tf.identity(v), (values,)), axis=None)
+    expected = len(devices) * (len(devices) + 1) / 2
+    if float(total) != expected:
+      report.line("FAIL", "all-reduce", f"{what}: summed to {float(total)}, expected {expected}")
+    else:
+      report.line("OK", "all-reduce", f"{what}: correct")
+  except (tf.errors.OpError, RuntimeError, ValueError) as e:
+    report.line("FAIL", "all-reduce", f"{what}: {str(e).strip().splitlines()[0]}")
+
+
+def check_xla(report: Report, gpus: list) -> None:
+  device = "/gpu:0" if gpus else "/cpu:0"
+  try:
+    with tf.device(device):
+      x = tf.random.normal([64, 64])
+      out = tf.function(lambda x: tf.nn.relu(x @ x) + 1.0, jit_compile=True)(x)
+      ok = np.allclose(out.numpy(), tf.nn.relu(x @ x).numpy() + 1.0, atol=1e-2)
+    advice = "" if gpus else " (on a CPU XLA usually runs the step slower: leave jit_compile off)"
+    report.line("OK" if ok else "FAIL", "xla", f"a compiled function on {device} {'agrees' if ok else 'differs'}"
+                f" with the plain one{advice}")
+  except (tf.errors.OpError, RuntimeError, ValueError) as e:
+    report.line("FAIL" if gpus else "NOTE", "xla", f"cannot compile on {device}: {str(e).strip().splitlines()[0]}")
+
+
+def precisions_to_time(gpus: list, config) -> list[str]:
+  """float32 always; the config's own; mixed_float16 on a GPU."""
+  names = ["float32", config.mixed_precision] + (["mixed_float16"] if gpus else [])
+  return list(dict.fromkeys(names))
+
+
+def time_step(config, strategy, precision: str, steps: int, deadline: float) -> tuple[int, float, float, float]:
+  """The config's train step in `precision` under `strategy` (one device) over a held batch of random
+  images: (steps timed, images/s, seconds of the first step with its tracing, last loss); stops early at
+  `deadline`."""
+  variant = config.copy_and_resolve_references()
+  variant.mixed_precision = precision
+  state = steps_lib.make_state(variant, strategy, steps_per_epoch=max(steps, 1), data=models.CIFAR10)
+  learner = steps_lib.Learner(variant, strategy, state)
+  rng = np.random.default_rng(0)
+  batch = {"images": tf.constant(rng.normal(size=(variant.global_batch_size, *models.CIFAR10.image_shape)), tf.float32),
+           "labels": tf.constant(rng.integers(0, models.CIFAR10.num_classes, variant.global_batch_size), tf.int64)}
+  iterator = iter(strategy.distribute_datasets_from_function(lambda ctx: tf.data.Dataset.from_tensors(batch).repeat()))
+  start = time.perf_counter()
+  metrics = learner.train(iterator, 1, 0)
+  first = time.perf_counter() - start
+  done, start = 0, time.perf_counter()
+  while done < steps and time.perf_counter() < deadline:
+    metrics = learner.train(iterator, 1, 0)
+    done += 1
+  return done, done * variant.global_batch_size / max(time.perf_counter() - start, 1e-9), first, metrics["loss"]
+
+
+def check_steps(report: Report, config, gpus: list, steps: int, budget: float) -> None:
+  strategy = tf.distribute.MirroredStrategy(["/gpu:0" if gpus else "/cpu:0"])
+  precisions = precisions_to_time(gpus, config)
+  for precision in precisions:
+    what = f"step {precision}"
+    try:
+      done, rate, first, loss = time_step(config, strategy, precision, steps, time.perf_counter() + budget / len(precisions))
+    except (tf.errors.OpError, RuntimeError, ValueError) as e:
+      report.line("FAIL", what, f"{str(e).strip().splitlines()[0]}")
+      continue
+    if not np.isfinite(loss):
+      report.line("FAIL", what, f"loss is {loss} after {done + 1} steps")
+    elif not done:
+      report.line("NOTE", what, f"the first step of {config.global_batch_size} took {first:.1f} s with its tracing; "
+                  "no other fitted the budget (--budget_secs)")
+    else:
+      short = f" (the budget allowed {done} of {steps})" if done < steps else ""
+      report.line("OK", what, f"{rate:,.1f} images/s over {done} steps of {config.global_batch_size} on "
+                  f"{strategy.extended.worker_devices[0].split('/')[-1]}{short}; the first, with tracing, {first:.1f} s")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  tf.get_logger().setLevel("ERROR")
+  start = time.perf_counter()
+  report = Report()
+  report.line("OK", "software", f"Python {platform.python_version()}, TensorFlow {tf.__version__}, "
+              f"Keras {__import__('keras').__version__}, {platform.system()} {platform.release()}")
+  gpus = tf.config.list_physical_devices("GPU")
+  distribute.share_gpus(gpus)
+  if len(gpus) < 2:
+    distribute.configure_devices(2)  # for the all-reduce check
+  gpus = check_devices(report)
+  check_all_reduce(report, gpus)
+  check_xla(report, gpus)
+  check_steps(report, FLAGS.config, gpus, FLAGS.steps, FLAGS.budget_secs)
+  seconds = time.perf_counter() - start
+  if report.failed:
+    print(f"doctor: {len(report.failed)} check(s) failed ({', '.join(report.failed)}) in {seconds:.0f} s")
+    sys.exit(1)
+  print(f"doctor: all checks passed in {seconds:.0f} s")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, flags_parser=trainer_main.flags_parser("doctor"))
