@@ -464,15 +464,19 @@ def test_benchmark_accuracy_tool_resumes_in_its_workdir(synthetic_dir, tmp_path)
   assert "benchmark_accuracy: starting run 0" in log and "benchmark_accuracy: resuming run 0" in log
 
 
-def test_benchmark_step_tool(synthetic_dir):
+def test_benchmark_step_tool_compares_kernels_and_profiles_layers(synthetic_dir):
   result = subprocess.run(
       [sys.executable, "-m", "tools.benchmark_step", "--config=configs/deep.py:smoke",
-       f"--config.data_dir={synthetic_dir}", "--windows=2", "--steps=1"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+       f"--config.data_dir={synthetic_dir}", "--windows=1", "--steps=1", "--nofit", "--noreplicas", "--kernels",
+       "--layers"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   lines = result.stdout.strip().splitlines()
-  assert sum("train step, " in l for l in lines) == 2
-  assert re.fullmatch(r"fast / keras: \d+\.\d\d", lines[-1])
+  assert sum(l.startswith("train step, ") for l in lines) == 2
+  assert any(re.fullmatch(r"fast / keras: \d+\.\d\d", l) for l in lines)
+  layers = {l.split()[0] for l in lines[lines.index(next(l for l in lines if l.startswith("layer "))) + 1:]
+            if re.match(r"\w+ +[\dx]+ +[\d.]+ +[\d.]+$", l)}
+  assert {"whiten", "group0_conv0", "group0_bn0", "logits"} <= layers, lines
+  assert not any(l.startswith(("custom loop / fit", "2 / 1 replicas")) for l in lines)
 
 
 def test_benchmark_input_tool(synthetic_dir):
