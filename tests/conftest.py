@@ -6,9 +6,8 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The suite checks the CPU paths (bit-exact resumes, 2 logical CPUs, worker processes on loopback), also on
 # a GPU machine: its GPUs are hidden from the tests and the worker processes they start (two workers on
-# one GPU cannot form an NCCL ring). CUDA_VISIBLE_DEVICES=0 runs them on a GPU instead; tests asking for
-# logical CPUs still get them there. `python -m tools.doctor` checks the GPU itself.
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# one GPU cannot form an NCCL ring), whatever a scheduler set. `python -m tools.doctor` checks the GPU.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import pytest  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top

@@ -163,3 +163,24 @@ def test_every_action_is_closed_however_the_loop_ends():
              steps_per_epoch=4, steps_per_loop=1, stop_requested=lambda: False, last_checkpoint=lambda: None,
              clock=clock)
   assert closed == [True]
+
+
+def test_timeline_and_action_timing():
+  """The first step's end is the first loop's end less its other steps at the later loops' rate (a first
+  call that traces for 10 s); each action counts its runs and their seconds."""
+  clock = FakeClock()
+
+  class Tracing(FakeLearner):
+    def train(self, iterator, num_steps, epoch):
+      if not self.calls:
+        self.clock.now += 10.0
+      return super().train(iterator, num_steps, epoch)
+
+  timeline = loop.Timeline(clock=clock)
+  save = loop.Checkpoint(lambda step: setattr(clock, "now", clock.now + 3.0), every_steps=4, clock=clock)
+  loop.run(Tracing(clock, step_secs=0.5), None, [timeline, save], start_step=0, total_steps=12, steps_per_epoch=12,
+           steps_per_loop=4, stop_requested=lambda: False, last_checkpoint=lambda: None, clock=clock)
+  assert (timeline.loops, timeline.first_steps, timeline.first_seconds) == (3, 4, 12.0)
+  assert timeline.first_step_end() == 10.5  # 10 s of tracing and one 0.5 s step
+  assert timeline.train_seconds == 16.0 and timeline.last_end == 16.0 + 2 * 3.0
+  assert save.timing() == {"checkpoint": {"runs": 3, "secs": 9.0}} and timeline.timing() == {}

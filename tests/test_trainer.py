@@ -552,7 +552,14 @@ def test_tta_views():
   np.testing.assert_allclose(views.logits(model, images, "none"), images[:, 0, :3, 0])
   flipped = 0.5 * (images[:, 0, :3, 0] + images[:, 0, ::-1, 0][:, :3])
   np.testing.assert_allclose(views.logits(model, images, "flip"), flipped)
-  assert views.logits(model, images, "flip_translate").shape == (2, 3)
+  read = lambda x: x[:, 0, :3, 0]
+  mirror = lambda x: 0.5 * (read(x) + read(tf.reverse(x, axis=[2])))
+  padded = tf.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="REFLECT")
+  expected = 0.5 * mirror(images) + 0.25 * mirror(padded[:, :32, :32]) + 0.25 * mirror(padded[:, 2:, 2:])
+  averaged, plain = views.logits(model, images, "flip_translate", with_plain=True)
+  np.testing.assert_allclose(averaged, expected, rtol=1e-6)
+  np.testing.assert_allclose(plain, read(images))
+  np.testing.assert_allclose(views.logits(model, images, "flip_translate"), expected, rtol=1e-6)
   with pytest.raises(ValueError, match="tta='sideways' is not one of"):
     views.logits(model, images, "sideways")
 

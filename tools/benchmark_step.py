@@ -8,7 +8,9 @@ In one process, every train step fed one batch of the real train pipeline held i
   1. FLOPs per image of the train step: the forward pass counted by TensorFlow's profiler on the model's
      graph (the ops with a registered count: convolutions, matmuls, bias adds, pooling...), times 3 for
      forward and backward (the backward pass makes two products per forward one), plus the optimizer's
-     Newton-Schulz matmuls (Muon) counted from the kernels' shapes, per image at the run's batch;
+     Newton-Schulz matmuls (Muon) counted from the kernels' shapes, per image at the run's batch. A slight
+     overcount: the frozen first layer needs no gradient, and the next none for its input once the
+     whitening bias freezes (deep.py: ~3%);
   2. the machine's peak at the run's compute precision: the faster of a 3x3 convolution and a square
      matmul, timed in this process;
   3. the custom loop (trainer/steps.Learner) and `model.compile` + `model.fit` with the same model,
@@ -101,12 +103,12 @@ def peak_flops(dtype: tf.DType, repeats: int = 5) -> dict[str, float]:
   return rates
 
 
-def strategies(gpus: list) -> dict:
-  """{1: the 1-replica strategy, 2: the 2-replica one, or None when the machine has just 1 GPU}."""
-  if gpus:
-    two = tf.distribute.MirroredStrategy(["/gpu:0", "/gpu:1"]) if len(gpus) > 1 else None
-    return {1: tf.distribute.MirroredStrategy(["/gpu:0"]), 2: two}
-  return {1: tf.distribute.MirroredStrategy(["/cpu:0"]), 2: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])}
+def strategies(gpus: list, replicas: bool) -> dict:
+  """{1: the 1-replica strategy, 2: the 2-replica one when `replicas` (None on a machine with 1 GPU)}."""
+  kind = "gpu" if gpus else "cpu"
+  two = replicas and (len(gpus) > 1 or not gpus)
+  return {1: tf.distribute.MirroredStrategy([f"/{kind}:0"]),
+          2: tf.distribute.MirroredStrategy([f"/{kind}:0", f"/{kind}:1"]) if two else None}
 
 
 def held_batch(config, manifest: dict) -> dict:
@@ -142,19 +144,27 @@ def keras_fit(config, strategy, manifest: dict, batch: dict, steps: int):
                   metrics=["accuracy"], steps_per_execution=steps, jit_compile=config.jit_compile)
   pairs = tf.data.Dataset.from_tensors((batch["images"], tf.one_hot(batch["labels"], shape.num_classes))).repeat()
 
+  # Timed from the epoch's start to its end: fit's set-up on each call (data adapter, iterator, callbacks)
+  # is paid once in a real run, not once per window.
+  marks = []
+  timer = keras.callbacks.LambdaCallback(on_epoch_begin=lambda *_: marks.append(time.perf_counter()),
+                                         on_epoch_end=lambda *_: marks.append(time.perf_counter()))
+
   def window():
-    start = time.perf_counter()
-    model.fit(pairs, epochs=1, steps_per_epoch=steps, verbose=0)
-    return steps * config.global_batch_size / (time.perf_counter() - start)
+    model.fit(pairs, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer])
+    return steps * config.global_batch_size / (marks[-1] - marks[-2])
 
   return window
 
 
-def layer_profile(config, manifest: dict, repeats: int = 3) -> list[tuple[str, str, float, float]]:
+def layer_profile(config, manifest: dict, repeats: int = 3) -> list[tuple[str, str, float, float]] | None:
   """Each layer of the model alone, forward and backward (gradients of its input and weights) at the
-  run's per-replica batch: (name, output shape, ms, GFLOP/s from its forward FLOPs x3), slowest first."""
+  run's global batch on one device: (name, output shape, ms, GFLOP/s from its forward FLOPs x3), slowest
+  first. None for a model that is not a chain of layers (resnet's skip connections)."""
   keras.mixed_precision.set_dtype_policy(config.mixed_precision)
   model = models.build(config.model, data.model_shape(manifest))
+  if any(layer.input is not before.output for before, layer in zip(model.layers, model.layers[1:])):
+    return None
   x = tf.random.normal([config.global_batch_size, *model.inputs[0].shape[1:]])
   rows = []
   for layer in model.layers[1:]:
@@ -208,7 +218,7 @@ def main(argv):
   if not gpus and FLAGS.replicas:
     distribute.configure_devices(2)
   manifest = manifest_lib.load(config.data_dir)
-  kinds = strategies(gpus)
+  kinds = strategies(gpus, FLAGS.replicas)
   dtype = COMPUTE_DTYPES[config.mixed_precision]
   print(f"data_dir {config.data_dir}, batch {config.global_batch_size}, model {config.model.name} "
         f"{tuple(config.model.widths)}, optimizer {config.optimizer.name}, {config.mixed_precision}, "
@@ -239,7 +249,10 @@ def main(argv):
     kernels_comparison(config, kinds[1], manifest, batch, FLAGS.steps, FLAGS.windows)
   if FLAGS.layers:
     print(f"{'layer':<16} {'output':<12} {'ms fwd+bwd':>10} {'GFLOP/s':>9}  (batch {config.global_batch_size}, alone)")
-    for name, shape, ms, gflops in layer_profile(config, manifest):
+    profile = layer_profile(config, manifest)
+    if profile is None:
+      print("layer profile: skipped, the model is not a chain of layers")
+    for name, shape, ms, gflops in profile or ():
       print(f"{name:<16} {shape:<12} {ms:>10.1f} {gflops:>9.1f}")
 
   custom = rates["custom loop (steps.Learner), 1 replica"]

@@ -102,7 +102,9 @@ def check_devices(report: Report) -> list:
   build = tf.sysconfig.get_build_info()
   cuda = f"CUDA {build.get('cuda_version', '?')}, cuDNN {build.get('cudnn_version', '?')}"
   if not gpus:
-    if shutil.which("nvidia-smi"):
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+      report.line("NOTE", "gpu", "CUDA_VISIBLE_DEVICES is empty: every GPU is hidden; training runs on the CPU")
+    elif shutil.which("nvidia-smi"):
       report.line("FAIL", "gpu", f"nvidia-smi is here but TensorFlow sees no GPU (built with CUDA: "
                   f"{tf.test.is_built_with_cuda()}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
                   "install tensorflow[and-cuda] or check the driver")
@@ -120,19 +122,23 @@ def check_devices(report: Report) -> list:
 
 
 def check_all_reduce(report: Report, gpus: list) -> None:
-  """A sum over 2 replicas: NCCL over the local GPUs when there are 2 or more, else 2 logical CPUs."""
+  """A sum inside the replicas, as the train step's gradient sum runs: NCCL over the local GPUs when there
+  are 2 or more, else over 2 logical CPUs; every replica must get the total."""
   devices = [f"/gpu:{i}" for i in range(len(gpus))] if len(gpus) > 1 else ["/cpu:0", "/cpu:1"]
   what = f"NCCL over {len(gpus)} GPUs" if len(gpus) > 1 else "2 logical CPUs (no NCCL: fewer than 2 GPUs)"
   try:
     strategy = tf.distribute.MirroredStrategy(devices)
-    values = strategy.experimental_distribute_values_from_function(
-        lambda ctx: tf.constant(float(ctx.replica_id_in_sync_group + 1)))
-    total = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda v: tf.identity(v), (values,)), axis=None)
+
+    def replica_sum():
+      ctx = tf.distribute.get_replica_context()
+      return ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(ctx.replica_id_in_sync_group, tf.float32) + 1.0)
+
+    sums = [float(t) for t in strategy.experimental_local_results(tf.function(lambda: strategy.run(replica_sum))())]
     expected = len(devices) * (len(devices) + 1) / 2
-    if float(total) != expected:
-      report.line("FAIL", "all-reduce", f"{what}: summed to {float(total)}, expected {expected}")
+    if sums != [expected] * len(devices):
+      report.line("FAIL", "all-reduce", f"{what}: the replicas got {sums}, expected {expected} on each")
     else:
-      report.line("OK", "all-reduce", f"{what}: correct")
+      report.line("OK", "all-reduce", f"{what}: every replica got the sum")
   except (tf.errors.OpError, RuntimeError, ValueError) as e:
     report.line("FAIL", "all-reduce", f"{what}: {str(e).strip().splitlines()[0]}")
 
@@ -152,8 +158,12 @@ def check_xla(report: Report, gpus: list) -> None:
 
 
 def precisions_to_time(gpus: list, config) -> list[str]:
-  """float32 always; the config's own; mixed_float16 on a GPU."""
-  names = ["float32", config.mixed_precision] + (["mixed_float16"] if gpus else [])
+  """float32 always; the config's own; on a GPU mixed_float16, and mixed_bfloat16 from compute capability
+  8.0 (its kernels are missing or slow below)."""
+  names = ["float32", config.mixed_precision]
+  if gpus:
+    capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability") or (0, 0)
+    names = [n for n in names if n != "mixed_bfloat16" or capability >= (8, 0)] + ["mixed_float16"]
   return list(dict.fromkeys(names))
 
 
@@ -163,6 +173,7 @@ def time_step(config, strategy, precision: str, steps: int, deadline: float) -> 
   `deadline`."""
   variant = config.copy_and_resolve_references()
   variant.mixed_precision = precision
+  variant.input.augment_on = "host"  # the batch below is ready to train on
   state = steps_lib.make_state(variant, strategy, steps_per_epoch=max(steps, 1), data=models.CIFAR10)
   learner = steps_lib.Learner(variant, strategy, state)
   rng = np.random.default_rng(0)
@@ -186,8 +197,8 @@ def check_steps(report: Report, config, gpus: list, steps: int, budget: float) -
     what = f"step {precision}"
     try:
       done, rate, first, loss = time_step(config, strategy, precision, steps, time.perf_counter() + budget / len(precisions))
-    except (tf.errors.OpError, RuntimeError, ValueError) as e:
-      report.line("FAIL", what, f"{str(e).strip().splitlines()[0]}")
+    except (tf.errors.OpError, RuntimeError, ValueError, KeyError) as e:
+      report.line("FAIL", what, f"{type(e).__name__}: {str(e).strip().splitlines()[0]}")
       continue
     if not np.isfinite(loss):
       report.line("FAIL", what, f"loss is {loss} after {done + 1} steps")

@@ -105,8 +105,9 @@ def data_init_images(config, manifest: dict, first: dict) -> tf.Tensor:
 
 
 def input_grid(config, manifest: dict, first: dict) -> tf.Tensor:
-  """A grid [1, 8H, 8W, C] of 64 of `first_train_images`, augmented as the config augments the first
-  batch (its seed, epoch 0), then de-normalised: what the model is shown, for TensorBoard."""
+  """A grid [1, 8H, 8W, C] of the first 64 of `first_train_images` (file order), through the config's
+  augmentation with the first batch's seed at epoch 0 (the alternating flip keyed by position, not by
+  record), then de-normalised: the kind of image the model is shown, for TensorBoard."""
   mean, std = normalization_for(config, manifest)
   side = min(8, math.isqrt(first["images"].shape[0]))
   seed = tf.constant([config.seed, 0], tf.int64)

@@ -56,7 +56,9 @@ def _strategy(kind: str, logical_cpus: int) -> tf.distribute.Strategy:
   if kind == "mirrored":
     if gpus and not logical_cpus:
       return tf.distribute.MirroredStrategy()  # every local GPU, NCCL all-reduce
-    # Asked for logical CPUs: they, even beside a GPU (tests of 2 replicas on a 1-GPU machine).
+    if gpus:  # asked for logical CPUs: they, even beside a GPU (2 replicas on a 1-GPU machine)
+      logging.warning("logical_cpus=%d: training on %d logical CPU devices, not on the %d GPU(s)", logical_cpus,
+                      logical_cpus, len(gpus))
     return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(max(logical_cpus, 1))])
   if kind == "multi_worker":
     implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL if gpus

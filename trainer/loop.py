@@ -93,20 +93,32 @@ class PeriodicAction:
 
 class Timeline(PeriodicAction):
   """Never runs; watches every loop for the run's timing: when the first and the last train loop of this
-  process ended, their steps, and the seconds inside train loops. First in the list of actions, so that
-  the others' work does not count as the loops'."""
+  process ended, the first loop's steps and seconds, and the seconds inside all loops. First in the list
+  of actions, so that the others' work does not count as the loops'."""
 
   def __init__(self, clock=None):
     super().__init__(clock=clock)
-    self.loops, self.first_steps, self.train_seconds = 0, 0, 0.0
+    self.loops, self.first_steps, self.first_seconds, self.train_seconds, self.later_steps = 0, 0, 0.0, 0.0, 0
     self.first_end = self.last_end = None
 
   def observe(self, loop):
     self.last_end = self.clock()
     if not self.loops:
-      self.first_end, self.first_steps = self.last_end, loop.steps
+      self.first_end, self.first_steps, self.first_seconds = self.last_end, loop.steps, loop.seconds
+    else:
+      self.later_steps += loop.steps
     self.loops += 1
     self.train_seconds += loop.seconds
+
+  def first_step_end(self) -> float | None:
+    """When the first step ended, estimated: the first loop's end less its other steps at the later loops'
+    mean seconds per step (its own end when there were none)."""
+    if self.first_end is None:
+      return None
+    if not self.later_steps:
+      return self.first_end
+    per_step = (self.train_seconds - self.first_seconds) / self.later_steps
+    return self.first_end - (self.first_steps - 1) * per_step
 
   def run(self, step):
     del step

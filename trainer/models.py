@@ -225,9 +225,11 @@ class PatchWhitening(keras.layers.Layer):
     # The patches as a conv with one-hot filters (element k of the (row, col, channel)-flattened patch in
     # channel k): the same values as tf.image.extract_patches at half its time; covariance in TF's float64
     # matmul (numpy's took longer than the rest together).
-    one_hot = tf.reshape(tf.eye(n), [self.size, self.size, c, n])
-    patches = tf.cast(tf.reshape(tf.nn.conv2d(tf.cast(images, tf.float32), one_hot, 1, "VALID"), [-1, n]), tf.float64)
-    covariance = tf.matmul(patches, patches, transpose_a=True) / tf.cast(tf.shape(patches)[0], tf.float64)
+    with tf.device("/cpu:0"):  # exact: a GPU may run float32 convs in TF32 or by Winograd
+      one_hot = tf.reshape(tf.eye(n), [self.size, self.size, c, n])
+      patches = tf.reshape(tf.nn.conv2d(tf.cast(images, tf.float32), one_hot, 1, "VALID"), [-1, n])
+      patches = tf.cast(patches, tf.float64)
+      covariance = tf.matmul(patches, patches, transpose_a=True) / tf.cast(tf.shape(patches)[0], tf.float64)
     eigenvalues, eigenvectors = np.linalg.eigh(covariance.numpy())
     filters = eigenvectors / np.sqrt(eigenvalues + self.epsilon)  # one whitening filter per column
     filters = filters.reshape(self.size, self.size, c, -1)  # back to (row, col, channel) by filter

@@ -82,17 +82,19 @@ def train_and_evaluate(config, workdir: str, *, since: float | None = None) -> d
       if not stopped:
         with _timed(run, "final_evaluation_secs"):
           stopped = _final_evaluation(run, stop)
-      if not stopped and run.chief and config.export:
+      exported = not stopped and run.chief and config.export
+      if exported:
         mean, std = data.normalization_for(config, run.manifest)
         with _timed(run, "export_secs"):
           path = export_lib.export(run.state.model, os.path.join(workdir, "export"), mean=mean, std=std,
                                    class_names=manifest_lib.class_names(run.manifest), tta=config.tta)
         logging.info("exported SavedModel to %s", path)
       if not stopped and run.last_loop_end is not None:
-        run.timing["last_step_to_export_secs"] = round(time.monotonic() - run.last_loop_end, 3)
-        logging.info("fixed cost: %.1f s from the start to the end of the first train loop, %.1f s from the "
-                     "last step to the export written", run.timing["start_to_first_step_secs"],
-                     run.timing["last_step_to_export_secs"])
+        end = "last_step_to_export_secs" if exported else "last_step_to_end_secs"
+        run.timing[end] = round(time.monotonic() - run.last_loop_end, 3)
+        logging.info("fixed cost: %.1f s from the start to the first step's end, %.1f s from the last step to "
+                     "%s", run.timing["start_to_first_step_secs"], run.timing[end],
+                     "the export written" if exported else "the end")
     except BaseException as e:
       _end(run, "failed", error=faults.describe(e))
       raise
@@ -245,13 +247,14 @@ def _train(run: Run, stop: faults.StopRequest, ready) -> bool:
 
 
 def _loop_timing(run: Run, timeline: loop.Timeline, actions: list) -> dict:
-  """run.json's timing of the train loops: start-up to the end of the first loop (an upper bound on "to
-  the first step": it holds that loop's steps too), seconds inside loops, and each action's runs."""
+  """run.json's timing of the train loops: start-up to the end of the first step (its tracing and first
+  run included; the first loop's other steps taken out at the later loops' rate), seconds inside loops,
+  and each action's runs and seconds."""
   timing = {"train_loops": timeline.loops, "train_loop_secs": round(timeline.train_seconds, 3),
             "actions": {k: v for action in actions for k, v in action.timing().items()}}
   if timeline.first_end is not None:
-    timing.update(start_to_first_step_secs=round(timeline.first_end - run.since, 3),
-                  first_loop_steps=timeline.first_steps)
+    timing.update(start_to_first_step_secs=round(timeline.first_step_end() - run.since, 3),
+                  first_loop_steps=timeline.first_steps, first_loop_secs=round(timeline.first_seconds, 3))
   return timing
 
 
