@@ -157,20 +157,27 @@ def check_xla(report: Report, gpus: list) -> None:
     report.line("FAIL" if gpus else "NOTE", "xla", f"cannot compile on {device}: {str(e).strip().splitlines()[0]}")
 
 
-def precisions_to_time(gpus: list, config) -> list[str]:
-  """float32 always; the config's own; on a GPU mixed_float16, and mixed_bfloat16 from compute capability
-  8.0 (its kernels are missing or slow below)."""
-  names = ["float32", config.mixed_precision]
+def precisions_to_time(gpus: list, config) -> tuple[list[str], dict[str, str]]:
+  """(precisions to time, {precision: why it is not timed}): float32 always and the config's own; on a GPU
+  mixed_float16 too, and mixed_bfloat16 from compute capability 8.0; on a CPU mixed_bfloat16 only with
+  AVX512_BF16 or AMX (elsewhere one step of a real config takes minutes) and never mixed_float16."""
+  names, skipped = list(dict.fromkeys(["float32", config.mixed_precision] + (["mixed_float16"] if gpus else []))), {}
   if gpus:
     capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability") or (0, 0)
-    names = [n for n in names if n != "mixed_bfloat16" or capability >= (8, 0)] + ["mixed_float16"]
-  return list(dict.fromkeys(names))
+    if "mixed_bfloat16" in names and capability < (8, 0):
+      skipped["mixed_bfloat16"] = "no bf16 tensor cores below compute capability 8.0"
+  else:
+    if "mixed_bfloat16" in names and not {"avx512_bf16", "amx_bf16"} & cpu_flags():
+      skipped["mixed_bfloat16"] = "this CPU has no bf16 kernels (AVX512_BF16 or AMX); train in float32 here"
+    if "mixed_float16" in names:
+      skipped["mixed_float16"] = "float16 is for GPUs"
+  return [n for n in names if n not in skipped], skipped
 
 
 def time_step(config, strategy, precision: str, steps: int, deadline: float) -> tuple[int, float, float, float]:
   """The config's train step in `precision` under `strategy` (one device) over a held batch of random
-  images: (steps timed, images/s, seconds of the first step with its tracing, last loss); stops early at
-  `deadline`."""
+  images: (steps timed, images/s, seconds of the first step with its tracing, last loss); times no step
+  that the last one's duration says would end after `deadline`."""
   variant = config.copy_and_resolve_references()
   variant.mixed_precision = precision
   variant.input.augment_on = "host"  # the batch below is ready to train on
@@ -183,16 +190,19 @@ def time_step(config, strategy, precision: str, steps: int, deadline: float) -> 
   start = time.perf_counter()
   metrics = learner.train(iterator, 1, 0)
   first = time.perf_counter() - start
-  done, start = 0, time.perf_counter()
-  while done < steps and time.perf_counter() < deadline:
+  done, start, last = 0, time.perf_counter(), first
+  while done < steps and time.perf_counter() + last <= deadline:  # no step that would end past the deadline
+    step_start = time.perf_counter()
     metrics = learner.train(iterator, 1, 0)
-    done += 1
+    done, last = done + 1, time.perf_counter() - step_start
   return done, done * variant.global_batch_size / max(time.perf_counter() - start, 1e-9), first, metrics["loss"]
 
 
 def check_steps(report: Report, config, gpus: list, steps: int, budget: float) -> None:
   strategy = tf.distribute.MirroredStrategy(["/gpu:0" if gpus else "/cpu:0"])
-  precisions = precisions_to_time(gpus, config)
+  precisions, skipped = precisions_to_time(gpus, config)
+  for precision, why in skipped.items():
+    report.line("NOTE", f"step {precision}", f"not timed: {why}")
   for precision in precisions:
     what = f"step {precision}"
     try:
