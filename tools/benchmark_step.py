@@ -226,11 +226,11 @@ def main(argv):
 
   keras.mixed_precision.set_dtype_policy(config.mixed_precision)
   model = models.build(config.model, data.model_shape(manifest))
-  forward = forward_flops(model)
-  per_image = 3 * forward + optimizer_flops(config, model) / config.global_batch_size
+  forward, update = forward_flops(model), optimizer_flops(config, model)
+  per_image = 3 * forward + update / config.global_batch_size
   print(f"train step: {per_image / 1e9:.3f} GFLOP per image (forward {forward / 1e9:.3f} counted by "
         f"TensorFlow's profiler, x3 for forward + backward, + the optimizer's Newton-Schulz matmuls "
-        f"{optimizer_flops(config, model) / 1e9:.2f} GFLOP per step)")
+        f"{update / 1e9:.2f} GFLOP per step)")
   peaks = peak_flops(dtype)
   for name, rate in peaks.items():
     print(f"peak probe, {name} in {dtype.name}: {rate / 1e9:,.0f} GFLOP/s")

@@ -52,26 +52,24 @@ class Report:
       self.failed.append(what)
 
 
-def cpu_flags() -> set[str]:
+def _cpuinfo(key: str) -> str | None:
+  """The first value of `key` in /proc/cpuinfo (Linux); None elsewhere."""
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
       for line in f:
-        if line.startswith("flags"):
-          return set(line.split(":", 1)[1].split())
-  except OSError:
-    pass
-  return set()
-
-
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
+        if line.split(":", 1)[0].strip() == key:
           return line.split(":", 1)[1].strip()
   except OSError:
     pass
-  return platform.processor() or "unknown"
+  return None
+
+
+def cpu_flags() -> set[str]:
+  return set((_cpuinfo("flags") or "").split())
+
+
+def cpu_model() -> str:
+  return _cpuinfo("model name") or platform.processor() or "unknown"
 
 
 def cpu_precisions(cpu: set[str]) -> str:

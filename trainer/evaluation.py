@@ -62,9 +62,11 @@ class Evaluator:
     logits, plain = views_lib.logits(self.state.model, images, views, with_plain=True)
     per_example = steps.cross_entropy(labels, logits, 0.0)
     predicted = tf.argmax(logits, -1, output_type=labels.dtype)
-    self._sums.add(loss=tf.reduce_sum(per_example), correct=steps.correct(labels, logits),
-                   count=tf.shape(labels)[0], plain_loss=tf.reduce_sum(steps.cross_entropy(labels, plain, 0.0)),
-                   plain_correct=steps.correct(labels, plain),
+    hits = steps.correct(labels, logits)
+    plain_example, plain_hits = ((per_example, hits) if views == "none" else  # the same logits: not again
+                                 (steps.cross_entropy(labels, plain, 0.0), steps.correct(labels, plain)))
+    self._sums.add(loss=tf.reduce_sum(per_example), correct=hits, count=tf.shape(labels)[0],
+                   plain_loss=tf.reduce_sum(plain_example), plain_correct=plain_hits,
                    confusion=tf.math.confusion_matrix(labels, predicted, num_classes=self.num_classes,
                                                       dtype=tf.float32))
     if not worst:
