@@ -154,3 +154,22 @@ def test_xla_gelu_while_training_equals_tensorflows():
   np.testing.assert_allclose(y.numpy(), expected.numpy(), atol=1e-6)
   np.testing.assert_allclose(grad.numpy(), tape.gradient(expected, x, projection).numpy(), atol=1e-5)
   np.testing.assert_allclose(models.Activation("gelu")(x, training=False).numpy(), expected.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("policy,kernel,side", [("float32", 3, 7), ("float32", 5, 3), ("mixed_bfloat16", 3, 7),
+                                                ("float32", 3, 15)])
+def test_conv_kernel_gradient_by_shifts_matches_keras_conv(policy, kernel, side):
+  rng = np.random.default_rng(3)
+  x = tf.constant(rng.normal(size=(6, side, side, 5)), tf.float32)
+  projection = tf.constant(rng.normal(size=(6, side, side, 4)), tf.float32)
+  layers = [cls(4, kernel, padding="same", use_bias=False, dtype=policy) for cls in (keras.layers.Conv2D, models.Conv2D)]
+  for layer in layers:
+    layer.build(x.shape)
+  layers[1].kernel.assign(layers[0].kernel)
+  assert layers[1]._by_shifts(x) == (side * side <= models.Conv2D.small_map)
+  (y0, g0), (y1, g1) = [_train_call(layer, x, projection) for layer in layers]
+  tol = 1e-5 if policy == "float32" else 3e-2
+  np.testing.assert_allclose(np.float32(y1), np.float32(y0), atol=tol)
+  for a, b in zip(g1, g0):  # the input's gradient, then the kernel's
+    scale = np.abs(np.float32(b)).max()
+    np.testing.assert_allclose(np.float32(a) / scale, np.float32(b) / scale, atol=tol)

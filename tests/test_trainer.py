@@ -464,11 +464,11 @@ def test_benchmark_accuracy_tool_resumes_in_its_workdir(synthetic_dir, tmp_path)
   assert "benchmark_accuracy: starting run 0" in log and "benchmark_accuracy: resuming run 0" in log
 
 
-def test_benchmark_step_tool_compares_kernels_and_profiles_layers(synthetic_dir):
+def test_benchmark_step_tool_compares_kernels_and_profiles_layers_and_ops(synthetic_dir):
   result = subprocess.run(
       [sys.executable, "-m", "tools.benchmark_step", "--config=configs/deep.py:smoke",
        f"--config.data_dir={synthetic_dir}", "--windows=1", "--steps=1", "--nofit", "--noreplicas", "--kernels",
-       "--layers"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+       "--layers", "--ops"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   lines = result.stdout.strip().splitlines()
   assert sum(l.startswith("train step, ") for l in lines) == 2
@@ -476,6 +476,15 @@ def test_benchmark_step_tool_compares_kernels_and_profiles_layers(synthetic_dir)
   layers = {l.split()[0] for l in lines[lines.index(next(l for l in lines if l.startswith("layer "))) + 1:]
             if re.match(r"\w+ +[\dx]+ +[\d.]+ +[\d.]+$", l)}
   assert {"whiten", "group0_conv0", "group0_bn0", "logits"} <= layers, lines
+  # The op profile of the real step: smoke's 15x15 group takes oneDNN's kernel gradient, its 7x7 group the
+  # shifted matmuls (models.Conv2D).
+  assert re.match(r"op profile: [\d.]+ s of ops summed over threads in [\d.]+ s of wall time, 32 images",
+                  next(l for l in lines if l.startswith("op profile:")))
+  shares = {l.rsplit(None, 2)[0]: float(l.rsplit(None, 1)[1].rstrip("%")) for l in lines
+            if re.match(r".+ +[\d.]+ +[\d.]+%$", l)}
+  assert {"Conv2DBackpropFilter", "MatMul (backward)", "group0_conv0 backward", "group1_conv0 backward",
+          "group1_conv0 forward", "optimizer", "gelu (XLA)"} <= set(shares), lines
+  assert all(0 <= share <= 100 for share in shares.values())
   assert not any(l.startswith(("custom loop / fit", "2 / 1 replicas")) for l in lines)
 
 

@@ -2,6 +2,7 @@ r"""The train step against this machine's limit and against `model.fit`.
 
   python -m tools.benchmark_step --config=configs/deep.py --config.data_dir=/tmp/c10
   python -m tools.benchmark_step ... --layers    # and where the step's time goes, layer by layer
+  python -m tools.benchmark_step ... --ops       # and where the real step's time goes, op by op
   python -m tools.benchmark_step ... --kernels   # and model.fast_kernels against Keras's own layers
 
 In one process, every train step fed one batch of the real train pipeline held in memory:
@@ -20,7 +21,10 @@ Windows alternate between the variants compared, so machine noise hits them alik
 median. The last lines are `MFU: X`, `custom loop / fit: R` and `2 / 1 replicas: R`.
 """
 
+import collections
+import re
 import statistics
+import tempfile
 import time
 
 from absl import app
@@ -29,6 +33,7 @@ import keras
 from ml_collections import config_flags
 import numpy as np
 import tensorflow as tf
+from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
 from pipeline import manifest as manifest_lib
 from tools import benchmark_input
@@ -51,6 +56,8 @@ def define_flags():
   flags.DEFINE_bool("fit", True, "Compare with model.fit.")
   flags.DEFINE_bool("replicas", True, "Compare 2 replicas with 1 at the same global batch.")
   flags.DEFINE_bool("layers", False, "Also time each layer's forward and backward pass alone.")
+  flags.DEFINE_bool("ops", False, "Also profile one window of the custom loop and sum its time op by op "
+                    "(runs every variant with one inter-op thread).")
   flags.DEFINE_bool("kernels", False, "Also compare model.fast_kernels on and off.")
   flags.mark_flags_as_required(["config"])
 
@@ -187,6 +194,61 @@ def layer_profile(config, manifest: dict, repeats: int = 3) -> list[tuple[str, s
   return sorted(rows, key=lambda row: -row[2])
 
 
+def op_profile(window, layer_names: set[str], optimizer_name: str) -> tuple[collections.Counter, float]:
+  """One call of `window` under TensorFlow's profiler: ({(part, direction, op): seconds}, the window's wall
+  seconds). Seconds are each op's duration summed over TensorFlow's executor threads; with one inter-op
+  thread (main() sets it for --ops) they add up to about the wall time. part is the model layer whose name
+  scope holds the op, "optimizer" or "other"; direction "forward" or "backward" (under the gradient tape);
+  op the kernel's type without oneDNN's _Mkl/_MklNative prefix, or "XLA fusion" (the compiled GELU)."""
+  with tempfile.TemporaryDirectory() as logdir:
+    tf.profiler.experimental.start(logdir)
+    start = time.perf_counter()
+    window()
+    wall = time.perf_counter() - start
+    tf.profiler.experimental.stop()
+    space = xplane_pb2.XSpace()
+    for path in tf.io.gfile.glob(f"{logdir}/plugins/profile/*/*.xplane.pb"):
+      space.MergeFromString(tf.io.gfile.GFile(path, "rb").read())
+  seconds = collections.Counter()
+  for plane in space.planes:
+    for line in plane.lines:
+      for event in line.events:
+        name, secs = plane.event_metadata[event.metadata_id].name, event.duration_ps * 1e-12
+        if "/" in name and ":" in name and not name.startswith("Iterator"):
+          scope, op = name.rsplit(":", 1)
+          parts = [_unnumbered(p) for p in scope.split("/")]
+          part = next((p for p in parts if p in layer_names),
+                      "optimizer" if _unnumbered(optimizer_name) in parts else "other")
+          backward = {"gradient_tape", "gradient"} & set(parts)  # the second: models.Conv2D's own gradient
+          direction = ("backward" if backward else "forward") if part in layer_names else ""
+          seconds[part, direction, re.sub(r"^_Mkl(Native)?", "", op)] += secs
+        elif name.endswith("fusion") or re.search(r"fusion\.\d+$", name):
+          seconds["gelu (XLA)", "", "XLA fusion"] += secs
+  return seconds, wall
+
+
+def _unnumbered(name: str) -> str:
+  """A name scope without the _N TensorFlow and Keras append to make it unique."""
+  return re.sub(r"_\d+$", "", name)
+
+
+def print_op_profile(seconds: collections.Counter, wall: float, images: int) -> None:
+  """The op profile summed by op, then by layer and direction: each line with its share of the total, down
+  to 0.5%, then the rest in one line."""
+  total = sum(seconds.values())
+  print(f"op profile: {total:.2f} s of ops summed over threads in {wall:.2f} s of wall time, {images} images")
+  for title, key in (("op", lambda k: k[2] + (f" ({k[1] or k[0]})" if k[2] == "MatMul" else "")),
+                     ("layer", lambda k: f"{k[0]} {k[1]}".strip())):
+    sums = collections.Counter()
+    for k, secs in seconds.items():
+      sums[key(k)] += secs
+    print(f"{'by ' + title:<40} {'seconds':>8} {'share':>6}")
+    shown = [(name, secs) for name, secs in sums.most_common() if secs >= 0.005 * total]
+    rest = total - sum(secs for _, secs in shown)
+    for name, secs in shown + [(f"the rest ({len(sums) - len(shown)})", rest)]:
+      print(f"{name:<40} {secs:>8.3f} {secs / total:>6.1%}")
+
+
 def compare(measures: dict, windows: int) -> dict[str, float]:
   """Median images/s of each of `measures` (name -> a function timing one window), windows alternating."""
   rates = benchmark_input.alternating_windows(measures, windows)
@@ -214,6 +276,8 @@ def main(argv):
   tf.get_logger().setLevel("WARNING")  # tf.distribute logs every all-reduce it builds at INFO
   config = FLAGS.config.copy_and_resolve_references()
   config.input.augment_on = "host"  # model.fit is fed the same augmented batch
+  if FLAGS.ops:  # ops one at a time, so that each op's time is its own (two side by side share the cores)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
   gpus = tf.config.list_physical_devices("GPU")
   if not gpus and FLAGS.replicas:
     distribute.configure_devices(2)
@@ -247,6 +311,11 @@ def main(argv):
   rates = compare(measures, FLAGS.windows)
   if FLAGS.kernels:
     kernels_comparison(config, kinds[1], manifest, batch, FLAGS.steps, FLAGS.windows)
+  if FLAGS.ops:
+    optimizer_name = optim.make_optimizer(config, 1).name
+    seconds, wall = op_profile(measures["custom loop (steps.Learner), 1 replica"],
+                               {layer.name for layer in model.layers}, optimizer_name)
+    print_op_profile(seconds, wall, FLAGS.steps * config.global_batch_size)
   if FLAGS.layers:
     print(f"{'layer':<16} {'output':<12} {'ms fwd+bwd':>10} {'GFLOP/s':>9}  (batch {config.global_batch_size}, alone)")
     profile = layer_profile(config, manifest)

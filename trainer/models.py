@@ -2,8 +2,8 @@
 `keras.Model` mapping normalised float images [N, H, W, C] to float32 logits [N, K].
 
 Under a mixed-precision policy layers compute in bf16/fp16; the logits layer stays float32, and BatchNorm
-computes its statistics in float32. BatchNorm and Activation below are Keras's layers made faster (fused
-kernel, XLA-compiled GELU) with the same weights and results.
+computes its statistics in float32. BatchNorm, Activation and Conv2D below are Keras's layers made faster
+(fused kernel, XLA-compiled GELU, kernel gradients by matmuls) with the same weights and results.
 """
 
 import dataclasses
@@ -73,16 +73,60 @@ class Activation(keras.layers.Activation):
     return self.activation(inputs)
 
 
-def _layer_classes(config) -> tuple[type, type]:
-  """The BatchNorm and Activation layers `config.fast_kernels` picks: ours above, or Keras's own."""
+def _kernel_gradient_by_shifts(x, dy, kernel_shape):
+  """The gradient of a stride-1 "same" conv's kernel [kh, kw, c_in, c_out] from its input x [N, H, W, c_in]
+  and output gradient dy [N, H, W, c_out]: one matmul per kernel tap, x shifted by the tap against dy."""
+  kh, kw, c_in, c_out = kernel_shape
+  height, width = x.shape[1], x.shape[2]
+  padded = tf.pad(x, [[0, 0], [kh // 2, kh // 2], [kw // 2, kw // 2], [0, 0]])
+  dy = tf.reshape(dy, [-1, c_out])
+  taps = [tf.matmul(tf.reshape(padded[:, i:i + height, j:j + width, :], [-1, c_in]), dy, transpose_a=True)
+          for i in range(kh) for j in range(kw)]
+  return tf.reshape(tf.stack(taps), kernel_shape)
+
+
+class Conv2D(keras.layers.Conv2D):
+  """Keras's Conv2D; on a CPU, for stride-1 "same" convs with odd kernels on maps of at most 8x8, the
+  kernel's gradient is one matmul per kernel tap instead of oneDNN's weight-gradient conv, which runs
+  there at a third of the machine's rate. Same weights, forward pass and input gradient.
+  """
+
+  small_map = 64  # pixels: at 15x15 oneDNN's own kernel is the faster (BUILD.md, "The step, op by op")
+
+  def _by_shifts(self, inputs) -> bool:
+    height, width = inputs.shape[1], inputs.shape[2]
+    return (self.data_format == "channels_last" and self.groups == 1 and tuple(self.strides) == (1, 1)
+            and tuple(self.dilation_rate) == (1, 1) and self.padding == "same"
+            and all(k % 2 for k in self.kernel_size) and height is not None and width is not None
+            and height * width <= self.small_map and not tf.config.list_logical_devices("GPU"))
+
+  def convolution_op(self, inputs, kernel):
+    if not self._by_shifts(inputs):
+      return super().convolution_op(inputs, kernel)
+    kernel = tf.cast(kernel, inputs.dtype)
+
+    @tf.custom_gradient
+    def conv(x, kernel):
+      def grad(dy):
+        with tf.name_scope(f"{self.name}/gradient"):  # the tape runs this outside the layer's scope
+          dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=kernel, out_backprop=dy,
+                                              strides=[1, 1, 1, 1], padding="SAME")
+          return dx, _kernel_gradient_by_shifts(x, dy, kernel.shape)
+      return tf.nn.conv2d(x, kernel, 1, "SAME"), grad
+
+    return conv(inputs, kernel)
+
+
+def _layer_classes(config) -> tuple[type, type, type]:
+  """The BatchNorm, Activation and Conv2D layers `config.fast_kernels` picks: ours above, or Keras's own."""
   if config.fast_kernels:
-    return BatchNorm, Activation
-  return keras.layers.BatchNormalization, keras.layers.Activation
+    return BatchNorm, Activation, Conv2D
+  return keras.layers.BatchNormalization, keras.layers.Activation, keras.layers.Conv2D
 
 
 def _conv_bn(x, width: int, config, name: str):
-  batch_norm, activation = _layer_classes(config)
-  x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
+  batch_norm, activation, conv2d = _layer_classes(config)
+  x = conv2d(width, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
   x = batch_norm(momentum=config.bn_momentum, epsilon=1e-5, synchronized=config.sync_bn, name=f"{name}_bn")(x)
   return activation(config.activation, name=f"{name}_act")(x)
 
@@ -104,11 +148,11 @@ def resnet(config, data: DataShape) -> keras.Model:
   Config: widths (channels per stage), stem_width, blocks_per_stage, activation, bn_momentum, sync_bn,
   logit_scale (logits are multiplied by it; < 1 softens the initial predictions), fast_kernels.
   """
-  batch_norm, activation = _layer_classes(config)
+  batch_norm, activation, conv2d = _layer_classes(config)
   inputs = keras.Input(data.image_shape, name="images")
   x = _conv_bn(inputs, config.stem_width, config, "stem")
   for s, width in enumerate(config.widths):
-    x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"stage{s}_conv")(x)
+    x = conv2d(width, 3, padding="same", use_bias=False, name=f"stage{s}_conv")(x)
     x = keras.layers.MaxPooling2D(2, name=f"stage{s}_pool")(x)
     x = batch_norm(momentum=config.bn_momentum, epsilon=1e-5, synchronized=config.sync_bn,
                    name=f"stage{s}_bn")(x)
@@ -139,7 +183,7 @@ def plain_cnn(config, data: DataShape) -> keras.Model:
   per block), pool_after_last, dense (widths of the hidden dense layers), dense_dropout, l2 (weight penalty
   on conv and dense kernels), initializer, fast_kernels.
   """
-  batch_norm, _ = _layer_classes(config)
+  batch_norm, _, _ = _layer_classes(config)
   regularizer = keras.regularizers.L2(config.l2) if config.l2 else None
   dropout = _per_block(config.block_dropout, len(config.widths))
   inputs = keras.Input(data.image_shape, name="images")
@@ -276,14 +320,14 @@ def airbench(config, data: DataShape) -> keras.Model:
   Config: widths, activation, bn_momentum, sync_bn, logit_scale, whiten_size, whiten_bias_epochs,
   head_init_std (0: PyTorch's default init of the head, uniform in +-1/sqrt(fan_in)), fast_kernels.
   """
-  batch_norm, activation = _layer_classes(config)
+  batch_norm, activation, conv2d = _layer_classes(config)
 
   def bn(name):
     return batch_norm(momentum=config.bn_momentum, epsilon=1e-5, scale=False, synchronized=config.sync_bn,
                       name=name)
 
   def conv(width, name):
-    return keras.layers.Conv2D(width, 3, padding="same", use_bias=False, kernel_initializer=PartialDirac(),
+    return conv2d(width, 3, padding="same", use_bias=False, kernel_initializer=PartialDirac(),
                                name=name)
 
   inputs = keras.Input(data.image_shape, name="images")
