@@ -198,7 +198,8 @@ def op_profile(window, layer_names: set[str], optimizer_name: str) -> tuple[coll
   """One call of `window` under TensorFlow's profiler: ({(part, direction, op): seconds}, the window's wall
   seconds). Seconds are each op's duration summed over TensorFlow's executor threads; with one inter-op
   thread (main() sets it for --ops) they add up to about the wall time. part is the model layer whose name
-  scope holds the op, "optimizer" or "other"; direction "forward" or "backward" (under the gradient tape);
+  scope holds the op, "optimizer" or "other"; direction "forward" or "backward" (under the gradient tape)
+  for a layer's ops, "" for the others;
   op the kernel's type without oneDNN's _Mkl/_MklNative prefix, or "XLA fusion" (the compiled GELU)."""
   with tempfile.TemporaryDirectory() as logdir:
     tf.profiler.experimental.start(logdir)

@@ -68,6 +68,11 @@ def cpu_flags() -> set[str]:
   return set((_cpuinfo("flags") or "").split())
 
 
+def cpu_has_bf16() -> bool:
+  """Whether oneDNN has bf16 kernels on this CPU: AVX512_BF16 or AMX."""
+  return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
 def cpu_model() -> str:
   return _cpuinfo("model name") or platform.processor() or "unknown"
 
@@ -165,7 +170,7 @@ def precisions_to_time(gpus: list, config) -> tuple[list[str], dict[str, str]]:
     if "mixed_bfloat16" in names and capability < (8, 0):
       skipped["mixed_bfloat16"] = "no bf16 tensor cores below compute capability 8.0"
   else:
-    if "mixed_bfloat16" in names and not {"avx512_bf16", "amx_bf16"} & cpu_flags():
+    if "mixed_bfloat16" in names and not cpu_has_bf16():
       skipped["mixed_bfloat16"] = "this CPU has no bf16 kernels (AVX512_BF16 or AMX); train in float32 here"
     if "mixed_float16" in names:
       skipped["mixed_float16"] = "float16 is for GPUs"

@@ -88,7 +88,7 @@ def _kernel_gradient_by_shifts(x, dy, kernel_shape):
 class Conv2D(keras.layers.Conv2D):
   """Keras's Conv2D; on a CPU, for stride-1 "same" convs with odd kernels on maps of at most 8x8, the
   kernel's gradient is one matmul per kernel tap instead of oneDNN's weight-gradient conv, which runs
-  there at a third of the machine's rate. Same weights, forward pass and input gradient.
+  there at a third to a half of the machine's rate. Same weights, forward pass and input gradient.
   """
 
   small_map = 64  # pixels: at 15x15 oneDNN's own kernel is the faster (BUILD.md, "The step, op by op")
@@ -327,8 +327,7 @@ def airbench(config, data: DataShape) -> keras.Model:
                       name=name)
 
   def conv(width, name):
-    return conv2d(width, 3, padding="same", use_bias=False, kernel_initializer=PartialDirac(),
-                               name=name)
+    return conv2d(width, 3, padding="same", use_bias=False, kernel_initializer=PartialDirac(), name=name)
 
   inputs = keras.Input(data.image_shape, name="images")
   # In bf16 the faintest whitened channels carry 10-19% rounding noise (large filters summing nearly
