@@ -144,15 +144,17 @@ def test_fused_batch_norm_matches_keras_batch_norm(policy, scale):
                              atol=tol)
 
 
-def test_xla_gelu_while_training_equals_tensorflows():
+@pytest.mark.parametrize("dtype,tol", [(tf.float32, 1e-5), (tf.bfloat16, 2e-2)])
+def test_xla_gelu_while_training_equals_tensorflows(dtype, tol):
   x = tf.constant(np.random.default_rng(1).normal(size=(8, 4, 4, 6)) * 3, tf.float32)
   projection = tf.constant(np.random.default_rng(2).normal(size=x.shape), tf.float32)
-  y, (grad,) = _train_call(models.Activation("gelu"), x, projection)
-  with tf.GradientTape() as tape:
+  y, (grad,) = _train_call(models.Activation("gelu", dtype=dtype.name), tf.cast(x, dtype), projection)
+  with tf.GradientTape() as tape:  # the exact function and gradient, in float32
     tape.watch(x)
     expected = tf.nn.gelu(x)
-  np.testing.assert_allclose(y.numpy(), expected.numpy(), atol=1e-6)
-  np.testing.assert_allclose(grad.numpy(), tape.gradient(expected, x, projection).numpy(), atol=1e-5)
+  assert y.dtype == grad.dtype == dtype
+  np.testing.assert_allclose(np.float32(y), expected.numpy(), atol=tol, rtol=tol)
+  np.testing.assert_allclose(np.float32(grad), tape.gradient(expected, x, projection).numpy(), atol=tol, rtol=tol)
   np.testing.assert_allclose(models.Activation("gelu")(x, training=False).numpy(), expected.numpy(), atol=1e-6)
 
 
