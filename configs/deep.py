@@ -11,9 +11,10 @@ A frozen 2x2 patch-whitening conv initialised from the training data, three conv
 whitening bias and the head, batch 2000, rates decaying linearly to 0; label smoothing 0.2, alternating flip
 + 2-pixel translate, flip+translate test-time views in the final evaluation and the export, bf16.
 
-Measured (BUILD.md, 2026-12-01): 0.9125 ± 0.0026 validation accuracy from the export over 3 seeds (45k/5k
-split of the shared JPEG CIFAR-10), 10 epochs in 982-1,042 s on a 2-core Xeon with AMX (bf16 convs on
-oneDNN); a CPU without AMX is slower, and `:airbench94` (0.9052) needs 2.3x less compute.
+Measured (BUILD.md, Accuracy): 0.9124 ± 0.0003 validation accuracy from the export over 2 seeds (45k/5k
+split of the shared JPEG CIFAR-10), 10 epochs in 821-839 s on a 2-core Xeon with AMX (bf16 convs on
+oneDNN), 2026-12-02 (0.9125 ± 0.0026 over 3 seeds on 2026-12-01). A CPU without AMX is slower (a 2-core
+Zen 4 EPYC: ~180 images/s, ~2,500 s of steps), and `:airbench94` (0.9052) needs 2.3x less compute.
 """
 
 from configs import default

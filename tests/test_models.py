@@ -145,14 +145,16 @@ def test_fused_batch_norm_matches_keras_batch_norm(policy, scale):
 
 
 @pytest.mark.parametrize("dtype,tol", [(tf.float32, 1e-5), (tf.bfloat16, 2e-2)])
-def test_xla_gelu_while_training_equals_tensorflows(dtype, tol):
+def test_xla_gelu_while_training_equals_tensorflows(dtype, tol, monkeypatch):
+  calls, original = [], models._gelu_xla
+  monkeypatch.setattr(models, "_gelu_xla", lambda x: calls.append(x) or original(x))
   x = tf.constant(np.random.default_rng(1).normal(size=(8, 4, 4, 6)) * 3, tf.float32)
   projection = tf.constant(np.random.default_rng(2).normal(size=x.shape), tf.float32)
   y, (grad,) = _train_call(models.Activation("gelu", dtype=dtype.name), tf.cast(x, dtype), projection)
   with tf.GradientTape() as tape:  # the exact function and gradient, in float32
     tape.watch(x)
     expected = tf.nn.gelu(x)
-  assert y.dtype == grad.dtype == dtype
+  assert calls and y.dtype == grad.dtype == dtype  # the written-out gradient's path ran
   np.testing.assert_allclose(np.float32(y), expected.numpy(), atol=tol, rtol=tol)
   np.testing.assert_allclose(np.float32(grad), tape.gradient(expected, x, projection).numpy(), atol=tol, rtol=tol)
   np.testing.assert_allclose(models.Activation("gelu")(x, training=False).numpy(), expected.numpy(), atol=1e-6)

@@ -45,5 +45,6 @@ def test_benchmark_step_prints_mfu_fit_and_replica_ratios(synthetic_dir):
   forward = float(re.search(r"forward ([\d.]+) counted", out).group(1))
   assert flops >= 3 * forward > 0
   assert re.search(r"peak probe, conv 3x3 in bfloat16: [\d,]+ GFLOP/s", out)
+  assert re.search(r"^peak probe \(the faster of the two\) +median +[\d,.]+ +min +[\d,.]+ +max +[\d,.]+ GFLOP/s$", out, re.M), out
   for name in ("MFU", "custom loop / fit", "2 / 1 replicas"):
     assert float(re.search(rf"^{re.escape(name)}: ([\d.]+)$", out, re.M).group(1)) > 0, out

@@ -13,7 +13,7 @@ In one process, every train step fed one batch of the real train pipeline held i
      overcount: the frozen first layer needs no gradient, and the next none for its input once the
      whitening bias freezes (deep.py: ~3%);
   2. the machine's peak at the run's compute precision: the faster of a 3x3 convolution and a square
-     matmul, timed in this process;
+     matmul, timed in this process in each window beside the steps (the machine's rate drifts);
   3. the custom loop (trainer/steps.Learner) and `model.compile` + `model.fit` with the same model,
      optimizer, loss and steps per call, under the same strategy;
   4. 1 and 2 replicas at the same global batch (2 GPUs when the machine has them, else 2 logical CPUs).
@@ -90,24 +90,31 @@ def optimizer_flops(config, model: keras.Model) -> float:
   return total
 
 
-def peak_flops(dtype: tf.DType, repeats: int = 5) -> dict[str, float]:
-  """FLOP/s of a 3x3 convolution (500 x 15 x 15 x 256 -> 256) and a 2048^3 matmul in `dtype`, the best of
-  `repeats` timed calls each after one warm-up."""
+def peak_probe(dtype: tf.DType, repeats: int = 3):
+  """A function returning {probe: FLOP/s}: a 3x3 convolution (500 x 15 x 15 x 256 -> 256) and a 2048^3
+  matmul in `dtype`, the best of `repeats` calls each. Built and warmed up once; main() calls it once per
+  window beside the steps, as this machine's rate drifts between minutes (2,073-2,581 GFLOP/s for the conv
+  in five runs of one hour, Xeon-AMX)."""
   rng = tf.random.Generator.from_seed(0)
   images, kernel = tf.cast(rng.normal([500, 15, 15, 256]), dtype), tf.cast(rng.normal([3, 3, 256, 256]), dtype)
   a, b = tf.cast(rng.normal([2048, 2048]), dtype), tf.cast(rng.normal([2048, 2048]), dtype)
   probes = {"conv 3x3": (tf.function(lambda: tf.nn.conv2d(images, kernel, 1, "SAME")), 2 * 500 * 15 * 15 * 9 * 256 * 256),
             "matmul 2048^3": (tf.function(lambda: a @ b), 2 * 2048 ** 3)}
-  rates = {}
-  for name, (probe, flops) in probes.items():
+  for probe, _ in probes.values():
     probe().numpy()
-    best = float("inf")
-    for _ in range(repeats):
-      start = time.perf_counter()
-      probe().numpy()
-      best = min(best, time.perf_counter() - start)
-    rates[name] = flops / best
-  return rates
+
+  def measure() -> dict[str, float]:
+    rates = {}
+    for name, (probe, flops) in probes.items():
+      best = float("inf")
+      for _ in range(repeats):
+        start = time.perf_counter()
+        probe().numpy()
+        best = min(best, time.perf_counter() - start)
+      rates[name] = flops / best
+    return rates
+
+  return measure
 
 
 def strategies(gpus: list, replicas: bool) -> dict:
@@ -250,12 +257,17 @@ def print_op_profile(seconds: collections.Counter, wall: float, images: int) -> 
       print(f"{name:<40} {secs:>8.3f} {secs / total:>6.1%}")
 
 
+PEAK = "peak probe (the faster of the two)"
+
+
 def compare(measures: dict, windows: int) -> dict[str, float]:
-  """Median images/s of each of `measures` (name -> a function timing one window), windows alternating."""
+  """Median rate of each of `measures` (name -> a function timing one window: images/s, or FLOP/s for the
+  PEAK probe), windows alternating."""
   rates = benchmark_input.alternating_windows(measures, windows)
   for name, values in rates.items():
-    print(f"{name:<44} median {statistics.median(values):>9,.1f}  min {min(values):>9,.1f}  "
-          f"max {max(values):>9,.1f} images/s")
+    scale, unit = (1e9, "GFLOP/s") if name == PEAK else (1, "images/s")
+    print(f"{name:<44} median {statistics.median(values) / scale:>9,.1f}  min {min(values) / scale:>9,.1f}  "
+          f"max {max(values) / scale:>9,.1f} {unit}")
   return {name: statistics.median(values) for name, values in rates.items()}
 
 
@@ -296,10 +308,9 @@ def main(argv):
   print(f"train step: {per_image / 1e9:.3f} GFLOP per image (forward {forward / 1e9:.3f} counted by "
         f"TensorFlow's profiler, x3 for forward + backward, + the optimizer's Newton-Schulz matmuls "
         f"{update / 1e9:.2f} GFLOP per step)")
-  peaks = peak_flops(dtype)
-  for name, rate in peaks.items():
+  probe = peak_probe(dtype)
+  for name, rate in probe().items():
     print(f"peak probe, {name} in {dtype.name}: {rate / 1e9:,.0f} GFLOP/s")
-  peak = max(peaks.values())
 
   batch = held_batch(config, manifest)
   measures = {"custom loop (steps.Learner), 1 replica": custom_loop(config, kinds[1], manifest, batch, FLAGS.steps)}
@@ -309,7 +320,9 @@ def main(argv):
     measures["custom loop, 2 replicas"] = custom_loop(config, kinds[2], manifest, batch, FLAGS.steps)
   elif FLAGS.replicas:
     print("2 / 1 replicas: skipped, this machine has 1 GPU")
+  measures[PEAK] = lambda: max(probe().values())
   rates = compare(measures, FLAGS.windows)
+  peak = rates.pop(PEAK)
   if FLAGS.kernels:
     kernels_comparison(config, kinds[1], manifest, batch, FLAGS.steps, FLAGS.windows)
   if FLAGS.ops:
