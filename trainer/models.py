@@ -56,18 +56,21 @@ class BatchNorm(keras.layers.BatchNormalization):
 _SQRT_HALF, _INV_SQRT_2PI = 0.5 ** 0.5, (2 * np.pi) ** -0.5
 
 
+def _normal_cdf(x):
+  return 0.5 * (1.0 + tf.math.erf(x * _SQRT_HALF))
+
+
 @tf.function(jit_compile=True)
 def _gelu_forward(x):
   x32 = tf.cast(x, tf.float32)
-  return tf.cast(0.5 * x32 * (1.0 + tf.math.erf(x32 * _SQRT_HALF)), x.dtype)
+  return tf.cast(x32 * _normal_cdf(x32), x.dtype)
 
 
 @tf.function(jit_compile=True)
 def _gelu_backward(x, dy):
   x32 = tf.cast(x, tf.float32)
-  cdf = 0.5 * (1.0 + tf.math.erf(x32 * _SQRT_HALF))
   pdf = tf.exp(-0.5 * x32 * x32) * _INV_SQRT_2PI
-  return tf.cast(tf.cast(dy, tf.float32) * (cdf + x32 * pdf), x.dtype)
+  return tf.cast(tf.cast(dy, tf.float32) * (_normal_cdf(x32) + x32 * pdf), x.dtype)
 
 
 @tf.custom_gradient
