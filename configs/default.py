@@ -13,10 +13,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.num_epochs = 10  # passes over the train split
   config.steps_per_epoch = 0  # steps per epoch; 0 = train images // global_batch_size (>0 caps it: smoke runs)
   config.global_batch_size = 512  # images per step over all replicas; must divide by the replica count
-  config.eval_batch_size = 1000  # images per evaluation step over all replicas
+  config.eval_batch_size = 1000  # images per evaluation step over all replicas (rounded up to a multiple of them)
   config.eval_steps = 0  # evaluation batches per split; 0 = the whole split (>0 caps it: smoke runs)
   config.seed = 0  # seeds initialisation, data order and augmentation
-  config.deterministic = False  # True: same seed -> same batches in the same order (slower tf.data)
+  config.deterministic = False  # True: TensorFlow's ops deterministic too, so the same seed gives bit-identical
+                                # weights (slower on GPUs); the batches are the same in both modes
   config.mixed_precision = "float32"  # float32 | mixed_float16 (GPU) | mixed_bfloat16 (TPU, A100+, AVX512-BF16)
   config.logical_cpus = 0  # split the CPU into N logical devices so MirroredStrategy has N replicas; 0 = off
   config.strategy = "mirrored"  # mirrored | multi_worker (TF_CONFIG) | one_device

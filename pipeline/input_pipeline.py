@@ -38,9 +38,11 @@ def _context(input_context: tf.distribute.InputContext | None) -> tf.distribute.
   return input_context or tf.distribute.InputContext()
 
 
-def _options(deterministic: bool) -> tf.data.Options:
+def _options() -> tf.data.Options:
   options = tf.data.Options()
-  options.deterministic = deterministic
+  # Every dataset here keeps its order: a training batch is a pure function of (seed, epoch, step,
+  # replica) in every mode, which is what lets a resume skip exactly the batches trained before a stop.
+  options.deterministic = True
   # Files are sharded here by hand; auto-sharding would shard them again.
   options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
   return options
@@ -103,7 +105,7 @@ def build_train_dataset(config, data_dir: str, *, steps_per_epoch: int, global_b
   """Endless training batches for one input pipeline: per-replica batches for each of its replicas.
 
   Args:
-    config: the training config (`seed`, `deterministic`, `augment`, `input`).
+    config: the training config (`seed`, `augment`, `input`).
     data_dir: directory written by make_tfrecords.
     steps_per_epoch: train steps per epoch.
     global_batch_size: images per step over all replicas.
@@ -131,10 +133,10 @@ def build_train_dataset(config, data_dir: str, *, steps_per_epoch: int, global_b
   if config.input.augment_on == "host":
     num_classes = manifest_lib.num_classes(manifest)
     batches = batches.map(_as_is(lambda b: augment.train_preprocess(b, config.augment, mean, std, num_classes)),
-                          num_parallel_calls=AUTOTUNE, deterministic=config.deterministic)
+                          num_parallel_calls=AUTOTUNE, deterministic=True)
   elif config.input.augment_on != "device":
     raise ValueError(f"input.augment_on={config.input.augment_on!r} is not one of: host, device")
-  batches = batches.prefetch(AUTOTUNE).with_options(_options(config.deterministic))
+  batches = batches.prefetch(AUTOTUNE).with_options(_options())
   if config.input.data_service:
     batches = batches.apply(tf.data.experimental.service.distribute(
         processing_mode=tf.data.experimental.service.ShardingPolicy.HINT, service=config.input.data_service,
@@ -234,7 +236,7 @@ def build_prefix_dataset(data_dir: str, split: str, *, images: int, global_batch
   whole = images // global_batch_size * global_batch_size
   return (tf.data.TFRecordDataset(files).take(whole).batch(layout.batch, drop_remainder=True).enumerate()
           .filter(_as_is(mine)).map(_as_is(lambda _, s: _preprocess(decode(s), mean, std)), num_parallel_calls=AUTOTUNE)
-          .prefetch(AUTOTUNE).with_options(_options(True)))
+          .prefetch(AUTOTUNE).with_options(_options()))
 
 
 def _preprocess(data: dict, mean, std) -> dict[str, tf.Tensor]:
@@ -255,4 +257,4 @@ def build_eval_dataset(data_dir: str, split: str, *, batch_size: int, mean=None,
   decode = decoder(manifest)
   return (shard_records(files, input_context).batch(batch_size)
           .map(_as_is(lambda s: _preprocess(decode(s), mean, std)), num_parallel_calls=AUTOTUNE)
-          .prefetch(AUTOTUNE).with_options(_options(True)))
+          .prefetch(AUTOTUNE).with_options(_options()))

@@ -1,5 +1,7 @@
 """`manifest.json`: what make_tfrecords wrote (per shard and per split), read back by the pipeline."""
 
+import hashlib
+import json
 import os
 import re
 
@@ -104,3 +106,20 @@ def verify_checksums(data_dir: str, manifest: dict, splits) -> None:
         raise ManifestError(f"{path}: contents differ from {FILENAME} (changed, truncated or corrupted since "
                             "make_tfrecords wrote it); re-run make_tfrecords, or "
                             "--config.input.verify_checksums=False to train on it anyway")
+
+
+def identity(manifest: dict) -> dict:
+  """What makes two data directories the same dataset, wherever they live: a digest of every shard's
+  name, record count and sha256, with the class names and the image shape; and the images per split, to
+  name what differs. run.json keeps it; a resume and every worker of a run compare it."""
+  shards = sorted((s["file"], int(s["num_records"]), s["sha256"]) for s in manifest["shards"])
+  text = json.dumps([shards, list(class_names(manifest)), list(image_shape(manifest))])
+  return {"digest": hashlib.sha256(text.encode()).hexdigest()[:16],
+          "images": {split: num_examples(manifest, split) for split in sorted(manifest["splits"])}}
+
+
+def describe_difference(before: dict, now: dict) -> str:
+  """How dataset identity `now` differs from `before`, in a few words."""
+  if before["images"] != now["images"]:
+    return f"images per split {before['images']} vs {now['images']}"
+  return f"shard digest {before['digest']} vs {now['digest']}"

@@ -245,11 +245,12 @@ def test_workdir_another_worker_creates_meanwhile_is_accepted(tmp_path, monkeypa
   assert os.path.isdir(workdir)
 
 
-def test_non_finite_loss_keeps_the_last_good_checkpoint(synthetic_dir, tmp_path):
+def test_non_finite_loss_keeps_the_last_good_checkpoint(synthetic_dir, tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(_smoke(synthetic_dir, num_epochs=1, export=False), workdir)
   config = _smoke(synthetic_dir, num_epochs=2, export=False, steps_per_loop=4, log_every_steps=4)
-  config.optimizer.learning_rate = 1e30
+  config.optimizer.learning_rate = 1e30  # a resume may not change it: let it, to blow up a run with a checkpoint
+  monkeypatch.setattr(workdir_lib, "RESUME_MAY_CHANGE", workdir_lib.RESUME_MAY_CHANGE + ("optimizer.learning_rate",))
   # Step 5 computes a finite loss from the good weights and applies the huge update; step 6's loss is the
   # first non-finite one, and the loop stops right there rather than at its end (step 8).
   with pytest.raises(train.TrainingError, match=r"loss is (nan|inf) at step 6; stopped without saving\. "

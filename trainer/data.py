@@ -65,12 +65,13 @@ def train_dataset_fn(config, manifest: dict, steps_per_epoch: int, start_step: i
 
 def eval_dataset(config, strategy, manifest: dict, split: str):
   """One split, unaugmented, in file order, distributed over the strategy's replicas in global batches
-  of `config.eval_batch_size`; only the first `config.eval_steps` of them when that is set."""
+  of `config.eval_batch_size` rounded up to a multiple of the replicas (the batch changes no result, so it
+  fits itself to 3 or 6 GPUs); only the first `config.eval_steps` of them when that is set."""
   mean, std = normalization_for(config, manifest)
 
   def dataset_fn(ctx):
     dataset = input_pipeline.build_eval_dataset(
-        config.data_dir, split, batch_size=ctx.get_per_replica_batch_size(config.eval_batch_size), mean=mean,
+        config.data_dir, split, batch_size=-(-config.eval_batch_size // ctx.num_replicas_in_sync), mean=mean,
         std=std, input_context=ctx)
     return dataset.take(config.eval_steps) if config.eval_steps else dataset
 

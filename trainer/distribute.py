@@ -102,6 +102,36 @@ def same_on_every_worker(strategy: tf.distribute.Strategy, value: int) -> bool:
   return count * squares == total * total  # Cauchy-Schwarz: equality iff all values are equal
 
 
+def worker_index(strategy: tf.distribute.Strategy) -> tuple[int, int]:
+  """(this worker's index, the number of workers): the chief is 0, then the workers in TF_CONFIG's order."""
+  resolver = strategy.cluster_resolver
+  cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
+  if not cluster:
+    return 0, 1
+  chiefs = len(cluster.get("chief", []))
+  index = resolver.task_id if resolver.task_type == "chief" else chiefs + resolver.task_id
+  return index, chiefs + len(cluster.get("worker", []))
+
+
+def gather_texts(strategy: tf.distribute.Strategy, text: str) -> list[str]:
+  """`text` of every worker process, in `worker_index` order, on every worker (a collective, like
+  `any_worker`): each worker's bytes in its own row of a matrix summed over the replicas."""
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return [text]
+  index, workers = worker_index(strategy)
+  data = np.frombuffer(text.encode(), np.uint8)
+  lengths = _sums_over_replicas(strategy, list(np.eye(workers)[index] * (len(data) + 1)))  # +1: a row per replica
+  rows = np.zeros([workers, int(lengths.max())])
+  rows[index, 0] = 1.0  # counts this worker's replicas, to divide the sums by
+  rows[index, 1:len(data) + 1] = data
+  summed = _sums_over_replicas(strategy, list(rows.ravel())).reshape(rows.shape)
+  texts = []
+  for row, length in zip(summed, lengths):
+    replicas = row[0]
+    texts.append(bytes(np.rint(row[1:int(length / replicas)] / replicas).astype(np.uint8)).decode())
+  return texts
+
+
 def worker_id(strategy: tf.distribute.Strategy) -> str:
   resolver = strategy.cluster_resolver
   if resolver is None or resolver.task_type is None:

@@ -75,9 +75,17 @@ def make_state(config, strategy, steps_per_epoch: int, data: models.DataShape | 
     lookahead = (optim.Lookahead(model.variables, opt.lookahead_every, opt.lookahead_decay,
                                  config.num_epochs * steps_per_epoch) if opt.lookahead_every else None)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step,
+                                     random=random_states(model),
                                      **({"ema": ema.averages} if ema else {}),
                                      **({"lookahead": lookahead.averages} if lookahead else {}))
   return State(model, optimizer, step, checkpoint, ema, lookahead)
+
+
+def random_states(model: keras.Model) -> list:
+  """The state of every `keras.random.SeedGenerator` in `model` (Dropout's and other random layers'): Keras
+  lists them among the model's variables but does not track them as checkpoint dependencies, so without
+  this a resumed run would draw the masks of step 0 again."""
+  return [v for v in model.non_trainable_variables if v.path.endswith("seed_generator_state")]
 
 
 def cross_entropy(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float) -> tf.Tensor:

@@ -41,6 +41,7 @@ class Run:
   workdir: str
   strategy: tf.distribute.Strategy
   manifest: dict
+  data: dict  # the data's identity (manifest.identity): what a resume and every worker compare
   steps_per_epoch: int
   state: steps.State
   checkpoints: workdir_lib.Checkpoints
@@ -107,7 +108,9 @@ def _start(config, workdir: str, strategy, since: float) -> Run:
   "running" (what the next start checks a resume against, even if this one is killed)."""
   started = workdir_lib.now()
   distribute.log_devices(strategy)
-  manifest, steps_per_epoch, latest = _agreed(strategy, lambda: _check_start(config, workdir, strategy))
+  manifest, identity, steps_per_epoch = _agreed(strategy, lambda: _check_config_and_data(config, strategy))
+  workdir_lib.check_same_run(strategy, config, identity)
+  latest = _agreed(strategy, lambda: _check_workdir(config, workdir, strategy, identity, steps_per_epoch))
   workdir_lib.check_same_checkpoint(strategy, latest)
   state = steps.make_state(config, strategy, steps_per_epoch, data.model_shape(manifest))
   if latest:
@@ -117,32 +120,44 @@ def _start(config, workdir: str, strategy, since: float) -> Run:
   checkpoints = workdir_lib.Checkpoints(strategy, state.checkpoint, state.step, workdir, config.keep_checkpoints,
                                         saved_step=start_step if latest else -1)
   chief = distribute.is_chief(strategy)
-  if chief:  # _check_start made the directory
+  if chief:  # _check_workdir made the directory
     workdir_lib.write_config(workdir, config)
   console = writers.ConsoleWriter(config.num_epochs * steps_per_epoch, steps_per_epoch, config.global_batch_size,
                                   progress_bar=chief and config.progress_bar)
   writer = writers.create_default_writer(os.path.join(workdir, "summaries"), chief=chief,
                                          flush_secs=config.summary_flush_secs, console=console)
-  run = Run(config, workdir, strategy, manifest, steps_per_epoch, state, checkpoints, writer, started, start_step,
-            since)
+  run = Run(config, workdir, strategy, manifest, identity, steps_per_epoch, state, checkpoints, writer, started,
+            start_step, since)
   if chief:
     _write_run_json(run, "running")
   return run
 
 
-def _check_start(config, workdir: str, strategy) -> tuple[dict, int, str | None]:
-  """This worker's checks of the config, the data and the workdir before anything is built or written.
-  Returns the manifest, the steps per epoch and the latest checkpoint (the chief's) or None."""
+def _check_config_and_data(config, strategy) -> tuple[dict, dict, int]:
+  """This worker's checks of the config and the data. Returns the manifest, the data's identity and the
+  steps per epoch."""
   check_config(config, strategy.num_replicas_in_sync)
   manifest = manifest_lib.load(config.data_dir)
   if config.input.verify_checksums:
     manifest_lib.verify_checksums(config.data_dir, manifest, manifest["splits"])
-  steps_per_epoch = data.steps_per_epoch_for(config, manifest)
+  return manifest, manifest_lib.identity(manifest), data.steps_per_epoch_for(config, manifest)
+
+
+def _check_workdir(config, workdir: str, strategy, identity: dict, steps_per_epoch: int) -> str | None:
+  """This worker's checks of the workdir, read-only until they pass, then that it can write there. Returns
+  the checkpoint to resume from (the chief's newest intact one) or None."""
   workdir_lib.check(workdir)
   latest = workdir_lib.latest_checkpoint(workdir)
   if latest:  # a run that never checkpointed may be retried with other values
-    workdir_lib.check_resumable(config, workdir, steps_per_epoch, distribute.describe(strategy)["workers"])
-  return manifest, steps_per_epoch, latest
+    workdir_lib.check_resumable(config, workdir, identity, distribute.describe(strategy)["workers"])
+    step = workdir_lib.checkpoint_step(latest)
+    if config.input.data_service and step % steps_per_epoch:
+      raise TrainingError(f"{latest} is at step {step}, inside epoch {step // steps_per_epoch + 1}: the tf.data "
+                          "service hands out batches in the order its workers make them, so the rest of that "
+                          "epoch cannot be told apart; resume with --config.input.data_service='' (the same "
+                          "batches, made in this process)")
+  workdir_lib.make_writable(workdir)
+  return latest
 
 
 def _agreed(strategy, check):
@@ -172,10 +187,9 @@ def check_config(config, replicas: int) -> None:
     raise TrainingError(f"mixed_precision={config.mixed_precision!r} is not one of: {', '.join(PRECISIONS)}")
   if config.tta not in views.VIEWS:
     raise TrainingError(f"tta={config.tta!r} is not one of: {', '.join(views.VIEWS)}")
-  for key in ("global_batch_size", "eval_batch_size"):
-    if config[key] % replicas:
-      raise TrainingError(f"{key}={config[key]} does not divide by the {replicas} replicas; "
-                          f"use a multiple of {replicas}")
+  if config.global_batch_size % replicas:  # the evaluation batch fits itself (data.eval_dataset)
+    raise TrainingError(f"global_batch_size={config.global_batch_size} does not divide by the {replicas} replicas; "
+                        f"use a multiple of {replicas}")
   profile = tuple(config.profile_steps)
   if profile and not (len(profile) == 2 and all(isinstance(s, int) for s in profile) and 0 <= profile[0] < profile[1]):
     raise TrainingError(f"profile_steps={profile}: give (first, end) train steps with 0 <= first < end, "
@@ -336,5 +350,6 @@ def _end(run: Run, status: str, error: str | None = None) -> None:
 def _write_run_json(run: Run, status: str, **extra) -> None:
   workdir_lib.write_run(run.workdir, status=status, started=run.started, start_step=run.start_step,
                         end_step=int(run.state.step.numpy()), total_steps=run.total_steps,
-                        steps_per_epoch=run.steps_per_epoch, distribution=distribute.describe(run.strategy),
+                        steps_per_epoch=run.steps_per_epoch, data=run.data,
+                        distribution=distribute.describe(run.strategy),
                         metrics=run.metrics, timing=run.timing, **extra)

@@ -11,25 +11,37 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import subprocess
 
+from absl import logging
 import keras
 import tensorflow as tf
 
 from pipeline import fileio
+from pipeline import manifest as manifest_lib
 from trainer import distribute
 from trainer import faults
 from trainer.faults import TrainingError
 
 FILES = ("checkpoints", "summaries", "export", "config.json", "run.json", "tmp")  # what the trainer writes
 SHARED = "give every worker the same workdir, on storage all of them read (gs:// or a shared filesystem)"
-# What a checkpoint holds and how its steps map to data: a resumed run must keep them. model.fast_kernels
-# and model.sync_bn change how the same weights are computed, not which; num_epochs may change (the
-# schedule then stretches to the new end); so may the replica count at the same global batch.
-RESUME_KEYS = ("global_batch_size", "mixed_precision", "model.", "optimizer.name", "optimizer.ema_decay",
-               "optimizer.lookahead_every")
-RESUME_FREE = ("model.fast_kernels", "model.sync_bn")
-
+# What a resumed run may change (BUILD.md "Resuming"): when it logs, evaluates, checkpoints and writes,
+# what it does at the end, how the same steps are computed (kernels, XLA, op determinism, where augmentation
+# runs, how replicas are laid out at the same global batch) and where the same data lives (its identity,
+# not its path, is compared). num_epochs may change: the schedule then stretches to the new end. Any other
+# difference from the run's config.json is refused: it would change the weights' meaning or the batches.
+RESUME_MAY_CHANGE = (
+    "num_epochs", "steps_per_loop", "log_every_steps", "eval_every_epochs", "checkpoint_every_steps",
+    "summary_flush_secs", "summary_worst_images", "profile_steps", "progress_bar", "keep_checkpoints", "export",
+    "tta", "eval_batch_size", "eval_steps", "bn_statistics_images", "data_dir", "deterministic", "jit_compile",
+    "logical_cpus", "strategy", "model.fast_kernels", "model.sync_bn", "input.verify_checksums",
+    "input.probe_batches", "input.data_service", "input.augment_on")
+# What the workers of one run may differ in: where each finds the data (its identity is compared), and
+# what only the chief does or each shows on its own. All else sets the schedule of collectives or the
+# batches, so it must be alike on every worker.
+WORKERS_MAY_DIFFER = ("data_dir", "progress_bar", "summary_flush_secs", "keep_checkpoints", "export",
+                      "input.verify_checksums", "input.probe_batches")
 
 def now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -47,8 +59,8 @@ def flat_config(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 
 def check(workdir: str) -> None:
-  """Refuses a workdir that cannot be written, is a file, or is a non-empty directory holding other files
-  than a run's (FILES) unless it has a run's run.json: then the others (a tool's report) are left alone."""
+  """Refuses a workdir that is a file, or a non-empty directory holding other files than a run's (FILES)
+  unless it has a run's run.json: then the others (a tool's report) are left alone. Reads only."""
   if not workdir:
     raise TrainingError("--workdir is empty: give the directory the run's checkpoints, summaries and export go to")
   try:
@@ -63,6 +75,11 @@ def check(workdir: str) -> None:
                           "give an empty or new directory")
   elif tf.io.gfile.exists(workdir) and not tf.io.gfile.isdir(workdir):  # another worker may create it meanwhile
     raise TrainingError(f"workdir {workdir} is a file, not a directory")
+
+
+def make_writable(workdir: str) -> None:
+  """Creates `workdir` if need be and proves it can be written (a probe file, removed); after the read-only
+  checks, so that a refused start leaves a workdir as it was."""
   try:
     tf.io.gfile.makedirs(workdir)
     probe = fileio.temp_name(os.path.join(workdir, "probe"))
@@ -82,9 +99,43 @@ def _has_run_json(workdir: str) -> bool:
 
 
 def latest_checkpoint(workdir: str) -> str | None:
-  """The chief's latest checkpoint, which every worker restores: a non-chief's own (tmp/, written only
-  because saving is collective) may be missing or one save behind."""
-  return tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+  """The chief's newest checkpoint that reads back whole, which every worker restores (a non-chief's own,
+  in tmp/, written only because saving is collective, may be missing or one save behind). Newer damaged
+  ones (a truncated or corrupted file after a full disk, a half-finished copy) are named in a warning and
+  passed over; when every checkpoint there is damaged, refuses in one line rather than start from step 0."""
+  directory = os.path.join(workdir, "checkpoints")
+  found = tf.io.gfile.glob(os.path.join(directory, "ckpt-*.index"))
+  paths = sorted((p[:-len(".index")] for p in found if re.fullmatch(r"ckpt-\d+", os.path.basename(p)[:-6])),
+                 key=checkpoint_step, reverse=True)
+  damaged = []
+  for path in paths:
+    problem = _damage(path)
+    if problem is None:
+      if damaged:
+        logging.warning("passed over damaged checkpoint(s) %s; resuming from %s",
+                        "; ".join(f"{p} ({why})" for p, why in damaged), path)
+      return path
+    damaged.append((path, problem))
+  if damaged:
+    raise TrainingError(f"every checkpoint in {directory} is damaged (newest: {damaged[0][0]}: {damaged[0][1]}); "
+                        "restore the directory from a copy, or give a new workdir to start again")
+  return None
+
+
+def checkpoint_step(path: str) -> int:
+  return int(path.rsplit("-", 1)[1])
+
+
+def _damage(path: str) -> str | None:
+  """Why the checkpoint at `path` cannot be restored whole (its index or a tensor unreadable, a checksum
+  that does not match), or None. Reads every tensor once: the bundle reader checks each one's CRC."""
+  try:
+    reader = tf.train.load_checkpoint(path)
+    for name in reader.get_variable_to_shape_map():
+      reader.get_tensor(name)
+  except (tf.errors.OpError, ValueError) as e:
+    return faults.first_line(str(getattr(e, "message", e)))[:200]
+  return None
 
 
 def _read_json(workdir: str, name: str) -> dict:
@@ -92,27 +143,62 @@ def _read_json(workdir: str, name: str) -> dict:
   return fileio.read_json(path) if tf.io.gfile.exists(path) else {}
 
 
-def check_resumable(config, workdir: str, steps_per_epoch: int, workers: int) -> None:
-  """Refuses to resume a workdir whose run (its config.json and run.json) differs in a RESUME_KEYS value,
-  in the steps per epoch resolved from the data, or (streaming input, whose shares depend on it) in the
-  number of workers; names the key, both values and the workdir. Reads only."""
-  before = {k: v for k, v in flat_config(_read_json(workdir, "config.json"))
-            if k.startswith(RESUME_KEYS) and k not in RESUME_FREE}
-  now_ = dict(flat_config(json.loads(config.to_json_best_effort())))
-  run = _read_json(workdir, "run.json")
-  if "steps_per_epoch" in run:
-    before["steps per epoch"], now_["steps per epoch"] = run["steps_per_epoch"], steps_per_epoch
-  if not config.input.cache_in_memory and "workers" in run.get("distribution", {}):
-    before["workers"], now_["workers"] = run["distribution"]["workers"], workers
-  for key in sorted(k for k in before if k in now_):  # keys since renamed or removed do not count
-    if before[key] != now_[key]:
-      raise TrainingError(f"workdir {workdir} holds a run with {key}={before[key]!r}; this command has "
-                          f"{key}={now_[key]!r}: resume with the same value, or give a new workdir")
+def comparable(config, leave_out: tuple[str, ...]) -> dict:
+  """The resolved config as {dotted key: value} (JSON values), less the keys in `leave_out`."""
+  return {k: v for k, v in flat_config(json.loads(config.to_json_best_effort())) if k not in leave_out}
 
+
+def first_difference(before: dict, now_: dict) -> str | None:
+  """The first key (sorted) whose value differs between two `comparable` configs; keys only one side has
+  (renamed or added since) do not count."""
+  return next((k for k in sorted(before) if k in now_ and before[k] != now_[k]), None)
+
+
+def check_resumable(config, workdir: str, data: dict, workers: int) -> None:
+  """Refuses to resume a workdir whose run differs from this command in anything but RESUME_MAY_CHANGE (its
+  config.json), in its data's identity (run.json's `data`, `manifest.identity`) or, with streaming input,
+  whose shares depend on it, in the number of workers; in one line naming the key, both values and the
+  workdir. Reads only."""
+  before = {k: v for k, v in flat_config(_read_json(workdir, "config.json")) if k not in RESUME_MAY_CHANGE}
+  key = first_difference(before, comparable(config, RESUME_MAY_CHANGE))
+  if key:
+    raise TrainingError(f"workdir {workdir} holds a run with {key}={before[key]!r}; this command has "
+                        f"{key}={comparable(config, ())[key]!r}: resume with the same value, or give a new workdir")
+  run = _read_json(workdir, "run.json")
+  if "data" in run and run["data"]["digest"] != data["digest"]:
+    raise TrainingError(f"workdir {workdir} holds a run trained on other data than {config.data_dir} "
+                        f"({manifest_lib.describe_difference(run['data'], data)}): resume on the shards it "
+                        "started with, or give a new workdir")
+  if not config.input.cache_in_memory and "workers" in run.get("distribution", {}):
+    if run["distribution"]["workers"] != workers:
+      raise TrainingError(f"workdir {workdir} holds a run of {run['distribution']['workers']} worker(s) streaming "
+                          f"its input; this command has {workers}: resume with as many workers, or with "
+                          "input.cache_in_memory=True (its batches do not depend on the workers)")
+
+
+def check_same_run(strategy, config, data: dict) -> None:
+  """Refuses to start unless every worker runs the same config (less WORKERS_MAY_DIFFER) on the same data
+  (a collective: each worker's view is gathered on all): every worker then refuses with the same line,
+  naming the first key or the data that differs, the chief's value and the worker's."""
+  mine = json.dumps({"config": comparable(config, WORKERS_MAY_DIFFER), "data": data}, sort_keys=True)
+  views = [json.loads(text) for text in distribute.gather_texts(strategy, mine)]
+  chief = views[0]
+  for index, view in enumerate(views[1:], 1):
+    key = first_difference(chief["config"], view["config"])
+    if key:
+      raise TrainingError(f"worker {index} was started with {key}={view['config'][key]!r}, the chief with "
+                          f"{key}={chief['config'][key]!r}: start every worker with the same command")
+    if set(chief["config"]) != set(view["config"]):
+      raise TrainingError(f"worker {index} runs another version of the trainer than the chief (their configs have "
+                          "other keys): install the same code on every worker")
+    if view["data"] != chief["data"]:
+      raise TrainingError(f"worker {index} reads other data than the chief "
+                          f"({manifest_lib.describe_difference(chief['data'], view['data'])}): give every worker "
+                          "the same shards (one gs:// path, or identical copies)")
 
 def check_same_checkpoint(strategy, latest: str | None) -> None:
   """Refuses to start unless every worker found the same latest checkpoint (a collective)."""
-  step = -1 if latest is None else int(latest.rsplit("-", 1)[1])
+  step = -1 if latest is None else checkpoint_step(latest)
   if not distribute.same_on_every_worker(strategy, step):
     raise TrainingError(f"the workers see different latest checkpoints (this one: {latest or 'none'}); {SHARED}")
 
