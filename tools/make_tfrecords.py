@@ -21,8 +21,11 @@ manifest is complete. The same inputs and flags give byte-identical shards.
 """
 
 import concurrent.futures
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 
 from absl import app
@@ -63,6 +66,38 @@ class VerifyError(ValueError):
   """A shard disagrees with the manifest."""
 
 
+class Interrupted(Exception):
+  """SIGINT or SIGTERM arrived while writing: the shards under way are dropped, the directory is as it was."""
+
+
+STOP = threading.Event()  # set by a stop signal: the writer threads leave their shard at once
+MIN_IMAGE_SIDE = 8  # pixels: the smallest images the models can pool down (configs/default.py's stages)
+
+
+PUBLISHING = threading.Event()  # set while `publish` swaps the new files in
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+  """SIGINT and SIGTERM stop the writing in a fraction of a second (the writer threads see STOP between
+  records), except while `publish` swaps the new files in: that ends first, so a stop never leaves a
+  directory half swapped."""
+  STOP.clear()
+
+  def handle(signum, frame):
+    del frame
+    STOP.set()
+    if not PUBLISHING.is_set():
+      raise Interrupted(f"stopped by {signal.Signals(signum).name}")
+
+  previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
 def split_validation(train: sources.Split, val_size: int, seed: int,
                      num_classes: int = cifar10.NUM_CLASSES) -> dict[str, sources.Split]:
   """Carves a class-stratified validation split out of `train`; both come back shuffled by `seed`.
@@ -90,9 +125,9 @@ def split_validation(train: sources.Split, val_size: int, seed: int,
 
 def shard_counts(sizes: dict[str, int], num_shards: int) -> dict[str, int]:
   """Train (or, without one, the largest split) gets `num_shards`; the others proportionally fewer, at
-  least one."""
+  least one; no split more shards than images."""
   largest = sizes.get("train", max(sizes.values()))
-  return {split: max(1, round(num_shards * n / largest)) for split, n in sizes.items()}
+  return {split: min(n, max(1, round(num_shards * n / largest))) for split, n in sizes.items()}  # no empty shard
 
 
 def _encode(image: np.ndarray, encoding: str) -> bytes:
@@ -104,7 +139,9 @@ def write_shard(path: str, split: sources.Split, indices: np.ndarray, encoding: 
   file to rename to `path` (None when `path` already holds the same bytes)."""
   tmp = fileio.temp_name(path)
   with tf.io.TFRecordWriter(tmp) as writer:
-    for i in indices:
+    for n, i in enumerate(indices):
+      if n % 256 == 0 and STOP.is_set():
+        raise Interrupted(f"{path} not finished")
       writer.write(records.serialize_example(_encode(split.images[i], encoding), encoding,
                                              int(split.labels[i]), split.ids[i], split.images.shape[1:]))
   digest = fileio.sha256_file(tmp)
@@ -135,9 +172,6 @@ def write_all(output_dir: str, splits: dict[str, sources.Split], num_shards: int
   counts = shard_counts({k: len(v) for k, v in splits.items()}, num_shards)
   jobs = []
   for name, split in splits.items():
-    if counts[name] > len(split):
-      raise sources.SourceError(f"{name}: {len(split)} images cannot fill {counts[name]} shards; "
-                                "lower --num_shards")
     for i, idx in enumerate(np.array_split(np.arange(len(split)), counts[name])):
       jobs.append((name, os.path.join(output_dir, manifest_lib.shard_name(name, i, counts[name])), idx))
   total = sum(len(j[2]) for j in jobs)
@@ -171,16 +205,20 @@ def publish(output_dir: str, shards: list[dict], manifest: dict) -> None:
   """Swaps the new shards in for the old ones and writes the manifest: the old manifest goes only now,
   once every new shard is complete, so a run that fails before leaves the old dataset usable."""
   manifest_path = os.path.join(output_dir, manifest_lib.FILENAME)
-  if tf.io.gfile.exists(manifest_path):  # the directory is incomplete until the new manifest lands
-    tf.io.gfile.remove(manifest_path)
-  for shard in shards:
-    if shard["tmp"]:
-      tf.io.gfile.rename(shard["tmp"], os.path.join(output_dir, shard["file"]), overwrite=True)
-  written = {s["file"] for s in shards}
-  for stale in manifest_lib.list_shards(output_dir):  # from an earlier run with other --num_shards
-    if stale not in written:
-      tf.io.gfile.remove(os.path.join(output_dir, stale))
-  fileio.write_json(manifest_path, manifest)
+  PUBLISHING.set()
+  try:
+    if tf.io.gfile.exists(manifest_path):  # the directory is incomplete until the new manifest lands
+      tf.io.gfile.remove(manifest_path)
+    for shard in shards:
+      if shard["tmp"]:
+        tf.io.gfile.rename(shard["tmp"], os.path.join(output_dir, shard["file"]), overwrite=True)
+    written = {s["file"] for s in shards}
+    for stale in manifest_lib.list_shards(output_dir):  # from an earlier run with other --num_shards
+      if stale not in written:
+        tf.io.gfile.remove(os.path.join(output_dir, stale))
+    fileio.write_json(manifest_path, manifest)
+  finally:
+    PUBLISHING.clear()
 
 
 def build_manifest(source: sources.Source, splits: dict[str, sources.Split], shards: list[dict], *,
@@ -218,6 +256,17 @@ def summary_table(manifest: dict, columns: int = 10) -> str:
   return "\n".join(lines)
 
 
+def check_splits_kept(output_dir: str, splits: dict) -> None:
+  """Refuses to write over a dataset that has shards of a split these `splits` lack (a test-only source, or
+  --val_size=0, into the directory of an earlier run): publishing would remove them."""
+  lost = sorted({name.split("-")[0] for name in manifest_lib.list_shards(output_dir)} - set(splits))
+  if lost:
+    raise sources.SourceError(
+        f"--output_dir={output_dir} holds {' and '.join(lost)} shards that this source and these flags do not "
+        f"write; writing there would remove them: give another --output_dir, or delete "
+        f"{os.path.join(output_dir, lost[0] + '-*')} yourself first")
+
+
 def make(source_name: str, output_dir: str, *, num_shards: int = 16, val_size: int = 5000, seed: int = 0,
          encoding: str = "raw", workers: int = 0, synthetic_sizes: tuple[int, int] = (50000, 10000),
          image_size: tuple[int, int] | None = None, dataset: str = "cifar10", label: str = "fine") -> dict:
@@ -231,6 +280,10 @@ def make(source_name: str, output_dir: str, *, num_shards: int = 16, val_size: i
                         dataset=dataset, label=label)
   logging.info("loaded %s (%s): %s in %.1fs", source.name, source.kind,
                ", ".join(f"{k} {len(v)}" for k, v in source.splits.items()), time.time() - start)
+  if min(source.image_shape[:2]) < MIN_IMAGE_SIDE:
+    raise sources.SourceError(f"{source_name}: images of {'x'.join(map(str, source.image_shape[:2]))} pixels; the "
+                              f"models need at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}: pass --image_size to fit "
+                              "them to a larger size")
   splits = {}
   if "train" in source.splits:
     splits = split_validation(source.splits["train"], val_size, seed, len(source.class_names))
@@ -238,6 +291,7 @@ def make(source_name: str, output_dir: str, *, num_shards: int = 16, val_size: i
     logging.info("%s has no train split: writing its test split only", source.name)
   if "test" in source.splits:
     splits["test"] = source.splits["test"]
+  check_splits_kept(output_dir, splits)
   tf.io.gfile.makedirs(output_dir)
   _remove_temporaries(output_dir)  # from a run killed half-way
   try:
@@ -292,8 +346,9 @@ def parse_image_size(values: list[str]) -> tuple[int, int] | None:
     sizes = [int(v) for v in values]
   except ValueError:
     sizes = []
-  if len(sizes) not in (1, 2) or min(sizes) <= 0:
-    raise sources.SourceError(f"--image_size={','.join(values)}: give H or H,W in pixels, e.g. 64 or 64,48")
+  if len(sizes) not in (1, 2) or min(sizes) < MIN_IMAGE_SIDE:
+    raise sources.SourceError(f"--image_size={','.join(values)}: give H or H,W in pixels, each at least "
+                              f"{MIN_IMAGE_SIDE}, e.g. 64 or 64,48")
   return (sizes[0], sizes[-1])
 
 
@@ -306,10 +361,15 @@ def main(argv):
     if FLAGS.verify:
       verify(FLAGS.output_dir)
     else:
-      make(FLAGS.source, FLAGS.output_dir, num_shards=FLAGS.num_shards, val_size=FLAGS.val_size,
-           seed=FLAGS.seed, encoding=FLAGS.encoding, workers=FLAGS.workers,
-           synthetic_sizes=(FLAGS.synthetic_train_size, FLAGS.synthetic_test_size),
-           image_size=parse_image_size(FLAGS.image_size), dataset=FLAGS.dataset, label=FLAGS.label)
+      with stop_on_signals():
+        make(FLAGS.source, FLAGS.output_dir, num_shards=FLAGS.num_shards, val_size=FLAGS.val_size,
+             seed=FLAGS.seed, encoding=FLAGS.encoding, workers=FLAGS.workers,
+             synthetic_sizes=(FLAGS.synthetic_train_size, FLAGS.synthetic_test_size),
+             image_size=parse_image_size(FLAGS.image_size), dataset=FLAGS.dataset, label=FLAGS.label)
+  except Interrupted as e:
+    print(f"make_tfrecords: {e.args[0]}: the shards under way were removed; {FLAGS.output_dir} is as it was",
+          file=sys.stderr)
+    sys.exit(130)
   except (sources.SourceError, manifest_lib.ManifestError, VerifyError, fileio.StorageError) as e:
     print(f"make_tfrecords: error: {e}", file=sys.stderr)
     sys.exit(1)

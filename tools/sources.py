@@ -77,8 +77,12 @@ def load(source: str, *, seed: int = 0, synthetic_sizes: tuple[int, int] = (5000
   if label not in LABELS:
     raise SourceError(f"--label={label!r} is not one of: {', '.join(LABELS)}")
   if source == "tfds":
+    if label != "fine" and dataset != "cifar100":
+      raise _one_label(f"tfds:{dataset}")
     return load_tfds(dataset, label=label)
   if source == "synthetic":
+    if label != "fine":
+      raise _one_label(source)
     return make_synthetic(seed, *synthetic_sizes)
   if not source:
     raise SourceError("--source is empty: give tfds, synthetic, or the path of an archive, image folder or tar")
@@ -89,8 +93,18 @@ def load(source: str, *, seed: int = 0, synthetic_sizes: tuple[int, int] = (5000
   if not tf.io.gfile.exists(source):
     raise SourceError(f"{source}: no such file or folder")
   if tf.io.gfile.isdir(source):
+    if label != "fine":
+      raise _one_label(source)
     return _load_image_files(source, "folder", _sha256_of_entries, _walk_folder(source), image_size)
-  return _load_tar(source, image_size, label)
+  loaded = _load_tar(source, image_size, label)
+  if label != "fine" and not loaded.kind.startswith("cifar100"):
+    raise _one_label(source)
+  return loaded
+
+
+def _one_label(source: str) -> SourceError:
+  return SourceError("--label=coarse applies to CIFAR-100 only (--source=tfds --dataset=cifar100, or "
+                     f"cifar-100-python.tar.gz); {source} has one label per image")
 
 
 # --- tensorflow-datasets -------------------------------------------------------------------------------

@@ -43,6 +43,16 @@ def config_arguments(argv: list[str]) -> tuple[str, dict]:
   return config_flags.get_config_filename(values["config"]), dict(config_flags.get_override_values(values["config"]))
 
 
+def _config_value(argv: list[str]) -> str:
+  """The `--config` value on a command line, as given (the flag itself may not have been parsed)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return ""
+
+
 def flags_parser(program: str):
   """An absl `flags_parser` that turns bad flags and bad `--config.KEY` overrides into one line, exit 2."""
   def parse(argv):
@@ -51,8 +61,10 @@ def flags_parser(program: str):
       if "config" in FLAGS and FLAGS["config"].present:
         FLAGS.config.keys()  # a file that failed to load is a placeholder that raises OSError on use
       return rest
-    except OSError as e:  # the config file cannot be read
-      message = f"--config={config_flags.get_config_filename(FLAGS['config'])}: {str(e).strip().splitlines()[-1].strip()}"
+    except OSError as e:  # the config file cannot be read (while parsing its overrides, or on first use)
+      message = f"--config={_config_value(argv)}: {str(e).strip().splitlines()[-1].strip()}"
+    except SyntaxError as e:  # the config file is not Python
+      message = f"--config={_config_value(argv)}: not a Python config file ({e.msg}, line {e.lineno})"
     except flags.Error as e:
       message = str(e)
       if "Traceback (most recent call last)" in message:  # raised inside a config file's get_config(ARG)
