@@ -38,7 +38,8 @@ def train_preprocess(batch: dict, config, mean, std, num_classes: int = cifar10.
     mean, std: per-channel normalisation in [0, 1] units.
     num_classes: the dataset's, for mixup's and cutmix's one-hot labels.
   Returns:
-    {`images`: float32 [N, H, W, C], `labels`: int64 [N], or float32 [N, K] when mixup/cutmix is on}.
+    {`images`: float32 [N, H, W, C], `labels`: int64 [N], or float32 [N, K] when mixup/cutmix is on,
+    `keys`: the batch's own (what the trainer counts each epoch's images by)}.
   """
   images, labels = batch["images"], batch["labels"]
   seeds = tf.unstack(tf.random.experimental.stateless_split(batch["seed"], 6))
@@ -62,7 +63,7 @@ def train_preprocess(batch: dict, config, mean, std, num_classes: int = cifar10.
   images = ops.normalize(images, mean, std)
   if config.mixup_alpha or config.cutmix_alpha:
     images, labels = _mix(images, tf.one_hot(labels, num_classes), seeds[4], seeds[5], config)
-  return {"images": images, "labels": labels}
+  return {"images": images, "labels": labels, "keys": batch["keys"]}
 
 
 def _mix(images, onehot, choice_seed, mix_seed, config):

@@ -54,8 +54,8 @@ def test_two_workers_killed_and_replaced_resume_bit_for_bit(three_shards, tmp_pa
                "input.cache_in_memory": False, "profile_steps": "(2, 4)", "bn_statistics_images": 600,
                "num_epochs": 2, "steps_per_epoch": 0, "global_batch_size": 60}  # 10 steps per epoch
   kills = [(2, 1, signal.SIGTERM, False), (5, 1, signal.SIGKILL, True)]
-  identical = chaos_resume.run(SMOKE, overrides, 20, kills, workers=2, root=str(tmp_path), atol=0.0)
-  assert identical == 2, capsys.readouterr().out
+  report = chaos_resume.run(SMOKE, overrides, 20, kills, workers=2, root=str(tmp_path), atol=0.0)
+  assert report.identical == 2, capsys.readouterr().out
   reference = tmp_path / "reference"
   assert list(reference.glob("summaries/plugins/profile/*/*.xplane.pb"))
   final = json.loads((tmp_path / "chaos" / "run.json").read_text())
@@ -79,3 +79,42 @@ def test_float16_overflow_on_one_worker_skips_the_step_on_both_without_hanging()
     assert p.returncode == 0, err[-3000:]
     assert json.loads(out.strip().splitlines()[-1]) == {"skipped": True, "halved": True, "finite": True,
                                                          "trained": True}
+
+
+@pytest.fixture(scope="module")
+def other_data(tmp_path_factory):
+  """The synthetic dataset written again with another validation split: same size, other shards."""
+  out = str(tmp_path_factory.mktemp("other_data"))
+  make_tfrecords.make("synthetic", out, num_shards=4, val_size=199, synthetic_sizes=(800, 200))
+  return out
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("seed", 4, "worker 1 was started with seed=4, the chief with seed=0: start every worker with the same command"),
+    ("augment.crop_padding", 3, "worker 1 was started with augment.crop_padding=3, the chief with "
+     "augment.crop_padding=2: start every worker with the same command"),
+    ("data_dir", None, "worker 1 reads other data than the chief (images per split {'test': 200, 'train': 600, "
+     "'validation': 200} vs {'test': 200, 'train': 601, 'validation': 199}): give every worker the same shards "
+     "(one gs:// path, or identical copies)"),
+])
+def test_a_worker_started_differently_stops_every_worker_in_one_line(synthetic_dir, other_data, tmp_path, key, value,
+                                                                     expected):
+  """Each worker checked only its own config and data (3cf2a86): 3 workers, one with --config.seed=4, all
+  trained to the end and exited 0."""
+  workdir = str(tmp_path / "run")
+  overrides = {"data_dir": synthetic_dir, "strategy": "multi_worker", "export": False}
+  commands = [trainer_main.command(SMOKE, workdir, overrides),
+              trainer_main.command(SMOKE, workdir, dict(overrides, **{key: other_data if value is None else value}))]
+  start = time.monotonic()
+  procs = [subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+           for command, env in zip(commands, chaos_resume.cluster_environments(2))]
+  try:
+    errors = [p.communicate(timeout=60)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert time.monotonic() - start < 60
+  for p, err in zip(procs, errors):
+    assert p.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"trainer: error: {expected}"
+  assert not os.path.exists(workdir)

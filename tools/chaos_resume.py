@@ -10,15 +10,25 @@ MultiWorkerMirroredStrategy (TF_CONFIG), and each kill hits one worker, the chie
 dealt round-robin over the workers in a shuffled order), with SIGTERM (graceful: every worker checkpoints
 and exits) or SIGKILL (hard: the others lose contact and exit; the run resumes from its last checkpoint);
 once, a SIGKILLed non-chief worker is also "replaced": its scratch directory is deleted before the
-restart, as on a new machine. Each resume is checked by comparing the next checkpoint the resumed run
-writes with the reference checkpoint of the same step, every variable, to --atol (0: bit for bit). The run
-is `deterministic`; without --config.data_dir a small synthetic dataset is written first.
-Last line: `resumed identically: K/K`.
+restart, as on a new machine. Without --config.data_dir a small synthetic dataset is written first.
+
+Two modes:
+  - `--deterministic` (the default here): both runs set `deterministic=True`; each resume is checked by
+    comparing the next checkpoint the resumed run writes with the reference checkpoint of the same step,
+    every variable (the random layers' states and the epoch's image count included), to --atol (0: bit for
+    bit). Last line: `resumed identically: K/K`.
+  - `--nodeterministic`: the trainer's default mode (`deterministic=False`, any config); what holds there
+    is checked: every epoch trains the same images once each across the kills (the trainer's per-epoch
+    count and id digest, trainer/loop.EpochAudit, against the reference's) and the run ends at the same step.
+    Last line: `exactly once per epoch: E/E`.
 """
 
+import collections
+import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -50,6 +60,8 @@ def define_flags():
   flags.DEFINE_float("atol", 0.0, "Largest difference allowed between resumed and reference variables.",
                      lower_bound=0.0)
   flags.DEFINE_string("workdir", None, "Where the runs go; a temporary directory if unset.")
+  flags.DEFINE_bool("deterministic", True, "True: deterministic runs, checked bit for bit at every resume; "
+                    "False: the trainer's default mode, checked for each epoch's images (see the docstring).")
   flags.mark_flags_as_required(["config"])
 
 
@@ -197,8 +209,8 @@ def main(argv):
   config = FLAGS.config
   config_arg, user_overrides = trainer_main.config_arguments(sys.argv[1:])
   root = FLAGS.workdir or tempfile.mkdtemp(prefix="chaos_resume_")
-  overrides = {"deterministic": True, "export": False, "checkpoint_every_steps": 1, "log_every_steps": 1,
-               "steps_per_loop": 1}
+  overrides = {"deterministic": FLAGS.deterministic, "export": False, "checkpoint_every_steps": 1,
+               "log_every_steps": 1, "steps_per_loop": 1}
   for key, value in user_overrides.items():  # the user's own, where they do not clash with the above
     overrides.setdefault(key, value)
   if not config.data_dir:
@@ -213,24 +225,62 @@ def main(argv):
   overrides["steps_per_epoch"] = total // config.num_epochs + (total % config.num_epochs > 0)
   total = config.num_epochs * overrides["steps_per_epoch"]
   kills = plan(FLAGS.kills, total, FLAGS.workers, FLAGS.seed)
-  identical = run(config_arg, overrides, total, kills, FLAGS.workers, root, FLAGS.atol)
-  print(f"resumed identically: {identical}/{len(kills)}")
-  sys.exit(0 if identical == len(kills) else 1)
+  report = run(config_arg, overrides, total, kills, FLAGS.workers, root, FLAGS.atol)
+  if FLAGS.deterministic:
+    print(f"resumed identically: {report.identical}/{len(kills)}")
+    sys.exit(0 if report.identical == len(kills) else 1)
+  once = report.epochs_once()
+  print(f"final step: {report.final_step} (reference {total})")
+  print(f"exactly once per epoch: {once}/{config.num_epochs}")
+  sys.exit(0 if once == config.num_epochs and report.final_step == total else 1)
+
+
+EPOCH_LINE = re.compile(r"epoch (\d+) trained (\d+) images, id digest (\w+)")
+
+
+def epoch_audits(logs: list[str]) -> dict[int, set[tuple[int, str]]]:
+  """{epoch: every (images, digest) the trainer logged for it} over all `logs`: an epoch replayed after a
+  hard kill is logged again, and must log the same."""
+  audits = collections.defaultdict(set)
+  for log in logs:
+    for epoch, images, digest in EPOCH_LINE.findall(log):
+      audits[int(epoch)].add((int(images), digest))
+  return audits
+
+
+@dataclasses.dataclass
+class Report:
+  """What `run` saw: resumes checked bit for bit, and every worker's log of both runs."""
+  identical: int
+  reference_logs: list[str]
+  chaos_logs: list[str]
+  final_step: int
+
+  def epochs_once(self) -> int:
+    """Epochs whose killed-and-resumed audits all equal the reference's (one per epoch), each printed."""
+    reference, chaos = epoch_audits(self.reference_logs), epoch_audits(self.chaos_logs)
+    once = 0
+    for epoch in sorted(reference):
+      ok = len(reference[epoch]) == 1 and chaos.get(epoch) == reference[epoch]
+      once += ok
+      print(f"  epoch {epoch}: reference {sorted(reference[epoch])}, killed run {sorted(chaos.get(epoch, []))} -> "
+            f"{'same images' if ok else 'DIFFERENT'}", flush=True)
+    return once
 
 
 def run(config_arg: str, overrides: dict, total: int, kills: list[tuple[int, int, int, bool]], workers: int,
-        root: str, atol: float) -> int:
-  """The reference run and the run killed as `plan` says, in `root`; prints each kill and check and
-  returns how many kills resumed identically."""
+        root: str, atol: float) -> Report:
+  """The reference run and the run killed as `plan` says, in `root`; prints each kill and check, and
+  returns how many kills resumed identically, with the logs."""
   reference, chaos = os.path.join(root, "reference"), os.path.join(root, "chaos")
   print(f"reference run: {workers} worker(s), {total} steps, a checkpoint at every step, in {reference}",
         flush=True)
-  run_until(trainer_main.command(config_arg, reference, dict(overrides, keep_checkpoints=total + 1)),
-            workers=workers)
+  reference_logs = run_until(trainer_main.command(config_arg, reference, dict(overrides, keep_checkpoints=total + 1)),
+                             workers=workers)
   print(f"kills: {sum(t == 0 for _, t, _, _ in kills)} aimed at the chief, {sum(t > 0 for _, t, _, _ in kills)} "
         f"at other workers; {sum(g == signal.SIGKILL for _, _, g, _ in kills)} SIGKILL; "
         f"{sum(r for *_, r in kills)} replaced worker(s)", flush=True)
-  identical, pending = 0, []  # kills whose resume no newer checkpoint has checked yet
+  identical, pending, chaos_logs = 0, [], []  # pending: kills whose resume no newer checkpoint has checked yet
   replace = None  # the worker whose scratch directory goes before the next start
   for number, (step, target, sig, replaced) in enumerate(kills + [(None, 0, signal.SIGTERM, False)], 1):
     if replace is not None:
@@ -242,7 +292,8 @@ def run(config_arg: str, overrides: dict, total: int, kills: list[tuple[int, int
       step = resumed_from + 1
       if step >= total:
         raise RuntimeError(f"kill {number}: no step left before the end ({total}); give fewer --kills")
-    run_until(trainer_main.command(config_arg, chaos, overrides), step, sig, workers=workers, target=target)
+    chaos_logs += run_until(trainer_main.command(config_arg, chaos, overrides), step, sig, workers=workers,
+                            target=target)
     at = latest_step(chaos)
     if pending and at > resumed_from:  # this start resumed and wrote a checkpoint of its own
       diff = max_difference(os.path.join(chaos, "checkpoints", f"ckpt-{at}"),
@@ -258,7 +309,7 @@ def run(config_arg: str, overrides: dict, total: int, kills: list[tuple[int, int
       print(f"kill {number}: {signal.Signals(sig).name} to {who} on seeing step {step}; latest checkpoint: "
             f"step {at}", flush=True)
       replace = target if replaced else None
-  return identical
+  return Report(identical, reference_logs, chaos_logs, latest_step(chaos))
 
 
 if __name__ == "__main__":

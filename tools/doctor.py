@@ -188,7 +188,8 @@ def time_step(config, strategy, precision: str, steps: int, deadline: float) -> 
   learner = steps_lib.Learner(variant, strategy, state)
   rng = np.random.default_rng(0)
   batch = {"images": tf.constant(rng.normal(size=(variant.global_batch_size, *models.CIFAR10.image_shape)), tf.float32),
-           "labels": tf.constant(rng.integers(0, models.CIFAR10.num_classes, variant.global_batch_size), tf.int64)}
+           "labels": tf.constant(rng.integers(0, models.CIFAR10.num_classes, variant.global_batch_size), tf.int64),
+           "keys": tf.range(variant.global_batch_size, dtype=tf.int64)}
   iterator = iter(strategy.distribute_datasets_from_function(lambda ctx: tf.data.Dataset.from_tensors(batch).repeat()))
   start = time.perf_counter()
   metrics = learner.train(iterator, 1, 0)

@@ -176,6 +176,23 @@ class EpochTimer(PeriodicAction):
     self._start = None
 
 
+class EpochAudit(PeriodicAction):
+  """At each epoch's end, logs how many images the epoch trained and a digest of their ids (`end_epoch`,
+  which also starts the next epoch's count), and writes train/epoch_images. Runs before the epoch's
+  checkpoint, which then holds the zeroed count. An epoch stopped and resumed any number of times logs
+  the same as one run straight through: what tools.chaos_resume checks in the default mode."""
+
+  def __init__(self, writer: writers.MetricWriter, end_epoch, steps_per_epoch: int):
+    super().__init__(every_steps=steps_per_epoch)
+    self.writer, self.end_epoch, self.steps_per_epoch = writer, end_epoch, steps_per_epoch
+
+  def run(self, step):
+    audit = self.end_epoch()
+    logging.info("epoch %d trained %d images, id digest %s", step // self.steps_per_epoch, audit["images"],
+                 audit["digest"])
+    self.writer.write_scalars(step, {"train/epoch_images": audit["images"]})
+
+
 class Evaluate(PeriodicAction):
   """Scores the validation split (with the EMA weights when there are any) and writes validation/*; with
   `worst` (the chief, config.summary_worst_images > 0) also its confusion matrix and worst images.

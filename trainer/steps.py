@@ -7,6 +7,7 @@ the global batch.
 """
 
 import dataclasses
+import hashlib
 
 import keras
 import tensorflow as tf
@@ -18,14 +19,14 @@ from trainer import optim
 
 class Sums:
   """Running sums kept per replica and read as totals over all replicas (ON_READ, SUM variables): scalars
-  by name, and arrays given as name=shape.
+  by name, and arrays given as name=shape, of `dtype`.
 
   Create under `strategy.scope()`; `add` runs per replica inside the step; `result` and `reset` run
   between steps.
   """
 
-  def __init__(self, *names: str, **shapes: tuple[int, ...]):
-    self._vars = {n: tf.Variable(tf.zeros(shape), trainable=False, name=n,
+  def __init__(self, *names: str, dtype: tf.DType = tf.float32, **shapes: tuple[int, ...]):
+    self._vars = {n: tf.Variable(tf.zeros(shape, dtype), trainable=False, name=n,
                                  synchronization=tf.VariableSynchronization.ON_READ,
                                  aggregation=tf.VariableAggregation.SUM)
                   for n, shape in {**{n: () for n in names}, **shapes}.items()}
@@ -33,7 +34,7 @@ class Sums:
   def add(self, **values) -> None:
     """Runs per replica."""
     for name, value in values.items():
-      self._vars[name].assign_add(tf.cast(value, tf.float32))
+      self._vars[name].assign_add(tf.cast(value, self._vars[name].dtype))
 
   def total(self, name: str) -> tf.Tensor:
     """The sum over replicas, as a tensor (usable inside a tf.function, in cross-replica context)."""
@@ -55,6 +56,7 @@ class State:
   model: keras.Model
   optimizer: keras.optimizers.Optimizer
   step: tf.Variable  # train steps done; the checkpoint's number
+  epoch_images: tf.Variable  # float64 [3]: this epoch's images so far and two sums of their ids (epoch_audit)
   checkpoint: tf.train.Checkpoint
   ema: optim.EMA | None  # averaged weights, when optimizer.ema_decay > 0
   lookahead: optim.Lookahead | None  # when optimizer.lookahead_every > 0
@@ -71,14 +73,16 @@ def make_state(config, strategy, steps_per_epoch: int, data: models.DataShape | 
     optimizer = optim.make_optimizer(config, steps_per_epoch)
     optimizer.build(model.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+    epoch_images = tf.Variable(tf.zeros([3], tf.float64), trainable=False, name="epoch_images")
     ema = optim.EMA(model.trainable_variables, opt.ema_decay) if opt.ema_decay else None
     lookahead = (optim.Lookahead(model.variables, opt.lookahead_every, opt.lookahead_decay,
                                  config.num_epochs * steps_per_epoch) if opt.lookahead_every else None)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step,
-                                     random=random_states(model),
+    random = random_states(model)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step, epoch_images=epoch_images,
+                                     **({"random": random} if random else {}),
                                      **({"ema": ema.averages} if ema else {}),
                                      **({"lookahead": lookahead.averages} if lookahead else {}))
-  return State(model, optimizer, step, checkpoint, ema, lookahead)
+  return State(model, optimizer, step, epoch_images, checkpoint, ema, lookahead)
 
 
 def random_states(model: keras.Model) -> list:
@@ -86,6 +90,14 @@ def random_states(model: keras.Model) -> list:
   lists them among the model's variables but does not track them as checkpoint dependencies, so without
   this a resumed run would draw the masks of step 0 again."""
   return [v for v in model.non_trainable_variables if v.path.endswith("seed_generator_state")]
+
+
+def _id_sums(keys: tf.Tensor) -> dict[str, tf.Tensor]:
+  """A batch's image count and the sums of the two 26-bit halves of its images' keys (hashes of their ids):
+  adding them up in any order gives the same integers, exactly, in float64."""
+  half = (1 << 26) - 1
+  low, high = tf.bitwise.bitwise_and(keys, half), tf.bitwise.bitwise_and(tf.bitwise.right_shift(keys, 26), half)
+  return {"count": tf.size(keys), "low": tf.reduce_sum(low), "high": tf.reduce_sum(high)}
 
 
 def cross_entropy(labels: tf.Tensor, logits: tf.Tensor, label_smoothing: float) -> tf.Tensor:
@@ -114,6 +126,7 @@ class Learner:
     self._mean, self._std = mean, std
     with strategy.scope():
       self._sums = Sums("loss", "correct", "count")
+      self._ids = Sums("count", "low", "high", dtype=tf.float64)  # exact: integers below 2^53
     variables = state.model.trainable_variables
     self._multipliers = dict(zip((id(v) for v in variables),
                                  optim.gradient_multipliers(state.model, config.optimizer)))
@@ -125,7 +138,10 @@ class Learner:
     models.trainable_at), fed by `iterator`, in one tf.function call; stops early after a step whose loss
     is not finite. Returns the loop's mean loss and accuracy, its image count and the step reached."""
     self._sums.reset()
+    self._ids.reset()
     self._function(epoch)(iterator, tf.constant(num_steps))
+    ids = self._ids.result()
+    self.state.epoch_images.assign_add([ids["count"], ids["low"], ids["high"]])
     totals = self._sums.result()
     count = max(totals["count"], 1.0)
     return {"loss": totals["loss"] / count, "accuracy": totals["correct"] / count,
@@ -141,6 +157,13 @@ class Learner:
     if key not in self._traced:
       self._traced[key] = tf.function(lambda it, n: self._loop(it, n, variables))
     return self._traced[key]
+
+  def end_epoch(self) -> dict:
+    """This epoch's audit, then zeroed for the next: `images` trained and `digest`, an order-free digest of
+    their ids; an epoch that trained each image once gives the same, however it was stopped and resumed."""
+    count, low, high = (int(x) for x in self.state.epoch_images.numpy())
+    self.state.epoch_images.assign(tf.zeros([3], tf.float64))
+    return {"images": count, "digest": hashlib.sha256(f"{count}:{low}:{high}".encode()).hexdigest()[:12]}
 
   def optimizer_scalars(self) -> dict[str, float]:
     """The learning rate now, and the loss scale when there is one."""
@@ -183,6 +206,7 @@ class Learner:
              for g, v in zip(grads, variables)]
     optimizer.apply(grads, variables)
     self._sums.add(loss=tf.reduce_sum(per_example), correct=hits, count=tf.shape(per_example)[0])
+    self._ids.add(**_id_sums(batch["keys"]))
 
   def _sync_statistics(self):
     """Runs per replica. Keras 3 keeps BatchNorm moving statistics per replica (aggregation NONE), so

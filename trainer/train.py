@@ -297,7 +297,8 @@ def _actions(run: Run, learner: steps.Learner):
                            final_step=run.total_steps,
                            every_steps=per_epoch * config.eval_every_epochs if validation else ())
   return report, evaluate, [
-      report, loop.EpochTimer(run.writer, per_epoch), evaluate,
+      report, loop.EpochTimer(run.writer, per_epoch), loop.EpochAudit(run.writer, learner.end_epoch, per_epoch),
+      evaluate,
       loop.Checkpoint(run.checkpoints.save, every_steps=(per_epoch, config.checkpoint_every_steps)),
       loop.Profile(tuple(config.profile_steps), os.path.join(run.workdir, "summaries"), trace=run.chief)]
 

@@ -133,8 +133,10 @@ def _damage(path: str) -> str | None:
     reader = tf.train.load_checkpoint(path)
     for name in reader.get_variable_to_shape_map():
       reader.get_tensor(name)
-  except (tf.errors.OpError, ValueError) as e:
-    return faults.first_line(str(getattr(e, "message", e)))[:200]
+  except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError):
+    raise  # storage out of reach now: not a damaged file
+  except (tf.errors.OpError, ValueError, IndexError) as e:  # IndexError: a file shorter than its index says
+    return faults.first_line(str(getattr(e, "message", e)))[:200] or type(e).__name__
   return None
 
 

@@ -1,0 +1,212 @@
+"""Resuming, for every run a user starts: random layers, the default (non-deterministic) mode, the resume
+rules (an allow-list and the data's identity), damaged checkpoints, the tf.data service."""
+
+import collections
+import glob
+import os
+import re
+import shutil
+
+import pytest
+import tensorflow as tf
+
+from configs import deep
+from configs import vgg_small
+from pipeline import fileio
+from pipeline import manifest as manifest_lib
+from tools import chaos_resume
+from tools import make_tfrecords
+from trainer import data
+from trainer import train
+from trainer import workdir as workdir_lib
+
+
+def _config(module, data_dir, **overrides):
+  config = module.get_config("smoke")
+  config.data_dir = data_dir
+  config.update(overrides)
+  return config
+
+
+def _rewind(workdir: str, step: int) -> None:
+  """The workdir as a kill would have left it right after the checkpoint of `step`: the later checkpoints'
+  files gone, the checkpoint state file pointing at `step`."""
+  directory = os.path.join(workdir, "checkpoints")
+  kept = []
+  paths = [index[:-len(".index")] for index in glob.glob(os.path.join(directory, "ckpt-*.index"))]
+  for path in sorted(paths, key=workdir_lib.checkpoint_step):
+    if workdir_lib.checkpoint_step(path) > step:
+      for name in glob.glob(path + ".*"):
+        os.remove(name)
+    else:
+      kept.append(path)
+  tf.compat.v1.train.update_checkpoint_state(directory, kept[-1], all_model_checkpoint_paths=kept)
+
+
+def _checkpoint(workdir: str, step: int) -> str:
+  return os.path.join(workdir, "checkpoints", f"ckpt-{step}")
+
+
+def test_a_model_with_dropout_resumes_bit_for_bit(synthetic_dir, tmp_path):
+  """Keras 3's Dropout draws from a SeedGenerator whose state the checkpoint did not hold: a resumed
+  vgg_small drew step 0's masks again and ended 0.05-0.1 away (3cf2a86)."""
+  overrides = dict(deterministic=True, export=False, checkpoint_every_steps=1, keep_checkpoints=10, eval_steps=1)
+  reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
+  train.train_and_evaluate(_config(vgg_small, synthetic_dir, **overrides), reference)
+  shutil.copytree(reference, resumed)
+  _rewind(resumed, 3)
+  train.train_and_evaluate(_config(vgg_small, synthetic_dir, **overrides), resumed)
+  assert fileio.read_json(os.path.join(resumed, "run.json"))["start_step"] == 3
+  assert chaos_resume.max_difference(_checkpoint(resumed, 8), _checkpoint(reference, 8)) == 0
+  states = [name for name in chaos_resume.checkpoint_values(_checkpoint(resumed, 8)) if name.startswith("random/")]
+  assert len(states) == 3  # the smoke variant's 2 block dropouts and its dense dropout
+
+
+def test_the_train_stream_keeps_its_order_in_the_default_mode(synthetic_dir):
+  """The augmentation map ran with deterministic=config.deterministic after the resume's skip(): in the
+  default mode 24 of deep.py's first 60 batches came out of order (3cf2a86), so a resume skipped other
+  batches than the ones trained before the stop."""
+  config = _config(deep, synthetic_dir, deterministic=False)
+  manifest = manifest_lib.load(synthetic_dir)
+  dataset = data.train_dataset_fn(config, manifest, 4, start_step=0)(tf.distribute.InputContext())
+  assert dataset.options().deterministic
+
+
+def test_every_train_image_once_per_epoch_across_three_resumes(synthetic_dir):
+  """deep.py:smoke in the default mode with host augmentation on 2 replicas, stopped 3 times: the batches the
+  replicas get, counted by image id, hold every train image exactly once in every epoch."""
+  config = _config(deep, synthetic_dir, deterministic=False, global_batch_size=40, steps_per_epoch=0)
+  manifest = manifest_lib.load(synthetic_dir)
+  per_epoch = data.steps_per_epoch_for(config, manifest)
+  assert per_epoch * 40 == manifest_lib.num_examples(manifest, "train")  # 15 steps cover the 600 images
+  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  seen = collections.defaultdict(collections.Counter)
+  stops = [0, 7, 16, 22, 2 * per_epoch]  # resumed at 7 and 22 (mid-epoch) and at 16 (just past an epoch)
+  for start, stop in zip(stops, stops[1:]):
+    iterator = iter(strategy.distribute_datasets_from_function(
+        data.train_dataset_fn(config, manifest, per_epoch, start_step=start)))
+    for step in range(start, stop):
+      for keys in strategy.experimental_local_results(next(iterator)["keys"]):
+        seen[step // per_epoch].update(keys.numpy().tolist())
+  all_keys = set(_train_keys(synthetic_dir))
+  for epoch in (0, 1):
+    assert set(seen[epoch]) == all_keys and set(seen[epoch].values()) == {1}, epoch
+
+
+def _train_keys(data_dir: str) -> list[int]:
+  manifest = manifest_lib.load(data_dir)
+  files = manifest_lib.split_files(data_dir, manifest, "train")
+  from pipeline import input_pipeline  # pylint: disable=g-import-not-at-top
+  batch = next(iter(tf.data.TFRecordDataset(files).batch(1 << 20).map(input_pipeline.decoder(manifest))))
+  return batch["keys"].numpy().tolist()
+
+
+@pytest.fixture(scope="module")
+def mid_epoch_run(synthetic_dir, tmp_path_factory):
+  """A finished deep.py:smoke run of one epoch (4 steps) with checkpoints at steps 2 and 4."""
+  workdir = str(tmp_path_factory.mktemp("mid_epoch") / "run")
+  train.train_and_evaluate(_config(deep, synthetic_dir, num_epochs=1, export=False, checkpoint_every_steps=2),
+                           workdir)
+  return workdir
+
+
+def _files(directory: str) -> dict[str, bytes]:
+  return {os.path.relpath(os.path.join(parent, name), directory): open(os.path.join(parent, name), "rb").read()
+          for parent, _, names in os.walk(directory) for name in names}
+
+
+@pytest.mark.parametrize("key,value,before", [
+    ("seed", 1, 0),  # not in the old deny-list: resumed silently
+    ("augment.crop_padding", 4, 2),
+    ("input.shuffle_buffer", 100, 10000),
+    ("label_smoothing", 0.0, 0.2),
+])
+def test_a_resume_may_change_only_what_the_allow_list_names(synthetic_dir, mid_epoch_run, tmp_path, key, value,
+                                                            before):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(mid_epoch_run, workdir)
+  files = _files(workdir)
+  config = _config(deep, synthetic_dir, num_epochs=2, export=False, checkpoint_every_steps=2)
+  config.update_from_flattened_dict({key: value})
+  with pytest.raises(train.TrainingError, match=f"^{re.escape(f'workdir {workdir} holds a run with {key}={before!r}; this command has {key}={value!r}: resume with the same value, or give a new workdir')}$"):
+    train.train_and_evaluate(config, workdir)
+  assert _files(workdir) == files
+
+
+def test_a_resume_on_rebuilt_shards_is_refused(synthetic_dir, mid_epoch_run, tmp_path):
+  """Shards rebuilt with another --val_size but the same steps per epoch were resumed silently (3cf2a86):
+  images that are now validation had been trained on."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(mid_epoch_run, workdir)
+  files = _files(workdir)
+  rebuilt = str(tmp_path / "rebuilt")
+  make_tfrecords.make("synthetic", rebuilt, num_shards=4, val_size=190, synthetic_sizes=(800, 200))
+  with pytest.raises(train.TrainingError, match=re.escape(
+      f"workdir {workdir} holds a run trained on other data than {rebuilt} (images per split {{'test': 200, 'train': "
+      "600, 'validation': 200} vs {'test': 200, 'train': 610, 'validation': 190}): resume on the shards it started "
+      "with, or give a new workdir")):
+    train.train_and_evaluate(_config(deep, rebuilt, num_epochs=2, export=False), workdir)
+  assert _files(workdir) == files
+
+
+def test_a_resume_may_change_the_cadence_and_find_the_same_data_elsewhere(synthetic_dir, mid_epoch_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(mid_epoch_run, workdir)
+  copy = str(tmp_path / "copy")
+  shutil.copytree(synthetic_dir, copy)
+  train.train_and_evaluate(_config(deep, copy, num_epochs=2, export=False, log_every_steps=1, eval_steps=1,
+                                   keep_checkpoints=5, tta="none", bn_statistics_images=64), workdir)
+  run = fileio.read_json(os.path.join(workdir, "run.json"))
+  assert (run["start_step"], run["end_step"], run["data"]) == (4, 8, manifest_lib.identity(manifest_lib.load(copy)))
+
+
+def test_a_damaged_latest_checkpoint_is_passed_over_with_a_warning(synthetic_dir, mid_epoch_run, tmp_path, caplog):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(mid_epoch_run, workdir)
+  data_file = _checkpoint(workdir, 4) + ".data-00000-of-00001"
+  with open(data_file, "r+b") as f:  # a full disk or a half-finished copy
+    f.truncate(os.path.getsize(data_file) // 2)
+  caplog.set_level("WARNING")
+  train.train_and_evaluate(_config(deep, synthetic_dir, num_epochs=2, export=False), workdir)
+  assert f"passed over damaged checkpoint(s) {_checkpoint(workdir, 4)} (" in caplog.text
+  assert f"resuming from {_checkpoint(workdir, 2)}" in caplog.text
+  run = fileio.read_json(os.path.join(workdir, "run.json"))
+  assert (run["status"], run["start_step"], run["end_step"]) == ("finished", 2, 8)
+
+
+def test_every_checkpoint_damaged_is_one_line_never_a_start_from_step_0(synthetic_dir, mid_epoch_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(mid_epoch_run, workdir)
+  for step in (2, 4):
+    path = _checkpoint(workdir, step) + ".data-00000-of-00001"
+    blob = bytearray(open(path, "rb").read())
+    blob[len(blob) // 2] ^= 0xFF  # one flipped byte: the tensor's CRC no longer matches
+    open(path, "wb").write(bytes(blob))
+  files = _files(workdir)
+  with pytest.raises(train.TrainingError, match=re.escape(
+      f"every checkpoint in {workdir}/checkpoints is damaged (newest: {_checkpoint(workdir, 4)}: ")):
+    train.train_and_evaluate(_config(deep, synthetic_dir, num_epochs=2, export=False), workdir)
+  assert _files(workdir) == files
+
+
+def test_the_data_service_refuses_a_resume_inside_an_epoch(synthetic_dir, mid_epoch_run, tmp_path):
+  """Batches from the tf.data service come in the order its workers make them, so the resume position,
+  counted in source order, cannot say which of the epoch's batches were trained."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(mid_epoch_run, workdir)
+  _rewind(workdir, 2)
+  config = _config(deep, synthetic_dir, num_epochs=2, export=False)
+  config.input.data_service = "grpc://127.0.0.1:1"
+  with pytest.raises(train.TrainingError, match=re.escape(
+      f"{_checkpoint(workdir, 2)} is at step 2, inside epoch 1: the tf.data service hands out batches")):
+    train.train_and_evaluate(config, workdir)
+
+
+def test_the_evaluation_batch_fits_the_replicas(synthetic_dir):
+  """eval_batch_size=1000 was refused on 3 GPUs ("does not divide by the 3 replicas", 3cf2a86)."""
+  config = _config(deep, synthetic_dir, eval_batch_size=999, global_batch_size=48)
+  train.check_config(config, replicas=3)
+  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  batches = list(data.eval_dataset(config, strategy, manifest_lib.load(synthetic_dir), "validation"))
+  sizes = [sum(int(x.shape[0]) for x in strategy.experimental_local_results(b["labels"])) for b in batches]
+  assert sizes == [200]  # the 200 validation images in one global batch of 1000 (500 per replica)
