@@ -44,13 +44,15 @@ def config_arguments(argv: list[str]) -> tuple[str, dict]:
 
 
 def _config_value(argv: list[str]) -> str:
-  """The `--config` value on a command line, as given (the flag itself may not have been parsed)."""
+  """The `--config` value on a command line as given, the last one as absl takes it (the flag itself may
+  not have been parsed)."""
+  value = ""
   for i, arg in enumerate(argv):
     if arg.startswith("--config="):
-      return arg.split("=", 1)[1]
-    if arg == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return ""
+      value = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
 
 
 def flags_parser(program: str):

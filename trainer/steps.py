@@ -206,7 +206,8 @@ class Learner:
              for g, v in zip(grads, variables)]
     optimizer.apply(grads, variables)
     self._sums.add(loss=tf.reduce_sum(per_example), correct=hits, count=tf.shape(per_example)[0])
-    self._ids.add(**_id_sums(batch["keys"]))
+    if "keys" in batch:  # the pipeline's batches have them; a hand-made batch (a benchmark's) need not
+      self._ids.add(**_id_sums(batch["keys"]))
 
   def _sync_statistics(self):
     """Runs per replica. Keras 3 keeps BatchNorm moving statistics per replica (aggregation NONE), so
