@@ -20,7 +20,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                 # weights (slower on GPUs); the batches are the same in both modes
   config.mixed_precision = "float32"  # float32 | mixed_float16 (GPU) | mixed_bfloat16 (TPU, A100+, AVX512-BF16)
   config.logical_cpus = 0  # split the CPU into N logical devices so MirroredStrategy has N replicas; 0 = off
-  config.strategy = "mirrored"  # mirrored | multi_worker (TF_CONFIG) | one_device
+  config.strategy = "mirrored"  # mirrored | multi_worker | one_device; on a cluster of several tasks: multi_worker
+  config.cluster = "auto"  # where the workers come from: auto (TF_CONFIG when set, else the SLURM step this runs
+                           # in, else this node alone) | tf_config | slurm | local (trainer/cluster.py)
+  config.cluster_port = 8888  # SLURM: the port of each node's first task; its k-th task listens on this + k
   config.steps_per_loop = 10  # train steps inside one tf.function call; Python runs between calls
   config.jit_compile = False  # XLA-compile each replica's forward+backward pass (not with sync_bn; off: NOTES.md)
   config.log_every_steps = 50  # steps between progress lines and train summaries
@@ -32,6 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.profile_steps = ()  # (first, end): a profiler trace of train steps first..end-1 in workdir/summaries
   config.progress_bar = True  # a progress bar on stdout when it is a terminal (log lines are written anyway)
   config.keep_checkpoints = 3  # checkpoints kept in workdir/checkpoints
+  config.stop_exit_code = 0  # exit code after a stop request (SIGTERM) checkpointed the run before its end;
+                             # Kubernetes Jobs: 75, so the pod is replaced rather than counted done (BUILD.md)
   config.export = True  # write the SavedModel to workdir/export at the end
   config.tta = "none"  # test-time views in the final evaluation and the export: none | flip | flip_translate
   config.label_smoothing = 0.0  # probability mass spread evenly over all classes

@@ -33,6 +33,8 @@ def three_shards(tmp_path_factory):
 
 
 def test_two_workers_train_like_one_process_with_two_replicas(synthetic_dir, tmp_path):
+  """And like a chief and a worker under TF_CONFIG as Vertex AI writes it, started with the same command
+  (no --config.strategy: a cluster of several tasks is multi-worker by itself)."""
   two = str(tmp_path / "two_workers")
   chaos_resume.run_until(trainer_main.command(SMOKE, two, dict(EXACT, data_dir=synthetic_dir)), workers=2)
   one = str(tmp_path / "one_process")
@@ -40,6 +42,16 @@ def test_two_workers_train_like_one_process_with_two_replicas(synthetic_dir, tmp
   assert chaos_resume.max_difference(os.path.join(two, "checkpoints", "ckpt-8"),
                                      os.path.join(one, "checkpoints", "ckpt-8")) <= 1e-5
   assert os.path.exists(os.path.join(two, "run.json"))  # the chief's
+  vertex = str(tmp_path / "vertex")
+  command = trainer_main.command(SMOKE, vertex, dict(EXACT, data_dir=synthetic_dir))
+  procs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for env in chaos_resume.cluster_environments(2, vertex=True)]
+  errors = [p.communicate(timeout=300)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
+  assert chaos_resume.max_difference(os.path.join(vertex, "checkpoints", "ckpt-8"),
+                                     os.path.join(two, "checkpoints", "ckpt-8")) == 0
+  run = json.loads(open(os.path.join(vertex, "run.json")).read())
+  assert run["distribution"]["cluster"]["task"] == {"type": "chief", "index": 0}
 
 
 def test_two_workers_killed_and_replaced_resume_bit_for_bit(three_shards, tmp_path, capsys):

@@ -128,7 +128,9 @@ def test_a_resume_may_change_only_what_the_allow_list_names(synthetic_dir, mid_e
   files = _files(workdir)
   config = _config(deep, synthetic_dir, num_epochs=2, export=False, checkpoint_every_steps=2)
   config.update_from_flattened_dict({key: value})
-  with pytest.raises(train.TrainingError, match=f"^{re.escape(f'workdir {workdir} holds a run with {key}={before!r}; this command has {key}={value!r}: resume with the same value, or give a new workdir')}$"):
+  expected = (f"workdir {workdir} holds a run with {key}={before!r}; this command has {key}={value!r}: resume with "
+              "the same value, or give a new workdir")
+  with pytest.raises(train.TrainingError, match=f"^{re.escape(expected)}$"):
     train.train_and_evaluate(config, workdir)
   assert _files(workdir) == files
 

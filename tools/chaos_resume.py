@@ -84,13 +84,19 @@ def free_ports(n: int) -> list[int]:
   raise RuntimeError(f"no {n} free ports below {ephemeral_low}")
 
 
-def cluster_environments(workers: int) -> list[dict]:
+def cluster_environments(workers: int, vertex: bool = False) -> list[dict]:
   """The environment of each of `workers` processes forming one MultiWorkerMirroredStrategy cluster on
-  127.0.0.1 (TF_CONFIG), worker 0 the chief."""
-  cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(workers)]}
-  return [dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-               TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
-          for i in range(workers)]
+  127.0.0.1 (TF_CONFIG), worker 0 the chief; with `vertex`, TF_CONFIG as Vertex AI writes it: a `chief`
+  task, then `worker` tasks, with its `environment` and `job` fields."""
+  addresses = [f"127.0.0.1:{p}" for p in free_ports(workers)]
+  if not vertex:
+    tasks = [{"cluster": {"worker": addresses}, "task": {"type": "worker", "index": i}} for i in range(workers)]
+  else:
+    job = {"worker_pool_specs": [{"replica_count": 1}, {"replica_count": workers - 1}]}
+    tasks = [{"cluster": {"chief": addresses[:1], "worker": addresses[1:]}, "environment": "cloud", "job": job,
+              "task": {"type": "chief", "index": 0, "trial": ""} if i == 0 else
+                      {"type": "worker", "index": i - 1, "trial": ""}} for i in range(workers)]
+  return [dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(task)) for task in tasks]
 
 
 def worker_commands(command: list[str], workers: int) -> list[tuple[list[str], dict]]:
@@ -218,6 +224,11 @@ def main(argv):
     overrides["data_dir"] = os.path.join(root, "data")
     make_tfrecords.make("synthetic", overrides["data_dir"], num_shards=4, val_size=200,
                         synthetic_sizes=(2000, 200))
+  replicas = FLAGS.workers * max(overrides.get("logical_cpus", config.logical_cpus), 1)
+  batch = overrides.get("global_batch_size", config.global_batch_size)
+  if batch % replicas:  # e.g. the smoke configs' 32 on 3 workers
+    overrides["global_batch_size"] = batch = -(-batch // replicas) * replicas
+    print(f"global_batch_size {batch}: a multiple of the {replicas} replicas", flush=True)
   total = config.num_epochs * (config.steps_per_epoch or 0)
   if not total:
     raise app.UsageError("give the config a steps_per_epoch (the smoke variants have one)")

@@ -47,7 +47,8 @@ def define_flags():
   """Command-line flags; defined only when run as a program, so modules import side by side."""
   flags.DEFINE_string("source", "tfds", "tfds | synthetic | path to an official archive, image folder or tar.")
   flags.DEFINE_string("output_dir", None, "Where shards and manifest.json go (local or gs://).")
-  flags.DEFINE_integer("num_shards", 16, "Shards for train; validation and test get proportionally fewer (>= 1).",
+  flags.DEFINE_integer("num_shards", 16, "Shards for train; validation and test get proportionally fewer, "
+                       "no split more than its images.",
                        lower_bound=1)
   flags.DEFINE_integer("val_size", 5000, "Validation images carved out of train, stratified by class; 0 = none.")
   flags.DEFINE_integer("seed", 0, "Seed of the validation split and of the shard order.", lower_bound=0)

@@ -1,12 +1,12 @@
 """Devices and the tf.distribute strategy, chosen by the config."""
 
 import functools
-import json
-import os
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
+
+from trainer import cluster as cluster_lib
 
 
 def configure_devices(logical_cpus: int) -> None:
@@ -37,17 +37,26 @@ def share_gpus(gpus) -> None:
 
 
 def make_strategy(config) -> tf.distribute.Strategy:
-  """`config.strategy`: mirrored (all local GPUs, or the logical CPUs), multi_worker (TF_CONFIG), one_device.
+  """`config.strategy` over `config.cluster` (trainer/cluster.py): on a cluster of several tasks (TF_CONFIG,
+  a SLURM step) MultiWorkerMirroredStrategy, unless `one_device` was asked for; on one node, mirrored (all
+  local GPUs, or the logical CPUs), multi_worker (one worker) or one_device.
 
   One strategy per kind per process: a second MirroredStrategy over the same devices would reuse the
   process-wide collective instance keys and clash with the first, and MultiWorkerMirroredStrategy may be
   made only once.
   """
-  return _strategy(config.strategy, config.logical_cpus)
+  found = cluster_lib.resolve(config.cluster, config.cluster_port)
+  if found.workers > 1 and config.strategy == "one_device":
+    raise cluster_lib.ClusterError(f"strategy=one_device cannot train on the {found.workers} tasks of {found.kind}; "
+                                   "give --config.strategy=mirrored (or multi_worker), or --config.cluster=local")
+  cluster_lib.check_port_free(found, "TF_CONFIG" if found.kind == "tf_config" else
+                              f"SLURM's task layout and --config.cluster_port={config.cluster_port}")
+  kind = "multi_worker" if found.workers > 1 else config.strategy
+  return _strategy(kind, config.logical_cpus, found)
 
 
 @functools.cache
-def _strategy(kind: str, logical_cpus: int) -> tf.distribute.Strategy:
+def _strategy(kind: str, logical_cpus: int, cluster: cluster_lib.Cluster) -> tf.distribute.Strategy:
   configure_devices(logical_cpus)
   # Physical, not logical, devices: listing logical ones starts TensorFlow's runtime, after which
   # MultiWorkerMirroredStrategy can no longer configure its collectives.
@@ -64,6 +73,7 @@ def _strategy(kind: str, logical_cpus: int) -> tf.distribute.Strategy:
     implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL if gpus
                       else tf.distribute.experimental.CommunicationImplementation.RING)
     return tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=cluster.resolver() if cluster.workers > 1 else None,
         communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation))
   if kind == "one_device":
     return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
@@ -147,8 +157,15 @@ def describe(strategy: tf.distribute.Strategy) -> dict:
       "workers": strategy.num_replicas_in_sync // len(strategy.extended.worker_devices),  # input pipelines
       "devices": list(strategy.extended.worker_devices),
       "gpus": [d.name for d in tf.config.list_logical_devices("GPU")],
-      "tf_config": json.loads(os.environ.get("TF_CONFIG", "null")),
+      "cluster": _cluster_of(strategy),
   }
+
+
+def _cluster_of(strategy: tf.distribute.Strategy) -> dict | None:
+  resolver = strategy.cluster_resolver
+  if resolver is None or not resolver.cluster_spec().as_dict():
+    return None
+  return {"spec": resolver.cluster_spec().as_dict(), "task": {"type": resolver.task_type, "index": resolver.task_id}}
 
 
 def log_devices(strategy: tf.distribute.Strategy) -> None:

@@ -88,10 +88,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   tf.get_logger().setLevel("WARNING")  # tf.distribute logs every all-reduce it builds at INFO
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, since=IMPORTED)
+    metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, since=IMPORTED)
   except (manifest.ManifestError, train.TrainingError, ValueError, tf.errors.OpError) as e:
     print(f"trainer: error: {faults.describe(e)}", file=sys.stderr)
     sys.exit(1)
+  if "stopped_by" in metrics:  # checkpointed, not done: a Kubernetes Job must not count it as complete
+    sys.exit(FLAGS.config.stop_exit_code)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ class Run:
 
 def train_and_evaluate(config, workdir: str, *, since: float | None = None) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; evaluates the final weights on
-  every split the data has and exports them. Returns the final metrics. A stop request (SIGTERM, SIGINT)
+  every split the data has and exports them. Returns the final metrics (with `stopped_by` when a stop request
+  ended it early). A stop request (SIGTERM, SIGINT)
   at any point after start-up ends in a checkpoint and a clean return; the same command resumes.
   run.json's timing counts start-up from `since` (time.monotonic() at the end of trainer.main's imports;
   by default this call)."""
@@ -100,7 +101,7 @@ def train_and_evaluate(config, workdir: str, *, since: float | None = None) -> d
       _end(run, "failed", error=faults.describe(e))
       raise
     _end(run, f"stopped by {stop.cause}" if stopped else "finished")
-  return run.metrics
+  return dict(run.metrics, stopped_by=stop.cause) if stopped else run.metrics
 
 
 def _start(config, workdir: str, strategy, since: float) -> Run:

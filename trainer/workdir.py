@@ -34,14 +34,15 @@ SHARED = "give every worker the same workdir, on storage all of them read (gs://
 RESUME_MAY_CHANGE = (
     "num_epochs", "steps_per_loop", "log_every_steps", "eval_every_epochs", "checkpoint_every_steps",
     "summary_flush_secs", "summary_worst_images", "profile_steps", "progress_bar", "keep_checkpoints", "export",
+    "stop_exit_code",
     "tta", "eval_batch_size", "eval_steps", "bn_statistics_images", "data_dir", "deterministic", "jit_compile",
-    "logical_cpus", "strategy", "model.fast_kernels", "model.sync_bn", "input.verify_checksums",
-    "input.probe_batches", "input.data_service", "input.augment_on")
+    "logical_cpus", "strategy", "cluster", "cluster_port", "model.fast_kernels", "model.sync_bn",
+    "input.verify_checksums", "input.probe_batches", "input.data_service", "input.augment_on")
 # What the workers of one run may differ in: where each finds the data (its identity is compared), and
 # what only the chief does or each shows on its own. All else sets the schedule of collectives or the
 # batches, so it must be alike on every worker.
 WORKERS_MAY_DIFFER = ("data_dir", "progress_bar", "summary_flush_secs", "keep_checkpoints", "export",
-                      "input.verify_checksums", "input.probe_batches")
+                      "stop_exit_code", "input.verify_checksums", "input.probe_batches")
 
 def now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

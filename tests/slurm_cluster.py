@@ -1,0 +1,114 @@
+"""A real SLURM on 127.0.0.1 for the tests: munged, slurmctld and slurmd from Debian's packages (slurm-wlm,
+munge; `.ci/run` installs them), each configured in a temporary directory with free ports, so nothing of
+the machine's own /etc/slurm is used or changed. Needs root (slurmd starts the jobs' processes)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo")
+
+
+def missing() -> str | None:
+  """Why no SLURM can be started here, or None."""
+  absent = [b for b in BINARIES if not shutil.which(b)]
+  if absent:
+    return f"{', '.join(absent)} not installed (apt-get install slurm-wlm munge)"
+  if os.geteuid() != 0:
+    return "slurmd needs root"
+  return None
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+class LocalSlurm:
+  """One node (this machine, 127.0.0.1) with 2 CPUs that may be oversubscribed, in one partition."""
+
+  def __init__(self, root: str):
+    self.root = root
+    self.env = dict(os.environ, SLURM_CONF=os.path.join(root, "slurm.conf"))
+    self._pids = []
+
+  def start(self, timeout: float = 60) -> "LocalSlurm":
+    for name in ("state", "spool"):
+      os.makedirs(os.path.join(self.root, name), exist_ok=True)
+    key = os.path.join(self.root, "munge.key")
+    with open(key, "wb") as f:
+      f.write(os.urandom(1024))
+    os.chmod(key, 0o400)
+    socket_path = os.path.join(self.root, "munge.socket")
+    host = socket.gethostname().split(".")[0]
+    r = self.root
+    with open(self.env["SLURM_CONF"], "w") as f:
+      f.write(f"""ClusterName=loopback
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={socket_path}
+CredType=cred/munge
+StateSaveLocation={r}/state
+SlurmdSpoolDir={r}/spool
+SlurmctldPidFile={r}/slurmctld.pid
+SlurmdPidFile={r}/slurmd.pid
+SlurmctldLogFile={r}/slurmctld.log
+SlurmdLogFile={r}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+JobAcctGatherType=jobacct_gather/none
+MpiDefault=none
+ReturnToService=2
+MinJobAge=600
+KillWait=10
+NodeName={host} NodeAddr=127.0.0.1 CPUs=2 RealMemory=8000 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+""")
+    subprocess.run(["munged", f"--key-file={key}", f"--socket={socket_path}", f"--pid-file={r}/munged.pid",
+                    f"--log-file={r}/munged.log", f"--seed-file={r}/munged.seed", "--force"], check=True,
+                   env=self.env, timeout=30)
+    for daemon in ("slurmctld", "slurmd"):
+      subprocess.run([daemon], check=True, env=self.env, timeout=30)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+      state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True)
+      if state.stdout.strip() == "idle":
+        return self
+      time.sleep(0.5)
+    raise RuntimeError(f"the SLURM node did not come up in {timeout:.0f} s: {self.log('slurmd')[-2000:]}")
+
+  def log(self, daemon: str) -> str:
+    path = os.path.join(self.root, f"{daemon}.log")
+    return open(path).read() if os.path.exists(path) else ""
+
+  def run(self, *args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), env=kwargs.pop("env", self.env), capture_output=True, text=True, timeout=60,
+                          check=True, **kwargs)
+
+  def submit(self, script: str, *args: str, env: dict | None = None, cwd: str | None = None) -> str:
+    """sbatch; returns the job id."""
+    out = self.run("sbatch", "--parsable", *args, script, env=env or self.env, cwd=cwd).stdout
+    return out.strip().split(";")[0]
+
+  def job(self, job_id: str) -> dict:
+    """`scontrol show job`'s fields (JobState, Restarts, ExitCode...)."""
+    text = self.run("scontrol", "show", "job", "-o", job_id).stdout
+    return dict(field.split("=", 1) for field in text.split() if "=" in field)
+
+  def stop(self) -> None:
+    for name in ("slurmd", "slurmctld", "munged"):
+      pid_file = os.path.join(self.root, f"{name}.pid")
+      if os.path.exists(pid_file):
+        try:
+          os.kill(int(open(pid_file).read().strip()), 15)
+        except (ProcessLookupError, ValueError):
+          pass

@@ -1,0 +1,150 @@
+"""The trainer under a real SLURM (munged, slurmctld, slurmd on 127.0.0.1; tests/slurm_cluster.py), through
+the repository's own batch script: preempted with SIGTERM and requeued, one task SIGKILLed and the job
+requeued, and resumed on fewer nodes; each time the final checkpoint against an uninterrupted run."""
+
+import glob
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from tests import slurm_cluster
+from tools import chaos_resume
+from trainer import main as trainer_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "deploy", "slurm", "train.sbatch")
+SMOKE = "configs/deep.py:smoke"
+# Bit for bit across layouts and restarts (tests/test_multiworker.py says why these values).
+EXACT = {"deterministic": True, "mixed_precision": "float32", "model.sync_bn": True, "augment.flip": "random",
+         "optimizer.learning_rate": 0.05, "checkpoint_every_steps": 1, "steps_per_loop": 1, "log_every_steps": 1,
+         "eval_steps": 1}
+TIMEOUT = 300  # seconds a job may take, requeues included
+
+pytestmark = pytest.mark.skipif(
+    bool(slurm_cluster.missing()) and not os.environ.get("CI"),
+    reason=f"no SLURM here: {slurm_cluster.missing()}")  # CI installs it (.ci/run): there a missing SLURM fails
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+  assert not slurm_cluster.missing(), slurm_cluster.missing()
+  cluster = slurm_cluster.LocalSlurm(str(tmp_path_factory.mktemp("slurm"))).start()
+  yield cluster
+  cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(synthetic_dir, tmp_path_factory):
+  """deep.py:smoke on 2 workers (TF_CONFIG on loopback), uninterrupted, a checkpoint at every step."""
+  workdir = str(tmp_path_factory.mktemp("reference") / "run")
+  overrides = dict(EXACT, data_dir=synthetic_dir, export=False, keep_checkpoints=10)
+  chaos_resume.run_until(trainer_main.command(SMOKE, workdir, overrides), workers=2)
+  return workdir
+
+
+def _overrides(**extra) -> list[str]:
+  return [f"--config.{k}={v}" for k, v in dict(EXACT, **extra).items()]
+
+
+def _submit(slurm, workdir: str, data_dir: str, *sbatch_args: str, tasks: int = 2, **overrides) -> str:
+  env = dict(slurm.env, WORKDIR=workdir, DATA_DIR=data_dir, CONFIG=SMOKE, PYTHON=sys.executable,
+             TF_CPP_MIN_LOG_LEVEL="2")
+  env.pop("TF_CONFIG", None)
+  output = os.path.join(os.path.dirname(workdir), "job-%j.out")
+  return slurm.submit(SCRIPT, "--nodes=1", f"--ntasks={tasks}", f"--ntasks-per-node={tasks}", "--overcommit",
+                      f"--output={output}", "--time=00:10:00", *sbatch_args, *_overrides(**overrides), env=env,
+                      cwd=ROOT)
+
+
+def _output(workdir: str, job_id: str) -> str:
+  path = os.path.join(os.path.dirname(workdir), f"job-{job_id}.out")
+  return open(path).read() if os.path.exists(path) else ""
+
+
+def _wait(slurm, job_id: str, workdir: str, until, what: str) -> dict:
+  deadline = time.monotonic() + TIMEOUT
+  while time.monotonic() < deadline:
+    job = slurm.job(job_id)
+    if until(job, _output(workdir, job_id)):
+      return job
+    time.sleep(0.5)
+  raise AssertionError(f"job {job_id}: no {what} in {TIMEOUT} s; state {slurm.job(job_id).get('JobState')}:\n"
+                       f"{_output(workdir, job_id)[-4000:]}\n{slurm.log('slurmctld')[-2000:]}")
+
+
+def _done(job, _):
+  return job["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+
+
+def _at_step(step: int):
+  return lambda job, out: job["JobState"] == "RUNNING" and f"] step {step}/" in out
+
+
+def _trainer_pids(workdir: str) -> dict[int, int]:
+  """{SLURM_PROCID: pid} of the trainer processes of `workdir`."""
+  found = {}
+  for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+    try:
+      args = open(cmdline, "rb").read().split(b"\0")
+      environ = dict(item.split(b"=", 1) for item in open(cmdline[:-7] + "environ", "rb").read().split(b"\0")
+                     if b"=" in item)
+    except OSError:
+      continue
+    if b"trainer.main" in args and f"--workdir={workdir}".encode() in args:
+      found[int(environ[b"SLURM_PROCID"])] = int(cmdline.split("/")[2])
+  return found
+
+
+def _final_difference(workdir: str, reference: str) -> float:
+  return chaos_resume.max_difference(os.path.join(workdir, "checkpoints", "ckpt-8"),
+                                     os.path.join(reference, "checkpoints", "ckpt-8"))
+
+
+def test_a_job_preempted_with_sigterm_requeues_itself_and_resumes_bit_for_bit(slurm, reference, synthetic_dir,
+                                                                             tmp_path):
+  workdir = str(tmp_path / "run")
+  job_id = _submit(slurm, workdir, synthetic_dir)
+  _wait(slurm, job_id, workdir, _at_step(3), "step 3")
+  slurm.run("scancel", "--signal=TERM", job_id)  # what --signal=TERM@120 sends before the time limit
+  job = _wait(slurm, job_id, workdir, lambda job, out: _done(job, out) and job["Restarts"] != "0", "requeued end")
+  out = _output(workdir, job_id)
+  assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", out[-3000:]
+  assert "stopped by SIGTERM at step" in out and "requeueing job" in out and "resumed from" in out, out[-3000:]
+  assert f"job {job_id}, start 2: 2 task(s)" in out
+  assert _final_difference(workdir, reference) == 0
+  assert os.path.exists(os.path.join(workdir, "export", "saved_model.pb"))
+
+
+def test_a_job_whose_task_is_killed_resumes_bit_for_bit_when_requeued(slurm, reference, synthetic_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  job_id = _submit(slurm, workdir, synthetic_dir)
+  _wait(slurm, job_id, workdir, _at_step(3), "step 3")
+  os.kill(_trainer_pids(workdir)[1], signal.SIGKILL)  # the non-chief task: a lost node
+  job = _wait(slurm, job_id, workdir, _done, "end")
+  assert job["JobState"] == "FAILED", _output(workdir, job_id)[-3000:]
+  slurm.run("scontrol", "requeue", job_id)
+  job = _wait(slurm, job_id, workdir, lambda job, out: _done(job, out) and job["Restarts"] != "0", "requeued end")
+  out = _output(workdir, job_id)
+  assert job["JobState"] == "COMPLETED", out[-3000:]
+  assert "lost contact with" in out and "resumed from" in out, out[-3000:]
+  assert _final_difference(workdir, reference) == 0
+
+
+def test_a_run_of_two_nodes_resumes_on_one(slurm, reference, synthetic_dir, tmp_path):
+  """After a preemption only one node is left: the same run resumed by 1 task with 2 replicas (logical CPUs
+  here, GPUs there) at the same global batch, the in-memory input giving each replica the same images.
+  Equal to the 2-worker run up to the all-reduce's float summation order."""
+  workdir = str(tmp_path / "run")
+  job_id = _submit(slurm, workdir, synthetic_dir)
+  _wait(slurm, job_id, workdir, _at_step(3), "step 3")
+  slurm.run("scancel", "--signal=TERM", job_id)
+  _wait(slurm, job_id, workdir, lambda job, out: "requeueing job" in out, "requeue")
+  slurm.run("scancel", job_id)  # the requeued job is not wanted: one node is left
+  one = _submit(slurm, workdir, synthetic_dir, tasks=1, logical_cpus=2)
+  job = _wait(slurm, one, workdir, _done, "end")
+  out = _output(workdir, one)
+  assert job["JobState"] == "COMPLETED" and "resumed from" in out and "with 2 replica(s)" in out, out[-3000:]
+  assert _final_difference(workdir, reference) <= 1e-5

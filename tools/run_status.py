@@ -1,0 +1,38 @@
+r"""Prints a run's status from its run.json (local or gs://): `running`, `finished`, `failed`, or `stopped by
+SIGTERM` (a stop request: the same command resumes). Exit 1 when the workdir holds no run.json.
+
+  python -m tools.run_status --workdir=gs://BUCKET/runs/deep
+
+deploy/slurm/train.sbatch asks it whether to requeue the job after the trainer exits 0.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+import tensorflow as tf
+
+from pipeline import fileio
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  flags.DEFINE_string("workdir", None, "The run's --workdir.", required=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  path = os.path.join(FLAGS.workdir, "run.json")
+  try:
+    print(fileio.read_json(path)["status"])
+  except (OSError, ValueError, KeyError, TypeError, tf.errors.OpError) as e:
+    print(f"run_status: error: {path}: no run status ({type(e).__name__})", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
