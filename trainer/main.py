@@ -3,6 +3,7 @@ r"""Trains a config and exports a SavedModel.
   python -m trainer.main --config=configs/deep.py --workdir=/tmp/deep --config.data_dir=/tmp/c10
 """
 
+import os
 import re
 import sys
 import time
@@ -90,8 +91,10 @@ def main(argv):
   try:
     metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, since=IMPORTED)
   except (manifest.ManifestError, train.TrainingError, ValueError, tf.errors.OpError) as e:
-    print(f"trainer: error: {faults.describe(e)}", file=sys.stderr)
-    sys.exit(1)
+    print(f"trainer: error: {faults.describe(e)}", file=sys.stderr, flush=True)
+    # At once: after a lost peer, the interpreter's shutdown met tf.distribute's thread pools half torn
+    # down and printed a traceback under the one line (seen with 3 workers). Everything is written by now.
+    os._exit(1)  # pylint: disable=protected-access
   if "stopped_by" in metrics:  # checkpointed, not done: a Kubernetes Job must not count it as complete
     sys.exit(FLAGS.config.stop_exit_code)
 
