@@ -94,9 +94,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
     return subprocess.run(list(args), env=kwargs.pop("env", self.env), capture_output=True, text=True, timeout=60,
                           check=True, **kwargs)
 
-  def submit(self, script: str, *args: str, env: dict | None = None, cwd: str | None = None) -> str:
-    """sbatch; returns the job id."""
-    out = self.run("sbatch", "--parsable", *args, script, env=env or self.env, cwd=cwd).stdout
+  def submit(self, script: str, options=(), args=(), env: dict | None = None, cwd: str | None = None) -> str:
+    """sbatch with `options`, then `script` with its `args`; returns the job id."""
+    out = self.run("sbatch", "--parsable", *options, script, *args, env=env or self.env, cwd=cwd).stdout
     return out.strip().split(";")[0]
 
   def job(self, job_id: str) -> dict:

@@ -212,3 +212,18 @@ def test_the_evaluation_batch_fits_the_replicas(synthetic_dir):
   batches = list(data.eval_dataset(config, strategy, manifest_lib.load(synthetic_dir), "validation"))
   sizes = [sum(int(x.shape[0]) for x in strategy.experimental_local_results(b["labels"])) for b in batches]
   assert sizes == [200]  # the 200 validation images in one global batch of 1000 (500 per replica)
+
+
+def test_a_replica_with_an_empty_last_batch_is_evaluated(synthetic_dir):
+  """One batch of 125 images for 2 replicas: replica 1 gets none. TensorFlow 2.21's CPU convolution
+  returned that empty batch with its input's 3 channels and the next layer failed (found resuming a run on
+  one SLURM node with 2 replicas)."""
+  from trainer import evaluation  # pylint: disable=g-import-not-at-top
+  from trainer import steps  # pylint: disable=g-import-not-at-top
+  config = _config(deep, synthetic_dir, eval_steps=1)
+  manifest = manifest_lib.load(synthetic_dir)
+  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  state = steps.make_state(config, strategy, 4, data.model_shape(manifest))
+  metrics, details = evaluation.Evaluator(strategy, state, 10).evaluate(
+      data.eval_dataset(config, strategy, manifest, "validation"), views="flip_translate", worst=4)
+  assert metrics["count"] == 125 and details["confusion"].sum() == 125

@@ -54,9 +54,9 @@ def _submit(slurm, workdir: str, data_dir: str, *sbatch_args: str, tasks: int = 
              TF_CPP_MIN_LOG_LEVEL="2")
   env.pop("TF_CONFIG", None)
   output = os.path.join(os.path.dirname(workdir), "job-%j.out")
-  return slurm.submit(SCRIPT, "--nodes=1", f"--ntasks={tasks}", f"--ntasks-per-node={tasks}", "--overcommit",
-                      f"--output={output}", "--time=00:10:00", *sbatch_args, *_overrides(**overrides), env=env,
-                      cwd=ROOT)
+  options = ["--nodes=1", f"--ntasks={tasks}", f"--ntasks-per-node={tasks}", "--overcommit", f"--output={output}",
+             "--time=00:10:00", *sbatch_args]
+  return slurm.submit(SCRIPT, options, _overrides(**overrides), env=env, cwd=ROOT)
 
 
 def _output(workdir: str, job_id: str) -> str:
@@ -70,6 +70,8 @@ def _wait(slurm, job_id: str, workdir: str, until, what: str) -> dict:
     job = slurm.job(job_id)
     if until(job, _output(workdir, job_id)):
       return job
+    if _done(job, None) and job.get("Restarts", "0") == "0" and "requeue" not in what:
+      break  # ended without what was awaited: no use waiting
     time.sleep(0.5)
   raise AssertionError(f"job {job_id}: no {what} in {TIMEOUT} s; state {slurm.job(job_id).get('JobState')}:\n"
                        f"{_output(workdir, job_id)[-4000:]}\n{slurm.log('slurmctld')[-2000:]}")

@@ -19,12 +19,22 @@ def logits(model, images: tf.Tensor, views: str, with_plain: bool = False):
     raise ValueError(f"tta={views!r} is not one of: {', '.join(VIEWS)}")
   shown, weights = [images], [1.0]
   if views == "flip_translate":
-    padded = tf.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="REFLECT")
-    height, width = images.shape[1], images.shape[2]
-    shown, weights = [images, padded[:, :height, :width], padded[:, 2:height + 2, 2:width + 2]], [0.5, 0.25, 0.25]
+    shown, weights = [images, _shift(images, -1), _shift(images, 1)], [0.5, 0.25, 0.25]
   if views != "none":
     shown, weights = shown + [tf.reverse(x, axis=[2]) for x in shown], [w / 2 for w in weights] * 2
   out = tf.cast(model(tf.concat(shown, 0) if len(shown) > 1 else images, training=False), tf.float32)
   out = tf.reshape(out, [len(shown), -1, out.shape[-1]])
   averaged = tf.tensordot(tf.constant(weights, tf.float32), out, axes=1)
   return (averaged, out[0]) if with_plain else averaged
+
+
+def _shift(images: tf.Tensor, step: int) -> tf.Tensor:
+  """The images moved one pixel down-right (step -1: rows 1, 0, 1, ..., H-2, columns alike) or up-left (step
+  1: rows 1, ..., H-1, H-2), reflected at the border: the crops of a 1-pixel reflect-padding at (0, 0) and
+  (2, 2). By slices, as tf.pad's REFLECT fails on an empty batch (what a replica gets at the end of a split
+  whose batches do not divide among the replicas)."""
+  if step < 0:
+    images = tf.concat([images[:, 1:2], images[:, :-1]], 1)
+    return tf.concat([images[:, :, 1:2], images[:, :, :-1]], 2)
+  images = tf.concat([images[:, 1:], images[:, -2:-1]], 1)
+  return tf.concat([images[:, :, 1:], images[:, :, -2:-1]], 2)
