@@ -112,7 +112,11 @@ def identity(manifest: dict) -> dict:
   """What makes two data directories the same dataset, wherever they live: a digest of every shard's
   name, record count and sha256, with the class names and the image shape; and the images per split, to
   name what differs. run.json keeps it; a resume and every worker of a run compare it."""
-  shards = sorted((s["file"], int(s["num_records"]), s["sha256"]) for s in manifest["shards"])
+  try:
+    shards = sorted((s["file"], int(s["num_records"]), s["sha256"]) for s in manifest["shards"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ManifestError(f"{FILENAME}: a shard entry lacks its file, num_records or sha256 ({e!r}); re-run "
+                        "make_tfrecords") from None
   text = json.dumps([shards, list(class_names(manifest)), list(image_shape(manifest))])
   return {"digest": hashlib.sha256(text.encode()).hexdigest()[:16],
           "images": {split: num_examples(manifest, split) for split in sorted(manifest["splits"])}}

@@ -52,6 +52,13 @@ def test_tf_config_as_kubernetes_and_vertex_ai_write_it():
   assert cluster.resolve("auto", 8888, {"TF_CONFIG": json.dumps(single)}).kind == "local"  # Vertex, one replica
 
 
+def test_the_strategy_gets_this_task_s_gpus_and_no_stray_tf_config():
+  """Without num_accelerators MultiWorkerMirroredStrategy counted no GPU and trained on the CPU; a "local"
+  cluster's resolver is empty, so that the strategy reads no TF_CONFIG of its own."""
+  assert cluster.resolve("auto", 8888, SLURM).resolver(4).num_accelerators() == {"GPU": 4}
+  assert cluster.Cluster("local").resolver(0).cluster_spec().as_dict() == {}
+
+
 def test_no_cluster_and_a_one_task_slurm_job_are_this_node_alone():
   assert cluster.resolve("auto", 8888, {}).kind == "local"
   assert cluster.resolve("auto", 8888, {"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).kind == "local"  # sbatch, no srun
@@ -94,7 +101,9 @@ def test_the_trainer_says_each_in_one_line_without_a_hang():
     tf_config = {"cluster": {"worker": [f"127.0.0.1:{port}", "127.0.0.1:1"]}, "task": {"type": "worker", "index": 0}}
     cases = [({"TF_CONFIG": json.dumps(tf_config)},
               f"port {port} of this task (127.0.0.1:{port}, from TF_CONFIG) is in use by another process"),
-             ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, "SLURM_NTASKS=2 but SLURM_STEP_NUM_TASKS is not set")]
+             ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, "SLURM_NTASKS=2 but SLURM_STEP_NUM_TASKS is not set"),
+             ({"TF_CONFIG": json.dumps(dict(tf_config, task={"type": "worker", "index": 2}))},
+              "TF_CONFIG's task worker 2 is not in its cluster (worker: 2)")]
     for env, expected in cases:
       result = _trainer(env)
       assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]

@@ -224,7 +224,8 @@ def main(argv):
     overrides["data_dir"] = os.path.join(root, "data")
     make_tfrecords.make("synthetic", overrides["data_dir"], num_shards=4, val_size=200,
                         synthetic_sizes=(2000, 200))
-  replicas = FLAGS.workers * max(overrides.get("logical_cpus", config.logical_cpus), 1)
+  # MultiWorkerMirroredStrategy on CPUs: one replica per worker; one process: its logical CPUs.
+  replicas = FLAGS.workers if FLAGS.workers > 1 else max(overrides.get("logical_cpus", config.logical_cpus), 1)
   batch = overrides.get("global_batch_size", config.global_batch_size)
   if batch % replicas:  # e.g. the smoke configs' 32 on 3 workers
     overrides["global_batch_size"] = batch = -(-batch // replicas) * replicas

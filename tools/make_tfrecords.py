@@ -67,7 +67,7 @@ class VerifyError(ValueError):
   """A shard disagrees with the manifest."""
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):  # not an Exception: no `except Exception` on the way may take it for an error
   """SIGINT or SIGTERM arrived while writing: the shards under way are dropped, the directory is as it was."""
 
 
@@ -75,20 +75,21 @@ STOP = threading.Event()  # set by a stop signal: the writer threads leave their
 MIN_IMAGE_SIDE = 8  # pixels: the smallest images the models can pool down (configs/default.py's stages)
 
 
-PUBLISHING = threading.Event()  # set while `publish` swaps the new files in
+PUBLISHING = threading.Event()  # set once `publish` starts swapping the new files in: then the run completes
 
 
 @contextlib.contextmanager
 def stop_on_signals():
   """SIGINT and SIGTERM stop the writing in a fraction of a second (the writer threads see STOP between
-  records), except while `publish` swaps the new files in: that ends first, so a stop never leaves a
-  directory half swapped."""
+  records); once `publish` has begun swapping the new files in, the run completes instead, so a stop never
+  leaves a directory half swapped nor says "as it was" of a directory that holds the new dataset."""
   STOP.clear()
+  PUBLISHING.clear()
 
   def handle(signum, frame):
     del frame
-    STOP.set()
     if not PUBLISHING.is_set():
+      STOP.set()
       raise Interrupted(f"stopped by {signal.Signals(signum).name}")
 
   previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -97,6 +98,8 @@ def stop_on_signals():
   finally:
     for sig, handler in previous.items():
       signal.signal(sig, handler)
+    STOP.clear()
+    PUBLISHING.clear()
 
 
 def split_validation(train: sources.Split, val_size: int, seed: int,
@@ -207,19 +210,16 @@ def publish(output_dir: str, shards: list[dict], manifest: dict) -> None:
   once every new shard is complete, so a run that fails before leaves the old dataset usable."""
   manifest_path = os.path.join(output_dir, manifest_lib.FILENAME)
   PUBLISHING.set()
-  try:
-    if tf.io.gfile.exists(manifest_path):  # the directory is incomplete until the new manifest lands
-      tf.io.gfile.remove(manifest_path)
-    for shard in shards:
-      if shard["tmp"]:
-        tf.io.gfile.rename(shard["tmp"], os.path.join(output_dir, shard["file"]), overwrite=True)
-    written = {s["file"] for s in shards}
-    for stale in manifest_lib.list_shards(output_dir):  # from an earlier run with other --num_shards
-      if stale not in written:
-        tf.io.gfile.remove(os.path.join(output_dir, stale))
-    fileio.write_json(manifest_path, manifest)
-  finally:
-    PUBLISHING.clear()
+  if tf.io.gfile.exists(manifest_path):  # the directory is incomplete until the new manifest lands
+    tf.io.gfile.remove(manifest_path)
+  for shard in shards:
+    if shard["tmp"]:
+      tf.io.gfile.rename(shard["tmp"], os.path.join(output_dir, shard["file"]), overwrite=True)
+  written = {s["file"] for s in shards}
+  for stale in manifest_lib.list_shards(output_dir):  # from an earlier run with other --num_shards
+    if stale not in written:
+      tf.io.gfile.remove(os.path.join(output_dir, stale))
+  fileio.write_json(manifest_path, manifest)
 
 
 def build_manifest(source: sources.Source, splits: dict[str, sources.Split], shards: list[dict], *,
@@ -297,10 +297,10 @@ def make(source_name: str, output_dir: str, *, num_shards: int = 16, val_size: i
   _remove_temporaries(output_dir)  # from a run killed half-way
   try:
     shards = write_all(output_dir, splits, num_shards, encoding, workers, len(source.class_names))
+    manifest = build_manifest(source, splits, shards, encoding=encoding, seed=seed, val_size=val_size)
   except BaseException:  # a full disk, Ctrl-C: this run's temporary files go, the old dataset stays
     _remove_temporaries(output_dir)
     raise
-  manifest = build_manifest(source, splits, shards, encoding=encoding, seed=seed, val_size=val_size)
   publish(output_dir, shards, manifest)
   images = sum(len(s) for s in splits.values())
   unchanged = sum(s["tmp"] is None for s in shards)

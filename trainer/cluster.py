@@ -42,15 +42,13 @@ class Cluster:
     """This task's host:port."""
     return dict(self.spec)[self.task_type][self.task_id] if self.spec else None
 
-  def resolver(self) -> tf.distribute.cluster_resolver.ClusterResolver:
+  def resolver(self, gpus: int) -> tf.distribute.cluster_resolver.ClusterResolver:
+    """For MultiWorkerMirroredStrategy, with this task's `gpus` (which it then trains on: without them it
+    would count none and train on the CPU); an empty spec for "local", so that no TF_CONFIG in the
+    environment is read behind `config.cluster`'s back."""
     return tf.distribute.cluster_resolver.SimpleClusterResolver(
         tf.train.ClusterSpec({job: list(addresses) for job, addresses in self.spec}), task_type=self.task_type,
-        task_id=self.task_id, rpc_layer="grpc")
-
-  def describe(self) -> dict:
-    """For run.json."""
-    return {"kind": self.kind, "spec": {job: list(addresses) for job, addresses in self.spec},
-            "task": None if self.task_type is None else {"type": self.task_type, "index": self.task_id}}
+        task_id=self.task_id, num_accelerators={"GPU": gpus} if gpus else None, rpc_layer="grpc")
 
 
 def resolve(kind: str, port: int, environ=None) -> Cluster:
@@ -95,8 +93,9 @@ def from_tf_config(text: str) -> Cluster:
     raise ClusterError(f"TF_CONFIG's task {task_type} {task_id} is not in its cluster "
                        f"({', '.join(f'{job}: {len(a)}' for job, a in jobs.items()) or 'no chief or worker job'})")
   for address in (a for addresses in jobs.values() for a in addresses):
-    if not re.fullmatch(r"[^\s:]+:\d+", str(address)):
-      raise ClusterError(f"TF_CONFIG's cluster holds {address!r}: give every task as host:port")
+    match = re.fullmatch(r"[^\s:]+:(\d+)", str(address))
+    if not match or not 0 < int(match.group(1)) < 65536:
+      raise ClusterError(f"TF_CONFIG's cluster holds {address!r}: give every task as host:port (port 1-65535)")
   spec = tuple((job, tuple(jobs[job])) for job in ("chief", "worker") if job in jobs)
   if sum(len(a) for _, a in spec) == 1:
     return Cluster("local")  # one task (Vertex AI's single-replica jobs): no cluster to form
@@ -121,6 +120,9 @@ def from_slurm(environ, port: int) -> Cluster:
                        f"with SLURM_PROCID={rank} among them")
   if tasks == 1:
     return Cluster("local")
+  if not (0 < port and port + max(per_node) <= 65536):
+    raise ClusterError(f"cluster_port={port}: the tasks of a node listen on it and the {max(per_node) - 1} ports "
+                       "after it, which must lie in 1-65535")
   addresses = [f"{host}:{port + i}" for host, count in zip(hosts, per_node) for i in range(count)]
   layout = [(host, i) for host, count in zip(hosts, per_node) for i in range(count)]
   node = environ.get("SLURMD_NODENAME")
@@ -174,7 +176,6 @@ def check_port_free(cluster: Cluster, source: str) -> None:
     try:
       s.bind(("", port))
     except OSError as e:
-      if e.errno != errno.EADDRINUSE:
-        raise
-      raise ClusterError(f"port {port} of this task ({cluster.address}, from {source}) is in use by another "
-                         "process: stop it, or give the tasks other ports") from None
+      why = "is in use by another process" if e.errno == errno.EADDRINUSE else f"cannot be listened on ({e.strerror})"
+      raise ClusterError(f"port {port} of this task ({cluster.address}, from {source}) {why}: stop that process, or "
+                         "give the tasks other ports") from None

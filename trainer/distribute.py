@@ -49,14 +49,14 @@ def make_strategy(config) -> tf.distribute.Strategy:
   if found.workers > 1 and config.strategy == "one_device":
     raise cluster_lib.ClusterError(f"strategy=one_device cannot train on the {found.workers} tasks of {found.kind}; "
                                    "give --config.strategy=mirrored (or multi_worker), or --config.cluster=local")
-  cluster_lib.check_port_free(found, "TF_CONFIG" if found.kind == "tf_config" else
-                              f"SLURM's task layout and --config.cluster_port={config.cluster_port}")
   kind = "multi_worker" if found.workers > 1 else config.strategy
-  return _strategy(kind, config.logical_cpus, found)
+  source = "TF_CONFIG" if found.kind == "tf_config" else f"SLURM and cluster_port={config.cluster_port}"
+  return _strategy(kind, config.logical_cpus, found, source)
 
 
 @functools.cache
-def _strategy(kind: str, logical_cpus: int, cluster: cluster_lib.Cluster) -> tf.distribute.Strategy:
+def _strategy(kind: str, logical_cpus: int, cluster: cluster_lib.Cluster, source: str) -> tf.distribute.Strategy:
+  cluster_lib.check_port_free(cluster, source)  # once: afterwards this process's own server holds the port
   configure_devices(logical_cpus)
   # Physical, not logical, devices: listing logical ones starts TensorFlow's runtime, after which
   # MultiWorkerMirroredStrategy can no longer configure its collectives.
@@ -73,7 +73,7 @@ def _strategy(kind: str, logical_cpus: int, cluster: cluster_lib.Cluster) -> tf.
     implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL if gpus
                       else tf.distribute.experimental.CommunicationImplementation.RING)
     return tf.distribute.MultiWorkerMirroredStrategy(
-        cluster_resolver=cluster.resolver() if cluster.workers > 1 else None,
+        cluster_resolver=cluster.resolver(len(gpus)),
         communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation))
   if kind == "one_device":
     return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")

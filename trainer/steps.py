@@ -93,8 +93,9 @@ def random_states(model: keras.Model) -> list:
 
 
 def _id_sums(keys: tf.Tensor) -> dict[str, tf.Tensor]:
-  """A batch's image count and the sums of the two 26-bit halves of its images' keys (hashes of their ids):
-  adding them up in any order gives the same integers, exactly, in float64."""
+  """A batch's image count and the sums of bits 0-25 and 26-51 of its images' keys (62-bit hashes of their
+  ids): adding them up in any order gives the same integers, exactly, in float64. Sums, not a hash: an
+  image trained twice and another missed would need keys equal in both fields to go unseen."""
   half = (1 << 26) - 1
   low, high = tf.bitwise.bitwise_and(keys, half), tf.bitwise.bitwise_and(tf.bitwise.right_shift(keys, 26), half)
   return {"count": tf.size(keys), "low": tf.reduce_sum(low), "high": tf.reduce_sum(high)}

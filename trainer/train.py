@@ -119,7 +119,7 @@ def _start(config, workdir: str, strategy, since: float) -> Run:
     logging.info("resumed from %s at step %d", latest, int(state.step.numpy()))
   start_step = int(state.step.numpy())
   checkpoints = workdir_lib.Checkpoints(strategy, state.checkpoint, state.step, workdir, config.keep_checkpoints,
-                                        saved_step=start_step if latest else -1)
+                                        saved_step=start_step if latest else -1, restored=latest)
   chief = distribute.is_chief(strategy)
   if chief:  # _check_workdir made the directory
     workdir_lib.write_config(workdir, config)
@@ -150,7 +150,7 @@ def _check_workdir(config, workdir: str, strategy, identity: dict, steps_per_epo
   workdir_lib.check(workdir)
   latest = workdir_lib.latest_checkpoint(workdir)
   if latest:  # a run that never checkpointed may be retried with other values
-    workdir_lib.check_resumable(config, workdir, identity, distribute.describe(strategy)["workers"])
+    workdir_lib.check_resumable(config, workdir, identity, steps_per_epoch, distribute.describe(strategy)["workers"])
     step = workdir_lib.checkpoint_step(latest)
     if config.input.data_service and step % steps_per_epoch:
       raise TrainingError(f"{latest} is at step {step}, inside epoch {step // steps_per_epoch + 1}: the tf.data "
@@ -175,6 +175,7 @@ def _agreed(strategy, check):
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 POSITIVE = ("global_batch_size", "eval_batch_size", "num_epochs", "keep_checkpoints")
+EXIT_CODES = ("stop_exit_code",)  # 0-255
 NOT_NEGATIVE = ("steps_per_epoch", "eval_steps", "steps_per_loop", "log_every_steps", "checkpoint_every_steps",
                 "eval_every_epochs", "bn_statistics_images", "summary_worst_images")
 
@@ -184,6 +185,9 @@ def check_config(config, replicas: int) -> None:
   for key in POSITIVE + NOT_NEGATIVE:
     if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < (1 if key in POSITIVE else 0):
       raise TrainingError(f"{key}={config[key]!r} must be an integer >= {1 if key in POSITIVE else 0}")
+  for key in EXIT_CODES:
+    if isinstance(config[key], bool) or not isinstance(config[key], int) or not 0 <= config[key] <= 255:
+      raise TrainingError(f"{key}={config[key]!r} must be an exit code, 0 to 255")
   if config.mixed_precision not in PRECISIONS:
     raise TrainingError(f"mixed_precision={config.mixed_precision!r} is not one of: {', '.join(PRECISIONS)}")
   if config.tta not in views.VIEWS:

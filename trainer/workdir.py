@@ -157,17 +157,21 @@ def first_difference(before: dict, now_: dict) -> str | None:
   return next((k for k in sorted(before) if k in now_ and before[k] != now_[k]), None)
 
 
-def check_resumable(config, workdir: str, data: dict, workers: int) -> None:
+def check_resumable(config, workdir: str, data: dict, steps_per_epoch: int, workers: int) -> None:
   """Refuses to resume a workdir whose run differs from this command in anything but RESUME_MAY_CHANGE (its
-  config.json), in its data's identity (run.json's `data`, `manifest.identity`) or, with streaming input,
-  whose shares depend on it, in the number of workers; in one line naming the key, both values and the
-  workdir. Reads only."""
+  config.json), in its data's identity (run.json's `data`, `manifest.identity`; for a run.json written
+  before it was recorded, the steps per epoch) or, with streaming input, whose shares depend on it, in the
+  number of workers; in one line naming the key, both values and the workdir. Reads only."""
   before = {k: v for k, v in flat_config(_read_json(workdir, "config.json")) if k not in RESUME_MAY_CHANGE}
   key = first_difference(before, comparable(config, RESUME_MAY_CHANGE))
   if key:
     raise TrainingError(f"workdir {workdir} holds a run with {key}={before[key]!r}; this command has "
                         f"{key}={comparable(config, ())[key]!r}: resume with the same value, or give a new workdir")
   run = _read_json(workdir, "run.json")
+  if "data" not in run and run.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+    raise TrainingError(f"workdir {workdir} holds a run of {run['steps_per_epoch']} steps per epoch; this command "
+                        f"has {steps_per_epoch} (other data, or another batch): resume with the same, or give a new "
+                        "workdir")
   if "data" in run and run["data"]["digest"] != data["digest"]:
     raise TrainingError(f"workdir {workdir} holds a run trained on other data than {config.data_dir} "
                         f"({manifest_lib.describe_difference(run['data'], data)}): resume on the shards it "
@@ -175,8 +179,8 @@ def check_resumable(config, workdir: str, data: dict, workers: int) -> None:
   if not config.input.cache_in_memory and "workers" in run.get("distribution", {}):
     if run["distribution"]["workers"] != workers:
       raise TrainingError(f"workdir {workdir} holds a run of {run['distribution']['workers']} worker(s) streaming "
-                          f"its input; this command has {workers}: resume with as many workers, or with "
-                          "input.cache_in_memory=True (its batches do not depend on the workers)")
+                          f"its input, whose shares depend on them; this command has {workers}: resume with as "
+                          "many workers, or give a new workdir")
 
 
 def check_same_run(strategy, config, data: dict) -> None:
@@ -232,23 +236,25 @@ class Checkpoints:
   too (variables are read collectively), so they write to a scratch directory of their own."""
 
   def __init__(self, strategy, checkpoint: tf.train.Checkpoint, step: tf.Variable, workdir: str, keep: int,
-               saved_step: int):
+               saved_step: int, restored: str | None = None):
     directory = os.path.join(workdir, "checkpoints")
     if not distribute.is_chief(strategy):
       directory = os.path.join(workdir, "tmp", f"checkpoints-{distribute.worker_id(strategy)}")
     self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep, step_counter=step)
     self.saved_step = saved_step  # the last step this run saved or restored (-1: none), alike on every worker
+    self._restored = restored  # until this run saves: not the manager's latest, which may be a damaged one
 
   def save(self, step: int) -> str:
     """Checkpoints `step` unless this run already has it; every worker decides alike. Returns the path."""
     if self.saved_step != step:
       self.manager.save(checkpoint_number=step)
-      self.saved_step = step
-    return self.manager.latest_checkpoint
+      self.saved_step, self._restored = step, None
+    return self.latest
 
   @property
   def latest(self) -> str | None:
-    return self.manager.latest_checkpoint
+    """The newest checkpoint of this run: the one it restored until it saves one of its own."""
+    return self._restored or self.manager.latest_checkpoint
 
 
 def write_config(workdir: str, config) -> None:
