@@ -32,6 +32,7 @@ def _smoke(data_dir, **overrides):
   return config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("replicas,deterministic", [(1, True), (2, False)])
 def test_sigterm_then_resume_ends_with_the_same_weights(synthetic_dir, tmp_path, replicas, deterministic):
   """Also in the default mode (deterministic=False, host augmentation): each epoch trains the same images as
@@ -346,6 +347,7 @@ def test_only_data_and_peer_errors_get_their_one_line(kind, message, expected):
     assert faults.describe(error) == expected
 
 
+@pytest.mark.slow
 def test_sigterm_in_the_final_evaluation_stops_cleanly_and_resumes(synthetic_dir, tmp_path):
   """A stop request after the last step (here in the final evaluation) exits 0 with the last checkpoint
   as it was and no export; the same command then evaluates and exports, with the same final metrics."""

@@ -14,6 +14,8 @@ import tensorflow as tf
 
 from tests.gcs_emulator import GcsEmulator
 
+pytestmark = pytest.mark.slow  # a GCS emulator and whole runs through it
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "gs://test-bucket"
 

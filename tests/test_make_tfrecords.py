@@ -419,6 +419,7 @@ def test_tiny_images_are_refused_unless_fitted(tmp_path):
   assert make_tfrecords.make(folder, str(tmp_path / "out"), val_size=0, image_size=(8, 8))["image_shape"] == [8, 8, 3]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_signal_stops_the_writing_at_once_and_keeps_the_old_dataset(tmp_path, sig):
   """SIGINT went on for 4.6 s and finished every shard (3cf2a86). Now the writers stop between records, the

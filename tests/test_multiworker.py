@@ -13,6 +13,8 @@ from tools import chaos_resume
 from tools import make_tfrecords
 from trainer import main as trainer_main
 
+pytestmark = pytest.mark.slow  # worker processes on loopback
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "configs/deep.py:smoke"
 # Same per-replica batches and seeds on both layouts (test_pipeline checks that bit for bit); only the

@@ -24,9 +24,9 @@ EXACT = {"deterministic": True, "mixed_precision": "float32", "model.sync_bn": T
          "eval_steps": 1}
 TIMEOUT = 300  # seconds a job may take, requeues included
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     bool(slurm_cluster.missing()) and not os.environ.get("CI"),
-    reason=f"no SLURM here: {slurm_cluster.missing()}")  # CI installs it (.ci/run): there a missing SLURM fails
+    reason=f"no SLURM here: {slurm_cluster.missing()}")]  # CI installs it (.ci/run): there a missing SLURM fails
 
 
 @pytest.fixture(scope="module")

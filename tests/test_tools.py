@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tools import doctor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +39,7 @@ def test_doctor_fails_a_step_that_diverges():
   assert re.match(r"doctor: \d check\(s\) failed \(step float32", result.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_benchmark_step_prints_mfu_fit_and_replica_ratios(synthetic_dir):
   result = _tool("tools.benchmark_step", SMOKE, f"--config.data_dir={synthetic_dir}", "--steps=1", "--windows=1")
   assert result.returncode == 0, result.stderr[-3000:]

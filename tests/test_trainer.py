@@ -448,6 +448,7 @@ def test_cli_without_data_dir_is_one_line_error(tmp_path):
   assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_benchmark_accuracy_tool_resumes_in_its_workdir(synthetic_dir, tmp_path):
   command = [sys.executable, "-m", "tools.benchmark_accuracy", "--config=configs/deep.py:smoke", "--runs=1",
              f"--data_dir={synthetic_dir}", f"--workdir={tmp_path}", "--config.num_epochs=1",
@@ -464,6 +465,7 @@ def test_benchmark_accuracy_tool_resumes_in_its_workdir(synthetic_dir, tmp_path)
   assert "benchmark_accuracy: starting run 0" in log and "benchmark_accuracy: resuming run 0" in log
 
 
+@pytest.mark.slow
 def test_benchmark_step_tool_compares_kernels_and_profiles_layers_and_ops(synthetic_dir):
   result = subprocess.run(
       [sys.executable, "-m", "tools.benchmark_step", "--config=configs/deep.py:smoke",
