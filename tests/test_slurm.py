@@ -77,15 +77,13 @@ def _output(workdir: str, job_id: str) -> str:
   return open(path).read() if os.path.exists(path) else ""
 
 
-def _wait(slurm, job_id: str, workdir: str, until, what: str, release: bool = False) -> dict:
-  """Polls job `job_id` until `until(job, its output)`; with `release`, lets a requeued job start at once."""
+def _wait(slurm, job_id: str, workdir: str, until, what: str) -> dict:
+  """Polls job `job_id` until `until(job, its output)`."""
   deadline = time.monotonic() + TIMEOUT
   while time.monotonic() < deadline:
     job = slurm.job(job_id)
     if until(job, _output(workdir, job_id)):
       return job
-    if release and job["JobState"] == "PENDING" and job.get("Restarts", "0") != "0":
-      slurm.release(job_id)
     if _done(job, None) and job.get("Restarts", "0") == "0" and "requeue" not in what:
       break  # ended without what was awaited: no use waiting
     time.sleep(0.5)
@@ -127,8 +125,7 @@ def test_a_job_preempted_with_sigterm_requeues_itself_and_resumes_bit_for_bit(sl
   job_id = _submit(slurm, workdir, synthetic_dir)
   _wait(slurm, job_id, workdir, _at_step(3), "step 3")
   slurm.run("scancel", "--signal=TERM", job_id)  # what --signal=TERM@120 sends before the time limit
-  job = _wait(slurm, job_id, workdir, lambda job, out: _done(job, out) and job["Restarts"] != "0", "requeued end",
-              release=True)
+  job = _wait(slurm, job_id, workdir, lambda job, out: _done(job, out) and job["Restarts"] != "0", "requeued end")
   out = _output(workdir, job_id)
   assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", out[-3000:]
   assert "stopped by SIGTERM at step" in out and "requeueing job" in out and "resumed from" in out, out[-3000:]
@@ -145,8 +142,7 @@ def test_a_job_whose_task_is_killed_resumes_bit_for_bit_when_requeued(slurm, ref
   job = _wait(slurm, job_id, workdir, _done, "end")
   assert job["JobState"] == "FAILED", _output(workdir, job_id)[-3000:]
   slurm.run("scontrol", "requeue", job_id)
-  job = _wait(slurm, job_id, workdir, lambda job, out: _done(job, out) and job["Restarts"] != "0", "requeued end",
-              release=True)
+  job = _wait(slurm, job_id, workdir, lambda job, out: _done(job, out) and job["Restarts"] != "0", "requeued end")
   out = _output(workdir, job_id)
   assert job["JobState"] == "COMPLETED", out[-3000:]
   assert "resumed from" in out, out[-3000:]  # task 0 left by itself (lost contact) or was ended by srun
