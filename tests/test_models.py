@@ -1,4 +1,4 @@
-"""trainer/models.py and the optimizer pieces of airbench's recipe (trainer/optim.py)."""
+"""trainer/models.py, trainer/layers.py and the optimizer pieces of airbench's recipe (trainer/optim.py)."""
 
 import keras
 import numpy as np
@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from configs import deep
+from trainer import layers
 from trainer import models
 from trainer import optim
 
@@ -22,7 +23,7 @@ def correlated_images(seed, noise):
 def test_patch_whitening_whitens_the_patches_it_was_set_from():
   keras.mixed_precision.set_dtype_policy("float32")
   images = correlated_images(0, noise=0.1)
-  layer = models.PatchWhitening(2, epsilon=0.0)
+  layer = layers.PatchWhitening(2, epsilon=0.0)
   layer.build(images.shape)
   layer.initialize_from_data(images)
   out = layer(images).numpy().reshape(-1, 24)
@@ -50,7 +51,7 @@ def test_whitening_epsilon_damps_the_faint_directions():
 
 
 def test_partial_dirac_passes_the_first_channels_through():
-  kernel = models.PartialDirac()((3, 3, 4, 6)).numpy()
+  kernel = layers.PartialDirac()((3, 3, 4, 6)).numpy()
   x = tf.constant(np.random.default_rng(0).normal(size=(1, 5, 5, 4)), tf.float32)
   y = tf.nn.conv2d(x, kernel, 1, "SAME").numpy()
   np.testing.assert_allclose(y[..., :4], x.numpy(), atol=1e-6)
@@ -124,40 +125,40 @@ def test_fused_batch_norm_matches_keras_batch_norm(policy, scale):
   rng = np.random.default_rng(0)
   x = tf.constant(rng.normal(3.0, 2.0, size=(4, 3, 3, 5)), tf.float32)  # n = 36 per channel: Bessel matters
   projection = tf.constant(rng.normal(size=x.shape), tf.float32)
-  layers = [cls(momentum=0.6, epsilon=1e-5, scale=scale, dtype=policy)
-            for cls in (keras.layers.BatchNormalization, models.BatchNorm)]
-  for layer in layers:
+  pair = [cls(momentum=0.6, epsilon=1e-5, scale=scale, dtype=policy)
+            for cls in (keras.layers.BatchNormalization, layers.BatchNorm)]
+  for layer in pair:
     layer.build(x.shape)
-  for v in layers[0].weights:
+  for v in pair[0].weights:
     v.assign(rng.uniform(0.5, 1.5, size=v.shape))
-  for ours, theirs in zip(layers[1].weights, layers[0].weights):
+  for ours, theirs in zip(pair[1].weights, pair[0].weights):
     ours.assign(theirs)
-  (y0, g0), (y1, g1) = [_train_call(layer, x, projection) for layer in layers]
+  (y0, g0), (y1, g1) = [_train_call(layer, x, projection) for layer in pair]
   tol = 1e-5 if policy == "float32" else 2e-2
   assert y1.dtype == y0.dtype
   np.testing.assert_allclose(np.float32(y1), np.float32(y0), atol=tol)
   for a, b in zip(g1, g0):
     np.testing.assert_allclose(np.float32(a), np.float32(b), atol=tol * 10)
-  for ours, theirs in zip(layers[1].non_trainable_weights, layers[0].non_trainable_weights):
+  for ours, theirs in zip(pair[1].non_trainable_weights, pair[0].non_trainable_weights):
     np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5)  # the biased variance, as Keras
-  np.testing.assert_allclose(np.float32(layers[1](x, training=False)), np.float32(layers[0](x, training=False)),
+  np.testing.assert_allclose(np.float32(pair[1](x, training=False)), np.float32(pair[0](x, training=False)),
                              atol=tol)
 
 
 @pytest.mark.parametrize("dtype,tol", [(tf.float32, 1e-5), (tf.bfloat16, 2e-2)])
 def test_xla_gelu_while_training_equals_tensorflows(dtype, tol, monkeypatch):
-  calls, original = [], models._gelu_xla
-  monkeypatch.setattr(models, "_gelu_xla", lambda x: calls.append(x) or original(x))
+  calls, original = [], layers._gelu_xla
+  monkeypatch.setattr(layers, "_gelu_xla", lambda x: calls.append(x) or original(x))
   x = tf.constant(np.random.default_rng(1).normal(size=(8, 4, 4, 6)) * 3, tf.float32)
   projection = tf.constant(np.random.default_rng(2).normal(size=x.shape), tf.float32)
-  y, (grad,) = _train_call(models.Activation("gelu", dtype=dtype.name), tf.cast(x, dtype), projection)
+  y, (grad,) = _train_call(layers.Activation("gelu", dtype=dtype.name), tf.cast(x, dtype), projection)
   with tf.GradientTape() as tape:  # the exact function and gradient, in float32
     tape.watch(x)
     expected = tf.nn.gelu(x)
   assert calls and y.dtype == grad.dtype == dtype  # the written-out gradient's path ran
   np.testing.assert_allclose(np.float32(y), expected.numpy(), atol=tol, rtol=tol)
   np.testing.assert_allclose(np.float32(grad), tape.gradient(expected, x, projection).numpy(), atol=tol, rtol=tol)
-  np.testing.assert_allclose(models.Activation("gelu")(x, training=False).numpy(), expected.numpy(), atol=1e-6)
+  np.testing.assert_allclose(layers.Activation("gelu")(x, training=False).numpy(), expected.numpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize("policy,kernel,side", [("float32", 3, 7), ("float32", 5, 3), ("mixed_bfloat16", 3, 7),
@@ -166,12 +167,12 @@ def test_conv_kernel_gradient_by_shifts_matches_keras_conv(policy, kernel, side)
   rng = np.random.default_rng(3)
   x = tf.constant(rng.normal(size=(6, side, side, 5)), tf.float32)
   projection = tf.constant(rng.normal(size=(6, side, side, 4)), tf.float32)
-  layers = [cls(4, kernel, padding="same", use_bias=False, dtype=policy) for cls in (keras.layers.Conv2D, models.Conv2D)]
-  for layer in layers:
+  pair = [cls(4, kernel, padding="same", use_bias=False, dtype=policy) for cls in (keras.layers.Conv2D, layers.Conv2D)]
+  for layer in pair:
     layer.build(x.shape)
-  layers[1].kernel.assign(layers[0].kernel)
-  assert layers[1]._by_shifts(x) == (side * side <= models.Conv2D.small_map)
-  (y0, g0), (y1, g1) = [_train_call(layer, x, projection) for layer in layers]
+  pair[1].kernel.assign(pair[0].kernel)
+  assert pair[1]._by_shifts(x) == (side * side <= layers.Conv2D.small_map)
+  (y0, g0), (y1, g1) = [_train_call(layer, x, projection) for layer in pair]
   tol = 1e-5 if policy == "float32" else 3e-2
   np.testing.assert_allclose(np.float32(y1), np.float32(y0), atol=tol)
   for a, b in zip(g1, g0):  # the input's gradient, then the kernel's

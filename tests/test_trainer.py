@@ -479,7 +479,7 @@ def test_benchmark_step_tool_compares_kernels_and_profiles_layers_and_ops(synthe
             if re.match(r"\w+ +[\dx]+ +[\d.]+ +[\d.]+$", l)}
   assert {"whiten", "group0_conv0", "group0_bn0", "logits"} <= layers, lines
   # The op profile of the real step: smoke's 15x15 group takes oneDNN's kernel gradient, its 7x7 group the
-  # shifted matmuls (models.Conv2D).
+  # shifted matmuls (layers.Conv2D).
   assert re.match(r"op profile: [\d.]+ s of ops summed over threads in [\d.]+ s of wall time, 32 images",
                   next(l for l in lines if l.startswith("op profile:")))
   shares = {l.rsplit(None, 2)[0]: float(l.rsplit(None, 1)[1].rstrip("%")) for l in lines

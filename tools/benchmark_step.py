@@ -226,7 +226,7 @@ def op_profile(window, layer_names: set[str], optimizer_name: str) -> tuple[coll
           parts = [_unnumbered(p) for p in scope.split("/")]
           part = next((p for p in parts if p in layer_names),
                       "optimizer" if _unnumbered(optimizer_name) in parts else "other")
-          backward = {"gradient_tape", "gradient"} & set(parts)  # the second: models.Conv2D's own gradient
+          backward = {"gradient_tape", "gradient"} & set(parts)  # the second: layers.Conv2D's own gradient
           direction = ("backward" if backward else "forward") if part in layer_names else ""
           seconds[part, direction, re.sub(r"^_Mkl(Native)?", "", op)] += secs
         elif name.endswith("fusion") or re.search(r"fusion\.\d+$", name):

@@ -18,7 +18,7 @@ from trainer.faults import TrainingError
 
 NORMALIZATIONS = {"centered": ((0.5, 0.5, 0.5), (1.0, 1.0, 1.0)),  # pixels / 255 - 0.5
                   "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}  # pixels / 255
-DATA_INIT_IMAGES = 5000  # what data-dependent layers (models.PatchWhitening) see before the first step
+DATA_INIT_IMAGES = 5000  # what data-dependent layers (layers.PatchWhitening) see before the first step
 
 
 def normalization_for(config, manifest: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:

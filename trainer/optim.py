@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from trainer import models
+from trainer import layers
 
 SCHEDULES = ("cosine", "constant", "triangular", "piecewise")
 
@@ -240,11 +240,11 @@ def gradient_multipliers(model: keras.Model, opt) -> list[float]:
   airbench also trains the patch-whitening bias 64x faster; here, with the whitening conv in bf16, that
   left validation accuracy near chance for the first 6 epochs (train accuracy normal; BUILD.md), and the
   whitening conv in float32 costs ~10% of the step on this CPU, so deep.py keeps that bias at 1x."""
-  layers = model._flatten_layers()  # pylint: disable=protected-access
-  scales = {id(layer.beta): opt.bn_bias_lr_scale for layer in layers
+  every = model._flatten_layers()  # pylint: disable=protected-access
+  scales = {id(layer.beta): opt.bn_bias_lr_scale for layer in every
             if isinstance(layer, keras.layers.BatchNormalization) and layer.center}
-  scales.update({id(layer.bias): opt.whiten_bias_lr_scale for layer in layers
-                 if isinstance(layer, models.PatchWhitening)})
+  scales.update({id(layer.bias): opt.whiten_bias_lr_scale for layer in every
+                 if isinstance(layer, layers.PatchWhitening)})
   if "logits" in [layer.name for layer in model.layers]:
     scales[id(model.get_layer("logits").kernel)] = opt.head_lr_scale
   return [scales.get(id(v), 1.0) for v in model.trainable_variables]

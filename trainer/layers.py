@@ -1,0 +1,198 @@
+"""The layers the models are built from where Keras's own are slower or missing: BatchNorm, Activation and
+Conv2D are Keras's layers with faster kernels (the same weights, config and results, so checkpoints and
+exports do not depend on `model.fast_kernels`); PatchWhitening and PartialDirac are airbench's whitening
+conv and conv initialiser. Measured speed-ups: docs/results.md.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+class BatchNorm(keras.layers.BatchNormalization):
+  """Keras's BatchNormalization, computed by TensorFlow's fused kernel (FusedBatchNormV3: oneDNN on CPUs,
+  cuDNN on GPUs) instead of Keras 3's chain of moments, casts and normalisation ops. Same weights, config,
+  moving-statistics update and outputs (to float rounding), so checkpoints and exports are unchanged.
+  Fused for 4-D inputs normalised over the channel axis; Keras's own code otherwise (synchronized
+  statistics, masks, renorm, other shapes). With Activation below it is most of `model.fast_kernels`'s
+  gain on the train step (docs/results.md, `python -m tools.benchmark_step`).
+  """
+
+  def _fusable(self, inputs, training, mask) -> bool:
+    return (mask is None and not self.synchronized and not self.renorm and len(inputs.shape) == 4
+            and self.axis in (-1, 3) and isinstance(training, (bool, type(None))))
+
+  def call(self, inputs, training=None, mask=None):
+    if not self._fusable(inputs, training, mask):
+      return super().call(inputs, training=training, mask=mask)
+    ones = tf.ones_like(self.moving_mean.value)
+    scale = tf.cast(self.gamma.value, tf.float32) if self.scale else ones
+    offset = tf.cast(self.beta.value, tf.float32) if self.center else tf.zeros_like(ones)
+    if not (training and self.trainable):
+      outputs, *_ = tf.raw_ops.FusedBatchNormV3(
+          x=inputs, scale=scale, offset=offset, mean=self.moving_mean.value,
+          variance=self.moving_variance.value, epsilon=self.epsilon, is_training=False)
+      return tf.cast(outputs, self.compute_dtype)
+    empty = tf.zeros([0], tf.float32)
+    outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+        x=inputs, scale=scale, offset=offset, mean=empty, variance=empty, epsilon=self.epsilon,
+        is_training=True)
+    # The kernel returns the unbiased variance (n / (n - 1)); Keras's moving statistics average the biased one.
+    n = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], tf.float32)
+    variance *= (n - 1.0) / tf.maximum(n, 1.0)
+    self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+    self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+    return tf.cast(outputs, self.compute_dtype)
+
+
+_SQRT_HALF, _INV_SQRT_2PI = 0.5 ** 0.5, (2 * np.pi) ** -0.5
+
+
+def _normal_cdf(x):
+  return 0.5 * (1.0 + tf.math.erf(x * _SQRT_HALF))
+
+
+@tf.function(jit_compile=True)
+def _gelu_forward(x):
+  x32 = tf.cast(x, tf.float32)
+  return tf.cast(x32 * _normal_cdf(x32), x.dtype)
+
+
+@tf.function(jit_compile=True)
+def _gelu_backward(x, dy):
+  x32 = tf.cast(x, tf.float32)
+  pdf = tf.exp(-0.5 * x32 * x32) * _INV_SQRT_2PI
+  return tf.cast(tf.cast(dy, tf.float32) * (_normal_cdf(x32) + x32 * pdf), x.dtype)
+
+
+@tf.custom_gradient
+def _gelu_xla(x):
+  """Exact GELU, forward and backward each one XLA kernel in float32. The gradient is written out because
+  XLA's autodiff of tf.nn.gelu ran slower (docs/results.md)."""
+  return _gelu_forward(x), lambda dy: _gelu_backward(x, dy)
+
+
+def gelu_erf(x):
+  """Exact GELU as 0.5 x (1 + erf(x / sqrt 2)), in x's dtype: the pattern LiteRT's converter fuses into its
+  GELU op and ONNX has every op of (Keras's gelu is written with erfc, which neither converter takes)."""
+  return 0.5 * x * (1.0 + tf.math.erf(x * tf.constant(_SQRT_HALF, x.dtype)))
+
+
+class Activation(keras.layers.Activation):
+  """Keras's Activation layer; while training, "gelu" runs as one XLA-compiled elementwise kernel forward
+  and one backward instead of TensorFlow's chain of ~8 ops, each a pass over memory. Evaluation and the
+  SavedModel run `gelu_erf`: TensorFlow's own ops, so a served export needs no XLA, and ops the
+  converters take (tools/convert.py)."""
+
+  def call(self, inputs, training=None):
+    if self.activation is keras.activations.gelu:
+      return _gelu_xla(inputs) if training else gelu_erf(inputs)
+    return self.activation(inputs)
+
+
+def _kernel_gradient_by_shifts(x, dy, kernel_shape):
+  """The gradient of a stride-1 "same" conv's kernel [kh, kw, c_in, c_out] from its input x [N, H, W, c_in]
+  and output gradient dy [N, H, W, c_out]: one matmul per kernel tap, x shifted by the tap against dy."""
+  kh, kw, c_in, c_out = kernel_shape
+  height, width = x.shape[1], x.shape[2]
+  padded = tf.pad(x, [[0, 0], [kh // 2, kh // 2], [kw // 2, kw // 2], [0, 0]])
+  dy = tf.reshape(dy, [-1, c_out])
+  taps = [tf.matmul(tf.reshape(padded[:, i:i + height, j:j + width, :], [-1, c_in]), dy, transpose_a=True)
+          for i in range(kh) for j in range(kw)]
+  return tf.reshape(tf.stack(taps), kernel_shape)
+
+
+class Conv2D(keras.layers.Conv2D):
+  """Keras's Conv2D; on a CPU, for stride-1 "same" convs with odd kernels on maps of at most 8x8, the
+  kernel's gradient is one matmul per kernel tap instead of oneDNN's weight-gradient conv, which runs
+  there at a third to a half of the machine's rate. Same weights, forward pass and input gradient.
+  """
+
+  small_map = 64  # pixels: at 15x15 oneDNN's own kernel is the faster (docs/results.md, the step op by op)
+
+  def _by_shifts(self, inputs) -> bool:
+    height, width = inputs.shape[1], inputs.shape[2]
+    return (self.data_format == "channels_last" and self.groups == 1 and tuple(self.strides) == (1, 1)
+            and tuple(self.dilation_rate) == (1, 1) and self.padding == "same"
+            and all(k % 2 for k in self.kernel_size) and height is not None and width is not None
+            and height * width <= self.small_map and not tf.config.list_logical_devices("GPU"))
+
+  def convolution_op(self, inputs, kernel):
+    if not self._by_shifts(inputs):
+      return super().convolution_op(inputs, kernel)
+    kernel = tf.cast(kernel, inputs.dtype)
+
+    @tf.custom_gradient
+    def conv(x, kernel):
+      def grad(dy):
+        with tf.name_scope(f"{self.name}/gradient"):  # the tape runs this outside the layer's scope
+          dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=kernel, out_backprop=dy,
+                                              strides=[1, 1, 1, 1], padding="SAME")
+          return dx, _kernel_gradient_by_shifts(x, dy, kernel.shape)
+      return tf.nn.conv2d(x, kernel, 1, "SAME"), grad
+
+    return conv(inputs, kernel)
+
+
+def torch_default() -> keras.initializers.Initializer:
+  """PyTorch's default init of conv and linear kernels: uniform in +-1/sqrt(fan_in)."""
+  return keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform")
+
+
+class PartialDirac(keras.initializers.Initializer):
+  """PyTorch's default conv init (uniform in +-1/sqrt(fan_in)) with the first min(in, out) filters set to
+  the identity (a 1 at the kernel's centre on their own input channel): the net starts close to passing its
+  input through, as airbench."""
+
+  def __call__(self, shape, dtype=None):
+    kh, kw, c_in, c_out = shape
+    kernel = torch_default()(shape, "float32")
+    n = min(c_in, c_out)
+    identity = np.zeros((kh, kw, c_in, n), np.float32)
+    identity[kh // 2, kw // 2, np.arange(n), np.arange(n)] = 1.0
+    return tf.cast(tf.concat([tf.constant(identity), kernel[..., n:]], axis=-1), dtype or "float32")
+
+
+class PatchWhitening(keras.layers.Layer):
+  """A `size` x `size` valid conv whose frozen kernel whitens image patches: 2 x 3 x size^2 filters, the
+  eigenvectors of the training patches' covariance scaled by 1/sqrt(eigenvalue) and their negatives
+  (airbench). Only its bias trains. `initialize_from_data` sets the kernel; until then it is zero.
+  """
+
+  def __init__(self, size: int = 2, epsilon: float = 5e-4, bias_epochs: float = 0, **kwargs):
+    super().__init__(**kwargs)
+    self.size, self.epsilon = size, epsilon
+    self.bias_epochs = bias_epochs  # the bias trains for this many epochs, then freezes; 0 = always
+
+  def build(self, input_shape):
+    width = 2 * input_shape[-1] * self.size ** 2
+    self.kernel = self.add_weight(name="kernel", shape=(self.size, self.size, input_shape[-1], width),
+                                  initializer="zeros", trainable=False)
+    self.bias = self.add_weight(name="bias", shape=(width,), initializer="zeros")
+
+  def call(self, x):
+    x = tf.nn.conv2d(x, tf.cast(self.kernel, x.dtype), 1, "VALID")
+    return tf.nn.bias_add(x, tf.cast(self.bias, x.dtype))
+
+  def initialize_from_data(self, images: tf.Tensor) -> None:
+    """`images`: normalised float training images [N, H, W, C] (airbench uses 5,000)."""
+    self.kernel.assign(self.kernel_from_data(images))
+
+  def kernel_from_data(self, images: tf.Tensor) -> np.ndarray:
+    """The kernel `initialize_from_data` sets, computed without writing any variable."""
+    c, n = images.shape[-1], self.size * self.size * images.shape[-1]
+    # The patches as a conv with one-hot filters (element k of the (row, col, channel)-flattened patch in
+    # channel k): the same values as tf.image.extract_patches at half its time; covariance in TF's float64
+    # matmul (numpy's took longer than the rest together).
+    with tf.device("/cpu:0"):  # exact: a GPU may run float32 convs in TF32 or by Winograd
+      one_hot = tf.reshape(tf.eye(n), [self.size, self.size, c, n])
+      patches = tf.reshape(tf.nn.conv2d(tf.cast(images, tf.float32), one_hot, 1, "VALID"), [-1, n])
+      patches = tf.cast(patches, tf.float64)
+      covariance = tf.matmul(patches, patches, transpose_a=True) / tf.cast(tf.shape(patches)[0], tf.float64)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance.numpy())
+    filters = eigenvectors / np.sqrt(eigenvalues + self.epsilon)  # one whitening filter per column
+    filters = filters.reshape(self.size, self.size, c, -1)  # back to (row, col, channel) by filter
+    return np.concatenate([filters, -filters], axis=-1).astype(np.float32)
+
+  def get_config(self):
+    return {**super().get_config(), "size": self.size, "epsilon": self.epsilon, "bias_epochs": self.bias_epochs}
