@@ -23,7 +23,7 @@ from configs import default
 def get_config(arg: str | None = None):
   config = default.get_config()
   config.num_epochs = 10
-  config.mixed_precision = "mixed_bfloat16"  # pays on AVX512-BF16 CPUs and A100/H100 GPUs
+  config.mixed_precision = "auto"  # bf16 on A100+/AMX/AVX512_BF16, fp16 on V100/T4, else float32 (precision.py)
   config.label_smoothing = 0.2
   config.tta = "flip_translate"
   config.model.name = "airbench"

@@ -18,7 +18,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0  # seeds initialisation, data order and augmentation
   config.deterministic = False  # True: TensorFlow's ops deterministic too, so the same seed gives bit-identical
                                 # weights (slower on GPUs); the batches are the same in both modes
-  config.mixed_precision = "float32"  # float32 | mixed_float16 (GPU) | mixed_bfloat16 (TPU, A100+, AVX512-BF16)
+  config.mixed_precision = "float32"  # float32 | mixed_float16 (GPU) | mixed_bfloat16 (A100+, AVX512-BF16, AMX) |
+                                      # auto: what pays on this hardware (trainer/precision.py); a resume keeps it
   config.logical_cpus = 0  # split the CPU into N logical devices so MirroredStrategy has N replicas; 0 = off
   config.strategy = "mirrored"  # mirrored | multi_worker | one_device; on a cluster of several tasks: multi_worker
   config.cluster = "auto"  # where the workers come from: auto (TF_CONFIG when set, else the SLURM step this runs
@@ -38,6 +39,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.stop_exit_code = 0  # exit code after a stop request (SIGTERM) checkpointed the run before its end;
                              # Kubernetes Jobs: 75, so the pod is replaced rather than counted done (BUILD.md)
   config.export = True  # write the SavedModel to workdir/export at the end
+  config.export_precision = "float32"  # what the export (and the final evaluation) computes in: float32 |
+                                       # bfloat16 | float16; whatever the training's mixed_precision was
+  config.export_versions = 3  # numbered exports kept in workdir/serving (TF Serving's model base path); 0 = none
   config.tta = "none"  # test-time views in the final evaluation and the export: none | flip | flip_translate
   config.label_smoothing = 0.0  # probability mass spread evenly over all classes
   config.bn_statistics_images = 0  # after training, BatchNorm statistics re-estimated over this many unaugmented

@@ -93,3 +93,12 @@ def rename_dir(src: str, dst: str, last: str) -> None:
     tf.io.gfile.makedirs(os.path.dirname(os.path.join(dst, name)))
     tf.io.gfile.rename(os.path.join(src, name), os.path.join(dst, name))
   tf.io.gfile.rmtree(src)
+
+
+def copy_dir(src: str, dst: str) -> None:
+  """Copies the directory tree `src` to `dst` (which must not exist), file by file."""
+  prefix = len(src.rstrip("/")) + 1
+  for root, _, names in tf.io.gfile.walk(src):
+    tf.io.gfile.makedirs(os.path.join(dst, root[prefix:]))
+    for name in names:
+      tf.io.gfile.copy(os.path.join(root, name), os.path.join(dst, root[prefix:], name))

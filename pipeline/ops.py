@@ -5,9 +5,8 @@ so a batch is a pure function of (seed, epoch, batch index) and a resumed run se
 
 Geometric ops (translate, flip, rotate/shift/zoom) do not move pixels: they transform a sampling grid of
 source coordinates, and `sample` reads all images' pixels through it with one gather. Moving pixels once
-instead of once per op is what makes the default augmentation fast: on this project's 2-core CPU, a
-reflect-padded crop done with `tf.pad` + two gathers ran at ~19k images/s, one gather through reflected
-indices at ~118k (BUILD.md). Pixel ops (cutout, mixup, cutmix) work on the images themselves.
+instead of once per op is what makes the default augmentation fast: a crop by `tf.pad` + gathers was
+several times slower (docs/results.md). Pixel ops (cutout, mixup, cutmix) work on the images themselves.
 
 Ops take a batch [N, H, W, C] or (where marked) a single image [H, W, C].
 """
@@ -196,7 +195,7 @@ def normalize(images: tf.Tensor, mean, std) -> tf.Tensor:
     mean, std: per-channel, in [0, 1] units.
   """
   # Scale and offset are tiled to a whole image so they broadcast over rows of H*W*C values: TensorFlow's
-  # broadcast of a [C] vector over a last axis of 3 ran 4x slower here (87k vs 332k images/s, BUILD.md).
+  # broadcast of a [C] vector over a last axis of 3 ran several times slower (docs/results.md).
   pixels = images.shape[-3] * images.shape[-2]
   std = tf.constant(std, tf.float32)
   scale = tf.tile(1.0 / (std * 255.0), [pixels])

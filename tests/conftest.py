@@ -41,3 +41,23 @@ def png_dir(tmp_path_factory):
 def pytest_configure(config):
   del config
   tf.get_logger().setLevel("ERROR")
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory, synthetic_dir):
+  """train(replicas) -> (workdir, metrics, config): deep.py:smoke (bf16) on the synthetic data, trained and
+  exported once per replica count in the session, for every test module that reads a finished run."""
+  from configs import deep  # pylint: disable=g-import-not-at-top
+  from trainer import train  # pylint: disable=g-import-not-at-top
+  runs = {}
+
+  def run(replicas: int):
+    if replicas not in runs:
+      workdir = str(tmp_path_factory.mktemp(f"run{replicas}"))
+      config = deep.get_config("smoke")
+      config.update(data_dir=synthetic_dir, logical_cpus=replicas if replicas > 1 else 0, profile_steps=(2, 4),
+                    mixed_precision="mixed_bfloat16")  # on every CPU: the export must not inherit it
+      config.input.probe_batches = 2
+      runs[replicas] = workdir, train.train_and_evaluate(config, workdir), config
+    return runs[replicas]
+  return run

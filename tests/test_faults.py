@@ -17,6 +17,7 @@ from pipeline import records
 from tools import chaos_resume
 from trainer import faults
 from trainer import main as trainer_main
+from trainer import precision
 from trainer import train
 from trainer import workdir as workdir_lib
 
@@ -43,12 +44,15 @@ def test_sigterm_then_resume_ends_with_the_same_weights(synthetic_dir, tmp_path,
   reference_logs = chaos_resume.run_until(trainer_main.command(SMOKE, reference, overrides))
   log, = chaos_resume.run_until(trainer_main.command(SMOKE, resumed, overrides), 3, signal.SIGTERM)
   first = log
+  policy, why = precision.choose(precision.detect(on_cpu=True))  # deep.py: mixed_precision="auto"
+  assert f"training in {policy} (auto: {why})" in log
   stopped_at = chaos_resume.latest_step(resumed)
   assert 3 <= stopped_at < 8
   assert f"stopped by SIGTERM at step {stopped_at}; checkpoint" in log
   assert "Run the same command to resume." in log
   log, = chaos_resume.run_until(trainer_main.command(SMOKE, resumed, overrides))
   assert f"resumed from {resumed}/checkpoints/ckpt-{stopped_at} at step {stopped_at}" in log
+  assert f"training in {policy} (auto: as the run started (its config.json))" in log
   assert chaos_resume.latest_step(resumed) == 8
   audits = chaos_resume.epoch_audits(reference_logs)
   assert sorted(audits) == [1, 2] and all(images == 128 for (images, _), in audits.values())

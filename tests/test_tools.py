@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tools import doctor
+from trainer import precision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "--config=configs/deep.py:smoke"
@@ -22,13 +22,16 @@ def test_doctor_checks_this_machine_and_passes():
   assert result.returncode == 0, result.stdout + result.stderr
   lines = result.stdout.splitlines()
   checks = {line.split()[1]: line.split()[0] for line in lines[:-1]}
-  assert {"software", "cpu", "gpu", "all-reduce", "xla", "step"} <= set(checks), lines
+  assert {"software", "cpu", "precision", "gpu", "all-reduce", "xla", "step"} <= set(checks), lines
   assert checks["all-reduce"] == "OK" and checks["xla"] == "OK"
+  policy, why = precision.choose(precision.detect())  # the trainer's own decision: one, not two
+  assert re.search(rf"^OK +precision +mixed_precision=auto trains in {policy} here \({re.escape(why)}\)$", result.stdout,
+                   re.M), result.stdout
   steps = {line.split()[2]: line for line in lines if line.split()[1] == "step"}
-  assert set(steps) == {"float32", "mixed_bfloat16"}, lines  # float32, and deep.py's own
+  assert set(steps) == {"float32", policy}, lines  # float32, and what deep.py's "auto" picks here
   assert re.search(r"^OK .* [\d,.]+ images/s over 3 steps of 32", steps["float32"])
-  assert (re.search(r"^OK .* images/s over 3 steps of 32", steps["mixed_bfloat16"]) if doctor.cpu_has_bf16() else
-          re.search(r"^NOTE .* not timed: this CPU has no bf16 kernels", steps["mixed_bfloat16"])), steps
+  if policy == "mixed_bfloat16":
+    assert re.search(r"^OK .* images/s over 3 steps of 32", steps["mixed_bfloat16"]), steps
   assert lines[-1].startswith("doctor: all checks passed in ")
 
 

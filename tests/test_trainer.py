@@ -56,7 +56,7 @@ def test_every_config_loads(path):
     config = module.get_config(arg)
     for key in REQUIRED_KEYS:
       assert key in config, f"{name}: {key}"
-    assert config.mixed_precision in ("float32", "mixed_float16", "mixed_bfloat16")
+    assert config.mixed_precision in ("float32", "mixed_float16", "mixed_bfloat16", "auto")
     models.build(config.model)
   with pytest.raises(ValueError, match="unknown config variant"):
     module.get_config("nope")
@@ -146,13 +146,9 @@ def test_step_variants_equal_the_plain_step_on_two_replicas(module, knob):
 
 
 @pytest.fixture(scope="module", params=[2, 1], ids=["2replicas", "1replica"])
-def trained(request, tmp_path_factory, synthetic_dir):
-  """The smoke config trained on 2 replicas and on 1, exported."""
-  workdir = str(tmp_path_factory.mktemp("run"))
-  config = _smoke(synthetic_dir, logical_cpus=request.param if request.param > 1 else 0, profile_steps=(2, 4))
-  config.input.probe_batches = 2
-  metrics = train.train_and_evaluate(config, workdir)
-  return workdir, metrics, config
+def trained(request, smoke_runs):
+  """The smoke config trained on 2 replicas and on 1, exported (conftest.smoke_runs)."""
+  return smoke_runs(request.param)
 
 
 def test_smoke_run_writes_checkpoint_summaries_export_and_run_files(trained):
@@ -195,7 +191,6 @@ def test_signatures_agree_with_the_trained_model(trained):
   manifest = manifest_lib.load(config.data_dir)
   mean, std = manifest_lib.normalization(manifest)
   images = next(iter(input_pipeline.build_eval_dataset(config.data_dir, "test", batch_size=16)))["images"]
-  import keras  # pylint: disable=g-import-not-at-top
   keras.mixed_precision.set_dtype_policy(config.mixed_precision)
   model = models.build(config.model)
   # The trained model: the last checkpoint's weights moved onto their lookahead average (as the trainer
@@ -205,6 +200,7 @@ def test_signatures_agree_with_the_trained_model(trained):
       tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))).expect_partial()
   if lookahead:
     lookahead.finish()
+  model = export_lib.serving_model(model, config, models.CIFAR10)  # in the export's precision: float32
   # Traced, as the export is: TF then fuses the same kernels (conv + BatchNorm) in both, which round alike
   # (run eagerly, the model differed from the export by up to 2.6e-3 in bf16).
   trained_model = tf.function(lambda x: tf.nn.softmax(views.logits(model, x, config.tta)))

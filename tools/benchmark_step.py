@@ -42,6 +42,7 @@ from trainer import distribute
 from trainer import main as trainer_main
 from trainer import models
 from trainer import optim
+from trainer import precision
 from trainer import steps as steps_lib
 
 FLAGS = flags.FLAGS
@@ -287,6 +288,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   tf.get_logger().setLevel("WARNING")  # tf.distribute logs every all-reduce it builds at INFO
   config = FLAGS.config.copy_and_resolve_references()
+  precision.resolve(config)  # "auto": what the trainer would train in here
   config.input.augment_on = "host"  # model.fit is fed the same augmented batch
   if FLAGS.ops:  # ops one at a time, so that each op's time is its own (two side by side share the cores)
     tf.config.threading.set_inter_op_parallelism_threads(1)

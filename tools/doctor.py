@@ -3,8 +3,9 @@ r"""What a user on a new node needs to know before training, in under 2 minutes.
   python -m tools.doctor                                # the deep config
   python -m tools.doctor --config=configs/deep.py:smoke --budget_secs=20
 
-Prints: the software; the CPU and which precisions it runs fast; every GPU with its compute capability
-and which precisions pay on it; whether TensorFlow was built with CUDA and which CUDA and cuDNN; an
+Prints: the software; the CPU and whether it has bf16 kernels; what `mixed_precision="auto"` trains in
+here and why (trainer/precision.py: the trainer's own decision); every GPU with its compute capability;
+whether TensorFlow was built with CUDA and which CUDA and cuDNN; an
 all-reduce over the local GPUs (NCCL) or the logical CPUs; an XLA-compiled function; and the config's
 train step timed per precision on a batch of random images (20 steps, or as many as fit in the time
 budget). Each check ends in OK, NOTE or FAIL; any FAIL makes the exit status 1 (a broken setup), and the
@@ -26,6 +27,7 @@ import tensorflow as tf
 from trainer import distribute
 from trainer import main as trainer_main
 from trainer import models
+from trainer import precision
 from trainer import steps as steps_lib
 
 FLAGS = flags.FLAGS
@@ -52,55 +54,13 @@ class Report:
       self.failed.append(what)
 
 
-def _cpuinfo(key: str) -> str | None:
-  """The first value of `key` in /proc/cpuinfo (Linux); None elsewhere."""
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.split(":", 1)[0].strip() == key:
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return None
-
-
-def cpu_flags() -> set[str]:
-  return set((_cpuinfo("flags") or "").split())
-
-
-def cpu_has_bf16() -> bool:
-  """Whether oneDNN has bf16 kernels on this CPU: AVX512_BF16 or AMX."""
-  return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-
-
-def cpu_model() -> str:
-  return _cpuinfo("model name") or platform.processor() or "unknown"
-
-
-def cpu_precisions(cpu: set[str]) -> str:
-  """Which precisions this CPU runs in hardware (oneDNN's bf16 needs AVX512_BF16 or AMX)."""
-  if "amx_bf16" in cpu:
-    return "AMX: bf16 convs and matmuls several times float32's; use mixed_bfloat16"
-  if "avx512_bf16" in cpu:
-    return "AVX512_BF16: bf16 about twice float32's; mixed_bfloat16 pays"
-  if "avx512f" in cpu:
-    return "AVX-512 without bf16: bf16 is converted in software; use float32"
-  return "AVX2 at most: bf16 is converted in software; use float32"
-
-
-def gpu_precisions(capability: tuple[int, int] | None) -> str:
-  if capability is None:
-    return "compute capability unknown"
-  if capability >= (8, 0):
-    return "tensor cores for bf16 and fp16: mixed_bfloat16 (no loss scaling) or mixed_float16"
-  if capability >= (7, 0):
-    return "tensor cores for fp16 only: mixed_float16; bf16 is not faster than float32 here"
-  return "no tensor cores: float32 (mixed precision does not pay)"
-
-
 def check_devices(report: Report) -> list:
-  cpu = cpu_flags()
-  report.line("OK", "cpu", f"{cpu_model()}, {os.cpu_count()} cores; {cpu_precisions(cpu)}")
+  hardware = precision.detect()
+  bf16 = ("bf16 kernels (AMX)" if "amx_bf16" in hardware.cpu_flags else "bf16 kernels (AVX512_BF16)"
+          if precision.cpu_has_bf16(hardware.cpu_flags) else "no bf16 kernels: bf16 is converted in software")
+  report.line("OK", "cpu", f"{precision.cpu_model()}, {os.cpu_count()} cores; {bf16}")
+  policy, why = precision.choose(hardware)
+  report.line("OK", "precision", f"mixed_precision=auto trains in {policy} here ({why})")
   gpus = tf.config.list_physical_devices("GPU")
   build = tf.sysconfig.get_build_info()
   cuda = f"CUDA {build.get('cuda_version', '?')}, cuDNN {build.get('cudnn_version', '?')}"
@@ -120,7 +80,7 @@ def check_devices(report: Report) -> list:
     details = tf.config.experimental.get_device_details(gpu)
     capability = details.get("compute_capability")
     report.line("OK", "gpu", f"{gpu.name}: {details.get('device_name', '?')}, compute capability "
-                f"{'.'.join(map(str, capability)) if capability else '?'}; {gpu_precisions(capability)}")
+                f"{'.'.join(map(str, capability)) if capability else '?'}")
   return gpus
 
 
@@ -161,28 +121,26 @@ def check_xla(report: Report, gpus: list) -> None:
 
 
 def precisions_to_time(gpus: list, config) -> tuple[list[str], dict[str, str]]:
-  """(precisions to time, {precision: why it is not timed}): float32 always and the config's own; on a GPU
-  mixed_float16 too, and mixed_bfloat16 from compute capability 8.0; on a CPU mixed_bfloat16 only with
-  AVX512_BF16 or AMX (elsewhere one step of a real config takes minutes) and never mixed_float16."""
-  names, skipped = list(dict.fromkeys(["float32", config.mixed_precision] + (["mixed_float16"] if gpus else []))), {}
-  if gpus:
-    capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability") or (0, 0)
-    if "mixed_bfloat16" in names and capability < (8, 0):
-      skipped["mixed_bfloat16"] = "no bf16 tensor cores below compute capability 8.0"
-  else:
-    if "mixed_bfloat16" in names and not cpu_has_bf16():
-      skipped["mixed_bfloat16"] = "this CPU has no bf16 kernels (AVX512_BF16 or AMX); train in float32 here"
-    if "mixed_float16" in names:
-      skipped["mixed_float16"] = "float16 is for GPUs"
+  """(precisions to time, {precision: why it is not timed}): float32 always, the config's own (what "auto"
+  picks here) and on a GPU mixed_float16 too; mixed_bfloat16 only where precision.fast_bf16 says it has
+  kernels (elsewhere one step of a real config takes minutes); mixed_float16 never on a CPU."""
+  hardware = precision.detect(on_cpu=not gpus)
+  own = precision.choose(hardware)[0] if config.mixed_precision == "auto" else config.mixed_precision
+  names, skipped = list(dict.fromkeys(["float32", own] + (["mixed_float16"] if gpus else []))), {}
+  if "mixed_bfloat16" in names and not precision.fast_bf16(hardware):
+    skipped["mixed_bfloat16"] = ("no bf16 tensor cores below compute capability 8.0" if gpus else
+                                 "this CPU has no bf16 kernels (AVX512_BF16 or AMX); train in float32 here")
+  if "mixed_float16" in names and not gpus:
+    skipped["mixed_float16"] = "float16 is for GPUs"
   return [n for n in names if n not in skipped], skipped
 
 
-def time_step(config, strategy, precision: str, steps: int, deadline: float) -> tuple[int, float, float, float]:
-  """The config's train step in `precision` under `strategy` (one device) over a held batch of random
+def time_step(config, strategy, policy: str, steps: int, deadline: float) -> tuple[int, float, float, float]:
+  """The config's train step in `policy` under `strategy` (one device) over a held batch of random
   images: (steps timed, images/s, seconds of the first step with its tracing, last loss); times no step
   that the last one's duration says would end after `deadline`."""
   variant = config.copy_and_resolve_references()
-  variant.mixed_precision = precision
+  variant.mixed_precision = policy
   variant.input.augment_on = "host"  # the batch below is ready to train on
   state = steps_lib.make_state(variant, strategy, steps_per_epoch=max(steps, 1), data=models.CIFAR10)
   learner = steps_lib.Learner(variant, strategy, state)
@@ -205,12 +163,12 @@ def time_step(config, strategy, precision: str, steps: int, deadline: float) -> 
 def check_steps(report: Report, config, gpus: list, steps: int, budget: float) -> None:
   strategy = tf.distribute.MirroredStrategy(["/gpu:0" if gpus else "/cpu:0"])
   precisions, skipped = precisions_to_time(gpus, config)
-  for precision, why in skipped.items():
-    report.line("NOTE", f"step {precision}", f"not timed: {why}")
-  for precision in precisions:
-    what = f"step {precision}"
+  for policy, why in skipped.items():
+    report.line("NOTE", f"step {policy}", f"not timed: {why}")
+  for policy in precisions:
+    what = f"step {policy}"
     try:
-      done, rate, first, loss = time_step(config, strategy, precision, steps, time.perf_counter() + budget / len(precisions))
+      done, rate, first, loss = time_step(config, strategy, policy, steps, time.perf_counter() + budget / len(precisions))
     except (tf.errors.OpError, RuntimeError, ValueError, KeyError) as e:
       report.line("FAIL", what, f"{type(e).__name__}: {str(e).strip().splitlines()[0]}")
       continue

@@ -1,10 +1,11 @@
-r"""Classifies image files (PNG or JPEG of any size, local or gs://) with an exported SavedModel, or
-answers a request in TF Serving's REST JSON format. Each image is fitted to the size the model was
+r"""Classifies image files (PNG or JPEG of any size, local or gs://) with an exported SavedModel or its
+conversion by tools.convert (.tflite, .onnx), or answers a request in TF Serving's REST JSON format. Each image is fitted to the size the model was
 trained at, as make_tfrecords fitted its photos (the export's serve_bytes: a central crop of the
 model's aspect ratio, resized).
 
   python -m tools.predict --model=/tmp/run/export cat.png dog.jpg
   python -m tools.predict --model=/tmp/run/export --top_k=3 cat.png
+  python -m tools.predict --model=/tmp/run/export.tflite cat.png           # the same lines, by LiteRT
   python -m tools.predict --model=/tmp/run/export --json=request.json     # or --json=- for stdin
 
 Prints one line per file: `<file>\t<class_name>\t<probability>` (with --top_k, k such pairs per line).
@@ -24,6 +25,8 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import fileio
+from pipeline import ops
+from tools import converted
 from trainer import export as export_lib
 from trainer import faults
 
@@ -31,7 +34,8 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """Command-line flags; defined only when run as a program, so modules import side by side."""
-  flags.DEFINE_string("model", None, "Export directory (a SavedModel), local or gs://.")
+  flags.DEFINE_string("model", None, "Export directory (a SavedModel), or a .tflite / .onnx file from "
+                      "tools.convert; local or gs://.")
   flags.DEFINE_integer("top_k", 1, "Classes printed per image, most probable first.", lower_bound=1)
   flags.DEFINE_string("json", None, "A TF Serving REST request body (file, gs:// or - for stdin) to answer.")
   flags.mark_flags_as_required(["model"])
@@ -55,12 +59,19 @@ def read_image(path: str) -> bytes:
   return data
 
 
-def predict(model_dir: str, paths: list[str], top_k: int = 1) -> list[tuple[str, list[tuple[str, float]]]]:
+def predict(model_path: str, paths: list[str], top_k: int = 1) -> list[tuple[str, list[tuple[str, float]]]]:
   """Returns, for each file, its `top_k` (class name, probability) pairs, most probable first."""
-  model = export_lib.load(model_dir)
-  names = [n.decode() for n in model.class_names.numpy()]
   data = [read_image(p) for p in paths]
-  probabilities = model.signatures["serve_bytes"](image_bytes=tf.constant(data))["probabilities"].numpy()
+  if converted.is_converted(model_path):
+    model = converted.load(model_path)
+    names, (height, width, channels) = model.class_names, model.image_shape
+    images = np.stack([ops.fit_image(tf.io.decode_image(d, channels=channels, expand_animations=False),
+                                     height, width).numpy() for d in data])  # as the export's serve_bytes
+    probabilities = model.probabilities(images)
+  else:
+    model = export_lib.load(model_path)
+    names = [n.decode() for n in model.class_names.numpy()]
+    probabilities = model.signatures["serve_bytes"](image_bytes=tf.constant(data))["probabilities"].numpy()
   top = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
   return [(p, [(names[c], float(probabilities[i, c])) for c in top[i]]) for i, p in enumerate(paths)]
 
@@ -126,6 +137,8 @@ def main(argv):
     raise app.UsageError("give one or more image files, or --json=REQUEST")
   try:
     if FLAGS.json:
+      if converted.is_converted(FLAGS.model):
+        raise InputError(f"--json answers requests with a SavedModel (what TF Serving serves), not {FLAGS.model}")
       text = sys.stdin.read() if FLAGS.json == "-" else tf.io.gfile.GFile(FLAGS.json).read()
       try:
         request = json.loads(text)
@@ -136,7 +149,7 @@ def main(argv):
       print(json.dumps(rest_predict(export_lib.load(FLAGS.model), request)))
       return
     results = predict(FLAGS.model, paths, FLAGS.top_k)
-  except (InputError, FileNotFoundError, fileio.StorageError, tf.errors.NotFoundError) as e:
+  except (InputError, converted.ModelError, FileNotFoundError, fileio.StorageError, tf.errors.NotFoundError) as e:
     print(f"predict: error: {getattr(e, 'message', e)}", file=sys.stderr)
     sys.exit(1)
   for path, top in results:

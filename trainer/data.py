@@ -37,6 +37,14 @@ def model_shape(manifest: dict) -> models.DataShape:
   return models.DataShape(manifest_lib.image_shape(manifest), manifest_lib.num_classes(manifest))
 
 
+def sample_records(config, manifest: dict, count: int) -> list[bytes]:
+  """The first `count` serialized records of the validation split (else test, else train): real requests
+  for the export's warmup file."""
+  split = next(s for s in ("validation", "test", "train") if s in manifest["splits"])
+  files = manifest_lib.split_files(config.data_dir, manifest, split)
+  return [record.numpy() for record in tf.data.TFRecordDataset(files).take(count)]
+
+
 def steps_per_epoch_for(config, manifest: dict) -> int:
   """Full global batches in the train split, capped by `config.steps_per_epoch` when it is set."""
   if "train" not in manifest["splits"]:

@@ -15,7 +15,8 @@ from trainer import views as views_lib
 
 
 class Evaluator:
-  """Scores `state.model` under `strategy`; one traced step per (views, worst), made on first use."""
+  """Scores `state.model` (or another model given) under `strategy`; one traced step per (model, views,
+  worst), made on first use."""
 
   def __init__(self, strategy, state: steps.State, num_classes: int):
     self.strategy, self.state, self.num_classes = strategy, state, num_classes
@@ -24,18 +25,20 @@ class Evaluator:
                               confusion=(num_classes, num_classes))
     self._traced = {}
 
-  def evaluate(self, dataset, views: str = "none", worst: int = 0) -> tuple[dict, dict]:
-    """One pass over a distributed eval dataset, with test-time `views` (trainer/views.py). Returns its
+  def evaluate(self, dataset, views: str = "none", worst: int = 0, model=None) -> tuple[dict, dict]:
+    """One pass of `model` (by default the state's) over a distributed eval dataset, with test-time `views`
+    (trainer/views.py). Returns its
     metrics (loss, accuracy, image count) and details: the confusion matrix (true class by row) and, with
     `worst` > 0, the `worst` misclassified images of highest loss that this process saw (all of them on
     one machine; on several, this worker's share), with labels, predictions, loss and probability. With
     views other than "none" the metrics also hold the image's own view's: single_view_loss and
     single_view_accuracy, from the same pass."""
-    if (views, worst) not in self._traced:
-      step = lambda batch: self._step(batch, views, worst)
-      self._traced[views, worst] = tf.function(lambda batch: self.strategy.run(step, args=(batch,)),
-                                               reduce_retracing=True)
-    traced = self._traced[views, worst]
+    model = self.state.model if model is None else model
+    key = (id(model), views, worst)
+    if key not in self._traced:
+      step = lambda batch: self._step(model, batch, views, worst)
+      self._traced[key] = tf.function(lambda batch: self.strategy.run(step, args=(batch,)), reduce_retracing=True)
+    traced = self._traced[key]
     self._sums.reset()
     candidates = []
     for batch in dataset:
@@ -56,13 +59,13 @@ class Evaluator:
       details["worst"] = {k: v[order] for k, v in merged.items()}
     return metrics, details
 
-  def _step(self, batch, views: str, worst: int) -> dict:
+  def _step(self, model, batch, views: str, worst: int) -> dict:
     """Runs per replica; a replica may get an empty last batch, which skips the model: TensorFlow 2.21's CPU
     convolution returns an empty batch with its input's channels, which the next layer refuses."""
     images, labels = batch["images"], batch["labels"]
     empty = tf.zeros([0, self.num_classes])
     logits, plain = tf.cond(tf.shape(images)[0] > 0,
-                            lambda: views_lib.logits(self.state.model, images, views, with_plain=True),
+                            lambda: views_lib.logits(model, images, views, with_plain=True),
                             lambda: (empty, empty))
     per_example = steps.cross_entropy(labels, logits, 0.0)
     predicted = tf.argmax(logits, -1, output_type=labels.dtype)

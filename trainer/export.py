@@ -5,16 +5,52 @@ views inside), three signatures, for the dataset's H x W images and K classes (3
   serve_bytes(image_bytes: string [N], PNG or JPEG of any size, grey, RGB or RGBA) -> the same; each image
     fitted to H x W as make_tfrecords fits photos (ops.fit_image)
   serve_examples(examples: string [N], serialized records as written by make_tfrecords) -> the same
+
+It computes in the precision chosen for serving (`config.export_precision`, float32 by default), not the
+one of training: bf16 is slow or emulated on most CPUs and GPUs that serve, and the converters
+(tools/convert.py) take no bf16 op. Besides `workdir/export` (the latest), the trainer keeps numbered
+versions in TF Serving's layout, each with warmup requests for the three signatures:
+
+  workdir/serving/<train step>/saved_model.pb, variables/, assets.extra/tf_serving_warmup_requests
 """
 
 import os
 
+import keras
+import numpy as np
 import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2
+from tensorflow_serving.apis import prediction_log_pb2
 
 from pipeline import fileio
 from pipeline import ops
 from pipeline import records
+from trainer import models
 from trainer import views
+
+PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}  # Keras policies
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")  # where TF Serving looks for it
+WARMUP_BATCHES = (1, 8)  # request sizes in the warmup file, per signature
+
+
+def serving_model(model: keras.Model, config, data: models.DataShape) -> keras.Model:
+  """`model` (trained, its final weights in place) rebuilt to compute in `config.export_precision`, with
+  the same weights: the model the final evaluation scores and the export serves. Built with this project's
+  layers (layers.py: inference ops the converters take) and plain BatchNorm; under the caller's strategy
+  scope, if any."""
+  spec = config.model.copy_and_resolve_references()
+  spec.fast_kernels, spec.sync_bn = True, False  # the same weights either way; neither matters at inference
+  previous = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_dtype_policy(PRECISIONS[config.export_precision])
+  try:
+    served = models.build(spec, data)
+  finally:
+    keras.mixed_precision.set_dtype_policy(previous)
+  if [tuple(w.shape) for w in served.weights] != [tuple(w.shape) for w in model.weights]:
+    raise ValueError(f"the serving copy of {model.name} has other weights than the trained model")
+  for target, source in zip(served.weights, model.weights):
+    target.assign(source.value)
+  return served
 
 
 class Serving(tf.Module):
@@ -55,18 +91,75 @@ class Serving(tf.Module):
             "serve_examples": self.serve_examples}
 
 
-def export(model, path: str, *, mean, std, class_names, tta: str = "none") -> str:
-  """Writes the SavedModel to `path`, replacing what was there only once the new one is complete."""
+def export(model, path: str, *, mean, std, class_names, tta: str = "none", warmup_records=(),
+           versions: str | None = None, version: int = 0, keep_versions: int = 0) -> str:
+  """Writes the SavedModel to `path`, replacing what was there only once the new one is complete. With
+  `warmup_records` (serialized records as make_tfrecords writes them) it holds TF Serving's warmup file;
+  with `versions` and `keep_versions` > 0 it is also published as `versions/<version>`, of which the newest
+  `keep_versions` are kept."""
   module = Serving(model, mean, std, class_names, tta)
   tmp = fileio.temp_name(path)
   tf.saved_model.save(module, tmp, signatures=module.signatures())
+  if len(warmup_records):
+    write_warmup(os.path.join(tmp, WARMUP_FILE), warmup_requests(module, warmup_records))
+  if versions and keep_versions:
+    publish_version(tmp, versions, version, keep_versions)
+  _replace_dir(tmp, path)
+  return path
+
+
+def _replace_dir(new: str, path: str) -> None:
+  """Moves the complete directory `new` to `path`; what was at `path` is removed only after."""
   old = fileio.temp_name(path) if tf.io.gfile.exists(path) else None
   if old:
     fileio.rename_dir(path, old, last="saved_model.pb")
-  fileio.rename_dir(tmp, path, last="saved_model.pb")
+  fileio.rename_dir(new, path, last="saved_model.pb")
   if old:
     tf.io.gfile.rmtree(old)
-  return path
+
+
+def publish_version(export_dir: str, versions: str, version: int, keep: int) -> str:
+  """Copies the complete SavedModel `export_dir` to `versions/<version>`, TF Serving's layout. The numbered
+  name appears only once its copy is complete (TF Serving polls for numbered folders and ignores the
+  temporary name; on gs://, saved_model.pb is moved last). Then removes all but the newest `keep`."""
+  final = os.path.join(versions, str(version))
+  tmp = fileio.temp_name(final)
+  fileio.copy_dir(export_dir, tmp)
+  _replace_dir(tmp, final)
+  numbered = sorted((int(n.rstrip("/")) for n in tf.io.gfile.listdir(versions) if n.rstrip("/").isdigit()),
+                    reverse=True)
+  for old in numbered[keep:]:
+    tf.io.gfile.rmtree(os.path.join(versions, str(old)))
+  return final
+
+
+def warmup_requests(module: Serving, serialized) -> list[predict_pb2.PredictRequest]:
+  """TF Serving warmup requests of real images: for each signature and each size of WARMUP_BATCHES, the
+  first images of `serialized` (records as make_tfrecords writes them) in that signature's input form."""
+  serialized = np.asarray(list(serialized), dtype=object)
+  features = records.parse_batch(tf.constant(serialized))
+  images = records.decode_batch(features[records.ENCODED], features[records.FORMAT], shape=module._shape)
+  png = np.asarray([tf.io.encode_png(image).numpy() for image in images], dtype=object)
+  inputs = {"serving_default": ("images", images.numpy()), "serve_bytes": ("image_bytes", png),
+            "serve_examples": ("examples", serialized)}
+  requests = []
+  for name, (key, values) in inputs.items():
+    for size in WARMUP_BATCHES:
+      request = predict_pb2.PredictRequest()
+      request.model_spec.signature_name = name
+      rows = np.resize(values, (size, *values.shape[1:]))  # repeats the records when there are fewer
+      request.inputs[key].CopyFrom(tf.make_tensor_proto(rows))
+      requests.append(request)
+  return requests
+
+
+def write_warmup(path: str, requests) -> None:
+  """TF Serving's warmup file: a TFRecord file of PredictionLog records, one per request."""
+  tf.io.gfile.makedirs(os.path.dirname(path))
+  with tf.io.TFRecordWriter(path) as writer:
+    for request in requests:
+      log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+      writer.write(log.SerializeToString())
 
 
 def load(path: str):

@@ -217,16 +217,16 @@ class Evaluate(PeriodicAction):
     with evaluation.averaged_weights(self.evaluator.state):
       self.last = self._evaluate(step, "none")
 
-  def final(self, step: int, views: str) -> dict:
-    """The final evaluation's pass over the split, on the weights the model holds, with test-time `views`:
-    writes the curve's point at `step` from the image's own view (as `run`), validation/tta_loss and
-    tta_accuracy, and the figures of the views' predictions. Returns the metrics (evaluate's)."""
-    return self._evaluate(step, views)
+  def final(self, step: int, views: str, model) -> dict:
+    """The final evaluation's pass over the split, of `model` (the final weights as served), with test-time
+    `views`: writes the curve's point at `step` from the image's own view (as `run`), validation/tta_loss
+    and tta_accuracy, and the figures of the views' predictions. Returns the metrics (evaluate's)."""
+    return self._evaluate(step, views, model)
 
-  def _evaluate(self, step: int, views: str) -> dict:
+  def _evaluate(self, step: int, views: str, model=None) -> dict:
     if callable(self.dataset):
       self.dataset = self.dataset()
-    metrics, details = self.evaluator.evaluate(self.dataset, views=views, worst=self.worst)
+    metrics, details = self.evaluator.evaluate(self.dataset, views=views, worst=self.worst, model=model)
     scalars = dict(metrics)
     if views != "none":
       scalars = {"loss": metrics["single_view_loss"], "accuracy": metrics["single_view_accuracy"],

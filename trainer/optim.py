@@ -237,9 +237,8 @@ def gradient_multipliers(model: keras.Model, opt) -> list[float]:
   for the patch-whitening bias, `head_lr_scale` for the kernel of the `logits` layer, 1 elsewhere.
   Applied to the gradients, so weight decay is not scaled (and Muon's normalised steps ignore them).
 
-  airbench also trains the patch-whitening bias 64x faster; here, with the whitening conv in bf16, that
-  left validation accuracy near chance for the first 6 epochs (train accuracy normal; BUILD.md), and the
-  whitening conv in float32 costs ~10% of the step on this CPU, so deep.py keeps that bias at 1x."""
+  airbench also trains the patch-whitening bias 64x faster; here that was unstable with the whitening conv
+  in bf16 and no better in float32, which slows the step, so deep.py keeps that bias at 1x (docs/results.md)."""
   every = model._flatten_layers()  # pylint: disable=protected-access
   scales = {id(layer.beta): opt.bn_bias_lr_scale for layer in every
             if isinstance(layer, keras.layers.BatchNormalization) and layer.center}

@@ -15,6 +15,7 @@ import tensorflow as tf
 from pipeline import augment
 from trainer import models
 from trainer import optim
+from trainer import precision
 
 
 class Sums:
@@ -66,6 +67,7 @@ def make_state(config, strategy, steps_per_epoch: int, data: models.DataShape | 
   """The model (for `data`: see models.build), optimizer, step counter, averages and their checkpoint,
   under `strategy.scope()`."""
   opt = config.optimizer
+  precision.resolve(config)  # "auto" -> a policy, in place (the trainer has done so already)
   keras.mixed_precision.set_dtype_policy(config.mixed_precision)
   keras.utils.set_random_seed(config.seed)
   with strategy.scope():

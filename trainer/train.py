@@ -15,6 +15,7 @@ import os
 import time
 
 from absl import logging
+import keras
 import ml_collections
 import tensorflow as tf
 
@@ -27,6 +28,7 @@ from trainer import export as export_lib
 from trainer import faults
 from trainer import loop
 from trainer import models
+from trainer import precision
 from trainer import steps
 from trainer import views
 from trainer import workdir as workdir_lib
@@ -49,9 +51,11 @@ class Run:
   started: str
   start_step: int
   since: float  # time.monotonic() where this process's timing starts (the end of its imports)
+  precision: dict  # the mixed-precision policy trained in, and why (precision.resolve)
   metrics: dict = dataclasses.field(default_factory=dict)
   timing: dict = dataclasses.field(default_factory=dict)  # run.json's: fixed and per-epoch costs, seconds
   validation: loop.Evaluate | None = None  # the periodic validation, which the final evaluation finishes
+  served: keras.Model | None = None  # the final weights in the export's precision (export.serving_model)
   last_loop_end: float | None = None
 
   @property
@@ -71,13 +75,15 @@ def train_and_evaluate(config, workdir: str, *, since: float | None = None) -> d
   run.json's timing counts start-up from `since` (time.monotonic() at the end of trainer.main's imports;
   by default this call)."""
   since = time.monotonic() if since is None else since
+  why = precision.resolve(config, started_with=workdir_lib.started_precision(workdir))
+  logging.info("training in %s (%s)", config.mixed_precision, why)
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
   # Before our SIGTERM handler: MultiWorkerMirroredStrategy's coordination service installs its own, which
   # would replace ours and leave a stop request unseen.
   strategy = distribute.make_strategy(config)
   with faults.StopRequest() as stop, faults.data_errors_as_training_errors():
-    run = _start(config, workdir, strategy, since)
+    run = _start(config, workdir, strategy, since, {"mixed_precision": config.mixed_precision, "why": why})
     try:
       workdir_lib.check_shared(run.strategy, workdir)
       stopped = _train(run, stop, ready=_first_start(run) if run.start_step == 0 else lambda: None)
@@ -88,9 +94,13 @@ def train_and_evaluate(config, workdir: str, *, since: float | None = None) -> d
       if exported:
         mean, std = data.normalization_for(config, run.manifest)
         with _timed(run, "export_secs"):
-          path = export_lib.export(run.state.model, os.path.join(workdir, "export"), mean=mean, std=std,
-                                   class_names=manifest_lib.class_names(run.manifest), tta=config.tta)
-        logging.info("exported SavedModel to %s", path)
+          path = export_lib.export(run.served, os.path.join(workdir, "export"), mean=mean, std=std,
+                                   class_names=manifest_lib.class_names(run.manifest), tta=config.tta,
+                                   warmup_records=data.sample_records(config, run.manifest, WARMUP_IMAGES),
+                                   versions=os.path.join(workdir, "serving"), version=int(run.state.step.numpy()),
+                                   keep_versions=config.export_versions)
+        logging.info("exported SavedModel to %s, computing in %s%s", path, config.export_precision,
+                     f"; version {int(run.state.step.numpy())} in {workdir}/serving" if config.export_versions else "")
       if not stopped and run.last_loop_end is not None:
         end = "last_step_to_export_secs" if exported else "last_step_to_end_secs"
         run.timing[end] = round(time.monotonic() - run.last_loop_end, 3)
@@ -104,7 +114,7 @@ def train_and_evaluate(config, workdir: str, *, since: float | None = None) -> d
   return dict(run.metrics, stopped_by=stop.cause) if stopped else run.metrics
 
 
-def _start(config, workdir: str, strategy, since: float) -> Run:
+def _start(config, workdir: str, strategy, since: float, chosen: dict) -> Run:
   """Checks, state restored from the latest checkpoint if there is one, config.json and a run.json saying
   "running" (what the next start checks a resume against, even if this one is killed)."""
   started = workdir_lib.now()
@@ -128,7 +138,7 @@ def _start(config, workdir: str, strategy, since: float) -> Run:
   writer = writers.create_default_writer(os.path.join(workdir, "summaries"), chief=chief,
                                          flush_secs=config.summary_flush_secs, console=console)
   run = Run(config, workdir, strategy, manifest, identity, steps_per_epoch, state, checkpoints, writer, started,
-            start_step, since)
+            start_step, since, chosen)
   if chief:
     _write_run_json(run, "running")
   return run
@@ -173,11 +183,12 @@ def _agreed(strategy, check):
   return result
 
 
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+PRECISIONS = precision.CHOICES  # "auto" is resolved before the checks (train_and_evaluate)
 POSITIVE = ("global_batch_size", "eval_batch_size", "num_epochs", "keep_checkpoints")
+WARMUP_IMAGES = max(export_lib.WARMUP_BATCHES)
 EXIT_CODES = ("stop_exit_code",)  # 0-255
 NOT_NEGATIVE = ("steps_per_epoch", "eval_steps", "steps_per_loop", "log_every_steps", "checkpoint_every_steps",
-                "eval_every_epochs", "bn_statistics_images", "summary_worst_images")
+                "eval_every_epochs", "bn_statistics_images", "summary_worst_images", "export_versions")
 
 
 def check_config(config, replicas: int) -> None:
@@ -190,6 +201,9 @@ def check_config(config, replicas: int) -> None:
       raise TrainingError(f"{key}={config[key]!r} must be an exit code, 0 to 255")
   if config.mixed_precision not in PRECISIONS:
     raise TrainingError(f"mixed_precision={config.mixed_precision!r} is not one of: {', '.join(PRECISIONS)}")
+  if config.export_precision not in export_lib.PRECISIONS:
+    raise TrainingError(f"export_precision={config.export_precision!r} is not one of: "
+                        f"{', '.join(export_lib.PRECISIONS)}")
   if config.tta not in views.VIEWS:
     raise TrainingError(f"tta={config.tta!r} is not one of: {', '.join(views.VIEWS)}")
   if config.global_batch_size % replicas:  # the evaluation batch fits itself (data.eval_dataset)
@@ -322,15 +336,17 @@ def _final_evaluation(run: Run, stop: faults.StopRequest) -> bool:
     batches = evaluation.bn_statistics(run.strategy, state.model,
                                        data.bn_statistics_dataset(config, run.strategy, run.manifest))
     logging.info("BatchNorm statistics re-estimated from %d train images", batches * config.global_batch_size)
+  with run.strategy.scope():  # scored as it will be served: in the export's precision
+    run.served = export_lib.serving_model(state.model, config, data.model_shape(run.manifest))
   step = int(state.step.numpy())
   for split in data.eval_splits(run.manifest):
     if stop.agreed(run.strategy):
       break
     if split == "validation":  # also the validation curve's last point, and its figures
-      run.metrics[split] = run.validation.final(step, config.tta)
+      run.metrics[split] = run.validation.final(step, config.tta, run.served)
     else:
       run.metrics[split], _ = run.validation.evaluator.evaluate(
-          data.eval_dataset(config, run.strategy, run.manifest, split), views=config.tta)
+          data.eval_dataset(config, run.strategy, run.manifest, split), views=config.tta, model=run.served)
     logging.info("final %s: %s", split, writers.format_metrics(run.metrics[split]))
   else:  # every split scored: one last vote before the export
     if not stop.agreed(run.strategy):
@@ -356,6 +372,6 @@ def _end(run: Run, status: str, error: str | None = None) -> None:
 def _write_run_json(run: Run, status: str, **extra) -> None:
   workdir_lib.write_run(run.workdir, status=status, started=run.started, start_step=run.start_step,
                         end_step=int(run.state.step.numpy()), total_steps=run.total_steps,
-                        steps_per_epoch=run.steps_per_epoch, data=run.data,
+                        steps_per_epoch=run.steps_per_epoch, data=run.data, precision=run.precision,
                         distribution=distribute.describe(run.strategy),
                         metrics=run.metrics, timing=run.timing, **extra)

@@ -4,6 +4,7 @@ checkpoint manager, config.json and run.json (CONTRACTS.md: the layout).
   WORKDIR/checkpoints/  the chief's checkpoints        WORKDIR/config.json  the run's config
   WORKDIR/summaries/    TensorBoard events, traces     WORKDIR/run.json     status, steps, versions, metrics
   WORKDIR/export/       the SavedModel                 WORKDIR/tmp/         other workers' scratch checkpoints
+  WORKDIR/serving/N/    the last exports, numbered by step, for TF Serving (trainer/export.py)
 """
 
 import datetime
@@ -24,7 +25,7 @@ from trainer import distribute
 from trainer import faults
 from trainer.faults import TrainingError
 
-FILES = ("checkpoints", "summaries", "export", "config.json", "run.json", "tmp")  # what the trainer writes
+FILES = ("checkpoints", "summaries", "export", "serving", "config.json", "run.json", "tmp")  # what the trainer writes
 SHARED = "give every worker the same workdir, on storage all of them read (gs:// or a shared filesystem)"
 # What a resumed run may change (BUILD.md "Resuming"): when it logs, evaluates, checkpoints and writes,
 # what it does at the end, how the same steps are computed (kernels, XLA, op determinism, where augmentation
@@ -34,7 +35,7 @@ SHARED = "give every worker the same workdir, on storage all of them read (gs://
 RESUME_MAY_CHANGE = (
     "num_epochs", "steps_per_loop", "log_every_steps", "eval_every_epochs", "checkpoint_every_steps",
     "summary_flush_secs", "summary_worst_images", "profile_steps", "progress_bar", "keep_checkpoints", "export",
-    "stop_exit_code",
+    "stop_exit_code", "export_precision", "export_versions",
     "tta", "eval_batch_size", "eval_steps", "bn_statistics_images", "data_dir", "deterministic", "jit_compile",
     "logical_cpus", "strategy", "cluster", "cluster_port", "model.fast_kernels", "model.sync_bn",
     "input.verify_checksums", "input.probe_batches", "input.data_service", "input.augment_on")
@@ -42,7 +43,7 @@ RESUME_MAY_CHANGE = (
 # what only the chief does or each shows on its own. All else sets the schedule of collectives or the
 # batches, so it must be alike on every worker.
 WORKERS_MAY_DIFFER = ("data_dir", "progress_bar", "summary_flush_secs", "keep_checkpoints", "export",
-                      "stop_exit_code", "input.verify_checksums", "input.probe_batches")
+                      "export_versions", "stop_exit_code", "input.verify_checksums", "input.probe_batches")
 
 def now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -139,6 +140,14 @@ def _damage(path: str) -> str | None:
   except (tf.errors.OpError, ValueError, IndexError) as e:  # IndexError: a file shorter than its index says
     return faults.first_line(str(getattr(e, "message", e)))[:200] or type(e).__name__
   return None
+
+
+def started_precision(workdir: str) -> str | None:
+  """The mixed_precision in `workdir`'s config.json, if it holds a readable one: what a resume keeps."""
+  try:
+    return _read_json(workdir, "config.json").get("mixed_precision")
+  except (tf.errors.OpError, ValueError, AttributeError):
+    return None
 
 
 def _read_json(workdir: str, name: str) -> dict:
