@@ -36,7 +36,7 @@ def test_auto_chooses_by_hardware(hardware, policy, why):
   assert precision.fast_bf16(hardware) == (policy == "mixed_bfloat16")
 
 
-def test_resolve_keeps_an_explicit_policy_and_a_resumed_runs():
+def test_resolve_keeps_an_explicit_policy_and_a_resumed_runs(monkeypatch):
   config = deep.get_config("smoke")
   assert config.mixed_precision == "auto"
   why = precision.resolve(config, started_with=None, hardware=precision.Hardware((), AVX2))
@@ -48,10 +48,17 @@ def test_resolve_keeps_an_explicit_policy_and_a_resumed_runs():
   config.mixed_precision = "mixed_float16"
   assert precision.resolve(config, started_with="float32") == "as configured"
   assert config.mixed_precision == "mixed_float16"  # a resume then refuses the difference (workdir.py)
-  config.logical_cpus = 2  # trains on the CPU: its GPUs (if any) do not count
+  seen = []
+  a100 = precision.Hardware((("NVIDIA A100", (8, 0)),), AVX2)
+  monkeypatch.setattr(precision, "detect", lambda on_cpu=False: seen.append(on_cpu) or (
+      precision.Hardware((), AVX2) if on_cpu else a100))
+  config.logical_cpus = 2  # trains on logical CPUs: the GPUs do not count
   config.mixed_precision = "auto"
   precision.resolve(config)
-  assert config.mixed_precision == precision.choose(precision.detect(on_cpu=True))[0]
+  assert seen == [True] and config.mixed_precision == "float32"
+  config.logical_cpus, config.mixed_precision = 0, "auto"
+  precision.resolve(config)
+  assert seen == [True, False] and config.mixed_precision == "mixed_bfloat16"
 
 
 def test_a_run_records_its_choice_and_a_resume_keeps_it(synthetic_dir, tmp_path):

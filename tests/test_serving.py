@@ -1,10 +1,12 @@
 """The export where models are served: its precision, TF Serving's layout and warmup file, the LiteRT and
 ONNX conversions (tools/convert.py) and the tools that run them (tools/converted.py)."""
 
+import importlib
 import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -16,6 +18,7 @@ from tools import convert
 from tools import converted
 from tools import predict as predict_tool
 from trainer import export as export_lib
+from trainer import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,6 +65,10 @@ def test_tf_serving_layout_and_warmup_requests_for_every_signature(run):
   assert sorted((r.model_spec.signature_name, len(logs)) for r in requests) == sorted(
       (name, len(logs)) for name in ("serving_default", "serve_bytes", "serve_examples")
       for _ in export_lib.WARMUP_BATCHES)
+  examples = [tf.make_ndarray(r.inputs["examples"]) for r in requests if r.model_spec.signature_name == "serve_examples"]
+  shipped = tf.train.Example.FromString(examples[-1][-1]).features.feature  # the records ship with the model:
+  assert shipped["image/id"].bytes_list.value[0].startswith(b"warmup-")  # not the data's ids and labels
+  assert shipped["image/class/label"].int64_list.value[0] == 0
   loaded = export_lib.load(version)
   first = None
   for request in requests:  # each request runs its signature, on real validation images: the same answers
@@ -76,18 +83,39 @@ def test_tf_serving_layout_and_warmup_requests_for_every_signature(run):
   np.testing.assert_allclose(exported(images=images)["probabilities"].numpy()[0], first, atol=1e-6)
 
 
-def test_versions_are_numbered_replaced_whole_and_the_oldest_removed(tmp_path):
+def test_versions_are_numbered_kept_once_written_and_the_oldest_removed(tmp_path):
   export_dir = tmp_path / "export"
   (export_dir / "variables").mkdir(parents=True)
   (export_dir / "saved_model.pb").write_bytes(b"graph")
   (export_dir / "variables" / "variables.index").write_bytes(b"index")
   versions = str(tmp_path / "serving")
-  for step in (10, 20, 30, 20):
-    (export_dir / "saved_model.pb").write_bytes(f"graph {step}".encode())
+  for n, step in enumerate((10, 20, 30, 20)):
+    (export_dir / "saved_model.pb").write_bytes(f"graph {n}".encode())
     export_lib.publish_version(str(export_dir), versions, step, keep=2)
   assert sorted(os.listdir(versions)) == ["20", "30"]
-  assert (tmp_path / "serving" / "20" / "saved_model.pb").read_bytes() == b"graph 20"
+  # A version once published is never replaced (TF Serving would not reload it): the first copy of 20.
+  assert (tmp_path / "serving" / "20" / "saved_model.pb").read_bytes() == b"graph 1"
   assert (tmp_path / "serving" / "30" / "variables" / "variables.index").read_bytes() == b"index"
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("deep", {}), ("default", {"model.sync_bn": True, "model.fast_kernels": False}),
+    ("vgg_small", {}), ("mlp", {})], ids=["airbench", "resnet-sync_bn-keras_layers", "plain_cnn-dropout", "mlp"])
+def test_the_serving_copy_computes_what_the_trained_model_does(name, overrides):
+  """export.serving_model rebuilds the model and copies each weight by its path; in float32 both give the
+  same logits (every builder; dropout, synchronized BatchNorm and Keras's own layers on the trained side)."""
+  config = importlib.import_module(f"configs.{name}").get_config("smoke")
+  for key, value in overrides.items():
+    config[key.split(".")[0]][key.split(".")[1]] = value
+  config.mixed_precision = "float32"
+  keras.mixed_precision.set_dtype_policy("float32")
+  model = models.build(config.model)
+  for weight in model.weights:  # not the initial values: a weight left uncopied would show
+    weight.assign(np.random.default_rng(len(weight.path)).normal(0.5, 0.1, weight.shape).astype("float32"))
+  served = export_lib.serving_model(model, config, models.CIFAR10)
+  assert served is not model
+  x = tf.constant(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), tf.float32)
+  np.testing.assert_allclose(served(x, training=False).numpy(), model(x, training=False).numpy(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("to", ["litert", "onnx"])

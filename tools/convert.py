@@ -42,7 +42,8 @@ def define_flags():
   flags.DEFINE_string("output", "", "The file to write; default beside the export: EXPORT[-QUANTIZE].tflite|.onnx.")
   flags.DEFINE_string("data_dir", None, "Directory written by make_tfrecords: the split to score on, and "
                       "the train images int8 is calibrated on.")
-  flags.DEFINE_string("split", "validation", "train | validation | test: the split to score on.")
+  flags.DEFINE_string("split", "", "train | validation | test: the split to score on; default validation, or "
+                      "test when the data has none.")
   flags.DEFINE_integer("calibration_images", 500, "int8: train images the activations' ranges come from.",
                        lower_bound=1)
   flags.DEFINE_integer("batch_size", 500, "Images per call while scoring.", lower_bound=1)
@@ -139,10 +140,21 @@ def agreement(saved: converted.Classifier, other: converted.Classifier, data_dir
   return counts
 
 
+def _check_installed(to: str) -> None:
+  """Refuses in one line, before any work, when the converter or its runtime is not installed."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  needed = ("ai_edge_litert",) if to == "litert" else ("tf2onnx", "onnx", "onnxruntime")
+  missing = [m for m in needed if importlib.util.find_spec(m) is None]
+  if missing:
+    raise converted.ModelError(f"--to={to} needs {', '.join(missing)}: pip install -e \".[convert]\"")
+
+
 def convert(model_dir: str, to: str, quantize: str = "none", output: str = "", data_dir: str | None = None,
             calibration_count: int = 500) -> str:
   """Writes the conversion of `model_dir` to `output` (default_output when empty); returns its path."""
   output = output or default_output(model_dir, to, quantize)
+  _check_installed(to)
+  fileio.check_bucket(output)
   if quantize == "int8" and not data_dir:
     raise converted.ModelError("--quantize=int8 calibrates on train images: give --data_dir")
   if tf.io.gfile.isdir(output):
@@ -154,7 +166,6 @@ def convert(model_dir: str, to: str, quantize: str = "none", output: str = "", d
     if quantize == "int8":
       calibration = calibration_images(data_dir, calibration_count)
   content = (to_litert if to == "litert" else to_onnx)(model_dir, quantize, saved.class_names, calibration)
-  fileio.check_bucket(output)
   fileio.atomic_write(output, content)
   return output
 
@@ -163,6 +174,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
+    split = FLAGS.split
+    if FLAGS.data_dir:  # the split is checked before the work
+      splits = manifest_lib.load(FLAGS.data_dir)["splits"]
+      split = split or ("validation" if "validation" in splits else "test")
+      if split not in splits:
+        raise converted.ModelError(f"--split={split}: {FLAGS.data_dir} has {', '.join(splits)}")
     output = convert(FLAGS.model, FLAGS.to, FLAGS.quantize, FLAGS.output, FLAGS.data_dir, FLAGS.calibration_images)
     model = converted.load(output)  # loads in its runtime, or says why not
     size = tf.io.gfile.stat(output).length
@@ -172,12 +189,12 @@ def main(argv):
           f"(the SavedModel's variables: {variables / 1e6:.2f} MB)")
     if not FLAGS.data_dir:
       return
-    counts = agreement(converted.SavedModel(FLAGS.model), model, FLAGS.data_dir, FLAGS.split, FLAGS.batch_size)
+    counts = agreement(converted.SavedModel(FLAGS.model), model, FLAGS.data_dir, split, FLAGS.batch_size)
   except (converted.ModelError, manifest_lib.ManifestError, FileNotFoundError, fileio.StorageError) as e:
     print(f"convert: error: {e}", file=sys.stderr)
     sys.exit(1)
   n = max(counts["images"], 1)
-  print(f"split: {FLAGS.split}  images: {counts['images']}")
+  print(f"split: {split}  images: {counts['images']}")
   print(f"SavedModel accuracy: {counts['saved_correct'] / n:.4f}")
   print(f"same class as the SavedModel: {counts['agree'] / n:.4f} ({counts['images'] - counts['agree']} differ)")
   print(f"accuracy: {counts['converted_correct'] / n:.4f}")

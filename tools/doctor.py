@@ -54,8 +54,8 @@ class Report:
       self.failed.append(what)
 
 
-def check_devices(report: Report) -> list:
-  hardware = precision.detect()
+def check_devices(report: Report, on_cpu: bool = False) -> list:
+  hardware = precision.detect(on_cpu)  # the config's logical_cpus trains on the CPU, as in the trainer
   bf16 = ("bf16 kernels (AMX)" if "amx_bf16" in hardware.cpu_flags else "bf16 kernels (AVX512_BF16)"
           if precision.cpu_has_bf16(hardware.cpu_flags) else "no bf16 kernels: bf16 is converted in software")
   report.line("OK", "cpu", f"{precision.cpu_model()}, {os.cpu_count()} cores; {bf16}")
@@ -124,7 +124,7 @@ def precisions_to_time(gpus: list, config) -> tuple[list[str], dict[str, str]]:
   """(precisions to time, {precision: why it is not timed}): float32 always, the config's own (what "auto"
   picks here) and on a GPU mixed_float16 too; mixed_bfloat16 only where precision.fast_bf16 says it has
   kernels (elsewhere one step of a real config takes minutes); mixed_float16 never on a CPU."""
-  hardware = precision.detect(on_cpu=not gpus)
+  hardware = precision.detect(on_cpu=not gpus or bool(config.logical_cpus))
   own = precision.choose(hardware)[0] if config.mixed_precision == "auto" else config.mixed_precision
   names, skipped = list(dict.fromkeys(["float32", own] + (["mixed_float16"] if gpus else []))), {}
   if "mixed_bfloat16" in names and not precision.fast_bf16(hardware):
@@ -195,7 +195,7 @@ def main(argv):
   distribute.share_gpus(gpus)
   if len(gpus) < 2:
     distribute.configure_devices(2)  # for the all-reduce check
-  gpus = check_devices(report)
+  gpus = check_devices(report, on_cpu=bool(FLAGS.config.logical_cpus))
   check_all_reduce(report, gpus)
   check_xla(report, gpus)
   check_steps(report, FLAGS.config, gpus, FLAGS.steps, FLAGS.budget_secs)

@@ -13,6 +13,7 @@ from pipeline import augment
 from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
 from pipeline import ops
+from pipeline import records
 from trainer import models
 from trainer.faults import TrainingError
 
@@ -38,11 +39,15 @@ def model_shape(manifest: dict) -> models.DataShape:
 
 
 def sample_records(config, manifest: dict, count: int) -> list[bytes]:
-  """The first `count` serialized records of the validation split (else test, else train): real requests
-  for the export's warmup file."""
+  """The images of the first `count` records of the validation split (else test, else train) as records of
+  their own, without the source's ids and labels (label 0, id `warmup-N`): real requests for the export's
+  warmup file, which ships with the model."""
   split = next(s for s in ("validation", "test", "train") if s in manifest["splits"])
   files = manifest_lib.split_files(config.data_dir, manifest, split)
-  return [record.numpy() for record in tf.data.TFRecordDataset(files).take(count)]
+  features = records.parse_batch(tf.stack(list(tf.data.TFRecordDataset(files).take(count))))
+  shape = manifest_lib.image_shape(manifest)
+  return [records.serialize_example(encoded.numpy(), image_format.numpy().decode(), 0, f"warmup-{n}", shape)
+          for n, (encoded, image_format) in enumerate(zip(features[records.ENCODED], features[records.FORMAT]))]
 
 
 def steps_per_epoch_for(config, manifest: dict) -> int:

@@ -16,6 +16,7 @@ versions in TF Serving's layout, each with warmup requests for the three signatu
 
 import os
 
+from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
@@ -46,10 +47,11 @@ def serving_model(model: keras.Model, config, data: models.DataShape) -> keras.M
     served = models.build(spec, data)
   finally:
     keras.mixed_precision.set_dtype_policy(previous)
-  if [tuple(w.shape) for w in served.weights] != [tuple(w.shape) for w in model.weights]:
+  sources = {w.path: w for w in model.weights}
+  if sorted(sources) != sorted(w.path for w in served.weights):
     raise ValueError(f"the serving copy of {model.name} has other weights than the trained model")
-  for target, source in zip(served.weights, model.weights):
-    target.assign(source.value)
+  for target in served.weights:
+    target.assign(sources[target.path].value)
   return served
 
 
@@ -119,13 +121,20 @@ def _replace_dir(new: str, path: str) -> None:
 
 
 def publish_version(export_dir: str, versions: str, version: int, keep: int) -> str:
-  """Copies the complete SavedModel `export_dir` to `versions/<version>`, TF Serving's layout. The numbered
-  name appears only once its copy is complete (TF Serving polls for numbered folders and ignores the
-  temporary name; on gs://, saved_model.pb is moved last). Then removes all but the newest `keep`."""
+  """Copies the complete SavedModel `export_dir` to `versions/<version>`, TF Serving's layout. Locally the
+  numbered name appears only once its copy is complete (one rename; TF Serving ignores the temporary name);
+  on gs:// its files move one by one, saved_model.pb last. A version already there is left as it is: the
+  same step holds the same weights, and TF Serving would not reload a replaced one. Then removes all but
+  the newest `keep`."""
   final = os.path.join(versions, str(version))
-  tmp = fileio.temp_name(final)
-  fileio.copy_dir(export_dir, tmp)
-  _replace_dir(tmp, final)
+  if tf.io.gfile.exists(os.path.join(final, "saved_model.pb")):
+    logging.info("%s exists: kept (TF Serving does not reload a version it has loaded)", final)
+  else:
+    tmp = fileio.temp_name(final)
+    fileio.copy_dir(export_dir, tmp)
+    if tf.io.gfile.exists(final):  # a partial copy left by a crash: never loaded, safe to replace
+      tf.io.gfile.rmtree(final)
+    fileio.rename_dir(tmp, final, last="saved_model.pb")
   numbered = sorted((int(n.rstrip("/")) for n in tf.io.gfile.listdir(versions) if n.rstrip("/").isdigit()),
                     reverse=True)
   for old in numbered[keep:]:

@@ -73,9 +73,11 @@ def _gelu_xla(x):
 
 
 def gelu_erf(x):
-  """Exact GELU as 0.5 x (1 + erf(x / sqrt 2)), in x's dtype: the pattern LiteRT's converter fuses into its
-  GELU op and ONNX has every op of (Keras's gelu is written with erfc, which neither converter takes)."""
-  return 0.5 * x * (1.0 + tf.math.erf(x * tf.constant(_SQRT_HALF, x.dtype)))
+  """Exact GELU as 0.5 x (1 + erf(x / sqrt 2)), computed in float32 (in bf16, 1 + erf loses the tail below
+  x = -2): the pattern LiteRT's converter fuses into its GELU op, and ONNX has every op of it (Keras's gelu
+  is written with erfc, which neither converter takes)."""
+  x32 = tf.cast(x, tf.float32)
+  return tf.cast(0.5 * x32 * (1.0 + tf.math.erf(x32 * _SQRT_HALF)), x.dtype)
 
 
 class Activation(keras.layers.Activation):

@@ -143,8 +143,11 @@ def _damage(path: str) -> str | None:
 
 
 def started_precision(workdir: str) -> str | None:
-  """The mixed_precision in `workdir`'s config.json, if it holds a readable one: what a resume keeps."""
+  """The mixed_precision in `workdir`'s config.json when it has a checkpoint to resume: what a resume keeps
+  (a run with no checkpoint yet starts afresh, and may choose again)."""
   try:
+    if not tf.io.gfile.glob(os.path.join(workdir, "checkpoints", "ckpt-*.index")):
+      return None
     return _read_json(workdir, "config.json").get("mixed_precision")
   except (tf.errors.OpError, ValueError, AttributeError):
     return None
@@ -202,8 +205,10 @@ def check_same_run(strategy, config, data: dict) -> None:
   for index, view in enumerate(views[1:], 1):
     key = first_difference(chief["config"], view["config"])
     if key:
+      fix = ("mixed_precision=auto chose by each worker's hardware: give every worker the same "
+             "--config.mixed_precision" if key == "mixed_precision" else "start every worker with the same command")
       raise TrainingError(f"worker {index} was started with {key}={view['config'][key]!r}, the chief with "
-                          f"{key}={chief['config'][key]!r}: start every worker with the same command")
+                          f"{key}={chief['config'][key]!r}: {fix}")
     if set(chief["config"]) != set(view["config"]):
       raise TrainingError(f"worker {index} runs another version of the trainer than the chief (their configs have "
                           "other keys): install the same code on every worker")
