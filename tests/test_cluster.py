@@ -93,6 +93,7 @@ def _trainer(env_extra, *args):
                         capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_the_trainer_says_each_in_one_line_without_a_hang():
   with socket.socket() as taken:
     taken.bind(("", 0))

@@ -221,6 +221,7 @@ def test_out_of_range_config_values_are_refused_before_anything_runs(synthetic_d
   assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_an_empty_workdir_flag_and_a_missing_config_file_are_one_line(synthetic_dir):
   _one_line_error(subprocess.run([sys.executable, "-m", "trainer.main", f"--config={SMOKE}", "--workdir=",
                                   f"--config.data_dir={synthetic_dir}"], cwd=ROOT, capture_output=True, text=True,

@@ -119,6 +119,7 @@ def test_resume_sees_the_same_batches(synthetic_dir, cache):
     np.testing.assert_array_equal(y1, y2)
 
 
+@pytest.mark.slow
 def test_epochs_differ_and_cover_the_split(synthetic_dir):
   """Each epoch of the in-memory pipeline is a fresh permutation without repeats."""
   config = _config()

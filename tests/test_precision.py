@@ -61,6 +61,7 @@ def test_resolve_keeps_an_explicit_policy_and_a_resumed_runs(monkeypatch):
   assert seen == [True, False] and config.mixed_precision == "mixed_bfloat16"
 
 
+@pytest.mark.slow
 def test_a_run_records_its_choice_and_a_resume_keeps_it(synthetic_dir, tmp_path):
   """Started in float32, resumed with "auto" (here: whatever this CPU has), the run goes on in float32. The
   log line: tests/test_faults.py's sigterm test, which reads the trainer's output."""

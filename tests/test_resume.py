@@ -47,6 +47,7 @@ def _checkpoint(workdir: str, step: int) -> str:
   return os.path.join(workdir, "checkpoints", f"ckpt-{step}")
 
 
+@pytest.mark.slow
 def test_a_model_with_dropout_resumes_bit_for_bit(synthetic_dir, tmp_path):
   """Keras 3's Dropout draws from a SeedGenerator whose state the checkpoint did not hold: a resumed
   vgg_small drew step 0's masks again and ended 0.05-0.1 away (3cf2a86)."""

@@ -118,6 +118,7 @@ def test_one_step_on_two_replicas_equals_one_replica(module, clip_norm):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", [default, deep], ids=["resnet", "airbench"])
 @pytest.mark.parametrize("knob", ["jit_compile", "keras_layers"])
 def test_step_variants_equal_the_plain_step_on_two_replicas(module, knob):
@@ -253,6 +254,7 @@ def test_tool_flags_out_of_range_are_named(trained, tmp_path, tool, flag, expect
   assert result.returncode == 1 and expected in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_rest_json_requests_match_the_signatures(trained, tmp_path):
   import base64  # pylint: disable=g-import-not-at-top
   workdir, _, config = trained
@@ -485,6 +487,7 @@ def test_benchmark_step_tool_compares_kernels_and_profiles_layers_and_ops(synthe
   assert not any(l.startswith(("custom loop / fit", "2 / 1 replicas")) for l in lines)
 
 
+@pytest.mark.slow
 def test_benchmark_input_tool(synthetic_dir):
   result = subprocess.run(
       [sys.executable, "-m", "tools.benchmark_input", "--config=configs/deep.py:smoke",
@@ -512,6 +515,7 @@ def test_schedules(schedule):
   assert max(values) <= 1.0 + 1e-6
 
 
+@pytest.mark.slow
 def test_mixed_float16_ema_clipping_and_tta_train_and_match_the_export(synthetic_dir, tmp_path):
   config = _smoke(synthetic_dir, mixed_precision="mixed_float16", tta="flip_translate")
   config.optimizer.update(ema_decay=0.9, clip_norm=1.0, schedule="triangular")
