@@ -52,7 +52,7 @@ class Counting(loop.PeriodicAction):
     super().__init__(**trigger)
     self.steps = []
 
-  def run(self, step):
+  def act(self, step):
     self.steps.append(step)
 
 
@@ -95,7 +95,7 @@ def test_report_progress_counts_train_loop_time_only():
   report = loop.ReportProgress(recorder, 32, lambda: {"learning_rate": 0.1}, every_steps=4, clock=clock)
   slow_save = loop.Checkpoint(lambda step: setattr(clock, "now", clock.now + 1000.0), every_steps=1, clock=clock)
   learner = FakeLearner(clock, step_secs=0.5)
-  stopped = loop.run(learner, None, [report, slow_save], start_step=0, total_steps=8, steps_per_epoch=8,
+  stopped = loop.train_loops(learner, None, [report, slow_save], start_step=0, total_steps=8, steps_per_epoch=8,
                      steps_per_loop=1, stop_requested=lambda: False, last_checkpoint=lambda: None, clock=clock)
   assert not stopped
   assert recorder.values("train/images_per_sec") == [(4, 64.0), (8, 64.0)]  # 32 images / 0.5 s
@@ -110,7 +110,7 @@ def test_epoch_timer_skips_an_epoch_resumed_in_the_middle():
   learner = FakeLearner(clock, step_secs=1.0)
   learner.step = 3  # resumed at step 3 of a 4-step epoch
   timer = loop.EpochTimer(recorder, steps_per_epoch=4, clock=clock)
-  loop.run(learner, None, [timer], start_step=3, total_steps=12, steps_per_epoch=4, steps_per_loop=2,
+  loop.train_loops(learner, None, [timer], start_step=3, total_steps=12, steps_per_epoch=4, steps_per_loop=2,
            stop_requested=lambda: False, last_checkpoint=lambda: None, clock=clock)
   assert recorder.values("train/epoch_seconds") == [(8, 4.0), (12, 4.0)]
   assert learner.calls == [(3, 1, 0), (4, 2, 1), (6, 2, 1), (8, 2, 2), (10, 2, 2)]
@@ -123,7 +123,7 @@ def test_epoch_seconds_leave_out_the_validation_after_the_timer():
   recorder = Recorder()
   slow_validation = Counting(every_steps=4, clock=clock)
   slow_validation.run = lambda step: setattr(clock, "now", clock.now + 100.0)
-  loop.run(FakeLearner(clock, step_secs=1.0), None, [loop.EpochTimer(recorder, 4, clock=clock), slow_validation],
+  loop.train_loops(FakeLearner(clock, step_secs=1.0), None, [loop.EpochTimer(recorder, 4, clock=clock), slow_validation],
            start_step=0, total_steps=8, steps_per_epoch=4, steps_per_loop=2, stop_requested=lambda: False,
            last_checkpoint=lambda: None, clock=clock)
   assert recorder.values("train/epoch_seconds") == [(4, 4.0), (8, 4.0)]
@@ -133,7 +133,7 @@ def test_stop_request_ends_the_loop_after_the_actions():
   clock = FakeClock()
   action = Counting(every_steps=1, clock=clock)
   asked = []
-  stopped = loop.run(FakeLearner(clock), None, [action], start_step=0, total_steps=10, steps_per_epoch=5,
+  stopped = loop.train_loops(FakeLearner(clock), None, [action], start_step=0, total_steps=10, steps_per_epoch=5,
                      steps_per_loop=2, stop_requested=lambda: asked.append(1) or len(asked) == 2,
                      last_checkpoint=lambda: None, clock=clock)
   assert stopped and action.steps == [1, 2] and len(asked) == 2
@@ -144,7 +144,7 @@ def test_non_finite_loss_raises_before_any_action_runs():
   save = Counting(every_steps=2, clock=clock)
   with pytest.raises(TrainingError, match=r"^loss is nan at step 3; stopped without saving\. The last good "
                      r"checkpoint is /w/checkpoints/ckpt-2$"):
-    loop.run(FakeLearner(clock, nan_at=3), None, [save], start_step=0, total_steps=10, steps_per_epoch=10,
+    loop.train_loops(FakeLearner(clock, nan_at=3), None, [save], start_step=0, total_steps=10, steps_per_epoch=10,
              steps_per_loop=4, stop_requested=lambda: False, last_checkpoint=lambda: "/w/checkpoints/ckpt-2",
              clock=clock)
   assert save.steps == [2]
@@ -159,7 +159,7 @@ def test_every_action_is_closed_however_the_loop_ends():
 
   clock = FakeClock()
   with pytest.raises(TrainingError):
-    loop.run(FakeLearner(clock, nan_at=1), None, [Closing(every_steps=1)], start_step=0, total_steps=4,
+    loop.train_loops(FakeLearner(clock, nan_at=1), None, [Closing(every_steps=1)], start_step=0, total_steps=4,
              steps_per_epoch=4, steps_per_loop=1, stop_requested=lambda: False, last_checkpoint=lambda: None,
              clock=clock)
   assert closed == [True]
@@ -178,7 +178,7 @@ def test_timeline_and_action_timing():
 
   timeline = loop.Timeline(clock=clock)
   save = loop.Checkpoint(lambda step: setattr(clock, "now", clock.now + 3.0), every_steps=4, clock=clock)
-  loop.run(Tracing(clock, step_secs=0.5), None, [timeline, save], start_step=0, total_steps=12, steps_per_epoch=12,
+  loop.train_loops(Tracing(clock, step_secs=0.5), None, [timeline, save], start_step=0, total_steps=12, steps_per_epoch=12,
            steps_per_loop=4, stop_requested=lambda: False, last_checkpoint=lambda: None, clock=clock)
   assert (timeline.loops, timeline.first_steps, timeline.first_seconds) == (3, 4, 12.0)
   assert timeline.first_step_end() == 10.5  # 10 s of tracing and one 0.5 s step

@@ -17,6 +17,7 @@ from pipeline import manifest as manifest_lib
 from tools import chaos_resume
 from tools import make_tfrecords
 from trainer import data
+from trainer import checks
 from trainer import train
 from trainer import workdir as workdir_lib
 
@@ -210,7 +211,7 @@ def test_the_data_service_refuses_a_resume_inside_an_epoch(synthetic_dir, mid_ep
 def test_the_evaluation_batch_fits_the_replicas(synthetic_dir):
   """eval_batch_size=1000 was refused on 3 GPUs ("does not divide by the 3 replicas", 3cf2a86); now it is
   rounded up to a multiple of the replicas."""
-  train.check_config(_config(deep, synthetic_dir, eval_batch_size=1000, global_batch_size=48), replicas=3)
+  checks.check_config(_config(deep, synthetic_dir, eval_batch_size=1000, global_batch_size=48), replicas=3)
   config = _config(deep, synthetic_dir, eval_batch_size=3, eval_steps=0)  # 2 per replica on 2 replicas
   strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
   batches = list(data.eval_dataset(config, strategy, manifest_lib.load(synthetic_dir), "validation"))

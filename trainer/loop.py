@@ -35,7 +35,7 @@ class Loop:
 
 
 class PeriodicAction:
-  """Runs `run(step)` at the loop boundaries where it is due: at multiples of `every_steps` (one period or
+  """Calls `act(step)` at the loop boundaries where it is due: at multiples of `every_steps` (one period or
   several), at `on_steps`, or once `every_secs` seconds of `clock` have passed since it last ran (or was
   made). Subclasses may also watch every loop (`observe`) and act before one (`before`). Counts its runs
   and their seconds, reported under `name` (run.json's timing; "" = not reported)."""
@@ -65,7 +65,7 @@ class PeriodicAction:
     """Called before each train loop, which starts at `step`."""
 
   def observe(self, loop: Loop) -> None:
-    """Called after each train loop, before `run`."""
+    """Called after each train loop, before `act`."""
 
   def __call__(self, loop: Loop) -> bool:
     """Observes `loop`; runs the action if it is due at `loop.step`. Returns whether it ran."""
@@ -73,12 +73,12 @@ class PeriodicAction:
     if not self.due(loop.step):
       return False
     start = self.clock()
-    self.run(loop.step)
+    self.act(loop.step)
     self._last_time = self.clock()
     self.runs, self.seconds = self.runs + 1, self.seconds + self._last_time - start
     return True
 
-  def run(self, step: int) -> None:
+  def act(self, step: int) -> None:
     raise NotImplementedError
 
   def close(self) -> None:
@@ -120,7 +120,7 @@ class Timeline(PeriodicAction):
     per_step = (self.train_seconds - self.first_seconds) / self.later_steps
     return self.first_end - (self.first_steps - 1) * per_step
 
-  def run(self, step):
+  def act(self, step):
     del step
 
 
@@ -148,7 +148,7 @@ class ReportProgress(PeriodicAction):
     self._correct += loop.metrics["accuracy"] * count
     self._count += count
 
-  def run(self, step):
+  def act(self, step):
     count = max(self._count, 1)
     self.last = {"loss": self._loss / count, "accuracy": self._correct / count, **self.optimizer_scalars(),
                  "images_per_sec": self._steps * self.batch / max(self._seconds, 1e-9)}
@@ -170,7 +170,7 @@ class EpochTimer(PeriodicAction):
     if step % self.steps_per_epoch == 0:
       self._start = self.clock()
 
-  def run(self, step):
+  def act(self, step):
     if self._start is not None:
       self.writer.write_scalars(step, {"train/epoch_seconds": self.clock() - self._start})
     self._start = None
@@ -186,7 +186,7 @@ class EpochAudit(PeriodicAction):
     super().__init__(every_steps=steps_per_epoch)
     self.writer, self.end_epoch, self.steps_per_epoch = writer, end_epoch, steps_per_epoch
 
-  def run(self, step):
+  def act(self, step):
     audit = self.end_epoch()
     logging.info("epoch %d trained %d images, id digest %s", step // self.steps_per_epoch, audit["images"],
                  audit["digest"])
@@ -213,13 +213,13 @@ class Evaluate(PeriodicAction):
   def due(self, step):
     return step != self.final_step and super().due(step)
 
-  def run(self, step):
+  def act(self, step):
     with evaluation.averaged_weights(self.evaluator.state):
       self.last = self._evaluate(step, "none")
 
   def final(self, step: int, views: str, model) -> dict:
     """The final evaluation's pass over the split, of `model` (the final weights as served), with test-time
-    `views`: writes the curve's point at `step` from the image's own view (as `run`), validation/tta_loss
+    `views`: writes the curve's point at `step` from the image's own view (as `act`), validation/tta_loss
     and tta_accuracy, and the figures of the views' predictions. Returns the metrics (evaluate's)."""
     return self._evaluate(step, views, model)
 
@@ -267,7 +267,7 @@ class Checkpoint(PeriodicAction):
     super().__init__(**trigger)
     self.save = save
 
-  def run(self, step):
+  def act(self, step):
     self.save(step)
 
 
@@ -287,7 +287,7 @@ class Profile(PeriodicAction):
       self.active = True
       logging.info("profiling steps %d to %d into %s", step, self.range[1] - 1, self.directory)
 
-  def run(self, step):
+  def act(self, step):
     if self.active and step >= self.range[1]:
       self.close()
 
@@ -307,7 +307,7 @@ def loop_length(step: int, total_steps: int, steps_per_epoch: int, steps_per_loo
   return min(nearest) - step
 
 
-def run(learner, iterator, actions: list[PeriodicAction], *, start_step: int, total_steps: int,
+def train_loops(learner, iterator, actions: list[PeriodicAction], *, start_step: int, total_steps: int,
         steps_per_epoch: int, steps_per_loop: int, stop_requested, last_checkpoint, clock=None) -> bool:
   """Trains from `start_step` to `total_steps`, running `actions` at each loop boundary, until the end or
   until `stop_requested()` (asked after every loop, the last included: a collective) says so. Returns
