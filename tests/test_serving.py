@@ -79,6 +79,9 @@ def test_tf_serving_layout_and_warmup_requests_for_every_signature(run):
     first = out[0] if first is None else first
     np.testing.assert_allclose(out[0], first, atol=1e-6)
   exported = export_lib.load(os.path.join(workdir, "export")).signatures["serving_default"]
+  layer = keras.layers.TFSMLayer(os.path.join(workdir, "export"), call_endpoint="serving_default")  # Keras 3
+  images8 = next(iter(input_pipeline.build_eval_dataset(config.data_dir, "test", batch_size=8)))["images"]
+  np.testing.assert_array_equal(layer(images8)["probabilities"].numpy(), exported(images=images8)["probabilities"].numpy())
   images = next(iter(input_pipeline.build_eval_dataset(config.data_dir, "validation", batch_size=1)))["images"]
   np.testing.assert_allclose(exported(images=images)["probabilities"].numpy()[0], first, atol=1e-6)
 
