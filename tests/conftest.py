@@ -38,6 +38,18 @@ def png_dir(tmp_path_factory):
   return out
 
 
+# Test files whose module fixtures start an engine or train a run: each runs whole in one process (pytest-xdist's
+# loadgroup); every other test goes to whichever process is free.
+ONE_PROCESS = ("test_slurm.py", "test_gcs.py", "test_report.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    if item.path.name in ONE_PROCESS:
+      item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
 def pytest_configure(config):
   del config
   tf.get_logger().setLevel("ERROR")
