@@ -38,16 +38,15 @@ def png_dir(tmp_path_factory):
   return out
 
 
-# Test files whose module fixtures start an engine or train a run: each runs whole in one process (pytest-xdist's
-# loadgroup); every other test goes to whichever process is free.
-ONE_PROCESS = ("test_slurm.py", "test_gcs.py", "test_report.py")
+# The longest files first, so that under pytest-xdist (a file per process at a time) no long one starts last.
+LONGEST_FIRST = ("test_trainer.py", "test_slurm.py", "test_faults.py", "test_multiworker.py", "test_gcs.py",
+                 "test_serving.py", "test_make_tfrecords.py", "test_resume.py", "test_pipeline.py")
 
 
 def pytest_collection_modifyitems(config, items):
   del config
-  for item in items:
-    if item.path.name in ONE_PROCESS:
-      item.add_marker(pytest.mark.xdist_group(item.path.stem))
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
 
 
 def pytest_configure(config):
