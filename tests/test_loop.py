@@ -184,3 +184,20 @@ def test_timeline_and_action_timing():
   assert timeline.first_step_end() == 10.5  # 10 s of tracing and one 0.5 s step
   assert timeline.train_seconds == 16.0 and timeline.last_end == 16.0 + 2 * 3.0
   assert save.timing() == {"checkpoint": {"runs": 3, "secs": 9.0}} and timeline.timing() == {}
+
+
+def test_the_first_steps_end_is_never_put_before_its_loop_began():
+  """Later loops slower than the first (the machine got busier: seen as start_to_first_step_secs = -14.3 in
+  a deep.py run): the first loop's other steps are taken out at most at its own mean rate."""
+  clock = FakeClock()
+
+  class Slowing(FakeLearner):
+    def train(self, iterator, num_steps, epoch):
+      self.step_secs = 0.5 if not self.calls else 5.0
+      return super().train(iterator, num_steps, epoch)
+
+  timeline = loop.Timeline(clock=clock)
+  loop.train_loops(Slowing(clock), None, [timeline], start_step=0, total_steps=12, steps_per_epoch=12,
+                   steps_per_loop=4, stop_requested=lambda: False, last_checkpoint=lambda: None, clock=clock)
+  assert (timeline.first_end, timeline.first_seconds) == (2.0, 2.0)
+  assert timeline.first_step_end() == 0.5  # not 2.0 - 3 * 5.0 = -13.0

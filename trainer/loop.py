@@ -112,12 +112,14 @@ class Timeline(PeriodicAction):
 
   def first_step_end(self) -> float | None:
     """When the first step ended, estimated: the first loop's end less its other steps at the later loops'
-    mean seconds per step (its own end when there were none)."""
+    mean seconds per step (its own end when there were none), but at most at the first loop's own mean, so
+    the estimate stays inside that loop when later loops ran slower (a busier machine)."""
     if self.first_end is None:
       return None
     if not self.later_steps:
       return self.first_end
-    per_step = (self.train_seconds - self.first_seconds) / self.later_steps
+    per_step = min((self.train_seconds - self.first_seconds) / self.later_steps,
+                   self.first_seconds / self.first_steps)
     return self.first_end - (self.first_steps - 1) * per_step
 
   def act(self, step):
