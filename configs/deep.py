@@ -9,12 +9,11 @@ A frozen 2x2 patch-whitening conv initialised from the training data, three conv
 (128/384/384, airbench95's widths; 64/256/256 with `:sgd`) without residuals, BatchNorm biases only; Muon
 (orthogonalised Nesterov momentum) for the conv kernels and Nesterov SGD for the BatchNorm biases, the
 whitening bias and the head, batch 2000, rates decaying linearly to 0; label smoothing 0.2, alternating flip
-+ 2-pixel translate, flip+translate test-time views in the final evaluation and the export, bf16.
++ 2-pixel translate, flip+translate test-time views in the final evaluation and the export; trained in the
+precision the hardware has fast kernels for (`mixed_precision="auto"`), exported in float32.
 
-Measured (BUILD.md, Accuracy): 0.9124 ± 0.0003 validation accuracy from the export over 2 seeds (45k/5k
-split of the shared JPEG CIFAR-10), 10 epochs in 821-839 s on a 2-core Xeon with AMX (bf16 convs on
-oneDNN), 2026-12-02 (0.9125 ± 0.0026 over 3 seeds on 2026-12-01). A CPU without AMX is slower (a 2-core
-Zen 4 EPYC: ~180 images/s, ~2,500 s of steps), and `:airbench94` (0.9052) needs 2.3x less compute.
+Its goal is 0.910 validation accuracy in 10 epochs; what it reached, in what time and on which machine:
+BUILD.md's Results table, and every run in docs/results.md. `:airbench94` needs 2.3x less compute.
 """
 
 from configs import default
@@ -55,15 +54,16 @@ def for_64px(config):
 def muon(config):
   """airbench94_muon's optimisation: Muon for the conv kernels, SGD for BatchNorm biases, the whitening bias
   and the head; batch 2000, a linear decay to 0. At airbench94's widths (64/256/256) it beat the SGD recipe
-  here (0.9052 against 0.9016 over 2 seeds); airbench95's widths (128/384/384) cost 2.3x the compute per
-  image, which the fused BatchNorm and XLA GELU (trainer/models.py) bought back, and scored 0.9148 (seed 0;
-  BUILD.md).
+  here (docs/results.md, 2026-11-23); airbench95's widths (128/384/384) cost 2.3x the compute per
+  image, which the fused BatchNorm and XLA GELU (trainer/layers.py) bought back, and scored better
+  (docs/results.md, 2026-12-01).
 
   Its hyperparameters are per summed loss with coupled weight decay; on our mean loss at batch 2000 the
   biases' lr 0.053 is 106 and the head's 0.67 is 12.64x that; its decay of 0.004 per step, amplified
   1 / (1 - 0.85) by momentum, is 0.0267 per step at the peak, i.e. decoupled weight_decay = 0.0267 / 106.
   The patch-whitening bias trains at the SGD recipe's 1.5, not airbench's 106: at that rate with the
-  whitening conv in bf16 the validation accuracy sat near chance until the learning rate decayed (BUILD.md).
+  whitening conv in bf16 the validation accuracy sat near chance until the learning rate decayed
+  (docs/results.md).
   """
   config.global_batch_size = 2000
   config.steps_per_loop = 22  # one epoch of 45k images per call
@@ -80,8 +80,8 @@ def muon(config):
 
 def airbench94_widths(config):
   """The Muon recipe at airbench94's widths 64/256/256 (`--config=configs/deep.py:airbench94`): 2.3x less
-  compute per image, for machines where the default's 10 epochs take too long (a CPU without AMX); 0.9052
-  over 2 seeds here on 2026-11-23 (BUILD.md)."""
+  compute per image, for machines where the default's 10 epochs take too long (a CPU without AMX); its
+  accuracy: BUILD.md's Results."""
   config.model.widths = (64, 256, 256)
   config.model.logit_scale = 1 / 256
   return config

@@ -8,7 +8,7 @@ Its tutorial reports ~90% after 125 epochs with RMSprop at 0.001, halved at epoc
 stepped run sat at 0.84 (epochs 54-67, noisy) at its constant 0.001, and its last step still leaves 0.0003.
 The final evaluation and the export average each image with its mirror image (`tta="flip"`; +0.6 points on
 the 70-epoch run, 0.8638 -> 0.8698); `--config.tta=none` scores the single view.
-Measured here: BUILD.md's accuracy table.
+Measured here: BUILD.md's Results table.
 """
 
 from configs import default

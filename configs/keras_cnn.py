@@ -3,7 +3,7 @@ dropout 0.5, Adam, batch 128, with its shift + flip augmentation.
 
   python -m trainer.main --config=configs/keras_cnn.py --workdir=/tmp/keras_cnn --config.data_dir=/tmp/c10
 
-Its tutorial reports 79.4% after 100 epochs (81.4% elsewhere). Measured here: BUILD.md's accuracy table.
+Its tutorial reports 79.4% after 100 epochs (81.4% elsewhere). Measured here: BUILD.md's Results table.
 """
 
 from configs import default

@@ -2,7 +2,7 @@
 
   python -m trainer.main --config=configs/mlp.py --workdir=/tmp/mlp --config.data_dir=/tmp/c10
 
-Its tutorial reports 47.5% test accuracy on CIFAR-10. Measured here: BUILD.md's accuracy table.
+Its tutorial reports 47.5% test accuracy on CIFAR-10. Measured here: BUILD.md's Results table.
 """
 
 from configs import default

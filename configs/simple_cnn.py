@@ -7,7 +7,7 @@ are noisy: 0.6711 on our validation split (2 runs), the tutorial's own code 0.64
 
   python -m trainer.main --config=configs/simple_cnn.py --workdir=/tmp/simple_cnn --config.data_dir=/tmp/c10
 
-Its tutorial reports 70.3% test accuracy. Measured here: BUILD.md's accuracy table.
+Its tutorial reports 70.3% test accuracy. Measured here: BUILD.md's Results table.
 """
 
 from configs import default

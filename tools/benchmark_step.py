@@ -94,7 +94,7 @@ def optimizer_flops(config, model: keras.Model) -> float:
 def peak_probe(dtype: tf.DType, repeats: int = 3):
   """A function returning {probe: FLOP/s}: a 3x3 convolution (500 x 15 x 15 x 256 -> 256) and a 2048^3
   matmul in `dtype`, the best of `repeats` calls each. Built and warmed up once; main() calls it once per
-  window beside the steps, as a machine's rate drifts between minutes (BUILD.md, "The step on Xeon-AMX")."""
+  window beside the steps, as a machine's rate drifts between minutes (docs/results.md, "The step on Xeon-AMX")."""
   rng = tf.random.Generator.from_seed(0)
   images, kernel = tf.cast(rng.normal([500, 15, 15, 256]), dtype), tf.cast(rng.normal([3, 3, 256, 256]), dtype)
   a, b = tf.cast(rng.normal([2048, 2048]), dtype), tf.cast(rng.normal([2048, 2048]), dtype)

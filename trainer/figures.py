@@ -79,7 +79,7 @@ def per_class(matrix: np.ndarray, names: list[str]) -> bytes:
 def predictions(images: np.ndarray, labels, predicted, probabilities, names, columns: int = 8) -> bytes:
   """A grid of images ([N, H, W, 3], uint8 or floats in [0, 1]), each titled with its predicted class and
   probability and its true class, green when right and red when wrong. One canvas in one axes: a subplot
-  per image drew several times slower (BUILD.md)."""
+  per image drew several times slower (docs/results.md)."""
   images = np.asarray(images)
   images = images / 255.0 if images.dtype == np.uint8 else np.clip(images, 0.0, 1.0)
   rows = max(-(-len(images) // columns), 1)

@@ -27,7 +27,7 @@ from trainer.faults import TrainingError
 
 FILES = ("checkpoints", "summaries", "export", "serving", "config.json", "run.json", "tmp")  # what the trainer writes
 SHARED = "give every worker the same workdir, on storage all of them read (gs:// or a shared filesystem)"
-# What a resumed run may change (BUILD.md "Resuming"): when it logs, evaluates, checkpoints and writes,
+# What a resumed run may change (BUILD.md, "Preemption, crashes and resuming"): when it logs, evaluates, checkpoints and writes,
 # what it does at the end, how the same steps are computed (kernels, XLA, op determinism, where augmentation
 # runs, how replicas are laid out at the same global batch) and where the same data lives (its identity,
 # not its path, is compared). num_epochs may change: the schedule then stretches to the new end. Any other
