@@ -87,18 +87,19 @@ def rename_dir(src: str, dst: str, last: str) -> None:
   if "://" not in src:
     tf.io.gfile.rename(src, dst)
     return
-  files = [os.path.join(root, name)[len(src.rstrip("/")) + 1:]
-           for root, _, names in tf.io.gfile.walk(src) for name in names]
-  for name in sorted(files, key=lambda f: f == last):
-    tf.io.gfile.makedirs(os.path.dirname(os.path.join(dst, name)))
-    tf.io.gfile.rename(os.path.join(src, name), os.path.join(dst, name))
+  _each_file(src, dst, tf.io.gfile.rename, last)
   tf.io.gfile.rmtree(src)
 
 
 def copy_dir(src: str, dst: str) -> None:
   """Copies the directory tree `src` to `dst` (which must not exist), file by file."""
-  prefix = len(src.rstrip("/")) + 1
-  for root, _, names in tf.io.gfile.walk(src):
-    tf.io.gfile.makedirs(os.path.join(dst, root[prefix:]))
-    for name in names:
-      tf.io.gfile.copy(os.path.join(root, name), os.path.join(dst, root[prefix:], name))
+  _each_file(src, dst, tf.io.gfile.copy)
+
+
+def _each_file(src: str, dst: str, move, last: str | None = None) -> None:
+  """`move(src/f, dst/f)` for every file f below `src`, its folders made first; the file named `last` last."""
+  files = [os.path.join(root, name)[len(src.rstrip("/")) + 1:]
+           for root, _, names in tf.io.gfile.walk(src) for name in names]
+  for name in sorted(files, key=lambda f: f == last):
+    tf.io.gfile.makedirs(os.path.dirname(os.path.join(dst, name)))
+    move(os.path.join(src, name), os.path.join(dst, name))

@@ -93,14 +93,15 @@ def train_and_evaluate(config, workdir: str, *, since: float | None = None) -> d
       exported = not stopped and run.chief and config.export
       if exported:
         mean, std = data.normalization_for(config, run.manifest)
+        step = int(run.state.step.numpy())
         with _timed(run, "export_secs"):
           path = export_lib.export(run.served, os.path.join(workdir, "export"), mean=mean, std=std,
                                    class_names=manifest_lib.class_names(run.manifest), tta=config.tta,
                                    warmup_records=data.sample_records(config, run.manifest, WARMUP_IMAGES),
-                                   versions=os.path.join(workdir, "serving"), version=int(run.state.step.numpy()),
+                                   versions=os.path.join(workdir, "serving"), version=step,
                                    keep_versions=config.export_versions)
         logging.info("exported SavedModel to %s, computing in %s%s", path, config.export_precision,
-                     f"; version {int(run.state.step.numpy())} in {workdir}/serving" if config.export_versions else "")
+                     f"; version {step} in {workdir}/serving" if config.export_versions else "")
       if not stopped and run.last_loop_end is not None:
         end = "last_step_to_export_secs" if exported else "last_step_to_end_secs"
         run.timing[end] = round(time.monotonic() - run.last_loop_end, 3)
