@@ -154,6 +154,29 @@ def test_resume_with_another_model_is_refused(synthetic_dir, finished_run, tmp_p
   assert _files(workdir) == before
 
 
+def test_resume_with_another_config_file_lists_every_difference_the_model_first(synthetic_dir, finished_run,
+                                                                                 tmp_path):
+  """A deep.py workdir resumed with configs/simple_cnn.py was refused naming augment.crop_padding alone."""
+  from configs import simple_cnn  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "run")
+  shutil.copytree(finished_run, workdir)
+  before = _files(workdir)
+  config = simple_cnn.get_config("smoke")
+  config.update(data_dir=synthetic_dir, num_epochs=2, export=False)
+  with pytest.raises(train.TrainingError) as refused:
+    train.train_and_evaluate(config, workdir)
+  message = str(refused.value)
+  assert "\n" not in message
+  listed = re.findall(r"([\w.]+)=", message.split("; this command has ")[1])
+  assert listed[0] == "model.name" and all(k.startswith("model.") for k in listed[:2]), message
+  expected = workdir_lib.differences(
+      {k: v for k, v in workdir_lib.flat_config(fileio.read_json(os.path.join(workdir, "config.json")))
+       if k not in workdir_lib.RESUME_MAY_CHANGE}, workdir_lib.comparable(config, workdir_lib.RESUME_MAY_CHANGE))
+  assert listed == expected and len(expected) > 2 and "augment.crop_padding" in expected
+  assert message.endswith("resume with the same values, or give a new workdir")
+  assert _files(workdir) == before
+
+
 def test_a_run_that_never_checkpointed_may_be_retried_with_other_values(synthetic_dir, finished_run, tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()

@@ -163,10 +163,16 @@ def comparable(config, leave_out: tuple[str, ...]) -> dict:
   return {k: v for k, v in flat_config(json.loads(config.to_json_best_effort())) if k not in leave_out}
 
 
-def first_difference(before: dict, now_: dict) -> str | None:
-  """The first key (sorted) whose value differs between two `comparable` configs; keys only one side has
-  (renamed or added since) do not count."""
-  return next((k for k in sorted(before) if k in now_ and before[k] != now_[k]), None)
+def differences(before: dict, now_: dict) -> list[str]:
+  """The keys whose values differ between two `comparable` configs, the model's first, its name leading (the
+  telling ones when a whole other config file was given), then sorted; keys only one side has (renamed or added since) do not
+  count."""
+  keys = [k for k in before if k in now_ and before[k] != now_[k]]
+  return sorted(keys, key=lambda k: (k != "model.name", not k.startswith("model."), k))
+
+
+def _values(config: dict, keys: list[str]) -> str:
+  return ", ".join(f"{k}={config[k]!r}" for k in keys)
 
 
 def check_resumable(config, workdir: str, data: dict, steps_per_epoch: int, workers: int) -> None:
@@ -175,10 +181,11 @@ def check_resumable(config, workdir: str, data: dict, steps_per_epoch: int, work
   before it was recorded, the steps per epoch) or, with streaming input, whose shares depend on it, in the
   number of workers; in one line naming the key, both values and the workdir. Reads only."""
   before = {k: v for k, v in flat_config(_read_json(workdir, "config.json")) if k not in RESUME_MAY_CHANGE}
-  key = first_difference(before, comparable(config, RESUME_MAY_CHANGE))
-  if key:
-    raise TrainingError(f"workdir {workdir} holds a run with {key}={before[key]!r}; this command has "
-                        f"{key}={comparable(config, ())[key]!r}: resume with the same value, or give a new workdir")
+  keys = differences(before, comparable(config, RESUME_MAY_CHANGE))
+  if keys:
+    raise TrainingError(f"workdir {workdir} holds a run with {_values(before, keys)}; this command has "
+                        f"{_values(comparable(config, ()), keys)}: resume with the same value{'s' if len(keys) > 1 else ''}, "
+                        "or give a new workdir")
   run = _read_json(workdir, "run.json")
   if "data" not in run and run.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
     raise TrainingError(f"workdir {workdir} holds a run of {run['steps_per_epoch']} steps per epoch; this command "
@@ -203,7 +210,7 @@ def check_same_run(strategy, config, data: dict) -> None:
   views = [json.loads(text) for text in distribute.gather_texts(strategy, mine)]
   chief = views[0]
   for index, view in enumerate(views[1:], 1):
-    key = first_difference(chief["config"], view["config"])
+    key = next(iter(differences(chief["config"], view["config"])), None)
     if key:
       fix = ("mixed_precision=auto chose by each worker's hardware: give every worker the same "
              "--config.mixed_precision" if key == "mixed_precision" else "start every worker with the same command")
