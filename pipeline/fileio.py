@@ -66,9 +66,31 @@ def temp_name(path: str) -> str:
 def atomic_write(path: str, data: str | bytes) -> None:
   """Writes `data` to a temporary sibling, then renames it over `path`: readers never see a partial file."""
   tmp = temp_name(path)
-  with tf.io.gfile.GFile(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-    f.write(data)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
+  try:
+    with tf.io.gfile.GFile(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+      f.write(data)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+  except BaseException:
+    remove_quietly(tmp)  # a full disk must not be made fuller by the half-written file
+    raise
+
+
+def remove_quietly(path: str) -> None:
+  """Removes the file or directory tree at `path` if it is there; a failure to (storage out of reach) is
+  left for the caller's own error to explain."""
+  try:
+    if tf.io.gfile.isdir(path):
+      tf.io.gfile.rmtree(path)
+    elif tf.io.gfile.exists(path):
+      tf.io.gfile.remove(path)
+  except (tf.errors.OpError, OSError):
+    pass
+
+
+def tree_size(path: str) -> int:
+  """Bytes in the files below `path` (0 if there is nothing)."""
+  return sum(tf.io.gfile.stat(os.path.join(root, name)).length
+             for root, _, names in tf.io.gfile.walk(path) for name in names)
 
 
 def write_json(path: str, obj) -> None:

@@ -474,3 +474,41 @@ def test_flipped_byte_is_caught_by_checksum_then_by_crc(synthetic_dir, tmp_path)
   config.input.verify_checksums = False
   with pytest.raises(train.TrainingError, match=r"^bad training data: .*corrupted record"):
     train.train_and_evaluate(config, str(tmp_path / "run2"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 1 MiB filesystem (tmpfs): room for a deep.py:smoke run's checkpoints and events, not its export."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True,
+                           text=True)
+  if mounted.returncode:
+    pytest.skip(f"cannot mount a tmpfs here (needs root, as CI has): {mounted.stderr.strip()}")
+  yield str(disk)
+  subprocess.run(["umount", "--lazy", str(disk)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_same_command_resumes_with_room(synthetic_dir, small_disk, tmp_path):
+  """ENOSPC in the export was two tracebacks and left temporaries holding the space."""
+  workdir = os.path.join(small_disk, "run")
+  full = _trainer(f"--workdir={workdir}", f"--config.data_dir={synthetic_dir}")
+  assert full.returncode == 1, full.stderr[-2000:]
+  assert "Traceback" not in full.stderr
+  last = full.stderr.strip().splitlines()[-1]
+  assert re.fullmatch(
+      rf"trainer: error: no space left on device for {re.escape(workdir)}/(export|serving/8)/\S+ \(the SavedModel"
+      r"[^)]*\): it needs about [\d.]+ [KM]B, [\d.]+ [KM]B free there; the newest checkpoint, "
+      rf"{re.escape(workdir)}/checkpoints/ckpt-8, is intact: make room .*, then run the same command to resume",
+      last), last
+  leftovers = [os.path.join(p, n) for p, dirs, files in os.walk(workdir) for n in dirs + files
+               if n.startswith(".tmp-") or "_temp" in n]
+  assert not leftovers and workdir_lib.latest_checkpoint(workdir).endswith("ckpt-8")
+  roomy = str(tmp_path / "roomy")
+  os.makedirs(roomy)
+  shutil.copytree(os.path.join(workdir, "checkpoints"), os.path.join(roomy, "checkpoints"))
+  resumed = _trainer(f"--workdir={roomy}", f"--config.data_dir={synthetic_dir}")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resumed from" in resumed.stderr and os.path.exists(os.path.join(roomy, "serving", "8", "saved_model.pb"))
+  assert fileio.read_json(os.path.join(roomy, "run.json"))["start_step"] == 8

@@ -11,6 +11,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import time
 
@@ -109,7 +110,10 @@ def train_and_evaluate(config, workdir: str, *, since: float | None = None) -> d
                      "%s", run.timing["start_to_first_step_secs"], run.timing[end],
                      "the export written" if exported else "the end")
     except BaseException as e:
-      _end(run, "failed", error=faults.describe(e))
+      full = run.chief and workdir_lib.out_of_space(e, workdir, _space_needed(run), run.checkpoints.latest)
+      _end(run, "failed", error=faults.describe(full or e))
+      if full:
+        raise full from None
       raise
     _end(run, f"stopped by {stop.cause}" if stopped else "finished")
   return dict(run.metrics, stopped_by=stop.cause) if stopped else run.metrics
@@ -325,6 +329,24 @@ def _final_evaluation(run: Run, stop: faults.StopRequest) -> bool:
   return True
 
 
+def _space_needed(run: Run) -> dict[str, int]:
+  """Bytes a checkpoint and the export of this run need, by the workdir's name for them: the newest
+  checkpoint's files; the served weights plus what the graph and warmup requests add."""
+  latest, state = run.checkpoints.latest, run.state
+  nbytes = lambda variables: sum(math.prod(v.shape) * tf.as_dtype(v.dtype).size for v in variables)
+  if latest:
+    checkpoint = sum(tf.io.gfile.stat(p).length for p in tf.io.gfile.glob(f"{latest}.*"))
+  else:  # the weights, the optimizer's slots and the averages' copies
+    checkpoint = nbytes(state.model.weights) + nbytes(state.optimizer.variables)
+    checkpoint += nbytes(state.model.trainable_weights) * bool(state.ema) + nbytes(state.model.weights) * bool(
+        state.lookahead)
+  export = nbytes((run.served or state.model).weights) + EXPORT_GRAPH_BYTES
+  return {"checkpoints": checkpoint, "tmp": checkpoint, "export": export, "serving": export}
+
+
+EXPORT_GRAPH_BYTES = 2**20  # a SavedModel's graph and warmup requests, beside its weights (deep.py: ~0.3 MB)
+
+
 def _end(run: Run, status: str, error: str | None = None) -> None:
   """Records how the run ended in run.json (the chief's) and closes the writer. After an `error`, a
   failure here is logged, not raised: the caller raises the error itself."""
@@ -332,10 +354,11 @@ def _end(run: Run, status: str, error: str | None = None) -> None:
     if run.chief:
       _write_run_json(run, status, **({"error": error} if error else {}))
     run.writer.close()
-  except Exception:  # pylint: disable=broad-except
+  except Exception as e:  # pylint: disable=broad-except
     if not error:
       raise
-    logging.exception("could not record the failure in %s/run.json", run.workdir)
+    # One line: the caller's error is the one to read (on a full disk, this one is the same).
+    logging.warning("could not record the failure in %s/run.json: %s", run.workdir, faults.describe(e))
 
 
 def _write_run_json(run: Run, status: str, **extra) -> None:

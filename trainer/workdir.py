@@ -8,11 +8,13 @@ checkpoint manager, config.json and run.json (CONTRACTS.md: the layout).
 """
 
 import datetime
+import errno
 import importlib.metadata
 import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 
 from absl import logging
@@ -240,6 +242,62 @@ def check_shared(strategy, workdir: str) -> None:
   if distribute.any_worker(strategy, not seen):
     raise TrainingError(f"{'this worker' if not seen else 'another worker'} cannot see {path}, which the chief "
                         f"wrote; {SHARED}")
+
+
+NO_SPACE = "No space left on device"  # TensorFlow's file systems and Python's ENOSPC alike
+_WRITERS = {"checkpoints": "a checkpoint", "tmp": "a checkpoint", "export": "the SavedModel",
+            "serving": "the SavedModel's TF Serving copy", "summaries": "TensorBoard's events"}
+
+
+def out_of_space(error: BaseException, workdir: str, needed: dict[str, int], latest: str | None):
+  """For a write to `workdir` that found its disk full: removes the temporaries the failed writes left
+  (they hold space and no reader looks at them) and returns the one line to stop with, naming the file, what
+  it was part of, the space it needs (`needed`: bytes by the workdir's top-level name) and the space free,
+  and the checkpoint a resume starts from. For any other error: None."""
+  if isinstance(error, tf.errors.OpError):
+    message = error.message
+  elif isinstance(error, OSError) and error.errno == errno.ENOSPC:
+    message = f"{error.filename}; {NO_SPACE}"
+  else:
+    return None
+  if NO_SPACE not in message:
+    return None
+  path = faults.first_line(message).split(";")[0].strip()
+  path = re.sub(r"(^|/)\.tmp-[0-9a-f]{8}-", r"\1", path)  # the final names, not the temporaries'
+  path = re.sub(r"_temp/part-.*$", "", path)  # the checkpoint manager's: ckpt-N_temp/part-...
+  top = os.path.relpath(path, workdir).split(os.sep)[0] if "://" not in path else ""
+  top = "export" if top.endswith("-export") else top
+  remove_temporaries(workdir)
+  free = _free_bytes(path)
+  free = f"{_size(free)} free there" if free is not None else "no more room there"
+  return TrainingError(
+      f"no space left on device for {path} ({_WRITERS.get(top, 'the run')}): "
+      f"{'it needs about ' + _size(needed[top]) + ', ' if needed.get(top) else ''}{free}; "
+      f"{'the newest checkpoint, ' + latest + ', is intact' if latest else 'no checkpoint was written'}: make room "
+      "(or copy the workdir with its checkpoints to a larger disk and give that workdir), then run the same "
+      "command to resume")
+
+
+def remove_temporaries(workdir: str) -> None:
+  """Removes what interrupted writes left in the workdir: `.tmp-*` files and directories (export, serving
+  versions, JSON files) and the checkpoint manager's `*_temp` directories."""
+  for pattern in (".tmp-*", "serving/.tmp-*", "checkpoints/*_temp*", "tmp/*/*_temp*"):
+    for leftover in tf.io.gfile.glob(os.path.join(workdir, pattern)):
+      fileio.remove_quietly(leftover)
+
+
+def _free_bytes(path: str) -> int | None:
+  """Bytes free on the local filesystem holding `path` (its nearest existing ancestor); None on gs://."""
+  if "://" in path:
+    return None
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return shutil.disk_usage(path).free
+
+
+def _size(size: int) -> str:
+  return f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{size / 2**10:.0f} KB"
 
 
 def restore(checkpoint: tf.train.Checkpoint, path: str) -> None:
