@@ -1,4 +1,4 @@
-"""The TFRecord schema (../shared/CONTRACTS.md): one writer and one parser for the whole project.
+"""The TFRecord schema (docs/interfaces.md): one writer and one parser for the whole project.
 
 A record is a `tf.train.Example` holding one HxWx3 image (32x32x3 for CIFAR-10; the dataset's manifest
 says), either as raw HWC uint8 bytes (`raw`, the fastest to read) or as an encoded PNG/JPEG, plus its

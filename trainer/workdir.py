@@ -1,5 +1,5 @@
 """The workdir and everything the trainer keeps in it: the checks before a run starts or resumes, the
-checkpoint manager, config.json and run.json (CONTRACTS.md: the layout).
+checkpoint manager, config.json and run.json (docs/interfaces.md: the layout).
 
   WORKDIR/checkpoints/  the chief's checkpoints        WORKDIR/config.json  the run's config
   WORKDIR/summaries/    TensorBoard events, traces     WORKDIR/run.json     status, steps, versions, metrics
