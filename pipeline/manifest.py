@@ -11,6 +11,7 @@ from pipeline import cifar10
 from pipeline import fileio
 
 FILENAME = "manifest.json"
+MIN_CLASSES = 2  # a classifier of one class has nothing to tell apart: its loss is 0 from the first step
 _SHARD = re.compile(r"^(train|validation|test)-(\d{5})-of-(\d{5})\.tfrecord$")
 
 
@@ -31,7 +32,8 @@ def list_shards(data_dir: str, split: str | None = None) -> list[str]:
 
 
 def load(data_dir: str) -> dict:
-  """Reads `data_dir/manifest.json` and checks that the shard files on disk are exactly those it lists."""
+  """Reads `data_dir/manifest.json` and checks that the shard files on disk are exactly those it lists and
+  that it names at least MIN_CLASSES classes (shards written by other tools are refused here, at start)."""
   path = os.path.join(data_dir, FILENAME)
   if not data_dir:
     raise ManifestError("data_dir is empty: set --config.data_dir to a directory written by "
@@ -55,6 +57,9 @@ def load(data_dir: str) -> dict:
     raise ManifestError(f"{os.path.join(data_dir, missing[0])}: listed in {FILENAME} but missing")
   if extra:
     raise ManifestError(f"{os.path.join(data_dir, extra[0])}: shard not listed in {FILENAME}")
+  if num_classes(manifest) < MIN_CLASSES:
+    raise ManifestError(f"{path}: {describe_classes(class_names(manifest))}; a classifier needs at least "
+                        f"{MIN_CLASSES}")
   return manifest
 
 
@@ -89,6 +94,11 @@ def class_names(manifest: dict) -> tuple[str, ...]:
 
 def num_classes(manifest: dict) -> int:
   return len(class_names(manifest))
+
+
+def describe_classes(names) -> str:
+  """`1 class (cat)`, `0 classes ()`: the few class names of a dataset refused for having too few."""
+  return f"{len(names)} class{'' if len(names) == 1 else 'es'} ({', '.join(names)})"
 
 
 def image_shape(manifest: dict) -> tuple[int, int, int]:

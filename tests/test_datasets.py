@@ -2,8 +2,10 @@
 The manifest carries the image shape and the class names; the model, the trainer and the export follow."""
 
 import io
+import json
 import os
 import pickle
+import re
 import tarfile
 
 import numpy as np
@@ -112,8 +114,8 @@ def test_a_photo_folder_at_64px_trains_exports_and_serves_any_size(tmp_path):
     evaluate_tool.evaluate(export, cifar, "test", 100)
 
 
-def _cifar100_archive(path, rng, train_size=300, test_size=100):
-  """A small archive in the official cifar-100-python layout."""
+def _cifar100_archive(path, rng, train_size=300, test_size=100, meta=None):
+  """A small archive in the official cifar-100-python layout; `meta` replaces its meta member's contents."""
   fine_names = [f"fine{i:02d}" for i in range(100)]
   coarse_names = [f"coarse{i:02d}" for i in range(20)]
 
@@ -124,9 +126,9 @@ def _cifar100_archive(path, rng, train_size=300, test_size=100):
 
   with tarfile.open(path, "w:gz") as tar:
     for name, blob in (("train", batch(train_size)), ("test", batch(test_size)),
-                       ("meta", {b"fine_label_names": [n.encode() for n in fine_names],
-                                 b"coarse_label_names": [n.encode() for n in coarse_names]})):
-      data = pickle.dumps(blob)
+                       ("meta", meta or {b"fine_label_names": [n.encode() for n in fine_names],
+                                         b"coarse_label_names": [n.encode() for n in coarse_names]})):
+      data = pickle.dumps(blob, protocol=4)  # 5 names numpy's _frombuffer, which the official batches do not
       info = tarfile.TarInfo(f"cifar-100-python/{name}")
       info.size = len(data)
       tar.addfile(info, io.BytesIO(data))
@@ -153,6 +155,43 @@ def test_cifar100_in_its_official_format_to_a_100_class_export(tmp_path):
   make_tfrecords.make("synthetic", cifar10, num_shards=1, val_size=0, synthetic_sizes=(40, 20))
   with pytest.raises(manifest_lib.ManifestError, match=r"was trained on other classes than .* \(100 and 10 classes"):
     evaluate_tool.evaluate(os.path.join(workdir, "export"), cifar10, "test", 100)
+
+
+class _Opens:
+  """Unpickles into a call of open(path, "w"): a file created by reading an archive."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __reduce__(self):
+    return open, (self.path, "w")
+
+
+def test_a_cifar100_pickle_that_would_run_code_is_refused(tmp_path):
+  archive = str(tmp_path / "cifar-100-python.tar.gz")
+  created = tmp_path / "created"
+  _cifar100_archive(archive, np.random.default_rng(0), 10, 10, meta={b"fine_label_names": _Opens(str(created))})
+  with pytest.raises(sources.SourceError, match=r"cifar-100-python/meta: refused to unpickle io.open \(only the"):
+    make_tfrecords.make(archive, str(tmp_path / "out"))
+  assert not created.exists() and not (tmp_path / "out").exists()
+
+
+def test_shards_of_one_class_written_elsewhere_are_refused_at_start(tmp_path):
+  """A manifest of one class name (shards from another tool): refused before the run makes its workdir."""
+  data, workdir = str(tmp_path / "data"), str(tmp_path / "run")
+  make_tfrecords.make("synthetic", data, num_shards=1, val_size=10, synthetic_sizes=(40, 10))
+  path = os.path.join(data, manifest_lib.FILENAME)
+  with open(path) as f:
+    manifest = json.load(f)
+  manifest["class_names"] = ["cat"]
+  with open(path, "w") as f:
+    json.dump(manifest, f)
+  expected = f"^{re.escape(path)}: 1 class \\(cat\\); a classifier needs at least 2$"
+  with pytest.raises(manifest_lib.ManifestError, match=expected):
+    manifest_lib.load(data)
+  with pytest.raises(manifest_lib.ManifestError, match=expected):
+    train.train_and_evaluate(_smoke(data), workdir)
+  assert not os.path.exists(workdir)
 
 
 def test_tfds_takes_other_datasets(tmp_path):

@@ -5,6 +5,7 @@ import os
 import pickle
 import re
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
@@ -34,8 +35,35 @@ def _add(tar, name, data):
   tar.addfile(info, io.BytesIO(data))
 
 
-def _official_archive(path, fmt, per_batch=20, seed=0):
-  """A small archive in the official layout; returns (train images, train labels, test images, labels)."""
+def _dumps(obj) -> bytes:
+  # Protocol 4 at most: numpy's arrays then unpickle as the official batches' do; 5 (Python 3.14's
+  # default) names numpy's _frombuffer, which the python archive reader refuses.
+  return pickle.dumps(obj, protocol=4)
+
+
+def _python2_dumps(fields: dict) -> bytes:
+  """`fields` pickled as Python 2 pickled the official batches: protocol 2, str (our bytes) as
+  SHORT_BINSTRING or BINSTRING, uint8 arrays rebuilt by numpy.core.multiarray._reconstruct."""
+  def string(b):
+    return (b"U" + bytes([len(b)]) if len(b) < 256 else b"T" + struct.pack("<i", len(b))) + b
+
+  def value(v):
+    if isinstance(v, bytes):
+      return string(v)
+    if isinstance(v, (int, np.integer)):
+      return b"J" + struct.pack("<i", v)
+    if isinstance(v, list):
+      return b"](" + b"".join(value(x) for x in v) + b"e"
+    return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R(K\x01"
+            + value(v.shape[0]) + value(v.shape[1]) + b"\x86cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R"
+            b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89" + string(v.tobytes()) + b"tb")
+
+  return b"\x80\x02}(" + b"".join(string(k) + value(v) for k, v in fields.items()) + b"u."
+
+
+def _official_archive(path, fmt, per_batch=20, seed=0, dumps=_dumps):
+  """A small archive in the official layout, python batches pickled by `dumps`; returns (train images,
+  train labels, test images, labels)."""
   rng = np.random.default_rng(seed)
   batches = [(_images(rng, per_batch), rng.integers(0, 10, per_batch)) for _ in range(6)]
   with tarfile.open(path, "w:gz") as tar:
@@ -43,15 +71,14 @@ def _official_archive(path, fmt, per_batch=20, seed=0):
     for name, (images, labels) in zip(names, batches):
       chw = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
       if fmt == "python":
-        blob = pickle.dumps({b"data": chw, b"labels": labels.tolist(),
-                             b"filenames": [b"x.png"] * len(labels)})
+        blob = dumps({b"data": chw, b"labels": labels.tolist(), b"filenames": [b"x.png"] * len(labels)})
         _add(tar, f"cifar-10-batches-py/{name}", blob)
       else:
         rows = np.concatenate([labels.astype(np.uint8)[:, None], chw], axis=1)
         _add(tar, f"cifar-10-batches-bin/{name}.bin", rows.tobytes())
     if fmt == "python":
       _add(tar, "cifar-10-batches-py/batches.meta",
-           pickle.dumps({b"label_names": [n.encode() for n in cifar10.CLASS_NAMES]}))
+           dumps({b"label_names": [n.encode() for n in cifar10.CLASS_NAMES]}))
     else:
       _add(tar, "cifar-10-batches-bin/batches.meta.txt", "\n".join(cifar10.CLASS_NAMES).encode() + b"\n")
   train = batches[:5]
@@ -93,6 +120,18 @@ def test_official_archives_round_trip(tmp_path, fmt):
   assert sorted(index) == list(range(100))
   np.testing.assert_array_equal(np.concatenate([t_images, v_images]), train_x[index])
   np.testing.assert_array_equal(np.concatenate([t_labels, v_labels]), train_y[index])
+
+
+def test_the_python_archive_as_python_2_pickled_it(tmp_path):
+  """The official python batches come from Python 2: they still load through the restricted unpickler."""
+  archive = str(tmp_path / "cifar-10-python.tar.gz")
+  train_x, train_y, test_x, test_y = _official_archive(archive, "python", per_batch=4, dumps=_python2_dumps)
+  source = sources.load(archive)
+  assert source.class_names == cifar10.CLASS_NAMES
+  np.testing.assert_array_equal(source.splits["train"].images, train_x)
+  np.testing.assert_array_equal(source.splits["train"].labels, train_y)
+  np.testing.assert_array_equal(source.splits["test"].images, test_x)
+  np.testing.assert_array_equal(source.splits["test"].labels, test_y)
 
 
 def _image_folder(root, classes, per_class, ext, seed=0):
@@ -253,12 +292,57 @@ def test_label_out_of_range_in_an_archive_is_named(tmp_path):
     members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
   batch = pickle.loads(members["cifar-10-batches-py/data_batch_1"], encoding="bytes")
   batch[b"labels"][3] = 12
-  members["cifar-10-batches-py/data_batch_1"] = pickle.dumps(batch)
+  members["cifar-10-batches-py/data_batch_1"] = _dumps(batch)
   with tarfile.open(archive, "w:gz") as tar:
     for name, data in members.items():
       _add(tar, name, data)
   with pytest.raises(sources.SourceError, match=r"^train_00003: label 12 is outside 0..9$"):
     make_tfrecords.make(archive, str(tmp_path / "out"), num_shards=1, val_size=0)
+
+
+class _Touch:
+  """Unpickles into a call of os.system: what a crafted archive could run."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __reduce__(self):
+    return os.system, (f"touch {self.path}",)
+
+
+def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
+  """The python archives were read with pickle.loads, which runs whatever callable a pickle names: a
+  data_batch_1 like this one ran its command, and only then was found not to be a CIFAR-10 batch."""
+  archive = str(tmp_path / "cifar-10-python.tar.gz")
+  _official_archive(archive, "python", per_batch=2)
+  with tarfile.open(archive) as tar:
+    members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+  marker = tmp_path / "ran"
+  members["cifar-10-batches-py/data_batch_1"] = pickle.dumps({b"data": _Touch(marker), b"labels": [0, 1]})
+  with tarfile.open(archive, "w:gz") as tar:
+    for name, data in members.items():
+      _add(tar, name, data)
+  out = tmp_path / "out"
+  result = _run("tools.make_tfrecords", f"--source={archive}", f"--output_dir={out}")
+  assert not marker.exists()
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"make_tfrecords: error: {archive}: cifar-10-batches-py/data_batch_1: refused to unpickle posix.system "
+      "(only the CIFAR batch format is read)")
+  assert not out.exists()
+
+
+def test_a_source_of_one_class_is_refused(tmp_path):
+  """One class directory was written as a dataset of 1 class (exit 0, 4 shards): nothing to tell apart."""
+  folder = str(tmp_path / "bolts")
+  _image_folder(folder, ["bolt"], 2, "png")
+  out = tmp_path / "out"
+  result = _run("tools.make_tfrecords", f"--source={folder}", f"--output_dir={out}", "--val_size=0")
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"make_tfrecords: error: {folder}: 1 class (bolt); a classifier needs at least 2: an image folder or tar "
+      "holds a <split>/<class_name>/ folder per class")
+  assert not out.exists()
 
 
 def test_a_source_with_only_test_images_writes_test_shards(tmp_path):
@@ -412,8 +496,9 @@ def test_coarse_labels_on_an_image_folder_or_a_cifar10_archive_are_refused(tmp_p
 def test_tiny_images_are_refused_unless_fitted(tmp_path):
   folder = str(tmp_path / "tiny")
   for split in ("train", "test"):
-    os.makedirs(os.path.join(folder, split, "cat"))
-    tf.io.write_file(os.path.join(folder, split, "cat", "a.png"), tf.io.encode_png(tf.zeros([4, 4, 3], tf.uint8)))
+    for name in ("cat", "dog"):
+      os.makedirs(os.path.join(folder, split, name))
+      tf.io.write_file(os.path.join(folder, split, name, "a.png"), tf.io.encode_png(tf.zeros([4, 4, 3], tf.uint8)))
   with pytest.raises(sources.SourceError, match="images of 4x4 pixels; the models need at least 8x8"):
     make_tfrecords.make(folder, str(tmp_path / "out"), val_size=0)
   assert make_tfrecords.make(folder, str(tmp_path / "out"), val_size=0, image_size=(8, 8))["image_shape"] == [8, 8, 3]

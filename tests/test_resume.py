@@ -13,6 +13,7 @@ import tensorflow as tf
 from configs import deep
 from configs import vgg_small
 from pipeline import fileio
+from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
 from tools import chaos_resume
 from tools import make_tfrecords
@@ -66,14 +67,30 @@ def test_a_model_with_dropout_resumes_bit_for_bit(synthetic_dir, tmp_path):
   assert len(states) == 3  # the smoke variant's 2 block dropouts and its dense dropout
 
 
-def test_the_train_stream_keeps_its_order_in_the_default_mode(synthetic_dir):
+@pytest.mark.parametrize("cache_in_memory", [True, False])
+def test_the_train_stream_keeps_its_order_in_the_default_mode(synthetic_dir, monkeypatch, cache_in_memory):
   """The augmentation map ran with deterministic=config.deterministic after the resume's skip(): in the
   default mode 24 of deep.py's first 60 batches came out of order (3cf2a86), so a resume skipped other
-  batches than the ones trained before the stop."""
-  config = _config(deep, synthetic_dir, deterministic=False)
+  batches than the ones trained before the stop. The dataset's options().deterministic cannot show it (a
+  map's own deterministic=False overrides them), so the images of the first 60 batches are compared, in
+  order: augmented on the host, in two builds, they are those of the stream without the augmentation map
+  (augment_on="device"). Each of the train pipeline's three parallel maps and its interleave, made unordered
+  one at a time, failed it in 5 runs of 5."""
+  monkeypatch.setattr(input_pipeline, "_CHUNK", 16)  # the decode-once map gets 38 elements to reorder, not 1
   manifest = manifest_lib.load(synthetic_dir)
-  dataset = data.train_dataset_fn(config, manifest, 4, start_step=0)(tf.distribute.InputContext())
-  assert dataset.options().deterministic
+
+  def image_keys(augment_on):
+    # Batches of 120: with batches of 8 an unordered augmentation map left some builds in order.
+    config = _config(deep, synthetic_dir, deterministic=False, global_batch_size=120, steps_per_epoch=0)
+    config.input.update(augment_on=augment_on, cache_in_memory=cache_in_memory)
+    dataset = data.train_dataset_fn(config, manifest, data.steps_per_epoch_for(config, manifest), start_step=0)(
+        tf.distribute.InputContext())
+    return [batch["keys"].numpy().tolist() for batch in dataset.take(60)]  # 12 epochs of 5 batches
+
+  in_order = image_keys("device")
+  for build in range(2):
+    moved = [step for step, (host, raw) in enumerate(zip(image_keys("host"), in_order, strict=True)) if host != raw]
+    assert not moved, f"host build {build}: batches {moved} of 60 hold other images than the raw stream's"
 
 
 def test_every_train_image_once_per_epoch_across_three_resumes(synthetic_dir):
@@ -100,7 +117,6 @@ def test_every_train_image_once_per_epoch_across_three_resumes(synthetic_dir):
 def _train_keys(data_dir: str) -> list[int]:
   manifest = manifest_lib.load(data_dir)
   files = manifest_lib.split_files(data_dir, manifest, "train")
-  from pipeline import input_pipeline  # pylint: disable=g-import-not-at-top
   batch = next(iter(tf.data.TFRecordDataset(files).batch(1 << 20).map(input_pipeline.decoder(manifest))))
   return batch["keys"].numpy().tolist()
 

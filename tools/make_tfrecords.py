@@ -281,6 +281,10 @@ def make(source_name: str, output_dir: str, *, num_shards: int = 16, val_size: i
                         dataset=dataset, label=label)
   logging.info("loaded %s (%s): %s in %.1fs", source.name, source.kind,
                ", ".join(f"{k} {len(v)}" for k, v in source.splits.items()), time.time() - start)
+  if len(source.class_names) < manifest_lib.MIN_CLASSES:
+    raise sources.SourceError(f"{source_name}: {manifest_lib.describe_classes(source.class_names)}; a classifier "
+                              f"needs at least {manifest_lib.MIN_CLASSES}: an image folder or tar holds a "
+                              "<split>/<class_name>/ folder per class")
   if min(source.image_shape[:2]) < MIN_IMAGE_SIDE:
     raise sources.SourceError(f"{source_name}: images of {'x'.join(map(str, source.image_shape[:2]))} pixels; the "
                               f"models need at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}: pass --image_size to fit "

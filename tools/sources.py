@@ -1,6 +1,6 @@
 """Readers for every source make_tfrecords accepts; each returns decoded uint8 RGB images of one size.
 
-Sources (../shared/CONTRACTS.md): `tfds` (the official download through tensorflow-datasets: CIFAR-10 by
+Sources (docs/interfaces.md): `tfds` (the official download through tensorflow-datasets: CIFAR-10 by
 default, or another image-classification set of one image size), the official `cifar-10-python.tar.gz` /
 `cifar-10-binary.tar.gz` / `cifar-100-python.tar.gz` archives, a folder or `.tar[.gz]` of
 `<split>/<class_name>/<image>` files (any class names, any image sizes with `image_size`), and `synthetic`
@@ -169,18 +169,51 @@ def _member(path: str, members: dict[str, bytes], suffix: str) -> bytes:
   raise SourceError(f"{path}: archive has no member {suffix}")
 
 
+class _BatchUnpickler(pickle.Unpickler):
+  """Unpickles the CIFAR python batches and nothing else: a pickle names the callables it runs, so one in a
+  crafted archive could run any code. The official batches (pickled by Python 2) hold dicts, lists, bytes,
+  str and ints, which need no callable, and numpy uint8 arrays, which need these three; re-pickled by
+  Python 3 (protocols 3 and 4), numpy 2 names its `_core` module instead of `core`."""
+
+  ALLOWED = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                       ("numpy", "ndarray"), ("numpy", "dtype")})
+
+  def __init__(self, data: bytes, where: str):
+    super().__init__(io.BytesIO(data), encoding="bytes")  # Python 2's str: bytes, as the batch keys are
+    self.where = where
+
+  def find_class(self, module, name):
+    if (module, name) not in self.ALLOWED:
+      raise SourceError(f"{self.where}: refused to unpickle {module}.{name} (only the CIFAR batch format is read)")
+    return super().find_class(module, name)
+
+
+def _unpickle(path: str, members: dict[str, bytes], member: str):
+  """The python archive's `member` through `_BatchUnpickler`; anything else in it is a SourceError."""
+  where = f"{path}: {member}"
+  try:
+    return _BatchUnpickler(_member(path, members, member), where).load()
+  except SourceError:
+    raise
+  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+    raise SourceError(f"{where}: not a CIFAR python batch ({e!r})") from e
+
+
 def _python_archive(path: str, checksum: str, members: dict[str, bytes]) -> Source:
   """`cifar-10-python.tar.gz`: pickled dicts of N x 3072 uint8 rows (CHW planes) and labels."""
   def batch(name):
+    d = _unpickle(path, members, f"{_PY_DIR}/{name}")
     try:
-      d = pickle.loads(_member(path, members, f"{_PY_DIR}/{name}"), encoding="bytes")
       data = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
       return data, np.asarray(d[b"labels"], np.int64)
-    except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
+    except (KeyError, TypeError, ValueError) as e:
       raise SourceError(f"{path}: member {name} is not a CIFAR-10 python batch ({e!r})") from e
 
-  meta = pickle.loads(_member(path, members, f"{_PY_DIR}/batches.meta"), encoding="bytes")
-  names = tuple(n.decode() for n in meta[b"label_names"])
+  meta = _unpickle(path, members, f"{_PY_DIR}/batches.meta")
+  try:
+    names = tuple(n.decode() for n in meta[b"label_names"])
+  except (KeyError, TypeError, AttributeError) as e:
+    raise SourceError(f"{path}: member batches.meta has no label_names list ({e!r})") from None
   train = [batch(n) for n in _TRAIN_BATCHES]
   splits = {"train": _array_split("train", np.concatenate([b[0] for b in train]),
                                   np.concatenate([b[1] for b in train])),
@@ -208,21 +241,15 @@ def _binary_archive(path: str, checksum: str, members: dict[str, bytes]) -> Sour
 def _cifar100_archive(path: str, checksum: str, members: dict[str, bytes], label: str) -> Source:
   """`cifar-100-python.tar.gz`: pickled `train` and `test` dicts of N x 3072 uint8 rows (CHW planes) with
   fine and coarse labels, and `meta` with both name lists."""
-  def unpickle(name):
-    try:
-      return pickle.loads(_member(path, members, f"{_PY100_DIR}/{name}"), encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError) as e:
-      raise SourceError(f"{path}: member {name} is not a CIFAR-100 python pickle ({e!r})") from e
-
   def split(name, num_classes):
-    d = unpickle(name)
+    d = _unpickle(path, members, f"{_PY100_DIR}/{name}")
     try:
       images = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
       return _array_split(name, images, np.asarray(d[f"{label}_labels".encode()], np.int64), num_classes)
-    except (KeyError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
       raise SourceError(f"{path}: member {name} is not a CIFAR-100 python batch ({e!r})") from e
 
-  meta = unpickle("meta")
+  meta = _unpickle(path, members, f"{_PY100_DIR}/meta")
   names = tuple(n.decode() for n in meta[f"{label}_label_names".encode()])
   return Source(path, f"cifar100_python_{label}", checksum, names,
                 {"train": split("train", len(names)), "test": split("test", len(names))})
