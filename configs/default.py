@@ -25,6 +25,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.cluster = "auto"  # where the workers come from: auto (TF_CONFIG when set, else the SLURM step this runs
                            # in, else this node alone) | tf_config | slurm | local (trainer/cluster.py)
   config.cluster_port = 8888  # SLURM: the port of each node's first task; its k-th task listens on this + k
+  config.cluster_wait_secs = 600  # seconds a task of a cluster waits for all the others before it stops, naming
+                                  # those that never came (pods and nodes may start minutes apart)
+  config.allow_cpu = False  # train although the GPUs the environment gave (CUDA_VISIBLE_DEVICES, SLURM) are
+                            # not seen by TensorFlow (trainer/gpus.py); False: refuse, naming the variable
   config.steps_per_loop = 10  # train steps inside one tf.function call; Python runs between calls
   config.jit_compile = False  # XLA-compile each replica's forward+backward pass (not with sync_bn; off: NOTES.md)
   config.log_every_steps = 50  # steps between progress lines and train summaries

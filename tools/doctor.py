@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import distribute
+from trainer import gpus as gpus_lib
 from trainer import main as trainer_main
 from trainer import models
 from trainer import precision
@@ -64,7 +65,12 @@ def check_devices(report: Report, on_cpu: bool = False) -> list:
   gpus = tf.config.list_physical_devices("GPU")
   build = tf.sysconfig.get_build_info()
   cuda = f"CUDA {build.get('cuda_version', '?')}, cuDNN {build.get('cudnn_version', '?')}"
+  short = gpus_lib.mismatch(gpus_lib.given(), len(gpus))  # the trainer's own refusal, word for word
+  if short:
+    report.line("FAIL", "gpu", short)
   if not gpus:
+    if short:
+      return []
     if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
       report.line("NOTE", "gpu", "CUDA_VISIBLE_DEVICES is empty: every GPU is hidden; training runs on the CPU")
     elif shutil.which("nvidia-smi"):

@@ -7,6 +7,8 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import cluster as cluster_lib
+from trainer import gpus as gpus_lib
+from trainer import rendezvous
 
 
 def configure_devices(logical_cpus: int) -> None:
@@ -51,12 +53,40 @@ def make_strategy(config) -> tf.distribute.Strategy:
                                    "give --config.strategy=mirrored (or multi_worker), or --config.cluster=local")
   kind = "multi_worker" if found.workers > 1 else config.strategy
   source = "TF_CONFIG" if found.kind == "tf_config" else f"SLURM and cluster_port={config.cluster_port}"
-  return _strategy(kind, config.logical_cpus, found, source)
+  _check_gpus_and_meet(found, source, bool(config.allow_cpu), config.cluster_wait_secs)
+  return _strategy(kind, config.logical_cpus, found)
 
 
 @functools.cache
-def _strategy(kind: str, logical_cpus: int, cluster: cluster_lib.Cluster, source: str) -> tf.distribute.Strategy:
-  cluster_lib.check_port_free(cluster, source)  # once: afterwards this process's own server holds the port
+def _check_gpus_and_meet(cluster: cluster_lib.Cluster, source: str, allow_cpu: bool, wait_secs: float) -> None:
+  """This task's checks before its strategy exists (its port free, the GPUs it was given seen), then, on a
+  cluster, the meeting with the other tasks (trainer/rendezvous.py): any task's refusal stops every task,
+  in one line, within `wait_secs`. Once per process: afterwards this process's own server holds the port."""
+  expected, seen = gpus_lib.given(), gpus_lib.seen()
+  logging.info("GPUs: %s%s", gpus_lib.describe(seen),
+               f" (given by {expected.variable}={expected.value})" if expected else "")
+  short = gpus_lib.mismatch(expected, len(seen))
+  problem = gpus_lib.GpuError(short) if short and not allow_cpu else None
+  if short and allow_cpu:
+    logging.warning("allow_cpu=True: training on %s although %s=%s", gpus_lib.describe(seen) if seen else "the CPU",
+                    expected.variable, expected.value)
+  if cluster.workers > 1:
+    if not isinstance(wait_secs, (int, float)) or isinstance(wait_secs, bool) or wait_secs <= 0:
+      raise cluster_lib.ClusterError(f"cluster_wait_secs={wait_secs!r} must be a number of seconds > 0")
+    try:
+      cluster_lib.check_port_free(cluster, source)
+    except cluster_lib.ClusterError as e:
+      if cluster.address == cluster.spec[0][1][0]:
+        raise  # the chief meets the others on that port: they find it gone and stop at their deadline
+      problem = problem or e
+    rendezvous.meet(cluster, problem=str(problem) if problem else None,
+                    facts={"gpus": gpus_lib.identity(expected, len(seen))}, wait_secs=wait_secs)
+  if problem:
+    raise problem
+
+
+@functools.cache
+def _strategy(kind: str, logical_cpus: int, cluster: cluster_lib.Cluster) -> tf.distribute.Strategy:
   configure_devices(logical_cpus)
   # Physical, not logical, devices: listing logical ones starts TensorFlow's runtime, after which
   # MultiWorkerMirroredStrategy can no longer configure its collectives.

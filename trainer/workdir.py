@@ -39,13 +39,14 @@ RESUME_MAY_CHANGE = (
     "summary_flush_secs", "summary_worst_images", "profile_steps", "progress_bar", "keep_checkpoints", "export",
     "stop_exit_code", "export_precision", "export_versions",
     "tta", "eval_batch_size", "eval_steps", "bn_statistics_images", "data_dir", "deterministic", "jit_compile",
-    "logical_cpus", "strategy", "cluster", "cluster_port", "model.fast_kernels", "model.sync_bn",
+    "logical_cpus", "strategy", "cluster", "cluster_port", "cluster_wait_secs", "allow_cpu", "model.fast_kernels",
+    "model.sync_bn",
     "input.verify_checksums", "input.probe_batches", "input.data_service", "input.augment_on")
 # What the workers of one run may differ in: where each finds the data (its identity is compared), and
 # what only the chief does or each shows on its own. All else sets the schedule of collectives or the
 # batches, so it must be alike on every worker.
-WORKERS_MAY_DIFFER = ("data_dir", "progress_bar", "summary_flush_secs", "keep_checkpoints", "export",
-                      "export_versions", "stop_exit_code", "input.verify_checksums", "input.probe_batches")
+WORKERS_MAY_DIFFER = ("data_dir", "progress_bar", "summary_flush_secs", "keep_checkpoints", "export", "allow_cpu",
+                      "cluster_wait_secs", "export_versions", "stop_exit_code", "input.verify_checksums", "input.probe_batches")
 
 def now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

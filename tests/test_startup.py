@@ -1,0 +1,142 @@
+"""Start-up as a cluster's first day meets it: GPUs given but not seen, a task that never comes, a task that
+refuses before its strategy exists, two tasks given one GPU."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tools import chaos_resume
+from trainer import cluster as cluster_lib
+from trainer import gpus
+from trainer import main as trainer_main
+from trainer import rendezvous
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = "configs/deep.py:smoke"
+
+
+@pytest.mark.parametrize("environ,expected", [
+    ({}, None),
+    ({"CUDA_VISIBLE_DEVICES": "0,1"}, ("CUDA_VISIBLE_DEVICES", ("0", "1"))),
+    ({"CUDA_VISIBLE_DEVICES": "GPU-8f6c,GPU-1a2b"}, ("CUDA_VISIBLE_DEVICES", ("GPU-8f6c", "GPU-1a2b"))),
+    ({"CUDA_VISIBLE_DEVICES": "", "SLURM_JOB_GPUS": "0,1"}, None),  # hidden on purpose (as these tests do)
+    ({"CUDA_VISIBLE_DEVICES": "-1", "SLURM_JOB_GPUS": "0"}, None),
+    ({"SLURM_STEP_GPUS": "2,3", "SLURM_JOB_GPUS": "0,1,2,3"}, ("SLURM_STEP_GPUS", ("2", "3"))),
+    ({"SLURM_GPUS_ON_NODE": "4"}, ("SLURM_GPUS_ON_NODE", ("0", "1", "2", "3"))),
+    ({"SLURM_GPUS_ON_NODE": "0"}, None),
+    ({"NVIDIA_VISIBLE_DEVICES": "all"}, None),  # the CUDA images' default, also on machines without a GPU
+    ({"NVIDIA_VISIBLE_DEVICES": "void"}, None),
+    ({"NVIDIA_VISIBLE_DEVICES": "1"}, ("NVIDIA_VISIBLE_DEVICES", ("1",))),
+])
+def test_the_gpus_the_environment_gives(environ, expected):
+  found = gpus.given(environ)
+  assert (found and (found.variable, found.ids)) == expected
+
+
+def test_fewer_gpus_seen_than_given_is_one_line_naming_the_variable():
+  given = gpus.given({"SLURM_STEP_GPUS": "0,1"})
+  assert gpus.mismatch(given, 2) is None and gpus.mismatch(None, 0) is None
+  line = gpus.mismatch(given, 1)
+  assert line.startswith("SLURM_STEP_GPUS=0,1 gives this process 2 GPU(s), but TensorFlow sees 1: ")
+  assert line.endswith("give --config.allow_cpu=True to train on the 1 GPU(s) it sees anyway") and "\n" not in line
+
+
+def test_two_tasks_of_one_host_given_one_gpu_are_named():
+  names = ["worker 0 (a:1)", "worker 1 (a:2)", "worker 2 (b:1)"]
+  apart = [{"host": "a", "gpus": ["0"]}, {"host": "a", "gpus": ["1"]}, {"host": "b", "gpus": ["0"]}]
+  assert gpus.shared(apart, names) is None
+  together = [{"host": "a", "gpus": ["0", "1"]}, {"host": "a", "gpus": ["1"]}, {"host": "b", "gpus": ["0"]}]
+  assert gpus.shared(together, names).startswith("worker 0 (a:1) and worker 1 (a:2) on a were both given GPU 1: ")
+
+
+def _run(*args, env=None, timeout=120):
+  return subprocess.run([sys.executable, "-m", "trainer.main", f"--config={SMOKE}", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_gpus_given_and_not_seen_refuse_unless_the_cpu_is_allowed(synthetic_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES="0,1")
+  refused = _run(f"--workdir={workdir}", f"--config.data_dir={synthetic_dir}", env=env)
+  assert refused.returncode == 1 and "Traceback" not in refused.stderr
+  assert refused.stderr.strip().splitlines()[-1].startswith(
+      "trainer: error: CUDA_VISIBLE_DEVICES=0,1 gives this process 2 GPU(s), but TensorFlow sees none: ")
+  assert not os.path.exists(workdir)
+  allowed = _run(f"--workdir={workdir}", f"--config.data_dir={synthetic_dir}", "--config.allow_cpu=True",
+                 "--config.num_epochs=1", "--config.export=False", env=env)
+  assert allowed.returncode == 0, allowed.stderr[-2000:]
+  assert "allow_cpu=True: training on the CPU although CUDA_VISIBLE_DEVICES=0,1" in allowed.stderr
+
+
+def _cluster(addresses: list[str], index: int) -> cluster_lib.Cluster:
+  return cluster_lib.Cluster("tf_config", (("worker", tuple(addresses)),), "worker", index)
+
+
+def test_the_chief_names_a_task_that_never_came():
+  addresses = [f"127.0.0.1:{p}" for p in chaos_resume.free_ports(2)]
+  start = time.monotonic()
+  with pytest.raises(cluster_lib.ClusterError, match=r"^worker 1 \(127\.0\.0\.1:\d+\) never came within "
+                                                      r"cluster_wait_secs=1: start every task"):
+    rendezvous.meet(_cluster(addresses, 0), problem=None, facts={}, wait_secs=1)
+  assert time.monotonic() - start < 5
+
+
+def test_a_task_whose_chief_never_came_stops_at_the_deadline():
+  addresses = [f"127.0.0.1:{p}" for p in chaos_resume.free_ports(2)]
+  with pytest.raises(cluster_lib.ClusterError, match=r"^worker 0 \(127\.0\.0\.1:\d+\) never answered worker 1 "):
+    rendezvous.meet(_cluster(addresses, 1), problem=None, facts={}, wait_secs=1)
+
+
+def test_a_listener_that_is_not_the_chief_is_named():
+  with socket.socket() as squatter:
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen(1)
+    addresses = [f"127.0.0.1:{squatter.getsockname()[1]}", f"127.0.0.1:{chaos_resume.free_ports(1)[0]}"]
+    with pytest.raises(cluster_lib.ClusterError, match="not as this trainer's chief"):
+      rendezvous.meet(_cluster(addresses, 1), problem=None, facts={}, wait_secs=1)
+
+
+@pytest.mark.slow
+def test_one_of_two_workers_started_alone_exits_within_the_deadline(synthetic_dir, tmp_path):
+  """Under TF_CONFIG nothing bounded the wait: one worker of two, started alone, still waited after 900 s."""
+  env = chaos_resume.cluster_environments(2)[0]
+  start = time.monotonic()
+  alone = _run(f"--workdir={tmp_path / 'run'}", f"--config.data_dir={synthetic_dir}",
+               "--config.cluster_wait_secs=5", env=env)
+  assert alone.returncode == 1 and "Traceback" not in alone.stderr, alone.stderr[-2000:]
+  assert alone.stderr.strip().splitlines()[-1].startswith(
+      "trainer: error: worker 1 (127.0.0.1:") and "never came within cluster_wait_secs=5" in alone.stderr
+  assert time.monotonic() - start < 60
+
+
+@pytest.mark.slow
+def test_a_worker_refusing_at_start_stops_the_other_within_the_deadline(synthetic_dir, tmp_path):
+  """Worker 1's port is taken: it refuses before its strategy exists, and the chief stops too, naming it."""
+  envs = chaos_resume.cluster_environments(2)
+  port = int(json_address(envs[1]).rsplit(":", 1)[1])
+  command = trainer_main.command(SMOKE, str(tmp_path / "run"), {"data_dir": synthetic_dir, "cluster_wait_secs": 30})
+  with socket.socket() as squatter:
+    squatter.bind(("", port))
+    squatter.listen(1)
+    start = time.monotonic()
+    procs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for env in envs]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+  assert [p.returncode for p in procs] == [1, 1], errors
+  assert all("Traceback" not in e for e in errors)
+  assert errors[1].strip().splitlines()[-1].startswith(f"trainer: error: port {port} of this task")
+  assert errors[0].strip().splitlines()[-1].startswith(f"trainer: error: worker 1 (127.0.0.1:{port}) refused to "
+                                                       f"start: port {port} of this task")
+  assert time.monotonic() - start < 30
+  assert not os.path.exists(tmp_path / "run")
+
+
+def json_address(env: dict) -> str:
+  import json  # pylint: disable=import-outside-toplevel
+  tf_config = json.loads(env["TF_CONFIG"])
+  return tf_config["cluster"]["worker"][tf_config["task"]["index"]]

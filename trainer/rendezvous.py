@@ -1,0 +1,140 @@
+"""Before the strategy: the tasks of a cluster meet at the chief's address, with a deadline.
+
+MultiWorkerMirroredStrategy waits for every task with no useful limit (one worker of two, started alone,
+was still waiting after 900 s), and a task that refuses before its strategy exists (its port in use, its
+GPUs unseen) tells nobody. So each task first says hello to the chief over a plain TCP connection on the
+chief's own port, with what it found wrong, if anything, and its GPUs; the chief answers everyone at once:
+go, or the one line that every task then stops with (a task that refused, one that never came by
+`cluster_wait_secs`, two tasks given the same GPU). Only then does each build its strategy, and the chief's
+TensorFlow server takes the port the meeting used.
+"""
+
+import json
+import socket
+import time
+
+from trainer import cluster as cluster_lib
+from trainer import gpus as gpus_lib
+
+_RETRY_SECS = 0.25  # between a task's tries to reach a chief that is not listening yet
+_GRACE_SECS = 10.0  # a task waits this much longer than the chief for its answer: they started apart
+
+
+def meet(cluster: cluster_lib.Cluster, *, problem: str | None, facts: dict, wait_secs: float) -> list[dict]:
+  """Meets the other tasks of `cluster` (see the module docstring). `problem`: why this task refuses to
+  start, or None; `facts`: what the chief checks across tasks (`gpus`: gpus.identity). Returns every task's
+  facts, chief first, in task order, when every task came without a problem; else raises ClusterError with
+  the line every task stops with."""
+  tasks = [f"{job} {i} ({address})" for job, addresses in cluster.spec for i, address in enumerate(addresses)]
+  addresses = [address for _, a in cluster.spec for address in a]
+  me = addresses.index(cluster.address)
+  if me == 0:
+    return _as_chief(addresses[0], tasks, {"problem": problem, **facts}, wait_secs)
+  return _as_task(addresses[0], tasks, me, {"problem": problem, **facts}, wait_secs)
+
+
+def _as_chief(address: str, tasks: list[str], mine: dict, wait_secs: float) -> list[dict]:
+  port = int(address.rsplit(":", 1)[1])
+  listener = socket.socket()
+  listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  try:
+    listener.bind(("", port))
+  except OSError as e:
+    raise cluster_lib.ClusterError(f"{tasks[0]}: port {port} cannot be listened on ({e.strerror}): stop the process "
+                                   "that holds it, or give the tasks other ports") from None
+  listener.listen(len(tasks))
+  heard, connections = {0: mine}, {}
+  deadline = time.monotonic() + wait_secs
+  try:
+    while len(heard) < len(tasks) and time.monotonic() < deadline:
+      listener.settimeout(max(deadline - time.monotonic(), 0.01))
+      try:
+        connection, _ = listener.accept()
+      except socket.timeout:
+        break
+      hello = _receive(connection, deadline)
+      if not isinstance(hello, dict) or hello.get("task") not in range(1, len(tasks)):
+        connection.close()  # not one of ours (a port scanner, a stale process)
+        continue
+      heard[hello["task"]] = hello["facts"]
+      connections[hello["task"]] = connection
+    answer = _verdict(tasks, heard, wait_secs)
+    for connection in connections.values():
+      _send(connection, answer)
+    for connection in connections.values():  # the task closes first: its side keeps TIME_WAIT, not the port
+      connection.settimeout(_GRACE_SECS)
+      try:
+        connection.recv(1)
+      except OSError:
+        pass
+  finally:
+    for connection in connections.values():
+      connection.close()
+    listener.close()
+  return _result(answer, mine)
+
+
+def _verdict(tasks: list[str], heard: dict, wait_secs: float) -> dict:
+  """The chief's answer: every task's facts, or the first reason to stop."""
+  for index in sorted(heard):
+    if heard[index].get("problem"):
+      return {"error": f"{tasks[index]} refused to start: {heard[index]['problem']}"}
+  missing = [tasks[i] for i in range(len(tasks)) if i not in heard]
+  if missing:
+    return {"error": f"{', '.join(missing)} never came within cluster_wait_secs={wait_secs:g}: start every task "
+                     f"of the cluster, and check that each can reach {tasks[0]}"}
+  facts = [heard[i] for i in range(len(tasks))]
+  clash = gpus_lib.shared([f["gpus"] for f in facts], tasks) if all("gpus" in f for f in facts) else None
+  return {"error": clash} if clash else {"facts": facts}
+
+
+def _as_task(chief: str, tasks: list[str], me: int, mine: dict, wait_secs: float) -> list[dict]:
+  host, port = chief.rsplit(":", 1)
+  deadline = time.monotonic() + wait_secs
+  while True:
+    try:
+      connection = socket.create_connection((host, int(port)), timeout=max(deadline - time.monotonic(), 0.01))
+      break
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise cluster_lib.ClusterError(f"{tasks[0]} never answered {tasks[me]} within cluster_wait_secs="
+                                       f"{wait_secs:g} ({e.strerror or e}): start every task of the cluster, and "
+                                       "check that this one can reach it") from None
+      time.sleep(_RETRY_SECS)
+  with connection:
+    _send(connection, {"task": me, "facts": mine})
+    answer = _receive(connection, deadline + _GRACE_SECS)
+  if not isinstance(answer, dict) or not ({"facts", "error"} & set(answer)):
+    raise cluster_lib.ClusterError(f"{tasks[0]} answered {tasks[me]}, but not as this trainer's chief: another "
+                                   "process holds that port, or the chief runs another version of the trainer")
+  return _result(answer, mine)
+
+
+def _result(answer: dict, mine: dict) -> list[dict]:
+  if "error" in answer:
+    if mine.get("problem"):  # this task's own refusal is the line it stops with
+      raise cluster_lib.ClusterError(mine["problem"])
+    raise cluster_lib.ClusterError(answer["error"])
+  return answer["facts"]
+
+
+def _send(connection: socket.socket, message: dict) -> None:
+  try:
+    connection.sendall(json.dumps(message).encode() + b"\n")
+  except OSError:
+    pass  # a task that went away meanwhile finds out on its own
+
+
+def _receive(connection: socket.socket, deadline: float):
+  """One JSON line from `connection` by `deadline`, or None."""
+  data = b""
+  try:
+    while not data.endswith(b"\n") and len(data) < 1 << 16:
+      connection.settimeout(max(deadline - time.monotonic(), 0.01))
+      chunk = connection.recv(4096)
+      if not chunk:
+        break
+      data += chunk
+    return json.loads(data)
+  except (OSError, ValueError):
+    return None
