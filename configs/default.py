@@ -24,9 +24,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.strategy = "mirrored"  # mirrored | multi_worker | one_device; on a cluster of several tasks: multi_worker
   config.cluster = "auto"  # where the workers come from: auto (TF_CONFIG when set, else the SLURM step this runs
                            # in, else this node alone) | tf_config | slurm | local (trainer/cluster.py)
-  config.cluster_port = 8888  # SLURM: the port of each node's first task; its k-th task listens on this + k
+  config.cluster_port = 8888  # SLURM steps without reserved ports: the first of the 4072 ports their tasks' ports
+                             # derive from, by job and step id (trainer/cluster.py, BUILD.md's SLURM section)
   config.cluster_wait_secs = 600  # seconds a task of a cluster waits for all the others before it stops, naming
                                   # those that never came (pods and nodes may start minutes apart)
+  config.lease_secs = 120  # seconds without renewal after which a run's lease on its workdir (trainer/lease.py) may
+                          # be taken over by another start (a holder killed on another node); renewed every 1/4
   config.allow_cpu = False  # train although the GPUs the environment gave (CUDA_VISIBLE_DEVICES, SLURM) are
                             # not seen by TensorFlow (trainer/gpus.py); False: refuse, naming the variable
   config.steps_per_loop = 10  # train steps inside one tf.function call; Python runs between calls

@@ -1,7 +1,10 @@
 """The training preprocessing the config asks for, composed from `pipeline.ops`, for a whole batch.
 
 The same function runs on the host (inside tf.data) or on the accelerator (inside the train step) as
-`config.input.augment_on` says; a batch carries its own seed, so both places give the same result.
+`config.input.augment_on` says; a batch carries its own seed, so both places give the same result. The seed
+is its step's, and the batch says where its images sit in the step's global batch (`positions`,
+`global_batch_size`): each image's augmentation is a function of (seed, epoch, step, its place), the same
+whichever replica's slice it is in, so a run may resume on another replica count (pipeline/ops.py).
 """
 
 import tensorflow as tf
@@ -12,10 +15,11 @@ from pipeline import ops
 FLIPS = ("none", "random", "alternating")
 
 
-def batch_seed(seed: tf.Tensor, epoch: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:
-  """The seed of one batch: a pure function of the pipeline's seed, the epoch and the batch number."""
+def batch_seed(seed: tf.Tensor, epoch: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+  """The seed of one global batch: a pure function of the run's seed, the epoch and the step in it. Every
+  replica's slice of that batch draws from it (ops.Places)."""
   fold = tf.random.experimental.stateless_fold_in
-  return fold(fold(seed, epoch), batch)
+  return fold(fold(seed, epoch), step)
 
 
 def check(config) -> None:
@@ -32,8 +36,9 @@ def train_preprocess(batch: dict, config, mean, std, num_classes: int = cifar10.
   """Augments and normalises a training batch.
 
   Args:
-    batch: `images` uint8 [N, H, W, C], `labels` int64 [N], `seed` [2] (the batch's), `run_seed` [2],
-      `epoch` scalar, `keys` int64 [N] (stable per image).
+    batch: `images` uint8 [N, H, W, C], `labels` int64 [N], `seed` [2] (its step's), `run_seed` [2],
+      `epoch` scalar, `keys` int64 [N] (stable per image), `positions` int32 [N] (each image's row in the
+      step's global batch) and `global_batch_size` int32 scalar.
     config: the `augment` ConfigDict (see configs/default.py); sizes in pixels.
     mean, std: per-channel normalisation in [0, 1] units.
     num_classes: the dataset's, for mixup's and cutmix's one-hot labels.
@@ -43,36 +48,39 @@ def train_preprocess(batch: dict, config, mean, std, num_classes: int = cifar10.
   """
   images, labels = batch["images"], batch["labels"]
   seeds = tf.unstack(tf.random.experimental.stateless_split(batch["seed"], 6))
+  places = ops.Places(batch["positions"], batch["global_batch_size"])
   n = tf.shape(images)[0]
   grid = ops.identity_grid(n, images.shape[1], images.shape[2])
   moved = False
   if config.rotation_degrees or config.shift_fraction or config.zoom_fraction:
-    grid = ops.affine(grid, seeds[0], config.rotation_degrees, config.shift_fraction, config.zoom_fraction)
+    grid = ops.affine(grid, seeds[0], config.rotation_degrees, config.shift_fraction, config.zoom_fraction,
+                      places)
     moved = True
   if config.crop_padding:
-    grid, moved = ops.translate(grid, seeds[1], config.crop_padding), True
+    grid, moved = ops.translate(grid, seeds[1], config.crop_padding, places), True
   if config.flip == "random":
-    grid, moved = ops.flip(grid, ops.random_flip_mask(seeds[2], n)), True
+    grid, moved = ops.flip(grid, ops.random_flip_mask(seeds[2], n, places)), True
   elif config.flip == "alternating":
     # The run's seed, not the batch's: an image must keep its half from epoch to epoch.
     grid, moved = ops.flip(grid, ops.alternating_flip_mask(batch["keys"], batch["epoch"], batch["run_seed"])), True
   if moved:
     images = ops.sample(images, grid)
   if config.cutout_size:
-    images = ops.cutout(images, seeds[3], config.cutout_size, config.cutout_probability)
+    images = ops.cutout(images, seeds[3], config.cutout_size, config.cutout_probability, places)
   images = ops.normalize(images, mean, std)
   if config.mixup_alpha or config.cutmix_alpha:
-    images, labels = _mix(images, tf.one_hot(labels, num_classes), seeds[4], seeds[5], config)
+    images, labels = _mix(images, tf.one_hot(labels, num_classes), seeds[4], seeds[5], config, places)
   return {"images": images, "labels": labels, "keys": batch["keys"]}
 
 
-def _mix(images, onehot, choice_seed, mix_seed, config):
-  """Mixup or cutmix on a batch with probability `mix_probability`; cutmix when both are on and a coin
-  says so. Labels are one-hot probabilities either way, so every batch has the same structure."""
+def _mix(images, onehot, choice_seed, mix_seed, config, places: ops.Places):
+  """Mixup or cutmix on a global batch with probability `mix_probability`; cutmix when both are on and a
+  coin says so (coins of the step's seed: every replica's slice tosses the same). Labels are one-hot
+  probabilities either way, so every batch has the same structure."""
   u = tf.random.stateless_uniform([2], choice_seed)
   identity = lambda: (images, onehot)
-  do_mixup = lambda: ops.mixup(images, onehot, mix_seed, config.mixup_alpha)
-  do_cutmix = lambda: ops.cutmix(images, onehot, mix_seed, config.cutmix_alpha)
+  do_mixup = lambda: ops.mixup(images, onehot, mix_seed, config.mixup_alpha, places)
+  do_cutmix = lambda: ops.cutmix(images, onehot, mix_seed, config.cutmix_alpha, places)
   if config.mixup_alpha and config.cutmix_alpha:
     mixed = lambda: tf.cond(u[1] < 0.5, do_mixup, do_cutmix)
   else:

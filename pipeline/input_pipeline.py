@@ -1,9 +1,12 @@
 """tf.data assembly: shard files by `tf.distribute.InputContext`, read, decode, augment, batch, prefetch.
 
-A training batch is a pure function of (seed, epoch, step, replica): each epoch's order comes from a
-stateless shuffle seeded by the epoch, and augmentation is seeded per batch. So a run resumed at step k
-builds the pipeline with `start_step=k` and sees exactly the batches an uninterrupted run would, without
-replaying the ones before.
+Each image of a training step is a pure function of (seed, epoch, step, its place in the step's global
+batch): each epoch's order comes from a stateless shuffle seeded by the epoch, and augmentation draws for
+the whole global batch from the step's seed, each replica keeping the rows of its own images
+(pipeline/ops.py, `Places`). So a run resumed at step k builds the pipeline with `start_step=k` and sees
+exactly the batches an uninterrupted run would, without replaying the ones before; in memory on any number
+of replicas and workers, streaming on any number of replicas per worker (its shares of the shards are per
+worker).
 
 Two ways to feed training (`config.input.cache_in_memory`):
   - True (CIFAR-10 always fits): the whole split is read and decoded once into one uint8 tensor; every
@@ -14,13 +17,14 @@ Two ways to feed training (`config.input.cache_in_memory`):
     shuffled within windows of `shuffle_buffer`, then parsed and decoded a batch at a time.
 
 Elements are dicts. Training: `images`, `labels` after preprocessing; with `augment_on="device"` the raw
-batch instead (`images` uint8, `labels`, `seed`, `run_seed`, `epoch`, `keys`) for `augment.train_preprocess` in
-the train step. Evaluation: `images`, `labels`.
+batch instead (`images` uint8, `labels`, `seed`, `run_seed`, `epoch`, `keys`, `positions`, `global_batch_size`)
+for `augment.train_preprocess` in the train step. Evaluation: `images`, `labels`.
 """
 
 import tensorflow as tf
 
 from pipeline import augment
+from pipeline import cpus
 from pipeline import manifest as manifest_lib
 from pipeline import ops
 from pipeline import records
@@ -40,11 +44,17 @@ def _context(input_context: tf.distribute.InputContext | None) -> tf.distribute.
 
 def _options() -> tf.data.Options:
   options = tf.data.Options()
-  # Every dataset here keeps its order: a training batch is a pure function of (seed, epoch, step,
-  # replica) in every mode, which is what lets a resume skip exactly the batches trained before a stop.
+  # Every dataset here keeps its order: a training batch is a pure function of (seed, epoch, step, its
+  # rows in the global batch) in every mode, which is what lets a resume skip exactly the batches trained
+  # before a stop.
   options.deterministic = True
   # Files are sharded here by hand; auto-sharding would shard them again.
   options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+  # Threads for the CPUs this process may run on: tf.data would size its pool and autotuning budget by the
+  # affinity mask alone, which is the whole shared node where SLURM binds no CPUs (pipeline/cpus.py).
+  threads = cpus.usable().count
+  options.threading.private_threadpool_size = threads
+  options.autotune.cpu_budget = threads
   return options
 
 
@@ -160,9 +170,10 @@ def _in_memory_batches(files, decode, layout: _Layout, seed: int, first_epoch: i
   """Raw per-replica batches gathered from the whole train split, decoded once and held in memory.
 
   Every pipeline holds the whole split and draws the same permutation per epoch; replica r of step s
-  gets rows [r * batch, (r + 1) * batch) of that step's global batch, with a seed made from (s, r). So
-  what a replica sees does not depend on how replicas are spread over workers: 2 workers of 1 replica
-  train exactly as 1 worker with 2 (a test checks it), and a resumed run continues exactly.
+  gets rows [r * batch, (r + 1) * batch) of that step's global batch, with the step's seed and those
+  rows' places (`_randomness`). So an image's place, pixels and augmentation do not depend on how many
+  replicas there are or how they are spread over workers: a run resumed on 4 GPUs after 8, or on 2
+  workers after 3, trains as it would have (tests/test_elastic.py), and a resumed run continues exactly.
   """
   # Decoded in chunks on every core, then made one element: one op over the whole split ran on one core.
   everything = (tf.data.TFRecordDataset(files).batch(_CHUNK)
@@ -174,37 +185,53 @@ def _in_memory_batches(files, decode, layout: _Layout, seed: int, first_epoch: i
     perm = _epoch_permutation(base_seed, epoch, tf.shape(data["labels"], tf.int64)[0], needed)
     perm = tf.reshape(perm, [layout.steps_per_epoch, layout.replicas, layout.batch])
     mine = perm[:, layout.first_replica:layout.first_replica + layout.local_replicas]
-    replica_ids = tf.range(layout.first_replica, layout.first_replica + layout.local_replicas, dtype=tf.int64)
-    ids = tf.reshape(tf.range(layout.steps_per_epoch, dtype=tf.int64)[:, None] * layout.replicas
-                     + replica_ids[None, :], [-1])
-    index = tf.data.Dataset.from_tensor_slices((ids, tf.reshape(mine, [-1, layout.batch])))
-    return index.map(_as_is(lambda b, idx: dict(
+    steps = tf.repeat(tf.range(layout.steps_per_epoch, dtype=tf.int64), layout.local_replicas)
+    replicas = tf.tile(tf.range(layout.first_replica, layout.first_replica + layout.local_replicas),
+                       [layout.steps_per_epoch])
+    index = tf.data.Dataset.from_tensor_slices((steps, replicas, tf.reshape(mine, [-1, layout.batch])))
+    return index.map(_as_is(lambda s, r, idx: dict(
         {k: tf.gather(v, idx) for k, v in data.items()}, epoch=epoch,
-        seed=augment.batch_seed(base_seed, epoch, b), run_seed=base_seed)))
+        **_randomness(base_seed, epoch, s, r, layout))))
 
   # Each epoch's element holds a reference to the cached tensors, not a copy.
   epochs = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS)
   return tf.data.Dataset.zip(epochs, everything.repeat()).flat_map(_as_is(epoch_batches))
 
 
+def _randomness(seed: tf.Tensor, epoch: tf.Tensor, step: tf.Tensor, replica: tf.Tensor,
+                layout: _Layout) -> dict[str, tf.Tensor]:
+  """What the augmentation of replica `replica`'s batch of step `step` (in `epoch`) draws from: the step's
+  seed, the run's, and where its images sit in the step's global batch (rows [replica * batch,
+  (replica + 1) * batch)). The same for an image at the same place on any layout."""
+  return {"seed": augment.batch_seed(seed, epoch, step), "run_seed": seed,
+          "positions": tf.cast(replica, tf.int32) * layout.batch + tf.range(layout.batch),
+          "global_batch_size": tf.constant(layout.replicas * layout.batch, tf.int32)}
+
+
 def _streaming_batches(files, counts, decode, layout: _Layout, seed: int, first_epoch: int,
                        config) -> tf.data.Dataset:
   """Raw per-replica batches read from this pipeline's share of the shards every epoch, shuffled in
   windows. Shares are disjoint and each holds what its pipeline takes per epoch, so an epoch whose batches
-  cover the split reads every record exactly once over all pipelines."""
+  cover the split reads every record exactly once over all pipelines.
+
+  Step s of a pipeline takes the next `local_replicas * batch` records of its stream, its replicas in
+  turn, whatever that split: so on the same number of workers (shares) any replica count trains the same
+  images, augmented alike (`_randomness`). Another number of workers gives other shares, which a resume
+  refuses (trainer/workdir.py).
+  """
   ctx = layout.ctx
   batches_per_epoch = layout.steps_per_epoch * layout.local_replicas
   local, by_record = _share(files, ctx, counts, quota=batches_per_epoch * layout.batch)
-  # The file order is the same on every pipeline (sharing by record takes every n-th record of one common
-  # stream); windows and augmentation are seeded per pipeline.
-  order_seed = tf.constant([seed, 0], tf.int64)
+  # The file order and augmentation are the same on every pipeline (sharing by record takes every n-th
+  # record of one common stream; augmentation follows the global batch); windows are shuffled per pipeline.
+  run_seed = tf.constant([seed, 0], tf.int64)
   base_seed = tf.constant([seed, ctx.input_pipeline_id], tf.int64)
 
   def one_epoch(epoch):
     # Stateless shuffles throughout: tf.data's shuffle() takes no tensor seed once op determinism is on.
     epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, epoch)
     order = tf.random.experimental.stateless_shuffle(
-        tf.range(len(local)), seed=tf.random.experimental.stateless_fold_in(order_seed, epoch))
+        tf.range(len(local)), seed=tf.random.experimental.stateless_fold_in(run_seed, epoch))
     reader = (tf.data.Dataset.from_tensor_slices(tf.gather(tf.constant(local), order))
               .interleave(tf.data.TFRecordDataset, cycle_length=config.input.interleave_cycle,
                           num_parallel_calls=AUTOTUNE, deterministic=True))
@@ -213,8 +240,9 @@ def _streaming_batches(files, counts, decode, layout: _Layout, seed: int, first_
         tf.range(tf.shape(records)[0]), seed=tf.random.experimental.stateless_fold_in(epoch_seed, i)))
     shuffled = reader.batch(config.input.shuffle_buffer).enumerate().map(_as_is(window)).unbatch()
     return (shuffled.batch(layout.batch, drop_remainder=True).take(batches_per_epoch).enumerate()
-            .map(_as_is(lambda b, s: dict(decode(s), epoch=epoch,
-                                          seed=augment.batch_seed(base_seed, epoch, b), run_seed=base_seed)),
+            .map(_as_is(lambda b, s: dict(decode(s), epoch=epoch, **_randomness(
+                run_seed, epoch, b // layout.local_replicas,
+                layout.first_replica + tf.cast(b % layout.local_replicas, tf.int32), layout))),
                  num_parallel_calls=AUTOTUNE, deterministic=True))
 
   return tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(_as_is(one_epoch))

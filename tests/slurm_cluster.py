@@ -1,6 +1,12 @@
 """A real SLURM on 127.0.0.1 for the tests: munged, slurmctld and slurmd from Debian's packages (slurm-wlm,
 munge; `.ci/run` installs them), each configured in a temporary directory with free ports, so nothing of
-the machine's own /etc/slurm is used or changed. Needs root (slurmd starts the jobs' processes)."""
+the machine's own /etc/slurm is used or changed. Needs root (slurmd starts the jobs' processes).
+
+The node is modelled as sites run theirs, not as loopback would have it: its NodeName (`node-a`) is no
+resolvable host name (NodeAddr=127.0.0.1; slurmd starts as it with -N), it declares more CPUs than the
+machine has (SlurmdParameters=config_overrides) and 4 GPUs whose device files are links to /dev/null
+(SLURM then sets each task's CUDA_VISIBLE_DEVICES; TensorFlow sees none), and steps get reserved ports
+(MpiParams=ports), so that the repository's batch script runs as submitted."""
 
 import os
 import shutil
@@ -28,8 +34,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+NODE = "node-a"  # the node's name, which no resolver knows
+CPUS = 32  # declared: two jobs of the batch script's 2 x 8 CPUs at once (the machine has fewer)
+GPUS = 4  # declared: two jobs of 2 tasks x 1 GPU at once
+RESERVED_PORTS = "20000-20999"  # MpiParams=ports: what SLURM reserves steps' ports from
+
+
 class LocalSlurm:
-  """One node (this machine, 127.0.0.1) with 2 CPUs that may be oversubscribed, in one partition."""
+  """One node (this machine, 127.0.0.1, named NODE) with CPUS CPUs and GPUS fake GPUs, in one partition."""
 
   def __init__(self, root: str):
     self.root = root
@@ -46,6 +58,11 @@ class LocalSlurm:
     socket_path = os.path.join(self.root, "munge.socket")
     host = socket.gethostname().split(".")[0]
     r = self.root
+    for i in range(GPUS):  # gres.conf wants character devices; CUDA never opens these
+      if not os.path.lexists(f"{r}/gpu{i}"):
+        os.symlink("/dev/null", f"{r}/gpu{i}")
+    with open(f"{r}/gres.conf", "w") as f:  # found beside slurm.conf
+      f.write(f"AutoDetect=off\nNodeName={NODE} Name=gpu File={r}/gpu[0-{GPUS - 1}]\n")
     with open(self.env["SLURM_CONF"], "w") as f:
       f.write(f"""ClusterName=loopback
 SlurmctldHost={host}(127.0.0.1)
@@ -72,14 +89,17 @@ ReturnToService=2
 MinJobAge=600
 KillWait=10
 SchedulerParameters=sched_interval=2
-NodeName={host} NodeAddr=127.0.0.1 CPUs=2 RealMemory=8000 State=UNKNOWN
+SlurmdParameters=config_overrides
+GresTypes=gpu
+MpiParams=ports={RESERVED_PORTS}
+NodeName={NODE} NodeAddr=127.0.0.1 NodeHostname={host} CPUs={CPUS} Gres=gpu:{GPUS} RealMemory=8000 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """)
     subprocess.run(["munged", f"--key-file={key}", f"--socket={socket_path}", f"--pid-file={r}/munged.pid",
                     f"--log-file={r}/munged.log", f"--seed-file={r}/munged.seed", "--force"], check=True,
                    env=self.env, timeout=30)
-    for daemon in ("slurmctld", "slurmd"):
-      subprocess.run([daemon], check=True, env=self.env, timeout=30)
+    subprocess.run(["slurmctld"], check=True, env=self.env, timeout=30)
+    subprocess.run(["slurmd", "-N", NODE], check=True, env=self.env, timeout=30)  # not this host's name
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
       state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True)

@@ -19,7 +19,24 @@ VERTEX = {"cluster": {"chief": ["cmle-training-workerpool0-ab-0:2222"],
           "environment": "cloud", "task": {"type": "chief", "index": 0, "trial": ""},
           "job": {"worker_pool_specs": [{"machine_spec": {"machine_type": "n1-standard-4"}, "replica_count": 1}]}}
 SLURM = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "5",
-         "SLURM_STEP_NODELIST": "gpu[07-08],cpu1", "SLURM_STEP_TASKS_PER_NODE": "2(x2),1", "SLURMD_NODENAME": "gpu08"}
+         "SLURM_STEP_NODELIST": "gpu[07-08],cpu1", "SLURM_STEP_TASKS_PER_NODE": "2(x2),1", "SLURMD_NODENAME": "gpu08",
+         "SLURM_JOB_ID": "1234", "SLURM_STEP_ID": "0"}
+# What `scontrol show node -o` says of two of them (cpu1 is not in the answer: its name is its address).
+SCONTROL = ("NodeName=gpu07 Arch=x86_64 CoresPerSocket=16 Gres=gpu:2 NodeAddr=10.1.0.7 NodeHostName=gpu07 OS=Linux "
+            "6.1 #1 SMP\nNodeName=gpu08 Arch=x86_64 Gres=gpu:2 NodeAddr=10.1.0.8 NodeHostName=gpu08-eth\n")
+
+
+@pytest.fixture
+def site(monkeypatch):
+  """SLURM's node addresses as SCONTROL says, and a resolver that knows every name but `*.invalid`."""
+  monkeypatch.setattr(cluster, "_show_nodes", lambda nodes, environ: (SCONTROL, "NodeAddr=..."))
+  real = socket.getaddrinfo
+
+  def getaddrinfo(host, *args, **kwargs):
+    if str(host).endswith(".invalid"):
+      return real(host, *args, **kwargs)  # RFC 6761: never resolves
+    return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.9.9.9", 0))]
+  monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
 
 
 @pytest.mark.parametrize("text,hosts", [
@@ -36,11 +53,56 @@ def test_slurm_tasks_per_node_expand():
   assert cluster.expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
 
 
-def test_a_slurm_step_makes_every_task_a_worker_on_its_nodes_ports():
+def test_a_slurm_step_makes_every_task_a_worker_at_its_nodes_address_and_port(site):
+  """Without reserved ports: cluster_port + 8 x ((16 x 1234 + 0) mod 509) + the local index; a node at its
+  NodeAddr, or at its name where scontrol says none."""
   found = cluster.resolve("auto", 8888, SLURM)
   assert (found.kind, found.task_type, found.task_id) == ("slurm", "worker", 3)
-  assert dict(found.spec) == {"worker": ("gpu07:8888", "gpu07:8889", "gpu08:8888", "gpu08:8889", "cpu1:8888")}
-  assert found.address == "gpu08:8889"
+  assert dict(found.spec) == {"worker": ("10.1.0.7:12104", "10.1.0.7:12105", "10.1.0.8:12104", "10.1.0.8:12105",
+                                         "cpu1:12104")}
+  assert found.address == "10.1.0.8:12105"
+  assert found.ports_from == "cluster_port=8888 with SLURM_JOB_ID=1234, SLURM_STEP_ID=0"
+
+
+@pytest.mark.parametrize("reserved,ports", [("20001-20003", (20001, 20002)), ("20001,20005", (20001, 20005)),
+                                            ("20001,20005-20006", (20001, 20005))])
+def test_a_step_with_reserved_ports_takes_them_by_local_index(site, reserved, ports):
+  found = cluster.resolve("auto", 8888, dict(SLURM, SLURM_STEP_RESV_PORTS=reserved))
+  assert [a.rsplit(":", 1)[1] for a in dict(found.spec)["worker"]] == [str(p) for p in (*ports, *ports, ports[0])]
+  assert found.ports_from == f"SLURM_STEP_RESV_PORTS={reserved}"
+
+
+def test_derived_ports_differ_between_jobs_and_steps_and_move_with_cluster_port():
+  ports = {(job, step): cluster.step_ports({"SLURM_JOB_ID": str(job), "SLURM_STEP_ID": str(step)}, 8888, 2)[0]
+           for job in range(1000, 1031) for step in range(16)}  # jobs fewer than 31 ids apart never meet
+  assert len({p for pair in ports.values() for p in pair}) == 2 * len(ports)
+  assert min(min(pair) for pair in ports.values()) >= 8888 and max(max(pair) for pair in ports.values()) <= 12959
+  assert cluster.step_ports({"SLURM_JOB_ID": "1000"}, 8888, 1)[0] == ports[1000, 0][:1]  # no SLURM_STEP_ID: 0
+  assert cluster.step_ports({"SLURM_JOB_ID": "1000"}, 20000, 1)[0] == [ports[1000, 0][0] - 8888 + 20000]
+
+
+def test_slurm_node_aliases_and_scontrol_give_addresses():
+  """SLURM_NODE_ALIASES as SLURM sets it for cloud nodes (brackets since 20.11, for IPv6; none before)."""
+  assert cluster.node_aliases("ec0:[10.0.0.2]:ec0-host,ec1:[fe80::1]:ec1") == {"ec0": "10.0.0.2", "ec1": "fe80::1"}
+  assert cluster.node_aliases("ec0:10.0.0.2:ec0-host") == {"ec0": "10.0.0.2"}
+  assert cluster.node_aliases("(null)") == {} and cluster.node_aliases("") == {}
+  assert cluster.scontrol_addresses(SCONTROL) == {"gpu07": "10.1.0.7", "gpu08": "10.1.0.8"}
+
+
+def test_aliases_come_before_scontrol_and_ipv6_is_bracketed(site):
+  environ = dict(SLURM, SLURM_NODE_ALIASES="gpu08:[fd00::8]:gpu08")
+  assert dict(cluster.resolve("auto", 8888, environ).spec)["worker"][2:4] == ("[fd00::8]:12104", "[fd00::8]:12105")
+
+
+def test_an_unresolvable_node_is_one_line_naming_it_and_what_was_tried(monkeypatch):
+  monkeypatch.setattr(cluster, "_show_nodes", lambda nodes, environ: ("", "not installed"))
+  environ = dict(SLURM, SLURM_STEP_NODELIST="gpu07.invalid,gpu08.invalid,cpu1.invalid", SLURMD_NODENAME="")
+  with pytest.raises(cluster.ClusterError) as e:
+    cluster.resolve("auto", 8888, environ)
+  message = str(e.value)
+  assert message.startswith("SLURM node gpu07.invalid: its address 'gpu07.invalid' does not resolve (") and \
+      "tried SLURM_NODE_ALIASES (not set), scontrol show node (not installed), then the name" in message, message
+  assert "\n" not in message
 
 
 def test_tf_config_as_kubernetes_and_vertex_ai_write_it():
@@ -52,7 +114,7 @@ def test_tf_config_as_kubernetes_and_vertex_ai_write_it():
   assert cluster.resolve("auto", 8888, {"TF_CONFIG": json.dumps(single)}).kind == "local"  # Vertex, one replica
 
 
-def test_the_strategy_gets_this_task_s_gpus_and_no_stray_tf_config():
+def test_the_strategy_gets_this_task_s_gpus_and_no_stray_tf_config(site):
   """Without num_accelerators MultiWorkerMirroredStrategy counted no GPU and trained on the CPU; a "local"
   cluster's resolver is empty, so that the strategy reads no TF_CONFIG of its own."""
   assert cluster.resolve("auto", 8888, SLURM).resolver(4).num_accelerators() == {"GPU": 4}
@@ -72,6 +134,11 @@ def test_no_cluster_and_a_one_task_slurm_job_are_this_node_alone():
     ("auto", dict(SLURM, SLURM_STEP_NODELIST="gpu[07-08]"), "do not make SLURM_STEP_NUM_TASKS=5 tasks"),
     ("auto", dict(SLURM, SLURM_LOCALID="0"), "start the step with srun --distribution=block"),
     ("auto", dict(SLURM, SLURM_STEP_NODELIST="gpu[x-y]"), "SLURM's step variables do not parse: bad range 'x-y'"),
+    ("auto", dict(SLURM, SLURM_STEP_RESV_PORTS="20001"),
+     "SLURM_STEP_RESV_PORTS=20001 holds 1 port(s) for the 2 tasks of a node: start the step with srun --resv-ports=2"),
+    ("auto", dict(SLURM, SLURM_STEP_RESV_PORTS="20001-x"), "SLURM_STEP_RESV_PORTS does not parse: bad port range"),
+    ("slurm", {k: v for k, v in SLURM.items() if k != "SLURM_JOB_ID"}, "SLURM_JOB_ID is not set"),
+    ("slurm", dict(SLURM, SLURM_STEP_ID="batch"), "SLURM_JOB_ID='1234' and SLURM_STEP_ID='batch' must be numbers"),
     ("auto", {"TF_CONFIG": "{not json"}, "TF_CONFIG is not {\"cluster\": {...}, \"task\""),
     ("auto", {"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 2}})},
      "TF_CONFIG's task worker 2 is not in its cluster (worker: 2)"),
@@ -80,10 +147,16 @@ def test_no_cluster_and_a_one_task_slurm_job_are_this_node_alone():
     ("tf_config", {}, "TF_CONFIG is not set"),
     ("kubernetes", {}, "cluster='kubernetes' is not one of: auto, tf_config, slurm, local"),
 ])
-def test_a_half_set_environment_is_named(kind, environ, expected):
+def test_a_half_set_environment_is_named(site, kind, environ, expected):
   with pytest.raises(cluster.ClusterError) as e:
     cluster.resolve(kind, 8888, environ)
   assert expected in str(e.value), str(e.value)
+
+
+def test_a_derived_range_past_65535_is_refused():
+  with pytest.raises(cluster.ClusterError, match=r"cluster_port=62000: a SLURM step without reserved ports listens "
+                                                 r"on ports 62000 to 66071, which must lie in 1-65535"):
+    cluster.step_ports({"SLURM_JOB_ID": "1"}, 62000, 2)
 
 
 def _trainer(env_extra, *args):
@@ -103,6 +176,8 @@ def test_the_trainer_says_each_in_one_line_without_a_hang():
     cases = [({"TF_CONFIG": json.dumps(tf_config)},
               f"port {port} of this task (127.0.0.1:{port}, from TF_CONFIG) is in use by another process"),
              ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, "SLURM_NTASKS=2 but SLURM_STEP_NUM_TASKS is not set"),
+             (dict(SLURM, SLURM_NODE_ALIASES="gpu07:[gpu07.invalid]:h,gpu08:[gpu08.invalid]:h,cpu1:[cpu1.invalid]:h"),
+              "SLURM node gpu07: its address 'gpu07.invalid' does not resolve"),  # no wait for a peer that never comes
              ({"TF_CONFIG": json.dumps(dict(tf_config, task={"type": "worker", "index": 2}))},
               "TF_CONFIG's task worker 2 is not in its cluster (worker: 2)")]
     for env, expected in cases:

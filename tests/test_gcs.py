@@ -5,8 +5,10 @@ no permission and no credentials."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -45,6 +47,13 @@ def _gcs_text(gcs, path: str) -> str:
   return client.bucket(bucket).blob(name).download_as_text()
 
 
+def _gcs_exists(gcs, path: str) -> bool:
+  from google.cloud import storage  # pylint: disable=g-import-not-at-top
+  os.environ["STORAGE_EMULATOR_HOST"] = gcs.env()["STORAGE_EMULATOR_HOST"]
+  bucket, _, name = path[len("gs://"):].partition("/")
+  return storage.Client(project="test", credentials=_anonymous()).bucket(bucket).blob(name).exists()
+
+
 def _anonymous():
   from google.auth import credentials  # pylint: disable=g-import-not-at-top
   return credentials.AnonymousCredentials()
@@ -69,9 +78,23 @@ def test_make_train_resume_export_evaluate_predict_on_gcs(gcs, tmp_path):
 
   train = ["trainer.main", "--config=configs/deep.py:smoke", f"--workdir={workdir}", f"--config.data_dir={data}"]
   _run(gcs, *train, "--config.num_epochs=1")  # 4 steps, a checkpoint and an export
-  _run(gcs, *train)  # resumes at step 4 and goes on to 8
+  # The resume to step 8 holds the workdir's lease (GCS preconditions): a second start is refused naming it;
+  # killed with SIGKILL, it blocks nobody: a restart takes the lease over and finishes.
+  holder = subprocess.Popen([sys.executable, "-m", *train], cwd=ROOT, env={**os.environ, **gcs.env()},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  while holder.poll() is None and not _gcs_exists(gcs, f"{workdir}/lease.json"):
+    time.sleep(0.2)
+  holder.send_signal(signal.SIGSTOP)
+  second = _run(gcs, *train, check=False)
+  holder.kill()
+  holder.wait()
+  assert second.returncode == 1 and second.stderr.strip().splitlines()[-1].startswith(
+      f"trainer: error: workdir {workdir} is in use by another run: pid {holder.pid} on ")
+  restarted = _run(gcs, *train)
+  assert "took over the lease on" in restarted.stderr
   run = json.loads(_gcs_text(gcs, f"{workdir}/run.json"))
   assert (run["status"], run["start_step"], run["end_step"]) == ("finished", 4, 8)
+  assert not _gcs_exists(gcs, f"{workdir}/lease.json")
 
   evaluated = _run(gcs, "tools.evaluate", f"--model={workdir}/export", f"--data_dir={data}", "--split=validation")
   accuracy = run["metrics"]["validation"]["accuracy"]

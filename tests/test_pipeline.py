@@ -1,8 +1,12 @@
 """pipeline/: ops eagerly and inside Dataset.map, dataset shapes and ranges, sharding, determinism, resume."""
 
+import io
 import re
+import struct
+import zlib
 
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow as tf
 
@@ -184,12 +188,15 @@ def _mix_inputs():
   return images, labels
 
 
+PAIRS = np.arange(16) ^ 1  # mixup's and cutmix's partners: neighbours in pairs (0, 1), (2, 3)...
+
+
 def test_mixup_blends_images_and_labels_alike():
   images, labels = _mix_inputs()
   mixed, soft = ops.mixup(images, labels, SEED, 0.4)
   np.testing.assert_allclose(soft.numpy().sum(1), 1.0, rtol=1e-6)
-  lam = soft.numpy()[np.arange(16), np.arange(16) % 10]  # own class weight (neighbours differ in class)
-  expected = lam[:, None, None, None] * images + (1 - lam[:, None, None, None]) * np.roll(images, 1, axis=0)
+  lam = soft.numpy()[np.arange(16), np.arange(16) % 10]  # own class weight (partners differ in class)
+  expected = lam[:, None, None, None] * images + (1 - lam[:, None, None, None]) * images.numpy()[PAIRS]
   np.testing.assert_allclose(mixed.numpy(), expected, rtol=1e-5, atol=1e-3)
   again = next(iter(tf.data.Dataset.from_tensors((images, labels)).map(lambda x, y: ops.mixup(x, y, SEED, 0.4))))
   np.testing.assert_array_equal(again[0].numpy(), mixed.numpy())
@@ -199,8 +206,8 @@ def test_cutmix_label_weight_is_the_pasted_area():
   images, labels = _mix_inputs()
   mixed, soft = ops.cutmix(images, labels, SEED, 1.0)
   pasted = np.all(mixed.numpy() != images.numpy(), axis=-1).mean(axis=(1, 2))  # random pixels: differ if pasted
-  neighbour = soft.numpy()[np.arange(16), np.roll(np.arange(16) % 10, 1)]
-  np.testing.assert_allclose(neighbour, pasted, atol=0.01)
+  partner = soft.numpy()[np.arange(16), PAIRS % 10]
+  np.testing.assert_allclose(partner, pasted, atol=0.01)
   np.testing.assert_allclose(soft.numpy().sum(1), 1.0, rtol=1e-6)
 
 
@@ -371,3 +378,84 @@ def _data_service(workers):
       dispatcher_address=dispatcher.target.split("://")[1], worker_address=a, port=p))
       for a, p in zip(addresses, ports)]
   return dispatcher, servers
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+  return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_header(width: int, height: int) -> bytes:
+  """A PNG's signature and IHDR (8-bit grey): all a header reader needs, no pixels."""
+  return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+
+
+def _grey_png(width: int, height: int) -> bytes:
+  """A complete 8-bit grey PNG of zeros, compressed row by row: 16000 x 16000 pixels in ~250 KB."""
+  packer, row = zlib.compressobj(9), b"\0" * (width + 1)  # a row: its filter type (0, none), its pixels
+  rows = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+  return _png_header(width, height) + _png_chunk(b"IDAT", rows) + _png_chunk(b"IEND", b"")
+
+
+def _pillow(image_format: str, height: int, width: int, **options) -> bytes:
+  """Noise of that size encoded by Pillow (TensorFlow encodes PNG and JPEG only)."""
+  buffer = io.BytesIO()
+  Image.fromarray(np.asarray(_batch(1)[0])).resize((width, height)).save(buffer, image_format, **options)
+  return buffer.getvalue()
+
+
+def test_declared_image_size_is_the_decoded_size_eagerly_and_in_dataset_map():
+  height, width = 300, 517  # two bytes each: the byte order counts
+  image = tf.image.resize(_batch(1), [height, width], method="nearest")[0]
+  bmp = _pillow("BMP", height, width)
+  samples = {
+      "png": tf.io.encode_png(image).numpy(), "jpeg": tf.io.encode_jpeg(image).numpy(),
+      "progressive jpeg": _pillow("JPEG", height, width, progressive=True),
+      "bmp": bmp, "top-down bmp": bmp[:22] + struct.pack("<i", -height) + bmp[26:],
+      "lossy webp": _pillow("WEBP", height, width), "lossless webp": _pillow("WEBP", height, width, lossless=True),
+      "extended webp": _pillow("WEBP", height, width, exif=b"Exif\0\0MM"),  # with metadata: VP8X
+  }
+  assert [samples[k][12:16] for k in ("lossy webp", "lossless webp", "extended webp")] == [b"VP8 ", b"VP8L", b"VP8X"]
+  mapped = tf.data.Dataset.from_tensor_slices(list(samples.values())).map(ops.declared_image_size)
+  for (name, encoded), in_map in zip(samples.items(), mapped):
+    assert tf.io.decode_image(encoded, expand_animations=False).shape[:2] == (height, width), name
+    assert ops.declared_image_size(encoded).numpy().tolist() == [height, width], name
+    assert in_map.numpy().tolist() == [height, width], name
+
+
+def test_a_png_bomb_is_refused_from_its_header_eagerly_and_in_dataset_map():
+  """249 KB that decode_image would inflate to 16000 x 16000 pixels (768 MB as RGB) are never decoded."""
+  bomb = _grey_png(16000, 16000)
+  assert len(bomb) < 300_000
+  assert tf.io.decode_image(_grey_png(300, 200)).shape == (200, 300, 1)  # the same writer makes real PNGs
+  idat = bomb[41:41 + struct.unpack(">I", bomb[33:37])[0]]  # after the signature, IHDR and IDAT's own header
+  inflater, rows = zlib.decompressobj(), 0
+  while idat:  # in pieces: the whole would take 256 MB here
+    rows += len(inflater.decompress(idat, 1 << 24))
+    idat = inflater.unconsumed_tail
+  rows += len(inflater.flush())
+  assert inflater.eof and rows == 16000 * (16000 + 1)  # every row is there: the decoder would make them all
+  assert ops.declared_image_size(bomb).numpy().tolist() == [16000, 16000]
+  limit = f"more than the limit of {ops.MAX_IMAGE_PIXELS:,} pixels"
+  with pytest.raises(tf.errors.InvalidArgumentError, match=limit):
+    ops.check_pixel_limit(bomb)
+  # In a graph the check runs before the decoder: its pixel-less twin fails with the limit, not a PNG error.
+  decoded = tf.data.Dataset.from_tensor_slices([_png_header(16000, 16000), bomb]).map(
+      lambda b: tf.io.decode_image(ops.check_pixel_limit(b), expand_animations=False))
+  with pytest.raises(tf.errors.InvalidArgumentError, match=limit):
+    next(iter(decoded))
+
+
+def test_the_pixel_limit_is_inclusive_and_unread_formats_are_refused():
+  png = tf.io.encode_png(tf.zeros([30, 40, 1], tf.uint8)).numpy()
+  assert ops.check_pixel_limit(png, max_pixels=1200).numpy() == png
+  with pytest.raises(tf.errors.InvalidArgumentError, match="limit of 1,199 pixels"):
+    ops.check_pixel_limit(png, max_pixels=1199)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="limit of"):  # no int64 overflow to a small number
+    ops.check_pixel_limit(_png_header(2**32 - 1, 2**32 - 1))
+  gif = _pillow("GIF", 30, 40)
+  assert tf.io.decode_image(gif, expand_animations=False).shape == (30, 40, 3)  # refused by choice, below
+  for name, data in {"gif": gif, "jpeg xl": b"\xff\x0a" + bytes(30), "text": b"not an image", "empty": b"",
+                     "png signature alone": png[:8]}.items():
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not a PNG, JPEG, BMP or WebP image"):
+      ops.declared_image_size(data)
+      pytest.fail(f"{name} accepted")  # (not reached when refused)

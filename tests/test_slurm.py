@@ -1,11 +1,12 @@
 """The trainer under a real SLURM (munged, slurmctld, slurmd on 127.0.0.1; tests/slurm_cluster.py), through
-the repository's own batch script: preempted with SIGTERM and requeued, one task SIGKILLed and the job
-requeued, and resumed on fewer nodes; each time the final checkpoint against an uninterrupted run."""
+the repository's own batch script as submitted (its CPUs and GPUs per task), on a node whose name does not
+resolve: preempted with SIGTERM and requeued, one task SIGKILLed and the job requeued, resumed on fewer
+nodes, and two jobs at once on the one node; each time the final checkpoint against an uninterrupted run."""
 
 import glob
+import json
 import os
 import signal
-import socket
 import sys
 import time
 
@@ -46,28 +47,19 @@ def reference(synthetic_dir, tmp_path_factory):
   return workdir
 
 
-def _two_free_ports() -> int:
-  """A port p with p + 1 free too: each node's tasks listen on cluster_port + their local index."""
-  while True:
-    port, = chaos_resume.free_ports(1)
-    with socket.socket() as s:
-      try:
-        s.bind(("127.0.0.1", port + 1))
-        return port
-      except OSError:
-        continue
-
-
 def _overrides(**extra) -> list[str]:
-  return [f"--config.{k}={v}" for k, v in dict(EXACT, cluster_port=_two_free_ports(), **extra).items()]
+  # The script asks for a GPU per task; SLURM's (fake) GPUs are not TensorFlow's.
+  return [f"--config.{k}={v}" for k, v in dict(EXACT, allow_cpu=True, **extra).items()]
 
 
-def _submit(slurm, workdir: str, data_dir: str, *sbatch_args: str, tasks: int = 2, **overrides) -> str:
+def _submit(slurm, workdir: str, data_dir: str, *sbatch_args: str, tasks: int = 2, environ=None,
+            **overrides) -> str:
+  """The batch script with its own resources, on the one node (`environ`: more of the job's variables)."""
   env = dict(slurm.env, WORKDIR=workdir, DATA_DIR=data_dir, CONFIG=SMOKE, PYTHON=sys.executable,
-             TF_CPP_MIN_LOG_LEVEL="2")
+             TF_CPP_MIN_LOG_LEVEL="2", **(environ or {}))
   env.pop("TF_CONFIG", None)
   output = os.path.join(os.path.dirname(workdir), "job-%j.out")
-  options = ["--nodes=1", f"--ntasks={tasks}", f"--ntasks-per-node={tasks}", "--overcommit", f"--output={output}",
+  options = ["--nodes=1", f"--ntasks={tasks}", f"--ntasks-per-node={tasks}", f"--output={output}",
              "--time=00:10:00", *sbatch_args]
   return slurm.submit(SCRIPT, options, _overrides(**overrides), env=env, cwd=ROOT)
 
@@ -119,6 +111,12 @@ def _final_difference(workdir: str, reference: str) -> float:
                                      os.path.join(reference, "checkpoints", "ckpt-8"))
 
 
+def _workers(workdir: str) -> list[str]:
+  """The workers' host:port the run trained with (run.json)."""
+  with open(os.path.join(workdir, "run.json")) as f:
+    return json.load(f)["distribution"]["cluster"]["spec"]["worker"]
+
+
 def test_a_job_preempted_with_sigterm_requeues_itself_and_resumes_bit_for_bit(slurm, reference, synthetic_dir,
                                                                              tmp_path):
   workdir = str(tmp_path / "run")
@@ -132,6 +130,8 @@ def test_a_job_preempted_with_sigterm_requeues_itself_and_resumes_bit_for_bit(sl
   assert f"job {job_id}, start 2: 2 task(s)" in out
   assert _final_difference(workdir, reference) == 0
   assert os.path.exists(os.path.join(workdir, "export", "saved_model.pb"))
+  first, last = (int(p) for p in slurm_cluster.RESERVED_PORTS.split("-"))
+  assert all(first <= int(w.rsplit(":", 1)[1]) <= last for w in _workers(workdir))  # the step's reserved ports
 
 
 def test_a_job_whose_task_is_killed_resumes_bit_for_bit_when_requeued(slurm, reference, synthetic_dir, tmp_path):
@@ -165,3 +165,27 @@ def test_a_run_of_two_nodes_resumes_on_one(slurm, reference, synthetic_dir, tmp_
   out = _output(workdir, one)
   assert job["JobState"] == "COMPLETED" and "resumed from" in out and "with 2 replica(s)" in out, out[-3000:]
   assert _final_difference(workdir, reference) <= 1e-5
+
+
+def test_two_jobs_at_once_on_one_node_train_as_a_job_alone(slurm, reference, synthetic_dir, tmp_path):
+  """Two 2-task jobs on the one node at once, as at a site that reserves no ports (`--resv-ports=0`): each
+  derives its ports from its job id, reaches node-a at its NodeAddr, and trains bit for bit as the run
+  alone. The batch script, as submitted, asks for CPUs (and a GPU) per task; the trainer logs the
+  threads it feeds them with."""
+  runs = [str(tmp_path / f"run{i}") for i in range(2)]
+  jobs = [_submit(slurm, workdir, synthetic_dir, environ={"SLURM_RESV_PORTS": "0"}, export=False) for workdir in runs]
+  ended = []
+  for job_id, workdir in zip(jobs, runs):
+    job = _wait(slurm, job_id, workdir, _done, "end")
+    out = _output(workdir, job_id)
+    assert job["JobState"] == "COMPLETED", out[-3000:]
+    assert (job["NumCPUs"], job["CPUs/Task"], job["TresPerTask"]) == ("16", "8", "gres:gpu:1")
+    threads = min(len(os.sched_getaffinity(0)), 8)  # slurmd binds no CPUs here (TaskPlugin=task/none)
+    assert f"input threads: {threads} ({len(os.sched_getaffinity(0))} in this process's affinity mask; " \
+           "SLURM_CPUS_PER_TASK=8)" in out, out[-3000:]
+    assert _final_difference(workdir, reference) == 0
+    ended.append(job)
+  assert ended[1]["StartTime"] < ended[0]["EndTime"]  # side by side, not one after the other
+  first, second = _workers(runs[0]), _workers(runs[1])
+  assert all(w.startswith("127.0.0.1:") for w in first + second), (first, second)  # node-a's NodeAddr
+  assert not set(first) & set(second), (first, second)

@@ -2,6 +2,7 @@
 refuses before its strategy exists, two tasks given one GPU."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -140,3 +141,37 @@ def json_address(env: dict) -> str:
   import json  # pylint: disable=import-outside-toplevel
   tf_config = json.loads(env["TF_CONFIG"])
   return tf_config["cluster"]["worker"][tf_config["task"]["index"]]
+
+
+@pytest.mark.slow
+def test_one_run_per_workdir_and_a_killed_holder_is_taken_over(synthetic_dir, tmp_path):
+  """Two starts on one workdir both ran to the end, writing the same checkpoint names (a81954f)."""
+  overrides = {"data_dir": synthetic_dir, "deterministic": True, "num_epochs": 3, "export": False,
+               "steps_per_loop": 1, "log_every_steps": 1}
+  alone = str(tmp_path / "alone")
+  chaos_resume.run_until(trainer_main.command(SMOKE, alone, overrides))
+  shared = str(tmp_path / "shared")
+  first = subprocess.Popen(trainer_main.command(SMOKE, shared, overrides), cwd=ROOT, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+  lease = os.path.join(shared, "lease.json")
+  while not os.path.exists(lease) and first.poll() is None:
+    time.sleep(0.1)
+  first.send_signal(signal.SIGSTOP)  # it holds the lease while the second starts, however fast this machine
+  try:
+    second = _run(*trainer_main.command(SMOKE, shared, overrides)[4:])
+  finally:
+    first.send_signal(signal.SIGCONT)
+  assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+  assert second.returncode == 1 and "Traceback" not in second.stderr
+  assert second.stderr.strip().splitlines()[-1].startswith(
+      f"trainer: error: workdir {shared} is in use by another run: pid {first.pid} on ")
+  assert chaos_resume.max_difference(os.path.join(alone, "checkpoints", "ckpt-12"),
+                                     os.path.join(shared, "checkpoints", "ckpt-12")) == 0
+  assert not os.path.exists(lease)  # let go at the end
+  killed = str(tmp_path / "killed")
+  chaos_resume.run_until(trainer_main.command(SMOKE, killed, overrides), stop_at_step=6, sig=9)
+  assert os.path.exists(os.path.join(killed, "lease.json"))  # left by the dead holder
+  restarted = chaos_resume.run_until(trainer_main.command(SMOKE, killed, overrides))[0]
+  assert "took over the lease on" in restarted and "is gone" in restarted
+  assert chaos_resume.max_difference(os.path.join(alone, "checkpoints", "ckpt-12"),
+                                     os.path.join(killed, "checkpoints", "ckpt-12")) == 0

@@ -1,12 +1,26 @@
-"""tools.doctor and tools.benchmark_step as a user runs them (subprocesses, the smoke config)."""
+"""tools.doctor, tools.benchmark_step and tools.predict as a user runs them (subprocesses, the smoke config),
+and predict's streaming and output files."""
 
+import csv
+import json
 import os
 import re
+import struct
 import subprocess
 import sys
 
+import keras
+import numpy as np
 import pytest
+import tensorflow as tf
 
+from configs import mlp
+from pipeline import cifar10
+from pipeline import ops
+from tools import converted
+from tools import predict as predict_tool
+from trainer import export as export_lib
+from trainer import models
 from trainer import precision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,3 +68,119 @@ def test_benchmark_step_prints_mfu_fit_and_replica_ratios(synthetic_dir):
   assert re.search(r"^peak probe \(the faster of the two\) +median +[\d,.]+ +min +[\d,.]+ +max +[\d,.]+ GFLOP/s$", out, re.M), out
   for name in ("MFU", "custom loop / fit", "2 / 1 replicas"):
     assert float(re.search(rf"^{re.escape(name)}: ([\d.]+)$", out, re.M).group(1)) > 0, out
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+  """configs/mlp.py:smoke, untrained, exported as the trainer exports: predict needs its signatures and class
+  names, not its accuracy."""
+  keras.mixed_precision.set_dtype_policy("float32")
+  path = str(tmp_path_factory.mktemp("mlp") / "export")
+  return export_lib.export(models.build(mlp.get_config("smoke").model), path, mean=cifar10.MEAN, std=cifar10.STD,
+                           class_names=cifar10.CLASS_NAMES)
+
+
+def _images(folder, count: int) -> list[str]:
+  """`count` PNGs of noise, of other sizes than the model's (predict fits them)."""
+  rng = np.random.default_rng(0)
+  paths = []
+  for i in range(count):
+    paths.append(str(folder / f"{i}.png"))
+    tf.io.write_file(paths[-1], tf.io.encode_png(rng.integers(0, 256, (24 + 4 * i, 40, 3), dtype=np.uint8)))
+  return paths
+
+
+def _png_header(width: int, height: int) -> bytes:
+  """A PNG's signature and IHDR chunk (CRC left 0): what the size check reads; no pixels to decode."""
+  return b"\x89PNG\r\n\x1a\n" + struct.pack(">I4sIIBBBBBI", 13, b"IHDR", width, height, 8, 0, 0, 0, 0, 0)
+
+
+def test_predict_streams_batches_in_input_order(export, tmp_path):
+  """The first predictions come when only their batch has been read; batches give what one call on all does."""
+  paths = _images(tmp_path, 7)
+  taken = []
+
+  def lazily():
+    for path in paths:
+      taken.append(path)
+      yield path
+
+  results = predict_tool.predictions(converted.load(export), lazily(), top_k=3, batch_size=3)
+  first = next(results)
+  assert first.path == paths[0] and taken == paths[:3]
+  streamed = [first] + list(results)
+  assert [p.path for p in streamed] == paths and not any(p.error for p in streamed)
+  whole = predict_tool.predict(export, paths, top_k=3, batch_size=len(paths))
+  for prediction, (path, top) in zip(streamed, whole):
+    assert prediction.path == path and [n for n, _ in prediction.top] == [n for n, _ in top]
+    np.testing.assert_allclose([q for _, q in prediction.top], [q for _, q in top], atol=1e-6)
+
+
+def test_predict_command_refuses_an_image_above_the_pixel_limit_and_goes_on(export, tmp_path):
+  """A 16000 x 16000 PNG (its header: never decoded) and a text file get one line each on stderr in their
+  place; the other files are classified, in order, and the exit status is 1."""
+  good = _images(tmp_path, 3)
+  big, text = tmp_path / "big.png", tmp_path / "notes.png"
+  big.write_bytes(_png_header(16000, 16000))
+  text.write_text("not an image")
+  result = _tool("tools.predict", f"--model={export}", "--batch_size=2", good[0], str(big), good[1], str(text),
+                 good[2])
+  assert result.returncode == 1, result.stderr[-3000:]
+  expected = predict_tool.predict(export, good)
+  assert [line.split("\t") for line in result.stdout.splitlines()] == [
+      [path, top[0][0], f"{top[0][1]:.4f}"] for path, top in expected]
+  assert [line for line in result.stderr.splitlines() if line.startswith("predict:")] == [
+      f"predict: error: {big}: 16000x16000 pixels, more than the limit of {ops.MAX_IMAGE_PIXELS:,}: refused "
+      "before decoding",
+      f"predict: error: {text}: not a PNG, JPEG, BMP or WebP image (GIF and JPEG XL are refused: their size "
+      "cannot be read before decoding)"]
+  assert "Traceback" not in result.stderr
+  with pytest.raises(predict_tool.InputError, match="16000x16000 pixels, more than the limit"):
+    predict_tool.predict(export, [good[0], str(big)])
+
+
+def test_predict_batch_size_below_one_is_refused(export, tmp_path):
+  result = _tool("tools.predict", f"--model={export}", "--batch_size=0", *_images(tmp_path, 1))
+  assert result.returncode == 1 and "flag --batch_size=0: 0 is not a positive integer" in result.stderr
+
+
+def test_predict_output_files_are_written_whole(export, tmp_path):
+  """CSV and JSON lines hold the classified files; a file appears only once complete (a stopped run leaves
+  none, nor its temporary file)."""
+  paths = _images(tmp_path, 3)
+  bad = str(tmp_path / "bad.png")
+  tf.io.write_file(bad, b"not an image")
+  model = converted.load(export)
+  expected = predict_tool.predict(export, paths, top_k=2)
+  out = str(tmp_path / "out")
+  for suffix in (".csv", ".jsonl"):
+    results = predict_tool.predictions(model, [paths[0], bad, *paths[1:]], top_k=2, batch_size=2)
+    assert predict_tool.write_predictions(results, out + suffix, top_k=2) == 1
+  with open(out + ".csv", newline="") as f:
+    rows = list(csv.reader(f))
+  assert rows[0] == ["file", "class", "probability", "class_2", "probability_2"]
+  with open(out + ".jsonl") as f:
+    lines = [json.loads(line) for line in f]
+  for row, line, (path, top) in zip(rows[1:], lines, expected, strict=True):  # other batches: float noise
+    assert row[0] == line["file"] == path and row[1::2] == line["classes"] == [n for n, _ in top]
+    np.testing.assert_allclose([float(q) for q in row[2::2]], [q for _, q in top], atol=1e-6)
+    np.testing.assert_allclose(line["probabilities"], [q for _, q in top], atol=1e-6)
+
+  def stopped():
+    yield from predict_tool.predictions(model, paths[:1])
+    raise KeyboardInterrupt
+  with pytest.raises(KeyboardInterrupt):
+    predict_tool.write_predictions(stopped(), str(tmp_path / "stopped.csv"))
+  assert sorted(os.listdir(tmp_path)) == sorted(["0.png", "1.png", "2.png", "bad.png", "out.csv", "out.jsonl"])
+
+
+@pytest.mark.slow
+def test_benchmark_predict_measures_memory_order_and_streaming(export):
+  result = _tool("tools.benchmark_predict", f"--model={export}", "--files=20", "--batch_size=4")
+  assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  assert re.match(r"^20 files +[\d,]+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d,]+$", lines[3]), lines
+  assert lines[-4:-1] == [
+      lines[-4], "OK  output in input order (20 lines)", "OK  first line printed before the last file was read"]
+  assert lines[-4].startswith("OK  max RSS within 300 MB of one file's")
+  assert re.match(r"^max RSS difference: -?\d+ MB$", lines[-1])

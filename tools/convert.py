@@ -65,10 +65,7 @@ def to_litert(model_dir: str, quantize: str, class_names, calibration: np.ndarra
   """The serving_default signature as a LiteRT flatbuffer, with the class names in its metadata."""
   from tensorflow.lite.tools import flatbuffer_utils  # pylint: disable=g-import-not-at-top
   from tensorflow.lite.python import schema_py_generated as schema  # pylint: disable=g-import-not-at-top
-  # From the loaded signature, which the converter freezes: from_saved_model kept Keras 3's variables as
-  # resource variables that LiteRT's signature runner never initialises (every output the same class).
-  loaded = tf.saved_model.load(model_dir)
-  converter = tf.lite.TFLiteConverter.from_concrete_functions([loaded.signatures["serving_default"]], loaded)
+  converter = tf.lite.TFLiteConverter.from_saved_model(model_dir, signature_keys=["serving_default"])
   if quantize != "none":
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
   if quantize == "float16":
@@ -76,6 +73,13 @@ def to_litert(model_dir: str, quantize: str, class_names, calibration: np.ndarra
   if quantize == "int8":
     converter.representative_dataset = lambda: ({"images": calibration[i:i + 1]} for i in range(len(calibration)))
   model = flatbuffer_utils.read_model_from_bytearray(converter.convert())
+  # The converter answers an export written before export.Serving tracked the model's tf.Variables (see
+  # trainer/export.py) without an error, with a model whose weights are variables nothing initialises: it
+  # computes on whatever their memory holds (NaN, often).
+  codes = {max(code.builtinCode, code.deprecatedBuiltinCode) for code in model.operatorCodes}
+  if schema.BuiltinOperator.VAR_HANDLE in codes:
+    raise converted.ModelError(f"{model_dir}: its weights do not convert to LiteRT (an export from before "
+                               "trainer/export.py tracked them as tf.Variables): run its training command again")
   buffer = schema.BufferT()
   buffer.data = np.frombuffer(json.dumps(list(class_names)).encode(), np.uint8)
   model.buffers.append(buffer)

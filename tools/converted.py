@@ -13,6 +13,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from pipeline import cpus
 from pipeline import fileio
 from trainer import export as export_lib
 
@@ -58,7 +59,7 @@ class LiteRT(Classifier):
     except ImportError:
       raise ModelError(f"{path}: running a .tflite model needs LiteRT: {_EXTRA}") from None
     try:
-      self._interpreter = litert.Interpreter(model_content=content, num_threads=os.cpu_count())  # default: 1
+      self._interpreter = litert.Interpreter(model_content=content, num_threads=cpus.usable().count)  # default: 1
     except ValueError as e:
       raise ModelError(f"{path}: not a LiteRT model ({str(e).splitlines()[0]})") from None
     if "serving_default" not in self._interpreter.get_signature_list():

@@ -34,6 +34,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from pipeline import cpus
 from pipeline import cifar10
 from pipeline import fileio
 from pipeline import manifest as manifest_lib
@@ -180,7 +181,7 @@ def write_all(output_dir: str, splits: dict[str, sources.Split], num_shards: int
       jobs.append((name, os.path.join(output_dir, manifest_lib.shard_name(name, i, counts[name])), idx))
   total = sum(len(j[2]) for j in jobs)
   start, done, entries = time.time(), 0, {}
-  with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count()) as pool:
+  with concurrent.futures.ThreadPoolExecutor(workers or cpus.usable().count) as pool:
     futures = {pool.submit(write_shard, path, splits[name], idx, encoding, num_classes): (name, path)
                for name, path, idx in jobs}
     for future in concurrent.futures.as_completed(futures):

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import cifar10
+from pipeline import cpus
 from pipeline import fileio
 from pipeline import ops
 
@@ -343,7 +344,7 @@ def _decode(source: str, rel: str, data: bytes) -> np.ndarray:
 def _decode_all(source: str, files: list[tuple[str, bytes]], image_size=None) -> np.ndarray:
   """Every file decoded, fitted to `image_size` (height, width) when given; else all must be of the size
   most of them have, and the first of another size is named."""
-  with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+  with concurrent.futures.ThreadPoolExecutor(cpus.usable().count) as pool:
     images = list(pool.map(lambda f: _decode(source, *f), files))
   if image_size:
     fit = tf.function(lambda image: ops.fit_image(image, *image_size), reduce_retracing=True)

@@ -2,9 +2,12 @@
 node alone (`config.cluster`). The result is the cluster spec and this process's task in it, checked,
 which trainer/distribute.py turns into a strategy.
 
-SLURM: every task of the step (`srun`) is a worker, task 0 the chief; each listens on `config.cluster_port`
-plus its local task index on its node. Nothing here calls `nvidia-smi` or `scontrol`: SLURM's own
-variables say where the tasks are, and the GPUs a task may use are those SLURM left in CUDA_VISIBLE_DEVICES.
+SLURM: every task of the step (`srun`) is a worker, task 0 the chief. Shared nodes are the norm, so a task's
+port is one SLURM reserved for the step (SLURM_STEP_RESV_PORTS: `srun --resv-ports`, or every step where the
+site sets MpiParams=ports; the same on each node, a node's k-th task takes the k-th) or else one derived from
+the job and step ids (`step_ports`): two jobs on one node, or a Jupyter server there, do not meet on one port.
+Tasks are reached at their node's address as SLURM knows it (`node_addresses`), for a node's name need not
+resolve. The GPUs a task may use are those SLURM left in CUDA_VISIBLE_DEVICES (no `nvidia-smi`).
 """
 
 import dataclasses
@@ -13,12 +16,21 @@ import json
 import os
 import re
 import socket
+import subprocess
 
 import tensorflow as tf
 
 KINDS = ("auto", "tf_config", "slurm", "local")
 SLURM_STEP = ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST",
-              "SLURM_STEP_TASKS_PER_NODE")
+              "SLURM_STEP_TASKS_PER_NODE", "SLURM_JOB_ID")
+# A step without reserved ports listens on cluster_port + SLOT_PORTS * slot + local task index, where
+# slot = (STEPS_PER_JOB * SLURM_JOB_ID + SLURM_STEP_ID) mod SLOTS: ports cluster_port to cluster_port + 4071.
+# SLOTS is a prime, so the steps of jobs fewer than 31 ids apart (step ids below STEPS_PER_JOB) never share a
+# slot, and other pairs do about once in 509: the second is then refused in one line at its start.
+SLOT_PORTS = 8  # ports of one step on one node, one per task (8 GPUs, a task each); more spill into the next slot
+STEPS_PER_JOB = 16  # steps (sruns) of one job that take slots of their own
+SLOTS = 509  # slots in the range; a prime
+SCONTROL_SECS = 30  # seconds `scontrol show node` may take (milliseconds when slurmctld is up)
 
 
 class ClusterError(ValueError):
@@ -32,6 +44,7 @@ class Cluster:
   spec: tuple[tuple[str, tuple[str, ...]], ...] = ()  # ((job, (host:port, ...)), ...): hashable
   task_type: str | None = None
   task_id: int | None = None
+  ports_from: str = ""  # where the ports came from, for a refusal ("": the caller's source says it)
 
   @property
   def workers(self) -> int:
@@ -103,7 +116,8 @@ def from_tf_config(text: str) -> Cluster:
 
 
 def from_slurm(environ, port: int) -> Cluster:
-  """The cluster of the SLURM job step this process is a task of: every task a worker, in task order."""
+  """The cluster of the SLURM job step this process is a task of: every task a worker, in task order, at
+  its node's address (`node_addresses`) and its port (`step_ports`; `port` is config.cluster_port)."""
   for name in SLURM_STEP:
     if not environ.get(name, "").strip():
       raise ClusterError(f"{name} is not set: the trainer is not a task of a SLURM job step; start it with "
@@ -120,17 +134,120 @@ def from_slurm(environ, port: int) -> Cluster:
                        f"with SLURM_PROCID={rank} among them")
   if tasks == 1:
     return Cluster("local")
-  if not (0 < port and port + max(per_node) <= 65536):
-    raise ClusterError(f"cluster_port={port}: the tasks of a node listen on it and the {max(per_node) - 1} ports "
-                       "after it, which must lie in 1-65535")
-  addresses = [f"{host}:{port + i}" for host, count in zip(hosts, per_node) for i in range(count)]
+  ports, ports_from = step_ports(environ, port, max(per_node))
   layout = [(host, i) for host, count in zip(hosts, per_node) for i in range(count)]
   node = environ.get("SLURMD_NODENAME")
   if layout[rank][1] != local or (node and layout[rank][0] != node):
     raise ClusterError(f"task {rank} runs as local task {local} on {node or 'this node'}, not where a block layout "
                        f"puts it ({layout[rank][1]} on {layout[rank][0]}): start the step with srun "
                        "--distribution=block")
-  return Cluster("slurm", (("worker", tuple(addresses)),), "worker", rank)
+  where = node_addresses(hosts, environ)
+  addresses = [f"{_host(where[host])}:{ports[i]}" for host, i in layout]
+  return Cluster("slurm", (("worker", tuple(addresses)),), "worker", rank, ports_from)
+
+
+def step_ports(environ, base: int, per_node: int) -> tuple[list[int], str]:
+  """The ports of a node's `per_node` tasks (the k-th task's is the k-th) and where they came from: the
+  step's reserved ports (SLURM_STEP_RESV_PORTS, e.g. `12000-12003` or `12000,12005`), else SLOT_PORTS
+  consecutive ports from `base` (config.cluster_port) at the step's slot (see SLOTS), so that two steps on
+  one node differ. `base` moves the whole derived range, e.g. into the ports a firewall opens."""
+  reserved = environ.get("SLURM_STEP_RESV_PORTS", "").strip()
+  if reserved:
+    try:
+      ports = expand_ports(reserved)
+    except ValueError as e:
+      raise ClusterError(f"SLURM_STEP_RESV_PORTS does not parse: {e}") from None
+    if len(ports) < per_node:
+      raise ClusterError(f"SLURM_STEP_RESV_PORTS={reserved} holds {len(ports)} port(s) for the {per_node} tasks of a "
+                         f"node: start the step with srun --resv-ports={per_node} (or --resv-ports=0, for ports "
+                         "derived from the job id)")
+    return ports[:per_node], f"SLURM_STEP_RESV_PORTS={reserved}"
+  job, step = environ["SLURM_JOB_ID"].strip(), environ.get("SLURM_STEP_ID", "").strip() or "0"
+  if not job.isdigit() or not step.isdigit():
+    raise ClusterError(f"SLURM_JOB_ID={job!r} and SLURM_STEP_ID={step!r} must be numbers: the ports of a step "
+                       "without reserved ports (srun --resv-ports) derive from them")
+  span = SLOT_PORTS * SLOTS
+  if not (0 < base and base + span <= 65536):
+    raise ClusterError(f"cluster_port={base}: a SLURM step without reserved ports listens on ports {base} to "
+                       f"{base + span - 1}, which must lie in 1-65535")
+  slot = (STEPS_PER_JOB * int(job) + int(step)) % SLOTS
+  ports = [base + (SLOT_PORTS * slot + i) % span for i in range(per_node)]
+  return ports, f"cluster_port={base} with SLURM_JOB_ID={int(job)}, SLURM_STEP_ID={int(step)}"
+
+
+def expand_ports(text: str) -> list[int]:
+  """SLURM's port list, `12000-12002,12005` -> [12000, 12001, 12002, 12005]."""
+  ports = []
+  for part in text.split(","):
+    match = re.fullmatch(r"\s*(\d+)(?:-(\d+))?\s*", part)
+    if not match or not 0 < int(match.group(1)) <= int(match.group(2) or match.group(1)) < 65536:
+      raise ValueError(f"bad port range {part!r} in {text!r}")
+    ports += range(int(match.group(1)), int(match.group(2) or match.group(1)) + 1)
+  return ports
+
+
+def node_addresses(nodes: list[str], environ) -> dict[str, str]:
+  """{node: the address the other tasks reach it at} for SLURM's node names `nodes`. A node's name is not
+  always an address (NodeName apart from NodeAddr; cloud nodes get theirs at boot), so: its entry in
+  SLURM_NODE_ALIASES (SLURM sets it for cloud nodes), else its NodeAddr from one `scontrol show node` for all
+  of them (where slurmctld itself reaches the node's slurmd; it defaults to the name), else the name. Every
+  address must resolve: else one line naming the node and what was tried, not peers that wait for ever."""
+  wanted = list(dict.fromkeys(nodes))
+  aliases = node_aliases(environ.get("SLURM_NODE_ALIASES", ""))
+  found = {node: aliases[node] for node in wanted if node in aliases}
+  rest = [node for node in wanted if node not in found]
+  scontrol = "not needed"
+  if rest:
+    text, scontrol = _show_nodes(rest, environ)
+    found.update({node: address for node, address in scontrol_addresses(text).items() if node in rest})
+  for node in wanted:
+    address = found.setdefault(node, node)
+    try:
+      socket.getaddrinfo(address, None)
+    except (OSError, UnicodeError) as e:
+      alias = "its entry" if node in aliases else "no entry" if aliases else "not set"
+      raise ClusterError(f"SLURM node {node}: its address {address!r} does not resolve "
+                         f"({getattr(e, 'strerror', None) or e}); tried SLURM_NODE_ALIASES ({alias}), scontrol show "
+                         f"node ({scontrol}), then the name: give the node a resolvable NodeAddr in slurm.conf, or "
+                         f"make {address} resolve on every node (DNS, /etc/hosts)") from None
+  return found
+
+
+def node_aliases(text: str) -> dict[str, str]:
+  """SLURM_NODE_ALIASES, `name:[addr]:host,...` (addresses in brackets since 20.11, for IPv6) -> {name: addr};
+  `(null)` or empty -> {}."""
+  pairs = re.findall(r"([^:,\s]+):(\[[^\]]*\]|[^:,\[]*):[^,]*", text)
+  return {name: address.strip("[]") for name, address in pairs if address.strip("[]")}
+
+
+def scontrol_addresses(text: str) -> dict[str, str]:
+  """{NodeName: NodeAddr} from `scontrol show node -o` (one line per node)."""
+  found = {}
+  for line in text.splitlines():
+    name, address = re.search(r"\bNodeName=(\S+)", line), re.search(r"\bNodeAddr=(\S+)", line)
+    if name and address:
+      found[name.group(1)] = address.group(1)
+  return found
+
+
+def _show_nodes(nodes: list[str], environ) -> tuple[str, str]:
+  """`scontrol show node -o` of `nodes` (one call: a node it does not know is left out) and, for a
+  refusal, what it said."""
+  try:
+    result = subprocess.run(["scontrol", "show", "node", "-o", ",".join(nodes)], capture_output=True, text=True,
+                            timeout=SCONTROL_SECS, env=None if environ is os.environ else dict(environ), check=False)
+  except FileNotFoundError:
+    return "", "not installed"
+  except subprocess.TimeoutExpired:
+    return "", f"no answer in {SCONTROL_SECS} s"
+  found = scontrol_addresses(result.stdout)
+  said = [f"NodeAddr={found[node]}" if node in found else f"{node} unknown" for node in nodes]
+  return result.stdout, ", ".join(said[:3]) + (", ..." if len(said) > 3 else "")
+
+
+def _host(address: str) -> str:
+  """An address as gRPC's host:port takes it: IPv6 in brackets."""
+  return f"[{address}]" if ":" in address else address
 
 
 def expand_hostlist(text: str) -> list[str]:
@@ -177,5 +294,5 @@ def check_port_free(cluster: Cluster, source: str) -> None:
       s.bind(("", port))
     except OSError as e:
       why = "is in use by another process" if e.errno == errno.EADDRINUSE else f"cannot be listened on ({e.strerror})"
-      raise ClusterError(f"port {port} of this task ({cluster.address}, from {source}) {why}: stop that process, or "
-                         "give the tasks other ports") from None
+      raise ClusterError(f"port {port} of this task ({cluster.address}, from {cluster.ports_from or source}) {why}: "
+                         "stop that process, or give the tasks other ports") from None

@@ -13,7 +13,6 @@ from pipeline import augment
 from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
 from pipeline import ops
-from pipeline import records
 from trainer import models
 from trainer.faults import TrainingError
 
@@ -36,18 +35,6 @@ def normalization_for(config, manifest: dict) -> tuple[tuple[float, ...], tuple[
 def model_shape(manifest: dict) -> models.DataShape:
   """What the model is built for: the dataset's image shape and class count."""
   return models.DataShape(manifest_lib.image_shape(manifest), manifest_lib.num_classes(manifest))
-
-
-def sample_records(config, manifest: dict, count: int) -> list[bytes]:
-  """The images of the first `count` records of the validation split (else test, else train) as records of
-  their own, without the source's ids and labels (label 0, id `warmup-N`): real requests for the export's
-  warmup file, which ships with the model."""
-  split = next(s for s in ("validation", "test", "train") if s in manifest["splits"])
-  files = manifest_lib.split_files(config.data_dir, manifest, split)
-  features = records.parse_batch(tf.stack(list(tf.data.TFRecordDataset(files).take(count))))
-  shape = manifest_lib.image_shape(manifest)
-  return [records.serialize_example(encoded.numpy(), image_format.numpy().decode(), 0, f"warmup-{n}", shape)
-          for n, (encoded, image_format) in enumerate(zip(features[records.ENCODED], features[records.FORMAT]))]
 
 
 def steps_per_epoch_for(config, manifest: dict) -> int:
@@ -127,7 +114,8 @@ def input_grid(config, manifest: dict, first: dict) -> tf.Tensor:
   seed = tf.constant([config.seed, 0], tf.int64)
   batch = {"images": first["images"][:side * side], "labels": first["labels"][:side * side],
            "seed": augment.batch_seed(seed, tf.constant(0, tf.int64), tf.constant(0, tf.int64)), "run_seed": seed,
-           "epoch": tf.constant(0, tf.int64), "keys": tf.range(side * side, dtype=tf.int64)}
+           "epoch": tf.constant(0, tf.int64), "keys": tf.range(side * side, dtype=tf.int64),
+           "positions": tf.range(side * side), "global_batch_size": tf.constant(side * side)}
   images = augment.train_preprocess(batch, config.augment, mean, std, manifest_lib.num_classes(manifest))["images"]
   images = ops.denormalize(images, mean, std)
   height, width, channels = images.shape[1:]

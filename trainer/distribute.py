@@ -6,6 +6,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from pipeline import cpus
 from trainer import cluster as cluster_lib
 from trainer import gpus as gpus_lib
 from trainer import rendezvous
@@ -199,5 +200,7 @@ def _cluster_of(strategy: tf.distribute.Strategy) -> dict | None:
 
 
 def log_devices(strategy: tf.distribute.Strategy) -> None:
-  info = describe(strategy)
-  logging.info("%s with %d replica(s) on %s", info["strategy"], info["replicas"], ", ".join(info["devices"]))
+  """The strategy's devices, and the input pipeline's threads (pipeline/cpus.py) beside them."""
+  info, usable = describe(strategy), cpus.usable()
+  logging.info("%s with %d replica(s) on %s; input threads: %d (%s)", info["strategy"], info["replicas"],
+               ", ".join(info["devices"]), usable.count, usable.why)

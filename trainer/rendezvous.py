@@ -90,6 +90,7 @@ def _verdict(tasks: list[str], heard: dict, wait_secs: float) -> dict:
 
 def _as_task(chief: str, tasks: list[str], me: int, mine: dict, wait_secs: float) -> list[dict]:
   host, port = chief.rsplit(":", 1)
+  host = host.strip("[]")  # an IPv6 address as SLURM's NodeAddr gives it, bracketed in host:port
   deadline = time.monotonic() + wait_secs
   while True:
     try:

@@ -1,6 +1,8 @@
 """The trainer, as a table of contents: `train_and_evaluate(config, workdir)`.
 
-Where each concern lives: the state and the train step in trainer/steps.py (`Learner.train`), evaluation
+Where each concern lives: start-up up to the first step (precision, cluster, strategy, the workers'
+agreement, the workdir's lease and checks, the resume) in trainer/startup.py, in the order it happens; the
+state and the train step in trainer/steps.py (`Learner.train`), evaluation
 and precise BatchNorm in trainer/evaluation.py (`Evaluator.evaluate`), the outer loop and its periodic
 actions (report, epoch timer, validation, checkpoint, profile) in trainer/loop.py, the metric writers in
 trainer/writers.py, the workdir's checks and files in trainer/workdir.py, the data adapters in
@@ -9,20 +11,16 @@ trainer/data.py, stop requests and error messages in trainer/faults.py.
 
 import concurrent.futures
 import contextlib
-import dataclasses
 import functools
 import math
 import os
 import time
 
 from absl import logging
-import keras
-import ml_collections
 import tensorflow as tf
 
 from pipeline import manifest as manifest_lib
 from pipeline import ops
-from trainer import checks
 from trainer import data
 from trainer import distribute
 from trainer import evaluation
@@ -30,42 +28,12 @@ from trainer import export as export_lib
 from trainer import faults
 from trainer import loop
 from trainer import models
-from trainer import precision
+from trainer import startup
 from trainer import steps
 from trainer import workdir as workdir_lib
 from trainer import writers
 from trainer.faults import TrainingError  # pylint: disable=unused-import  (part of this module's API)
-
-
-@dataclasses.dataclass
-class Run:
-  """Everything one call of train_and_evaluate works with."""
-  config: ml_collections.ConfigDict
-  workdir: str
-  strategy: tf.distribute.Strategy
-  manifest: dict
-  data: dict  # the data's identity (manifest.identity): what a resume and every worker compare
-  steps_per_epoch: int
-  state: steps.State
-  checkpoints: workdir_lib.Checkpoints
-  writer: writers.MetricWriter
-  started: str
-  start_step: int
-  since: float  # time.monotonic() where this process's timing starts (the end of its imports)
-  precision: dict  # the mixed-precision policy trained in, and why (precision.resolve)
-  metrics: dict = dataclasses.field(default_factory=dict)
-  timing: dict = dataclasses.field(default_factory=dict)  # run.json's: fixed and per-epoch costs, seconds
-  validation: loop.Evaluate | None = None  # the periodic validation, which the final evaluation finishes
-  served: keras.Model | None = None  # the final weights in the export's precision (export.serving_model)
-  last_loop_end: float | None = None
-
-  @property
-  def chief(self) -> bool:
-    return distribute.is_chief(self.strategy)
-
-  @property
-  def total_steps(self) -> int:
-    return self.config.num_epochs * self.steps_per_epoch
+from trainer.startup import Run
 
 
 def train_and_evaluate(config, workdir: str, *, since: float | None = None) -> dict:
@@ -76,39 +44,19 @@ def train_and_evaluate(config, workdir: str, *, since: float | None = None) -> d
   run.json's timing counts start-up from `since` (time.monotonic() at the end of trainer.main's imports;
   by default this call)."""
   since = time.monotonic() if since is None else since
-  why = precision.resolve(config, started_with=workdir_lib.started_precision(workdir))
-  logging.info("training in %s (%s)", config.mixed_precision, why)
-  if config.deterministic:
-    tf.config.experimental.enable_op_determinism()
-  # Before our SIGTERM handler: MultiWorkerMirroredStrategy's coordination service installs its own, which
-  # would replace ours and leave a stop request unseen.
-  strategy = distribute.make_strategy(config)
+  strategy, chosen = startup.prepare(config, workdir)
   with faults.StopRequest() as stop, faults.data_errors_as_training_errors():
-    run = _start(config, workdir, strategy, since, {"mixed_precision": config.mixed_precision, "why": why})
+    run = startup.begin(config, workdir, strategy, since, chosen)
     try:
-      workdir_lib.check_shared(run.strategy, workdir)
       stopped = _train(run, stop, ready=_first_start(run) if run.start_step == 0 else lambda: None)
       if not stopped:
         with _timed(run, "final_evaluation_secs"):
           stopped = _final_evaluation(run, stop)
       exported = not stopped and run.chief and config.export
       if exported:
-        mean, std = data.normalization_for(config, run.manifest)
-        step = int(run.state.step.numpy())
-        with _timed(run, "export_secs"):
-          path = export_lib.export(run.served, os.path.join(workdir, "export"), mean=mean, std=std,
-                                   class_names=manifest_lib.class_names(run.manifest), tta=config.tta,
-                                   warmup_records=data.sample_records(config, run.manifest, WARMUP_IMAGES),
-                                   versions=os.path.join(workdir, "serving"), version=step,
-                                   keep_versions=config.export_versions)
-        logging.info("exported SavedModel to %s, computing in %s%s", path, config.export_precision,
-                     f"; version {step} in {workdir}/serving" if config.export_versions else "")
-      if not stopped and run.last_loop_end is not None:
-        end = "last_step_to_export_secs" if exported else "last_step_to_end_secs"
-        run.timing[end] = round(time.monotonic() - run.last_loop_end, 3)
-        logging.info("fixed cost: %.1f s from the start to the first step's end, %.1f s from the last step to "
-                     "%s", run.timing["start_to_first_step_secs"], run.timing[end],
-                     "the export written" if exported else "the end")
+        _export(run)
+      if not stopped:
+        _fixed_cost(run, exported)
     except BaseException as e:
       full = run.chief and workdir_lib.out_of_space(e, workdir, _space_needed(run), run.checkpoints.latest)
       _end(run, "failed", error=faults.describe(full or e))
@@ -117,78 +65,6 @@ def train_and_evaluate(config, workdir: str, *, since: float | None = None) -> d
       raise
     _end(run, f"stopped by {stop.cause}" if stopped else "finished")
   return dict(run.metrics, stopped_by=stop.cause) if stopped else run.metrics
-
-
-def _start(config, workdir: str, strategy, since: float, chosen: dict) -> Run:
-  """Checks, state restored from the latest checkpoint if there is one, config.json and a run.json saying
-  "running" (what the next start checks a resume against, even if this one is killed)."""
-  started = workdir_lib.now()
-  distribute.log_devices(strategy)
-  manifest, identity, steps_per_epoch = _agreed(strategy, lambda: _check_config_and_data(config, strategy))
-  workdir_lib.check_same_run(strategy, config, identity)
-  latest = _agreed(strategy, lambda: _check_workdir(config, workdir, strategy, identity, steps_per_epoch))
-  workdir_lib.check_same_checkpoint(strategy, latest)
-  state = steps.make_state(config, strategy, steps_per_epoch, data.model_shape(manifest))
-  if latest:
-    _agreed(strategy, lambda: workdir_lib.restore(state.checkpoint, latest))
-    logging.info("resumed from %s at step %d", latest, int(state.step.numpy()))
-  start_step = int(state.step.numpy())
-  checkpoints = workdir_lib.Checkpoints(strategy, state.checkpoint, state.step, workdir, config.keep_checkpoints,
-                                        saved_step=start_step if latest else -1, restored=latest)
-  chief = distribute.is_chief(strategy)
-  if chief:  # _check_workdir made the directory
-    workdir_lib.write_config(workdir, config)
-  console = writers.ConsoleWriter(config.num_epochs * steps_per_epoch, steps_per_epoch, config.global_batch_size,
-                                  progress_bar=chief and config.progress_bar)
-  writer = writers.create_default_writer(os.path.join(workdir, "summaries"), chief=chief,
-                                         flush_secs=config.summary_flush_secs, console=console)
-  run = Run(config, workdir, strategy, manifest, identity, steps_per_epoch, state, checkpoints, writer, started,
-            start_step, since, chosen)
-  if chief:
-    _write_run_json(run, "running")
-  return run
-
-
-def _check_config_and_data(config, strategy) -> tuple[dict, dict, int]:
-  """This worker's checks of the config and the data. Returns the manifest, the data's identity and the
-  steps per epoch."""
-  checks.check_config(config, strategy.num_replicas_in_sync)
-  manifest = manifest_lib.load(config.data_dir)
-  if config.input.verify_checksums:
-    manifest_lib.verify_checksums(config.data_dir, manifest, manifest["splits"])
-  return manifest, manifest_lib.identity(manifest), data.steps_per_epoch_for(config, manifest)
-
-
-def _check_workdir(config, workdir: str, strategy, identity: dict, steps_per_epoch: int) -> str | None:
-  """This worker's checks of the workdir, read-only until they pass, then that it can write there. Returns
-  the checkpoint to resume from (the chief's newest intact one) or None."""
-  workdir_lib.check(workdir)
-  latest = workdir_lib.latest_checkpoint(workdir)
-  if latest:  # a run that never checkpointed may be retried with other values
-    workdir_lib.check_resumable(config, workdir, identity, steps_per_epoch, distribute.describe(strategy)["workers"])
-    step = workdir_lib.checkpoint_step(latest)
-    if config.input.data_service and step % steps_per_epoch:
-      raise TrainingError(f"{latest} is at step {step}, inside epoch {step // steps_per_epoch + 1}: the tf.data "
-                          "service hands out batches in the order its workers make them, so the rest of that "
-                          "epoch cannot be told apart; resume with --config.input.data_service='' (the same "
-                          "batches, made in this process)")
-  workdir_lib.make_writable(workdir)
-  return latest
-
-
-def _agreed(strategy, check):
-  """Runs the start-up `check` on every worker and returns its result. If it refuses on any worker,
-  every worker refuses (a collective), so none is left waiting for a peer that quit."""
-  try:
-    result, problem = check(), None
-  except (TrainingError, manifest_lib.ManifestError, ValueError, OSError, tf.errors.OpError) as e:
-    result, problem = None, e
-  if distribute.any_worker(strategy, problem is not None):
-    raise problem or TrainingError("another worker refused to start; its log says why")
-  return result
-
-
-WARMUP_IMAGES = max(export_lib.WARMUP_BATCHES)  # real images in the export's warmup requests
 
 
 def _first_start(run: Run):
@@ -329,6 +205,32 @@ def _final_evaluation(run: Run, stop: faults.StopRequest) -> bool:
   return True
 
 
+def _export(run: Run) -> None:
+  """The chief's export of the final weights (the serving copy the final evaluation scored), with its TF
+  Serving version (trainer/export.py); only while this run still holds the workdir's lease."""
+  config = run.config
+  run.lease.check()
+  mean, std = data.normalization_for(config, run.manifest)
+  with _timed(run, "export_secs"):
+    path = export_lib.export(run.served, os.path.join(run.workdir, "export"), mean=mean, std=std,
+                             class_names=manifest_lib.class_names(run.manifest), tta=config.tta,
+                             versions=os.path.join(run.workdir, "serving"), version=int(run.state.step.numpy()),
+                             keep_versions=config.export_versions)
+  logging.info("exported SavedModel to %s, computing in %s%s", path, config.export_precision,
+               f"; TF Serving's versions in {run.workdir}/serving" if config.export_versions else "")
+
+
+def _fixed_cost(run: Run, exported: bool) -> None:
+  """run.json's and the log's fixed costs: from the start to the first step's end, from the last step to
+  the export written (or the end)."""
+  if run.last_loop_end is None:
+    return
+  end = "last_step_to_export_secs" if exported else "last_step_to_end_secs"
+  run.timing[end] = round(time.monotonic() - run.last_loop_end, 3)
+  logging.info("fixed cost: %.1f s from the start to the first step's end, %.1f s from the last step to %s",
+               run.timing["start_to_first_step_secs"], run.timing[end], "the export written" if exported else "the end")
+
+
 def _space_needed(run: Run) -> dict[str, int]:
   """Bytes a checkpoint and the export of this run need, by the workdir's name for them: the newest
   checkpoint's files; the served weights plus what the graph and warmup requests add."""
@@ -351,19 +253,14 @@ def _end(run: Run, status: str, error: str | None = None) -> None:
   """Records how the run ended in run.json (the chief's) and closes the writer. After an `error`, a
   failure here is logged, not raised: the caller raises the error itself."""
   try:
-    if run.chief:
-      _write_run_json(run, status, **({"error": error} if error else {}))
+    if run.chief and not (run.lease and run.lease.lost):  # a lost lease: the workdir is another run's now
+      run.record(status, **({"error": error} if error else {}))
     run.writer.close()
   except Exception as e:  # pylint: disable=broad-except
     if not error:
       raise
     # One line: the caller's error is the one to read (on a full disk, this one is the same).
     logging.warning("could not record the failure in %s/run.json: %s", run.workdir, faults.describe(e))
-
-
-def _write_run_json(run: Run, status: str, **extra) -> None:
-  workdir_lib.write_run(run.workdir, status=status, started=run.started, start_step=run.start_step,
-                        end_step=int(run.state.step.numpy()), total_steps=run.total_steps,
-                        steps_per_epoch=run.steps_per_epoch, data=run.data, precision=run.precision,
-                        distribution=distribute.describe(run.strategy),
-                        metrics=run.metrics, timing=run.timing, **extra)
+  finally:
+    if run.lease:
+      run.lease.release()

@@ -5,6 +5,7 @@ checkpoint manager, config.json and run.json (docs/interfaces.md: the layout).
   WORKDIR/summaries/    TensorBoard events, traces     WORKDIR/run.json     status, steps, versions, metrics
   WORKDIR/export/       the SavedModel                 WORKDIR/tmp/         other workers' scratch checkpoints
   WORKDIR/serving/N/    the last exports, numbered by step, for TF Serving (trainer/export.py)
+  WORKDIR/lease.json    who runs in it now (trainer/lease.py)  WORKDIR/lease.lock  its lock (not on gs://)
 """
 
 import datetime
@@ -27,7 +28,8 @@ from trainer import distribute
 from trainer import faults
 from trainer.faults import TrainingError
 
-FILES = ("checkpoints", "summaries", "export", "serving", "config.json", "run.json", "tmp")  # what the trainer writes
+FILES = ("checkpoints", "summaries", "export", "serving", "config.json", "run.json", "tmp", "lease.json",
+         "lease.lock")  # what the trainer writes
 SHARED = "give every worker the same workdir, on storage all of them read (gs:// or a shared filesystem)"
 # What a resumed run may change (BUILD.md, "Preemption, crashes and resuming"): when it logs, evaluates, checkpoints and writes,
 # what it does at the end, how the same steps are computed (kernels, XLA, op determinism, where augmentation
@@ -39,14 +41,14 @@ RESUME_MAY_CHANGE = (
     "summary_flush_secs", "summary_worst_images", "profile_steps", "progress_bar", "keep_checkpoints", "export",
     "stop_exit_code", "export_precision", "export_versions",
     "tta", "eval_batch_size", "eval_steps", "bn_statistics_images", "data_dir", "deterministic", "jit_compile",
-    "logical_cpus", "strategy", "cluster", "cluster_port", "cluster_wait_secs", "allow_cpu", "model.fast_kernels",
-    "model.sync_bn",
+    "logical_cpus", "strategy", "cluster", "cluster_port", "cluster_wait_secs", "allow_cpu", "lease_secs",
+    "model.fast_kernels", "model.sync_bn",
     "input.verify_checksums", "input.probe_batches", "input.data_service", "input.augment_on")
 # What the workers of one run may differ in: where each finds the data (its identity is compared), and
 # what only the chief does or each shows on its own. All else sets the schedule of collectives or the
 # batches, so it must be alike on every worker.
 WORKERS_MAY_DIFFER = ("data_dir", "progress_bar", "summary_flush_secs", "keep_checkpoints", "export", "allow_cpu",
-                      "cluster_wait_secs", "export_versions", "stop_exit_code", "input.verify_checksums", "input.probe_batches")
+                      "cluster_wait_secs", "lease_secs", "export_versions", "stop_exit_code", "input.verify_checksums", "input.probe_batches")
 
 def now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -234,15 +236,18 @@ def check_same_checkpoint(strategy, latest: str | None) -> None:
     raise TrainingError(f"the workers see different latest checkpoints (this one: {latest or 'none'}); {SHARED}")
 
 
-def check_shared(strategy, workdir: str) -> None:
-  """Refuses to train unless every worker sees the config.json the chief has just written (two
-  collectives: a barrier, then the vote), so that a later resume can restore the chief's checkpoints."""
-  distribute.any_worker(strategy, False)
-  path = os.path.join(workdir, "config.json")
-  seen = tf.io.gfile.exists(path)
-  if distribute.any_worker(strategy, not seen):
-    raise TrainingError(f"{'this worker' if not seen else 'another worker'} cannot see {path}, which the chief "
-                        f"wrote; {SHARED}")
+def check_lease(workdir: str, run_id: str) -> None:
+  """Refuses a non-chief worker that does not see the lease the chief has just taken for run `run_id`
+  (trainer/lease.py): another workdir, or a node-local copy, where a later resume could not restore the
+  chief's checkpoints. Reads only."""
+  path = os.path.join(workdir, "lease.json")
+  try:
+    seen = fileio.read_json(path).get("run_id") if tf.io.gfile.exists(path) else None
+  except (ValueError, AttributeError, tf.errors.OpError):
+    seen = None
+  if seen != run_id:
+    raise TrainingError(f"this worker does not see the lease of run {run_id} in {path} (it sees "
+                        f"{'run ' + seen if seen else 'none'}), which the chief has just taken; {SHARED}")
 
 
 NO_SPACE = "No space left on device"  # TensorFlow's file systems and Python's ENOSPC alike
@@ -316,17 +321,19 @@ class Checkpoints:
   too (variables are read collectively), so they write to a scratch directory of their own."""
 
   def __init__(self, strategy, checkpoint: tf.train.Checkpoint, step: tf.Variable, workdir: str, keep: int,
-               saved_step: int, restored: str | None = None):
+               saved_step: int, restored: str | None = None, before_save=None):
     directory = os.path.join(workdir, "checkpoints")
     if not distribute.is_chief(strategy):
       directory = os.path.join(workdir, "tmp", f"checkpoints-{distribute.worker_id(strategy)}")
     self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep, step_counter=step)
     self.saved_step = saved_step  # the last step this run saved or restored (-1: none), alike on every worker
     self._restored = restored  # until this run saves: not the manager's latest, which may be a damaged one
+    self._before_save = before_save or (lambda: None)  # the lease's check: refuses once another run holds it
 
   def save(self, step: int) -> str:
     """Checkpoints `step` unless this run already has it; every worker decides alike. Returns the path."""
     if self.saved_step != step:
+      self._before_save()
       self.manager.save(checkpoint_number=step)
       self.saved_step, self._restored = step, None
     return self.latest
@@ -341,8 +348,21 @@ def write_config(workdir: str, config) -> None:
   fileio.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2) + "\n")
 
 
-def write_run(workdir: str, **fields) -> None:
-  """run.json: `fields` (status, steps, distribution, metrics...) with the versions, commit and host."""
+def write_run(workdir: str, segment: dict | None = None, **fields) -> None:
+  """run.json: `fields` (status, steps, distribution, metrics...) with the versions, commit and host; with
+  `segment` (this start's `start_step`, `end_step`, `replicas`, `workers`), `segments`: every start's of the
+  run, the earlier ones from the run.json this write replaces."""
+  if segment is not None:
+    # Only the starts before the step this one resumed from, each ending where the next starts: a kill
+    # leaves a start's end_step as its last write had it, and its steps after the checkpoint resumed from
+    # were trained again.
+    try:
+      before = _read_json(workdir, "run.json").get("segments", [])
+    except (ValueError, OSError, tf.errors.OpError):  # unreadable: the history is lost, not the run
+      before = []
+    earlier = [s for s in before if s["start_step"] < segment["start_step"]]
+    ends = [s["start_step"] for s in earlier[1:]] + [segment["start_step"]]
+    fields["segments"] = [dict(s, end_step=end) for s, end in zip(earlier, ends)] + [segment]
   fileio.write_json(os.path.join(workdir, "run.json"), {
       **fields, "ended": now(),
       "versions": {"project": _project_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
