@@ -111,7 +111,7 @@ def _epoch_permutation(seed: tf.Tensor, epoch: tf.Tensor, num_records: tf.Tensor
 
 def build_train_dataset(config, data_dir: str, *, steps_per_epoch: int, global_batch_size: int,
                         mean, std, input_context: tf.distribute.InputContext | None = None,
-                        start_step: int = 0) -> tf.data.Dataset:
+                        start_step: int = 0, run_id: str = "") -> tf.data.Dataset:
   """Endless training batches for one input pipeline: per-replica batches for each of its replicas.
 
   Args:
@@ -122,6 +122,8 @@ def build_train_dataset(config, data_dir: str, *, steps_per_epoch: int, global_b
     mean, std: per-channel normalisation in [0, 1] units.
     input_context: from `distribute_datasets_from_function`; None = one pipeline feeding one replica.
     start_step: steps already trained; the dataset starts at the next one.
+    run_id: this start's (the workdir's lease): names its tf.data service job, which two runs of one
+      seed on one dispatcher (a learning-rate sweep) would otherwise share, splitting its batches.
   Returns:
     A dataset of dicts (see the module docstring).
   """
@@ -150,7 +152,7 @@ def build_train_dataset(config, data_dir: str, *, steps_per_epoch: int, global_b
   if config.input.data_service:
     batches = batches.apply(tf.data.experimental.service.distribute(
         processing_mode=tf.data.experimental.service.ShardingPolicy.HINT, service=config.input.data_service,
-        job_name=f"train-{config.seed}-{ctx.input_pipeline_id}-{start_step}"))
+        job_name=f"train-{run_id or config.seed}-{ctx.input_pipeline_id}-{start_step}"))
   return batches
 
 

@@ -259,6 +259,26 @@ def test_data_service_serves_each_batch_once(synthetic_dir, workers):
     dispatcher.stop()
 
 
+def test_two_runs_of_one_seed_on_one_dispatcher_each_get_every_batch(synthetic_dir):
+  """The job was named by the seed alone: a learning-rate sweep's runs shared one job and split its batches."""
+  dispatcher, servers = _data_service(1)
+  try:
+    config = _config(data_service=dispatcher.target)
+    manifest = manifest_lib.load(synthetic_dir)
+    mean, std = manifest_lib.normalization(manifest)
+    runs = [iter(input_pipeline.build_train_dataset(config, synthetic_dir, steps_per_epoch=4, global_batch_size=32,
+                                                     mean=mean, std=std, run_id=run_id)) for run_id in ("a", "b")]
+    seen = [[], []]
+    for _ in range(8):  # in turns, as two trainers would
+      for i, run in enumerate(runs):
+        seen[i].append(next(run)["images"].numpy().tobytes())
+    assert seen[0] == seen[1] and len(set(seen[0])) == 8
+  finally:
+    for server in servers:
+      server.stop()
+    dispatcher.stop()
+
+
 def test_data_service_without_a_worker_list_is_one_line(synthetic_dir):
   dispatcher = tf.data.experimental.service.DispatchServer(tf.data.experimental.service.DispatcherConfig(port=0))
   worker = tf.data.experimental.service.WorkerServer(tf.data.experimental.service.WorkerConfig(

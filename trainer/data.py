@@ -51,14 +51,15 @@ def steps_per_epoch_for(config, manifest: dict) -> int:
   return per_epoch
 
 
-def train_dataset_fn(config, manifest: dict, steps_per_epoch: int, start_step: int):
-  """The function `distribute_datasets_from_function` calls once per input pipeline for training."""
+def train_dataset_fn(config, manifest: dict, steps_per_epoch: int, start_step: int, run_id: str = ""):
+  """The function `distribute_datasets_from_function` calls once per input pipeline for training; `run_id`
+  names the run's tf.data service job."""
   mean, std = normalization_for(config, manifest)
 
   def dataset_fn(ctx):
     return input_pipeline.build_train_dataset(
         config, config.data_dir, steps_per_epoch=steps_per_epoch, global_batch_size=config.global_batch_size,
-        mean=mean, std=std, input_context=ctx, start_step=start_step)
+        mean=mean, std=std, input_context=ctx, start_step=start_step, run_id=run_id)
 
   return dataset_fn
 

@@ -102,7 +102,7 @@ def _train(run: Run, stop: faults.StopRequest, ready) -> bool:
   config, strategy = run.config, run.strategy
   learner = steps.Learner(config, strategy, run.state, *data.normalization_for(config, run.manifest))
   iterator = iter(strategy.distribute_datasets_from_function(
-      data.train_dataset_fn(config, run.manifest, run.steps_per_epoch, run.start_step)))
+      data.train_dataset_fn(config, run.manifest, run.steps_per_epoch, run.start_step, run.run_id)))
   if run.start_step < run.total_steps:
     learner.trace(iterator, run.start_step // run.steps_per_epoch)
   ready()
