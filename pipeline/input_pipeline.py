@@ -176,6 +176,8 @@ def _in_memory_batches(files, decode, layout: _Layout, seed: int, first_epoch: i
   rows' places (`_randomness`). So an image's place, pixels and augmentation do not depend on how many
   replicas there are or how they are spread over workers: a run resumed on 4 GPUs after 8, or on 2
   workers after 3, trains as it would have (tests/test_elastic.py), and a resumed run continues exactly.
+  (Mixup and cutmix pair neighbouring places, so with an odd per-replica batch one image per replica is
+  left unmixed, and which ones depends on the layout: BUILD.md.)
   """
   # Decoded in chunks on every core, then made one element: one op over the whole split ran on one core.
   everything = (tf.data.TFRecordDataset(files).batch(_CHUNK)

@@ -8,6 +8,7 @@ label and a unique id. The readers take the dataset's shape and class count; CIF
 import tensorflow as tf
 
 from pipeline import cifar10
+from pipeline import ops
 
 ENCODED = "image/encoded"
 FORMAT = "image/format"
@@ -119,7 +120,13 @@ def decode_image(encoded: tf.Tensor, image_format: tf.Tensor, image_id: tf.Tenso
     return tf.reshape(tf.io.decode_raw(encoded, tf.uint8), shape)
 
   def compressed():
-    image = tf.io.decode_image(encoded, channels=shape[2], expand_animations=False)
+    # The header's size first: decoding takes what the header declares, however small the record (a
+    # request to the export's serve_examples, a shard written elsewhere).
+    declared = ops.declared_image_size(encoded)
+    fits = _fail_unless(tf.reduce_all(tf.equal(declared, tf.constant(shape[:2], tf.int64))), "record ", image_id,
+                        ": image declares ", _dims(declared), f", expected {_text(shape[:2])}")
+    with tf.control_dependencies([fits]):
+      image = tf.io.decode_image(tf.identity(encoded), channels=shape[2], expand_animations=False)
     check = _fail_unless(tf.reduce_all(tf.equal(tf.shape(image), shape)), "record ", image_id,
                          ": image decodes to ", _dims(tf.shape(image)), f", expected {_text(shape)}")
     with tf.control_dependencies([check]):

@@ -445,7 +445,7 @@ BAD_RECORDS = {
                  "bad training data: record train_bad: raw image is 3000 bytes, expected 3072 (32x32x3 uint8)"),
     "png_shape": (records.serialize_example(tf.io.encode_png(tf.zeros([64, 64, 3], tf.uint8)).numpy(), "png", 1,
                                             "train_bad"),
-                  "bad training data: record train_bad: image decodes to 64x64x3, expected 32x32x3"),
+                  "bad training data: record train_bad: image declares 64x64, expected 32x32"),
     "schema": (_example(**{records.ENCODED: bytes(3072), records.FORMAT: b"raw", records.ID: b"train_bad"}),
                "bad training data: Feature: image/channels (data type: int64) is required but could not be "
                "found."),

@@ -111,3 +111,24 @@ def test_on_gcs_the_preconditions_decide(monkeypatch):
     assert lease_lib.acquire(workdir, 60, clock).run_id not in (first.run_id, second.run_id)
   finally:
     gcs.stop()
+
+
+def test_a_takeover_is_seen_at_the_next_write_not_only_at_the_next_renewal(tmp_path):
+  workdir, clock = str(tmp_path / "run"), Clock()
+  old = lease_lib.acquire(workdir, 60, clock)
+  assert old.lost_why() is None
+  clock.now += 61
+  new = lease_lib.acquire(workdir, 60, clock)
+  assert new.run_id in old.lost_why() and "nothing more is written" in old.lost_why()
+
+
+def test_a_holder_in_another_process_space_of_this_host_is_not_passed_over(tmp_path):
+  """Containers sharing the host's name (host networking) do not share pids: a live holder there looked
+  dead from here."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  content = lease_lib.holder("c0ffee", 3600)
+  content.update(pid=_dead_pid(), process_space="another-boot:pid:[4026531836]")
+  (workdir / "lease.json").write_text(json.dumps(content))
+  with pytest.raises(TrainingError, match="is in use by another run"):
+    lease_lib.acquire(str(workdir), 3600)

@@ -332,6 +332,27 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
   assert not out.exists()
 
 
+@pytest.mark.parametrize("dtype", [b"O8", b"f8"])
+def test_an_array_of_another_dtype_is_refused_before_numpy_builds_it(tmp_path, dtype):
+  """numpy's dtype.__setstate__ takes a pickle's flags unchecked: an object dtype without its refcount flag
+  made the batch's bytes pointers, which np.asarray then followed."""
+  archive = str(tmp_path / "cifar-10-python.tar.gz")
+  _official_archive(archive, "python", per_batch=2)
+  with tarfile.open(archive) as tar:
+    members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+  pointers = np.full((2, 3072), 0x4141414141414141, np.uint64)  # 8 bytes an element, as O8 and f8 take
+  forged = _python2_dumps({b"data": pointers, b"labels": [0, 1]})
+  members["cifar-10-batches-py/data_batch_1"] = forged.replace(b"U\x02u1", b"U\x02" + dtype)
+  with tarfile.open(archive, "w:gz") as tar:
+    for name, data in members.items():
+      _add(tar, name, data)
+  result = _run("tools.make_tfrecords", f"--source={archive}", f"--output_dir={tmp_path / 'out'}")
+  assert result.returncode == 1 and "Traceback" not in result.stderr, (result.returncode, result.stderr[-2000:])
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"make_tfrecords: error: {archive}: cifar-10-batches-py/data_batch_1: refused an array of dtype "
+      f"{dtype.decode()!r} (the CIFAR batches hold integers only)")
+
+
 def test_a_source_of_one_class_is_refused(tmp_path):
   """One class directory was written as a dataset of 1 class (exit 0, 4 shards): nothing to tell apart."""
   folder = str(tmp_path / "bolts")

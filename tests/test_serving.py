@@ -321,3 +321,17 @@ def test_serve_bytes_refuses_an_image_above_the_pixel_limit_before_decoding(run)
   with pytest.raises(tf.errors.InvalidArgumentError, match=r"more than the limit of [\d,]+ pixels"):
     serve(image_bytes=tf.stack([photo, tf.constant(header)]))
   assert serve(image_bytes=tf.stack([photo]))["probabilities"].shape == (1, 10)
+
+
+def test_serve_examples_refuses_a_record_declaring_another_size_before_decoding(run):
+  """serve_examples decoded a record's PNG whatever it declared (a 16000 x 16000 header: ~768 MB), and only
+  then compared its shape with the model's."""
+  workdir, _, _ = run
+  serve = export_lib.load(os.path.join(workdir, "export")).signatures["serve_examples"]
+  header = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR" + (16000).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0, 0, 0, 0, 0])
+  bomb = records.serialize_example(header, "png", 0, "request-0")
+  with pytest.raises(tf.errors.InvalidArgumentError, match="record request-0: image declares 16000x16000, "
+                                                           "expected 32x32"):
+    serve(examples=tf.constant([bomb]))
+  fine = records.serialize_example(tf.io.encode_png(tf.zeros([32, 32, 3], tf.uint8)).numpy(), "png", 0, "request-1")
+  assert serve(examples=tf.constant([fine]))["probabilities"].shape == (1, 10)

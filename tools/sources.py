@@ -11,6 +11,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import io
+import math
 import os
 import pickle
 import re
@@ -170,14 +171,60 @@ def _member(path: str, members: dict[str, bytes], suffix: str) -> bytes:
   raise SourceError(f"{path}: archive has no member {suffix}")
 
 
+class _Dtype:
+  """What a pickle asks numpy.dtype for, recorded and not built: numpy's own dtype.__setstate__ takes the
+  pickle's flags unchecked, so a crafted one could make uint8 bytes pass for object pointers."""
+
+  def __init__(self, spec, align=False, copy=False):
+    del align, copy
+    self.spec = spec.decode("latin-1") if isinstance(spec, bytes) else spec
+    self.order = "|"
+
+  def __setstate__(self, state):
+    if isinstance(state, tuple) and len(state) > 1:
+      order = state[1]
+      self.order = order.decode("latin-1") if isinstance(order, bytes) else order
+
+
+class _Array:
+  """An ndarray as a pickle describes it (numpy's `_reconstruct` + `__setstate__`), recorded, then built
+  by `array` from its bytes alone, for the integer dtypes the CIFAR batches hold."""
+
+  INTEGER_DTYPES = ("u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8")
+
+  def __setstate__(self, state):
+    self.state = state
+
+  def array(self, where: str) -> np.ndarray:
+    try:
+      _, shape, dtype, fortran, raw = self.state[:5]
+    except (AttributeError, TypeError, ValueError):
+      raise SourceError(f"{where}: an array the CIFAR batch format does not have") from None
+    spec = dtype.spec if isinstance(dtype, _Dtype) else None
+    if spec not in self.INTEGER_DTYPES or not isinstance(raw, (bytes, str)) or dtype.order not in "<>|=":
+      raise SourceError(f"{where}: refused an array of dtype {spec!r} (the CIFAR batches hold integers only)")
+    raw = raw.encode("latin-1") if isinstance(raw, str) else raw
+    kind = np.dtype(spec).newbyteorder(dtype.order if dtype.order in "<>" else "=")
+    if math.prod(shape) * kind.itemsize != len(raw):
+      raise SourceError(f"{where}: an array of shape {tuple(shape)} with {len(raw)} bytes")
+    return np.frombuffer(raw, kind).reshape(shape, order="F" if fortran else "C")
+
+
+def _reconstruct(cls, shape, typecode):
+  del cls, shape, typecode
+  return _Array()
+
+
 class _BatchUnpickler(pickle.Unpickler):
   """Unpickles the CIFAR python batches and nothing else: a pickle names the callables it runs, so one in a
   crafted archive could run any code. The official batches (pickled by Python 2) hold dicts, lists, bytes,
-  str and ints, which need no callable, and numpy uint8 arrays, which need these three; re-pickled by
-  Python 3 (protocols 3 and 4), numpy 2 names its `_core` module instead of `core`."""
+  str and ints, which need no callable, and numpy uint8 arrays, which need numpy's array reconstruction;
+  re-pickled by Python 3 (protocols 3 and 4), numpy 2 names its `_core` module instead of `core`. Even
+  those are not handed to numpy: they are recorded (_Array, _Dtype) and built from their bytes afterwards."""
 
-  ALLOWED = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                       ("numpy", "ndarray"), ("numpy", "dtype")})
+  ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+             ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+             ("numpy", "ndarray"): _Array, ("numpy", "dtype"): _Dtype}
 
   def __init__(self, data: bytes, where: str):
     super().__init__(io.BytesIO(data), encoding="bytes")  # Python 2's str: bytes, as the batch keys are
@@ -186,14 +233,27 @@ class _BatchUnpickler(pickle.Unpickler):
   def find_class(self, module, name):
     if (module, name) not in self.ALLOWED:
       raise SourceError(f"{self.where}: refused to unpickle {module}.{name} (only the CIFAR batch format is read)")
-    return super().find_class(module, name)
+    return self.ALLOWED[(module, name)]
+
+
+def _built(value, where: str):
+  """`value` with every recorded _Array built (dicts, lists and tuples walked)."""
+  if isinstance(value, _Array):
+    return value.array(where)
+  if isinstance(value, _Dtype):
+    raise SourceError(f"{where}: a bare dtype the CIFAR batch format does not have")
+  if isinstance(value, dict):
+    return {k: _built(v, where) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return type(value)(_built(v, where) for v in value)
+  return value
 
 
 def _unpickle(path: str, members: dict[str, bytes], member: str):
   """The python archive's `member` through `_BatchUnpickler`; anything else in it is a SourceError."""
   where = f"{path}: {member}"
   try:
-    return _BatchUnpickler(_member(path, members, member), where).load()
+    return _built(_BatchUnpickler(_member(path, members, member), where).load(), where)
   except SourceError:
     raise
   except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:

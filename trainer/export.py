@@ -107,7 +107,7 @@ class Serving(tf.Module):
   def _predict_examples(self, examples):
     features = records.parse_batch(examples)
     return self.serve_images(records.decode_batch(features[records.ENCODED], features[records.FORMAT],
-                                                  shape=self._shape))
+                                                  features[records.ID], shape=self._shape))
 
   def signatures(self) -> dict:
     return {"serving_default": self.serve_images, "serve_bytes": self.serve_bytes,
@@ -172,7 +172,7 @@ def publish_version(export_dir: str, versions: str, version: int, keep: int) -> 
   highest holds the same export, nothing is copied. Then removes all but the newest `keep`."""
   described = read_description(export_dir)
   numbers = _version_numbers(versions)
-  complete = [n for n in numbers if tf.io.gfile.exists(os.path.join(versions, str(n), "saved_model.pb"))]
+  complete = [n for n in numbers if _complete(versions, n)]
   newest = read_description(os.path.join(versions, str(complete[-1]))) if complete else None
   if complete and newest == described:
     final = os.path.join(versions, str(complete[-1]))
@@ -184,9 +184,14 @@ def publish_version(export_dir: str, versions: str, version: int, keep: int) -> 
       logging.info("%s/%d holds another export (%s): this one is published as %s, the highest, which TF "
                    "Serving serves", versions, complete[-1], _differences(newest, described), final)
     _copy_version(export_dir, final)
-  for old in _version_numbers(versions)[:-keep]:
+  kept = [n for n in _version_numbers(versions) if _complete(versions, n)][-keep:]
+  for old in [n for n in _version_numbers(versions) if n not in kept]:  # and partial copies a crash left
     tf.io.gfile.rmtree(os.path.join(versions, str(old)))
   return final
+
+
+def _complete(versions: str, number: int) -> bool:
+  return tf.io.gfile.exists(os.path.join(versions, str(number), "saved_model.pb"))  # written last
 
 
 def _version_numbers(versions: str) -> list[int]:

@@ -37,7 +37,7 @@ _JOB_VARIABLES = ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "CLOUD_ML_JOB_ID", "JOB
 def holder(run_id: str, lease_secs: float, clock=time.time) -> dict:
   """What this process writes into the lease: who holds it, since when, renewed when."""
   now = clock()
-  return {"run_id": run_id, "host": platform.node(), "pid": os.getpid(),
+  return {"run_id": run_id, "host": platform.node(), "pid": os.getpid(), "process_space": _process_space(),
           "job": {k: os.environ[k] for k in _JOB_VARIABLES if k in os.environ},
           "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "renewed": now, "lease_secs": lease_secs}
 
@@ -55,9 +55,21 @@ def stale(found: dict, clock=time.time) -> str | None:
   age = clock() - float(found.get("renewed", 0))
   if age > float(found.get("lease_secs", 0)):
     return f"not renewed for {age:.0f} s (lease_secs={found.get('lease_secs')})"
-  if found.get("host") == platform.node() and not _alive(int(found.get("pid", 0))):
+  if (found.get("host") == platform.node() and found.get("process_space") and
+      found.get("process_space") == _process_space() and not _alive(int(found.get("pid", 0)))):
     return f"its process {found.get('pid')} on this host is gone"
   return None
+
+
+def _process_space() -> str:
+  """This boot of this host and this process namespace: where a pid names the same process. Containers
+  that share a host name (host networking) do not share pids, and neither do two boots."""
+  try:
+    with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+      boot = f.read().strip()
+    return f"{boot}:{os.readlink('/proc/self/ns/pid')}"
+  except OSError:
+    return ""  # no /proc: a pid is never taken as proof that the holder is gone
 
 
 def _alive(pid: int) -> bool:
@@ -128,7 +140,9 @@ class _Gcs:
   def __init__(self, path: str):
     from google.cloud import storage  # pylint: disable=g-import-not-at-top  (only for gs:// workdirs)
     from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+    from google.auth import exceptions as auth  # pylint: disable=g-import-not-at-top
     self._refused = (exceptions.PreconditionFailed, exceptions.NotFound)
+    self.failed = (exceptions.GoogleAPIError, auth.GoogleAuthError)  # 403, 429, 5xx after retries, credentials
     bucket, _, name = path[len("gs://"):].partition("/")
     try:  # the project only matters to bucket calls, which the lease makes none of
       client = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT") or "-")
@@ -182,6 +196,8 @@ class Lease:
   made: tuple[str, ...] = ()  # what taking it made (the workdir, its lock file), removed again on a refusal
   lost: str | None = None
   _stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+  _renewing: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+  _thread: threading.Thread | None = None
 
   @property
   def run_id(self) -> str:
@@ -190,12 +206,21 @@ class Lease:
   def renew(self, clock=time.time) -> None:
     """Writes a new renewal time if the lease is still this run's; else records that it was lost."""
     current, token = self.store.read()
-    if not current or current.get("run_id") != self.run_id:
-      self.lost = f"{describe(current) if current else 'nobody'} holds it now"
+    if self._taken(current):
       return
     renewed = dict(self.content, renewed=clock())
-    if self.store.replace(renewed, current, token):
-      self.content = renewed
+    with self._renewing:
+      if self.store.replace(renewed, current, token):
+        self.content = renewed
+      else:  # swapped meanwhile: by whom?
+        self._taken(self.store.read()[0])
+
+  def _taken(self, current: dict | None) -> bool:
+    """Whether `current` (the lease as read) is no longer this run's; records by whom in `lost`."""
+    if current and current.get("run_id") == self.run_id:
+      return False
+    self.lost = f"{describe(current) if current else 'nobody'} holds it now"
+    return True
 
   def keep(self) -> None:
     """Renews the lease in a daemon thread until `release`."""
@@ -208,18 +233,34 @@ class Lease:
         if self.lost:
           logging.error("lost the lease on %s: %s", self.store.path, self.lost)
           return
-    threading.Thread(target=loop, name="lease", daemon=True).start()
+    self._thread = threading.Thread(target=loop, name="lease", daemon=True)
+    self._thread.start()
+
+  def lost_why(self) -> str | None:
+    """None while this run holds the lease (read again now, not as the last renewal found it); else the
+    one line to stop with, before writing anything more into the workdir."""
+    if not self.lost:
+      try:
+        self._taken(self.store.read()[0])
+      except Exception as e:  # pylint: disable=broad-except  (storage out of reach: the writes will say)
+        logging.warning("could not read the lease %s: %s", self.store.path, e)
+    if not self.lost:
+      return None
+    return (f"this run no longer holds {self.store.path} ({self.lost}): it stopped renewing it for longer than "
+            "lease_secs, and another start took the workdir over; nothing more is written")
 
   def check(self) -> None:
     """Refuses to write into the workdir once another start has taken the lease over."""
-    if self.lost:
-      raise TrainingError(f"this run no longer holds {self.store.path} ({self.lost}): it stopped renewing it for "
-                          "longer than lease_secs, and another start took the workdir over; nothing more is written")
+    why = self.lost_why()
+    if why:
+      raise TrainingError(why)
 
   def release(self, refused: bool = False) -> None:
     """Lets go of the lease (if it is still this run's). `refused`: the start that took it was refused, and
     the workdir is left as it was, without what taking the lease made."""
     self._stop.set()
+    if self._thread:
+      self._thread.join(timeout=60)  # a renewal in flight would write the lease again after its removal
     try:
       self.store.remove(self.run_id)
       for path in self.made if refused else ():
@@ -245,6 +286,15 @@ def acquire(workdir: str, lease_secs: float, clock=time.time) -> Lease:
     made = tuple(p for p in (workdir, store.lock) if not os.path.exists(p))[::-1]  # the lock before its folder
     os.makedirs(workdir, exist_ok=True)
   content = holder(uuid.uuid4().hex[:12], lease_secs, clock)
+  try:
+    return _take(store, workdir, content, made, clock)
+  except getattr(store, "failed", ()) as e:  # google-cloud-storage's own: one line, as any storage refusal
+    raise TrainingError(f"{path}: the workdir's lease cannot be taken ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else e!r})") from None
+
+
+def _take(store, workdir: str, content: dict, made: tuple[str, ...], clock) -> Lease:
+  path = store.path
   for _ in range(3):  # a lost race to take over a stale lease: read again
     if store.create(content):
       return Lease(store, content, made)

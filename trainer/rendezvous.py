@@ -9,6 +9,7 @@ go, or the one line that every task then stops with (a task that refused, one th
 TensorFlow server takes the port the meeting used.
 """
 
+import hashlib
 import json
 import socket
 import time
@@ -17,7 +18,7 @@ from trainer import cluster as cluster_lib
 from trainer import gpus as gpus_lib
 
 _RETRY_SECS = 0.25  # between a task's tries to reach a chief that is not listening yet
-_GRACE_SECS = 10.0  # a task waits this much longer than the chief for its answer: they started apart
+_GRACE_SECS = 10.0  # for a message the other side is about to send
 
 
 def meet(cluster: cluster_lib.Cluster, *, problem: str | None, facts: dict, wait_secs: float) -> list[dict]:
@@ -27,22 +28,29 @@ def meet(cluster: cluster_lib.Cluster, *, problem: str | None, facts: dict, wait
   the line every task stops with."""
   tasks = [f"{job} {i} ({address})" for job, addresses in cluster.spec for i, address in enumerate(addresses)]
   addresses = [address for _, a in cluster.spec for address in a]
+  # Which cluster a hello is for: two jobs' tasks meeting at one address (a port two jobs were given) must
+  # not count each other.
+  key = hashlib.sha256(json.dumps(cluster.spec).encode()).hexdigest()[:16]
   me = addresses.index(cluster.address)
   if me == 0:
-    return _as_chief(addresses[0], tasks, {"problem": problem, **facts}, wait_secs)
-  return _as_task(addresses[0], tasks, me, {"problem": problem, **facts}, wait_secs)
+    return _as_chief(addresses[0], tasks, key, {"problem": problem, **facts}, wait_secs)
+  return _as_task(addresses[0], tasks, key, me, {"problem": problem, **facts}, wait_secs)
 
 
-def _as_chief(address: str, tasks: list[str], mine: dict, wait_secs: float) -> list[dict]:
+def _listen(address: str, name: str, backlog: int) -> socket.socket:
+  """The chief's listener on its port, IPv6 and IPv4 alike where the host has both."""
   port = int(address.rsplit(":", 1)[1])
-  listener = socket.socket()
-  listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  dual = socket.has_dualstack_ipv6()
   try:
-    listener.bind(("", port))
+    return socket.create_server(("", port), family=socket.AF_INET6 if dual else socket.AF_INET,
+                                dualstack_ipv6=dual, backlog=backlog)
   except OSError as e:
-    raise cluster_lib.ClusterError(f"{tasks[0]}: port {port} cannot be listened on ({e.strerror}): stop the process "
+    raise cluster_lib.ClusterError(f"{name}: port {port} cannot be listened on ({e.strerror}): stop the process "
                                    "that holds it, or give the tasks other ports") from None
-  listener.listen(len(tasks))
+
+
+def _as_chief(address: str, tasks: list[str], key: str, mine: dict, wait_secs: float) -> list[dict]:
+  listener = _listen(address, tasks[0], len(tasks))
   heard, connections = {0: mine}, {}
   deadline = time.monotonic() + wait_secs
   try:
@@ -52,12 +60,15 @@ def _as_chief(address: str, tasks: list[str], mine: dict, wait_secs: float) -> l
         connection, _ = listener.accept()
       except socket.timeout:
         break
-      hello = _receive(connection, deadline)
-      if not isinstance(hello, dict) or hello.get("task") not in range(1, len(tasks)):
-        connection.close()  # not one of ours (a port scanner, a stale process)
+      hello = _receive(connection, min(deadline, time.monotonic() + _GRACE_SECS))
+      if not (isinstance(hello, dict) and hello.get("cluster") == key and hello.get("task") in range(1, len(tasks))):
+        connection.close()  # not one of this cluster's tasks (another job's, a port scanner)
         continue
+      if hello["task"] in connections:  # a task restarted meanwhile: its first connection is dead
+        connections.pop(hello["task"]).close()
       heard[hello["task"]] = hello["facts"]
       connections[hello["task"]] = connection
+      _send(connection, {"wait": deadline - time.monotonic()})  # it waits for the answer as long as the chief
     answer = _verdict(tasks, heard, wait_secs)
     for connection in connections.values():
       _send(connection, answer)
@@ -88,7 +99,9 @@ def _verdict(tasks: list[str], heard: dict, wait_secs: float) -> dict:
   return {"error": clash} if clash else {"facts": facts}
 
 
-def _as_task(chief: str, tasks: list[str], me: int, mine: dict, wait_secs: float) -> list[dict]:
+def _as_task(chief: str, tasks: list[str], key: str, me: int, mine: dict, wait_secs: float) -> list[dict]:
+  """Reaches the chief by `wait_secs` from now, then waits for its answer as long as the chief waits (its
+  acknowledgement says how long): a task started long before the chief does not give up early."""
   host, port = chief.rsplit(":", 1)
   host = host.strip("[]")  # an IPv6 address as SLURM's NodeAddr gives it, bracketed in host:port
   deadline = time.monotonic() + wait_secs
@@ -103,11 +116,15 @@ def _as_task(chief: str, tasks: list[str], me: int, mine: dict, wait_secs: float
                                        "check that this one can reach it") from None
       time.sleep(_RETRY_SECS)
   with connection:
-    _send(connection, {"task": me, "facts": mine})
-    answer = _receive(connection, deadline + _GRACE_SECS)
+    _send(connection, {"cluster": key, "task": me, "facts": mine})
+    ack = _receive(connection, time.monotonic() + _GRACE_SECS)
+    answer = None
+    if isinstance(ack, dict) and isinstance(ack.get("wait"), (int, float)):
+      answer = _receive(connection, time.monotonic() + max(ack["wait"], 0) + _GRACE_SECS)
   if not isinstance(answer, dict) or not ({"facts", "error"} & set(answer)):
-    raise cluster_lib.ClusterError(f"{tasks[0]} answered {tasks[me]}, but not as this trainer's chief: another "
-                                   "process holds that port, or the chief runs another version of the trainer")
+    raise cluster_lib.ClusterError(f"{tasks[0]} answered {tasks[me]}, but not as this trainer's chief of this "
+                                   "cluster: another process holds that port, the chief runs another version of "
+                                   "the trainer, or it stopped while the tasks met")
   return _result(answer, mine)
 
 

@@ -123,13 +123,20 @@ def _take_lease(config, workdir: str, strategy) -> tuple[lease_lib.Lease | None,
   """The chief takes the workdir's lease (trainer/lease.py: one run per workdir) once the workdir passes the
   read-only checks; every worker learns the run id it names. Returns the lease (the chief's; None on the
   other workers) and the run id."""
-  chief = distribute.is_chief(strategy)
+  chief, taken = distribute.is_chief(strategy), []
 
   def take():
     workdir_lib.check(workdir)
-    return lease_lib.acquire(workdir, config.lease_secs) if chief else None
+    if chief:
+      taken.append(lease_lib.acquire(workdir, config.lease_secs))
 
-  lease = agreed(strategy, take)
+  try:
+    agreed(strategy, take)
+  except BaseException:
+    for lease in taken:  # another worker refused: the workdir is left as it was
+      lease.release(refused=True)
+    raise
+  lease = taken[0] if taken else None
   run_id = distribute.gather_texts(strategy, lease.run_id if lease else "")[0]
   if lease:
     lease.keep()
@@ -149,7 +156,7 @@ def _resume_or_begin(config, workdir, strategy, since, chosen, started, manifest
   start_step = int(state.step.numpy())
   checkpoints = workdir_lib.Checkpoints(strategy, state.checkpoint, state.step, workdir, config.keep_checkpoints,
                                         saved_step=start_step if latest else -1, restored=latest,
-                                        before_save=lease.check if lease else None)
+                                        lost=lease.lost_why if lease else None)
   chief = distribute.is_chief(strategy)
   if chief:  # _check_workdir made the directory
     workdir_lib.write_config(workdir, config)

@@ -58,7 +58,7 @@ def train_and_evaluate(config, workdir: str, *, since: float | None = None) -> d
       if not stopped:
         _fixed_cost(run, exported)
     except BaseException as e:
-      full = run.chief and workdir_lib.out_of_space(e, workdir, _space_needed(run), run.checkpoints.latest)
+      full = run.chief and workdir_lib.out_of_space(e, workdir, lambda: _space_needed(run), run.checkpoints.latest)
       _end(run, "failed", error=faults.describe(full or e))
       if full:
         raise full from None

@@ -255,19 +255,23 @@ _WRITERS = {"checkpoints": "a checkpoint", "tmp": "a checkpoint", "export": "the
             "serving": "the SavedModel's TF Serving copy", "summaries": "TensorBoard's events"}
 
 
-def out_of_space(error: BaseException, workdir: str, needed: dict[str, int], latest: str | None):
+def out_of_space(error: BaseException, workdir: str, needed, latest: str | None):
   """For a write to `workdir` that found its disk full: removes the temporaries the failed writes left
   (they hold space and no reader looks at them) and returns the one line to stop with, naming the file, what
-  it was part of, the space it needs (`needed`: bytes by the workdir's top-level name) and the space free,
-  and the checkpoint a resume starts from. For any other error: None."""
+  it was part of, the space it needs (`needed()`: bytes by the workdir's top-level name, asked only then)
+  and the space free, and the checkpoint a resume starts from. For any other error: None."""
   if isinstance(error, tf.errors.OpError):
     message = error.message
   elif isinstance(error, OSError) and error.errno == errno.ENOSPC:
-    message = f"{error.filename}; {NO_SPACE}"
+    message = f"{error.filename or workdir}; {NO_SPACE}"
   else:
     return None
   if NO_SPACE not in message:
     return None
+  try:
+    needed = needed()
+  except Exception:  # pylint: disable=broad-except  (the sizes are a courtesy; the line is what matters)
+    needed = {}
   path = faults.first_line(message).split(";")[0].strip()
   path = re.sub(r"(^|/)\.tmp-[0-9a-f]{8}-", r"\1", path)  # the final names, not the temporaries'
   path = re.sub(r"_temp/part-.*$", "", path)  # the checkpoint manager's: ckpt-N_temp/part-...
@@ -321,19 +325,22 @@ class Checkpoints:
   too (variables are read collectively), so they write to a scratch directory of their own."""
 
   def __init__(self, strategy, checkpoint: tf.train.Checkpoint, step: tf.Variable, workdir: str, keep: int,
-               saved_step: int, restored: str | None = None, before_save=None):
+               saved_step: int, restored: str | None = None, lost=None):
     directory = os.path.join(workdir, "checkpoints")
     if not distribute.is_chief(strategy):
       directory = os.path.join(workdir, "tmp", f"checkpoints-{distribute.worker_id(strategy)}")
     self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep, step_counter=step)
     self.saved_step = saved_step  # the last step this run saved or restored (-1: none), alike on every worker
     self._restored = restored  # until this run saves: not the manager's latest, which may be a damaged one
-    self._before_save = before_save or (lambda: None)  # the lease's check: refuses once another run holds it
+    self._strategy = strategy
+    self._lost = lost or (lambda: None)  # the lease's: why this run may no longer write, or None
 
   def save(self, step: int) -> str:
     """Checkpoints `step` unless this run already has it; every worker decides alike. Returns the path."""
     if self.saved_step != step:
-      self._before_save()
+      lost = self._lost()  # the chief's lease, voted: every worker takes part in a save, or none does
+      if distribute.any_worker(self._strategy, lost is not None):
+        raise TrainingError(lost or "the chief no longer holds the workdir's lease; its log says why")
       self.manager.save(checkpoint_number=step)
       self.saved_step, self._restored = step, None
     return self.latest
