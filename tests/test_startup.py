@@ -102,6 +102,26 @@ def test_a_listener_that_is_not_the_chief_is_named():
       rendezvous.meet(_cluster(addresses, 1), problem=None, facts={}, wait_secs=1)
 
 
+@pytest.mark.parametrize("round_", range(3))
+def test_two_tasks_meet_and_each_learns_every_task_s_facts(round_):
+  """The chief's acknowledgement and its answer, sent at once, came in one read: the task took the pair for
+  no answer and left, and the chief, having said go, waited in the strategy for it forever (CI, 2026-12-05)."""
+  import threading  # pylint: disable=import-outside-toplevel
+  del round_
+  addresses = [f"127.0.0.1:{p}" for p in chaos_resume.free_ports(2)]
+  results = {}
+
+  def meet(index):
+    results[index] = rendezvous.meet(_cluster(addresses, index), problem=None, facts={"n": index}, wait_secs=20)
+
+  threads = [threading.Thread(target=meet, args=(i,)) for i in (1, 0)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join(40)
+  assert results == {i: [{"problem": None, "n": 0}, {"problem": None, "n": 1}] for i in (0, 1)}
+
+
 @pytest.mark.slow
 def test_one_of_two_workers_started_alone_exits_within_the_deadline(synthetic_dir, tmp_path):
   """Under TF_CONFIG nothing bounded the wait: one worker of two, started alone, still waited after 900 s."""

@@ -60,7 +60,7 @@ def _as_chief(address: str, tasks: list[str], key: str, mine: dict, wait_secs: f
         connection, _ = listener.accept()
       except socket.timeout:
         break
-      hello = _receive(connection, min(deadline, time.monotonic() + _GRACE_SECS))
+      hello = _Lines(connection).next(min(deadline, time.monotonic() + _GRACE_SECS))
       if not (isinstance(hello, dict) and hello.get("cluster") == key and hello.get("task") in range(1, len(tasks))):
         connection.close()  # not one of this cluster's tasks (another job's, a port scanner)
         continue
@@ -117,10 +117,11 @@ def _as_task(chief: str, tasks: list[str], key: str, me: int, mine: dict, wait_s
       time.sleep(_RETRY_SECS)
   with connection:
     _send(connection, {"cluster": key, "task": me, "facts": mine})
-    ack = _receive(connection, time.monotonic() + _GRACE_SECS)
+    lines = _Lines(connection)
+    ack = lines.next(time.monotonic() + _GRACE_SECS)
     answer = None
     if isinstance(ack, dict) and isinstance(ack.get("wait"), (int, float)):
-      answer = _receive(connection, time.monotonic() + max(ack["wait"], 0) + _GRACE_SECS)
+      answer = lines.next(time.monotonic() + max(ack["wait"], 0) + _GRACE_SECS)
   if not isinstance(answer, dict) or not ({"facts", "error"} & set(answer)):
     raise cluster_lib.ClusterError(f"{tasks[0]} answered {tasks[me]}, but not as this trainer's chief of this "
                                    "cluster: another process holds that port, the chief runs another version of "
@@ -143,16 +144,23 @@ def _send(connection: socket.socket, message: dict) -> None:
     pass  # a task that went away meanwhile finds out on its own
 
 
-def _receive(connection: socket.socket, deadline: float):
-  """One JSON line from `connection` by `deadline`, or None."""
-  data = b""
-  try:
-    while not data.endswith(b"\n") and len(data) < 1 << 16:
-      connection.settimeout(max(deadline - time.monotonic(), 0.01))
-      chunk = connection.recv(4096)
-      if not chunk:
-        break
-      data += chunk
-    return json.loads(data)
-  except (OSError, ValueError):
-    return None
+class _Lines:
+  """JSON messages, one a line, from a connection: two may come in one read (the chief's acknowledgement
+  and its answer, sent at once when the last task arrives)."""
+
+  def __init__(self, connection: socket.socket):
+    self._connection, self._buffer = connection, b""
+
+  def next(self, deadline: float):
+    """The next message by `deadline` (time.monotonic()), or None."""
+    try:
+      while b"\n" not in self._buffer and len(self._buffer) < 1 << 16:
+        self._connection.settimeout(max(deadline - time.monotonic(), 0.01))
+        chunk = self._connection.recv(4096)
+        if not chunk:
+          break
+        self._buffer += chunk
+      line, _, self._buffer = self._buffer.partition(b"\n")
+      return json.loads(line)
+    except (OSError, ValueError):
+      return None
