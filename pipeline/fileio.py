@@ -87,10 +87,10 @@ def remove_quietly(path: str) -> None:
     pass
 
 
-def tree_size(path: str) -> int:
-  """Bytes in the files below `path` (0 if there is nothing)."""
-  return sum(tf.io.gfile.stat(os.path.join(root, name)).length
-             for root, _, names in tf.io.gfile.walk(path) for name in names)
+def temporaries(directory: str, patterns: tuple[str, ...] = (".tmp-*",)) -> list[str]:
+  """What interrupted writes left in `directory`: the `temp_name`s (and any other `patterns`, relative to
+  it), which no reader looks at."""
+  return [path for pattern in patterns for path in tf.io.gfile.glob(os.path.join(directory, pattern))]
 
 
 def write_json(path: str, obj) -> None:

@@ -343,3 +343,12 @@ def check_pixel_limit(encoded: tf.Tensor, max_pixels: int = MAX_IMAGE_PIXELS) ->
       message=f"image refused before decoding: its header declares more than the limit of {max_pixels:,} pixels")
   with tf.control_dependencies([check]):
     return tf.identity(encoded)
+
+
+def decode_and_fit(encoded: tf.Tensor, shape: tuple[int, int, int]) -> tf.Tensor:
+  """An encoded image (string scalar) decoded to uint8 `shape` (H, W, C) as the export's serve_bytes takes
+  photos: its header checked against MAX_IMAGE_PIXELS first (decoding takes what the header declares, up to
+  2^31 bytes for a PNG, however small the file), then `fit_image`d."""
+  height, width, channels = shape
+  image = tf.io.decode_image(check_pixel_limit(encoded), channels=channels, expand_animations=False)
+  return fit_image(image, height, width)

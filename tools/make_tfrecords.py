@@ -202,7 +202,7 @@ def write_all(output_dir: str, splits: dict[str, sources.Split], num_shards: int
 
 
 def _remove_temporaries(output_dir: str) -> None:
-  for leftover in tf.io.gfile.glob(os.path.join(output_dir, ".tmp-*")):
+  for leftover in fileio.temporaries(output_dir):
     tf.io.gfile.remove(leftover)
 
 

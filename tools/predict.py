@@ -82,9 +82,8 @@ def image_reader(image_shape: tuple[int, int, int]):
   export's serve_bytes fits them, by path; the error, naming the file, by path for each file that cannot be
   read, is not an image, or declares more than ops.MAX_IMAGE_PIXELS pixels, refused before decoding). It
   raises fileio.StorageError if a gs:// bucket cannot be used."""
-  height, width, channels = image_shape
-  fit = lambda data: ops.fit_image(tf.io.decode_image(ops.check_pixel_limit(data), channels=channels,
-                                                      expand_animations=False), height, width)
+  channels = image_shape[2]
+  fit = lambda data: ops.decode_and_fit(data, image_shape)
 
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)  # tf ops only: traces faster
   def fitted(files):  # a graph call per batch: one per file took twice as long, eager ops several times

@@ -44,7 +44,7 @@ class Cluster:
   spec: tuple[tuple[str, tuple[str, ...]], ...] = ()  # ((job, (host:port, ...)), ...): hashable
   task_type: str | None = None
   task_id: int | None = None
-  ports_from: str = ""  # where the ports came from, for a refusal ("": the caller's source says it)
+  ports_from: str = ""  # where the ports came from, for a refusal: TF_CONFIG, or how the SLURM step's were found
 
   @property
   def workers(self) -> int:
@@ -112,7 +112,7 @@ def from_tf_config(text: str) -> Cluster:
   spec = tuple((job, tuple(jobs[job])) for job in ("chief", "worker") if job in jobs)
   if sum(len(a) for _, a in spec) == 1:
     return Cluster("local")  # one task (Vertex AI's single-replica jobs): no cluster to form
-  return Cluster("tf_config", spec, task_type, task_id)
+  return Cluster("tf_config", spec, task_type, task_id, "TF_CONFIG")
 
 
 def from_slurm(environ, port: int) -> Cluster:
@@ -282,7 +282,7 @@ def expand_tasks_per_node(text: str) -> list[int]:
   return counts
 
 
-def check_port_free(cluster: Cluster, source: str) -> None:
+def check_port_free(cluster: Cluster) -> None:
   """Refuses in one line when this task's port is taken (a stale trainer, another job): TensorFlow's server
   would fail with a traceback, or the peers wait for a task that never listens."""
   if cluster.address is None:
@@ -294,5 +294,5 @@ def check_port_free(cluster: Cluster, source: str) -> None:
       s.bind(("", port))
     except OSError as e:
       why = "is in use by another process" if e.errno == errno.EADDRINUSE else f"cannot be listened on ({e.strerror})"
-      raise ClusterError(f"port {port} of this task ({cluster.address}, from {cluster.ports_from or source}) {why}: "
+      raise ClusterError(f"port {port} of this task ({cluster.address}, from {cluster.ports_from}) {why}: "
                          "stop that process, or give the tasks other ports") from None

@@ -53,13 +53,12 @@ def make_strategy(config) -> tf.distribute.Strategy:
     raise cluster_lib.ClusterError(f"strategy=one_device cannot train on the {found.workers} tasks of {found.kind}; "
                                    "give --config.strategy=mirrored (or multi_worker), or --config.cluster=local")
   kind = "multi_worker" if found.workers > 1 else config.strategy
-  source = "TF_CONFIG" if found.kind == "tf_config" else f"SLURM and cluster_port={config.cluster_port}"
-  _check_gpus_and_meet(found, source, bool(config.allow_cpu), config.cluster_wait_secs)
+  _check_gpus_and_meet(found, bool(config.allow_cpu), config.cluster_wait_secs)
   return _strategy(kind, config.logical_cpus, found)
 
 
 @functools.cache
-def _check_gpus_and_meet(cluster: cluster_lib.Cluster, source: str, allow_cpu: bool, wait_secs: float) -> None:
+def _check_gpus_and_meet(cluster: cluster_lib.Cluster, allow_cpu: bool, wait_secs: float) -> None:
   """This task's checks before its strategy exists (its port free, the GPUs it was given seen), then, on a
   cluster, the meeting with the other tasks (trainer/rendezvous.py): any task's refusal stops every task,
   in one line, within `wait_secs`. Once per process: afterwards this process's own server holds the port."""
@@ -75,7 +74,7 @@ def _check_gpus_and_meet(cluster: cluster_lib.Cluster, source: str, allow_cpu: b
     if not isinstance(wait_secs, (int, float)) or isinstance(wait_secs, bool) or wait_secs <= 0:
       raise cluster_lib.ClusterError(f"cluster_wait_secs={wait_secs!r} must be a number of seconds > 0")
     try:
-      cluster_lib.check_port_free(cluster, source)
+      cluster_lib.check_port_free(cluster)
     except cluster_lib.ClusterError as e:
       if cluster.address == cluster.spec[0][1][0]:
         raise  # the chief meets the others on that port: they find it gone and stop at their deadline

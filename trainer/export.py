@@ -97,11 +97,7 @@ class Serving(tf.Module):
     return {"probabilities": probabilities, "classes": tf.argmax(probabilities, axis=-1, output_type=tf.int64)}
 
   def _predict_bytes(self, image_bytes):
-    height, width, channels = self._shape
-    # The header's size is checked first: decoding takes what the header declares (up to 2^31 bytes for a
-    # PNG), however small the request.
-    decode = lambda b: tf.io.decode_image(ops.check_pixel_limit(b), channels=channels, expand_animations=False)
-    fit = lambda b: ops.fit_image(decode(b), height, width)
+    fit = lambda b: ops.decode_and_fit(b, self._shape)
     return self.serve_images(tf.map_fn(fit, image_bytes, fn_output_signature=tf.TensorSpec(self._shape, tf.uint8)))
 
   def _predict_examples(self, examples):
@@ -184,8 +180,9 @@ def publish_version(export_dir: str, versions: str, version: int, keep: int) -> 
       logging.info("%s/%d holds another export (%s): this one is published as %s, the highest, which TF "
                    "Serving serves", versions, complete[-1], _differences(newest, described), final)
     _copy_version(export_dir, final)
-  kept = [n for n in _version_numbers(versions) if _complete(versions, n)][-keep:]
-  for old in [n for n in _version_numbers(versions) if n not in kept]:  # and partial copies a crash left
+  numbers = _version_numbers(versions)
+  kept = [n for n in numbers if _complete(versions, n)][-keep:]
+  for old in [n for n in numbers if n not in kept]:  # and partial copies a crash left
     tf.io.gfile.rmtree(os.path.join(versions, str(old)))
   return final
 

@@ -26,10 +26,11 @@ from pipeline import fileio
 from pipeline import manifest as manifest_lib
 from trainer import distribute
 from trainer import faults
+from trainer import lease as lease_lib
 from trainer.faults import TrainingError
 
-FILES = ("checkpoints", "summaries", "export", "serving", "config.json", "run.json", "tmp", "lease.json",
-         "lease.lock")  # what the trainer writes
+FILES = ("checkpoints", "summaries", "export", "serving", "config.json", "run.json", "tmp", lease_lib.FILENAME,
+         lease_lib.LOCK)  # what the trainer writes
 SHARED = "give every worker the same workdir, on storage all of them read (gs:// or a shared filesystem)"
 # What a resumed run may change (BUILD.md, "Preemption, crashes and resuming"): when it logs, evaluates, checkpoints and writes,
 # what it does at the end, how the same steps are computed (kernels, XLA, op determinism, where augmentation
@@ -48,7 +49,8 @@ RESUME_MAY_CHANGE = (
 # what only the chief does or each shows on its own. All else sets the schedule of collectives or the
 # batches, so it must be alike on every worker.
 WORKERS_MAY_DIFFER = ("data_dir", "progress_bar", "summary_flush_secs", "keep_checkpoints", "export", "allow_cpu",
-                      "cluster_wait_secs", "lease_secs", "export_versions", "stop_exit_code", "input.verify_checksums", "input.probe_batches")
+                      "cluster_wait_secs", "lease_secs", "export_versions", "stop_exit_code",
+                      "input.verify_checksums", "input.probe_batches")
 
 def now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -170,8 +172,8 @@ def comparable(config, leave_out: tuple[str, ...]) -> dict:
 
 def differences(before: dict, now_: dict) -> list[str]:
   """The keys whose values differ between two `comparable` configs, the model's first, its name leading (the
-  telling ones when a whole other config file was given), then sorted; keys only one side has (renamed or added since) do not
-  count."""
+  telling ones when a whole other config file was given), then sorted; keys only one side has (renamed or
+  added since) do not count."""
   keys = [k for k in before if k in now_ and before[k] != now_[k]]
   return sorted(keys, key=lambda k: (k != "model.name", not k.startswith("model."), k))
 
@@ -189,8 +191,8 @@ def check_resumable(config, workdir: str, data: dict, steps_per_epoch: int, work
   keys = differences(before, comparable(config, RESUME_MAY_CHANGE))
   if keys:
     raise TrainingError(f"workdir {workdir} holds a run with {_values(before, keys)}; this command has "
-                        f"{_values(comparable(config, ()), keys)}: resume with the same value{'s' if len(keys) > 1 else ''}, "
-                        "or give a new workdir")
+                        f"{_values(comparable(config, ()), keys)}: resume with the same "
+                        f"value{'s' if len(keys) > 1 else ''}, or give a new workdir")
   run = _read_json(workdir, "run.json")
   if "data" not in run and run.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
     raise TrainingError(f"workdir {workdir} holds a run of {run['steps_per_epoch']} steps per epoch; this command "
@@ -240,7 +242,7 @@ def check_lease(workdir: str, run_id: str) -> None:
   """Refuses a non-chief worker that does not see the lease the chief has just taken for run `run_id`
   (trainer/lease.py): another workdir, or a node-local copy, where a later resume could not restore the
   chief's checkpoints. Reads only."""
-  path = os.path.join(workdir, "lease.json")
+  path = os.path.join(workdir, lease_lib.FILENAME)
   try:
     seen = fileio.read_json(path).get("run_id") if tf.io.gfile.exists(path) else None
   except (ValueError, AttributeError, tf.errors.OpError):
@@ -291,9 +293,9 @@ def out_of_space(error: BaseException, workdir: str, needed, latest: str | None)
 def remove_temporaries(workdir: str) -> None:
   """Removes what interrupted writes left in the workdir: `.tmp-*` files and directories (export, serving
   versions, JSON files) and the checkpoint manager's `*_temp` directories."""
-  for pattern in (".tmp-*", "serving/.tmp-*", "checkpoints/*_temp*", "tmp/*/*_temp*"):
-    for leftover in tf.io.gfile.glob(os.path.join(workdir, pattern)):
-      fileio.remove_quietly(leftover)
+  patterns = (".tmp-*", "serving/.tmp-*", "checkpoints/*_temp*", "tmp/*/*_temp*")
+  for leftover in fileio.temporaries(workdir, patterns):
+    fileio.remove_quietly(leftover)
 
 
 def _free_bytes(path: str) -> int | None:
