@@ -5,6 +5,7 @@ import functools
 from absl import logging
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.eager import context  # the coordination service's barrier: no public API
 
 from pipeline import cpus
 from trainer import cluster as cluster_lib
@@ -140,6 +141,25 @@ def same_on_every_worker(strategy: tf.distribute.Strategy, value: int) -> bool:
   """Whether every worker holds the same integer `value`; the same answer on every worker."""
   total, squares, count = _sums_over_replicas(strategy, [float(value), float(value) ** 2, 1.0])
   return count * squares == total * total  # Cauchy-Schwarz: equality iff all values are equal
+
+
+def leave_together(timeout_secs: float) -> None:
+  """Before this process exits on its own (os._exit, which skips TensorFlow's shutdown barrier): waits, at most
+  `timeout_secs`, until every task of the cluster is here too. A task that left as soon as its last
+  collective returned could cut a peer's share of it in flight (TensorFlow builds a RecvBuf answer before
+  sending it), and that peer then reported a lost contact instead of the refusal every worker had agreed on.
+  Errors are ignored: a peer already gone, or no cluster (one process), leaves at once."""
+  if not context.context().coordination_service:
+    return
+  global _leaves
+  _leaves += 1
+  try:
+    context.context().wait_at_barrier(f"trainer-leave-{_leaves}", int(timeout_secs * 1000))
+  except (tf.errors.OpError, RuntimeError, ValueError):
+    pass
+
+
+_leaves = 0
 
 
 def worker_index(strategy: tf.distribute.Strategy) -> tuple[int, int]:
