@@ -16,7 +16,9 @@ import tensorflow as tf
 
 from configs import mlp
 from pipeline import cifar10
+from pipeline import manifest as manifest_lib
 from pipeline import ops
+from tools import benchmark_step
 from tools import converted
 from tools import predict as predict_tool
 from trainer import export as export_lib
@@ -69,6 +71,18 @@ def test_benchmark_step_prints_mfu_fit_and_replica_ratios(synthetic_dir):
   for name in ("MFU", "custom loop / fit", "2 / 1 replicas"):
     assert float(re.search(rf"^{re.escape(name)}: ([\d.]+)$", out, re.M).group(1)) > 0, out
 
+
+def test_training_flops_count_each_dense_product_three_times_per_image(synthetic_dir):
+  """A dense net's FLOPs are its products: 2 x in x out per layer and image forward, x3 with the backward
+  pass (+ a bias add per output the profiler counts too), times the images of every step of the run."""
+  config = mlp.get_config("smoke")
+  config.data_dir = synthetic_dir
+  manifest = manifest_lib.load(synthetic_dir)
+  widths = [32 * 32 * 3, *config.model.dense, 10]
+  products = sum(2 * a * b for a, b in zip(widths, widths[1:]))
+  images = config.num_epochs * config.steps_per_epoch * config.global_batch_size
+  flops = benchmark_step.training_flops(config, manifest)
+  assert 3 * products * images <= flops <= 3 * (products + 3 * sum(widths[1:])) * images
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):

@@ -454,9 +454,11 @@ def test_benchmark_accuracy_tool_resumes_in_its_workdir(synthetic_dir, tmp_path)
   for result in runs:
     assert result.returncode == 0, result.stderr[-2000:]
   first, second = (r.stdout.splitlines() for r in runs)
+  assert re.fullmatch(r"training compute: 0\.\d{3} PFLOP per run \(tools.benchmark_step's count\)", first[0]), first
   assert re.fullmatch(r"run 0: validation accuracy [01]\.\d{4} \(\d+/200, from the export\), wall time \d+ s",
-                      first[0]), first
-  assert second[0].endswith("(resumed: this invocation only)") and "(some runs resumed)" in second[-2], second
+                      first[1]), first
+  assert first[-1] == first[0].split(" (")[0], first
+  assert second[1].endswith("(resumed: this invocation only)") and "(some runs resumed)" in second[-3], second
   with open(tmp_path / "run0.log") as f:
     log = f.read()
   assert "benchmark_accuracy: starting run 0" in log and "benchmark_accuracy: resuming run 0" in log

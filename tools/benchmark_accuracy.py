@@ -6,7 +6,8 @@ Makes the shards from --source into --data_dir if they are missing (45,000 train
 then for each run trains the config with `python -m trainer.main` (seed = run number) in --workdir/runN
 (its log beside it, as runN.log),
 evaluates the run's export with tools.evaluate, and prints mean ± std of the validation accuracy (from the
-export) and of the wall time of the training command. Long runs are fine here; they are not in CI.
+export) and of the wall time of the training command, and each run's training compute in PFLOP (the train
+step's FLOPs per image as tools.benchmark_step counts them, x the images the run's steps train on). Long runs are fine here; they are not in CI.
 
 Run again with the same --workdir after a kill or a preemption, it resumes: each run continues from its
 last checkpoint, its log grows, and its wall time (this invocation's only) is marked "resumed".
@@ -25,6 +26,7 @@ from ml_collections import config_flags
 import tensorflow as tf
 
 from pipeline import manifest as manifest_lib
+from tools import benchmark_step
 from tools import evaluate
 from tools import make_tfrecords
 from trainer import main as trainer_main
@@ -56,6 +58,10 @@ def main(argv):
   config_arg, overrides = trainer_main.config_arguments(sys.argv[1:])
   if not os.path.exists(os.path.join(FLAGS.data_dir, manifest_lib.FILENAME)):
     make_tfrecords.make(FLAGS.source, FLAGS.data_dir)
+  config = FLAGS.config.copy_and_resolve_references()
+  config.data_dir = FLAGS.data_dir
+  pflop = benchmark_step.training_flops(config, manifest_lib.load(FLAGS.data_dir)) / 1e15
+  print(f"training compute: {pflop:.3f} PFLOP per run (tools.benchmark_step's count)", flush=True)
   root = FLAGS.workdir or tempfile.mkdtemp(prefix="benchmark_accuracy_")
   os.makedirs(root, exist_ok=True)
   accuracies, times, any_resumed = [], [], False
@@ -82,6 +88,7 @@ def main(argv):
   print(f"config {config_arg} {' '.join(f'{k}={v}' for k, v in overrides.items())}: {FLAGS.runs} run(s)")
   print(f"wall time (s): {_mean_std(times)}{' (some runs resumed)' if any_resumed else ''}")
   print(f"validation accuracy: {_mean_std(accuracies)}")
+  print(f"training compute: {pflop:.3f} PFLOP per run")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,22 @@ def define_flags():
   flags.mark_flags_as_required(["config"])
 
 
+def step_flops(config, model: keras.Model) -> tuple[float, float, float]:
+  """(train-step FLOPs per image, forward FLOPs per image, optimizer FLOPs per step): the forward pass as
+  TensorFlow's profiler counts it, x3 for forward + backward, + the optimizer's per step over the global batch
+  (the module docstring, point 1)."""
+  forward, update = forward_flops(model), optimizer_flops(config, model)
+  return 3 * forward + update / config.global_batch_size, forward, update
+
+
+def training_flops(config, manifest: dict) -> float:
+  """FLOPs of a whole run of `config` on the data of `manifest`: `step_flops` per image x the images its steps
+  train on (num_epochs x steps per epoch x global batch)."""
+  model = models.build(config.model, data.model_shape(manifest))
+  images = config.num_epochs * data.steps_per_epoch_for(config, manifest) * config.global_batch_size
+  return step_flops(config, model)[0] * images
+
+
 def forward_flops(model: keras.Model) -> float:
   """FLOPs of one image's forward pass in inference, as TensorFlow's profiler counts them on the graph."""
   return _profiled_flops(model, model.inputs[0].shape[1:])
@@ -304,8 +320,7 @@ def main(argv):
 
   keras.mixed_precision.set_dtype_policy(config.mixed_precision)
   model = models.build(config.model, data.model_shape(manifest))
-  forward, update = forward_flops(model), optimizer_flops(config, model)
-  per_image = 3 * forward + update / config.global_batch_size
+  per_image, forward, update = step_flops(config, model)
   print(f"train step: {per_image / 1e9:.3f} GFLOP per image (forward {forward / 1e9:.3f} counted by "
         f"TensorFlow's profiler, x3 for forward + backward, + the optimizer's Newton-Schulz matmuls "
         f"{update / 1e9:.2f} GFLOP per step)")
