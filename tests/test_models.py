@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from configs import deep
+from configs import deeper
 from trainer import layers
 from trainer import models
 from trainer import optim
@@ -58,6 +59,26 @@ def test_partial_dirac_passes_the_first_channels_through():
   bound = 1 / np.sqrt(3 * 3 * 4)
   assert np.all(np.abs(kernel[..., 4:]) <= bound) and np.std(kernel[..., 4:]) > bound / 4
 
+
+
+def test_airbench_groups_of_three_convs_add_the_first_to_the_last_two():
+  """group_convs=3 (configs/deeper.py): in each group the activated pooled conv is added to the two convs
+  after it, so with those two convs' kernels at 0 (and BatchNorm's biases 0) a group passes it on as if the
+  two were not there: act(x + 0)."""
+  config = deeper.get_config("smoke").model
+  model = models.build(config)
+  assert [layer.name for layer in model.layers if isinstance(layer, keras.layers.Add)] == ["group0_add", "group1_add"]
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
+  for g in range(2):
+    for c in (1, 2):
+      kernel = model.get_layer(f"group{g}_conv{c}").kernel
+      kernel.assign(np.zeros(kernel.shape, "float32"))
+  outputs = keras.Model(model.inputs, [model.get_layer("group0_act0").output, model.get_layer("group0_act2").output])
+  first, group = outputs(x, training=False)
+  np.testing.assert_allclose(group, keras.activations.gelu(first).numpy(), rtol=1e-5, atol=1e-5)
+  config.group_convs = 4
+  with pytest.raises(ValueError, match=r"model.group_convs=4 is not one of: 2, 3"):
+    models.build(config)
 
 def test_airbench_trains_bn_biases_fast_and_freezes_the_whitening_bias():
   config = deep.get_config("sgd")  # the recipe that trains BatchNorm biases 64x faster

@@ -171,8 +171,9 @@ def test_serving_follows_an_export_of_other_settings_at_the_same_step(tmp_path):
 
 
 @pytest.mark.parametrize("name,overrides", [
-    ("deep", {}), ("default", {"model.sync_bn": True, "model.fast_kernels": False}),
-    ("vgg_small", {}), ("mlp", {})], ids=["airbench", "resnet-sync_bn-keras_layers", "plain_cnn-dropout", "mlp"])
+    ("deep", {}), ("deeper", {}), ("default", {"model.sync_bn": True, "model.fast_kernels": False}),
+    ("vgg_small", {}), ("mlp", {})], ids=["airbench", "airbench-residual", "resnet-sync_bn-keras_layers",
+                                          "plain_cnn-dropout", "mlp"])
 def test_the_serving_copy_computes_what_the_trained_model_does(name, overrides):
   """export.serving_model rebuilds the model and copies each weight by its path; in float32 both give the
   same logits (every builder; dropout, synchronized BatchNorm and Keras's own layers on the trained side)."""

@@ -147,11 +147,15 @@ def airbench(config, data: DataShape) -> keras.Model:
   """airbench94's net (Keller Jordan's cifar10-airbench, after Page's ResNet-9 and hlb-CIFAR10): a frozen
   patch-whitening conv, then per width a group conv -> 2x2 max-pool -> BN -> act -> conv -> BN -> act, no
   residuals, BatchNorm without a scale (its bias only), a global max-pool and a bias-free linear head
-  scaled by `logit_scale`.
+  scaled by `logit_scale`. With `group_convs=3`, airbench96's groups: conv -> pool -> BN -> act, then two
+  convs whose sum with that is activated (conv -> BN -> act -> conv -> BN, + the shortcut, -> act).
 
-  Config: widths, activation, bn_momentum, sync_bn, logit_scale, whiten_size, whiten_bias_epochs,
-  head_init_std (0: PyTorch's default init of the head, uniform in +-1/sqrt(fan_in)), fast_kernels.
+  Config: widths, group_convs (2 | 3), activation, bn_momentum, sync_bn, logit_scale, whiten_size,
+  whiten_bias_epochs, head_init_std (0: PyTorch's default init of the head, uniform in +-1/sqrt(fan_in)),
+  fast_kernels.
   """
+  if config.group_convs not in (2, 3):
+    raise ValueError(f"model.group_convs={config.group_convs!r} is not one of: 2, 3")
   batch_norm, activation, conv2d = _layer_classes(config)
 
   def bn(name):
@@ -172,8 +176,14 @@ def airbench(config, data: DataShape) -> keras.Model:
     x = conv(width, f"group{g}_conv0")(x)
     x = keras.layers.MaxPooling2D(2, name=f"group{g}_pool")(x)
     x = activation(config.activation, name=f"group{g}_act0")(bn(f"group{g}_bn0")(x))
+    shortcut = x
     x = conv(width, f"group{g}_conv1")(x)
-    x = activation(config.activation, name=f"group{g}_act1")(bn(f"group{g}_bn1")(x))
+    x = bn(f"group{g}_bn1")(x)
+    if config.group_convs == 3:
+      x = activation(config.activation, name=f"group{g}_act1")(x)
+      x = bn(f"group{g}_bn2")(conv(width, f"group{g}_conv2")(x))
+      x = keras.layers.Add(name=f"group{g}_add")([shortcut, x])
+    x = activation(config.activation, name=f"group{g}_act{config.group_convs - 1}")(x)
   x = keras.layers.GlobalMaxPooling2D(name="pool")(x)
   head_init = (keras.initializers.RandomUniform(-config.head_init_std * 3 ** 0.5, config.head_init_std * 3 ** 0.5)
                if config.head_init_std else layers.torch_default())
