@@ -39,9 +39,9 @@ def png_dir(tmp_path_factory):
 
 
 # The longest files first, so that under pytest-xdist (a file per process at a time) no long one starts last.
-LONGEST_FIRST = ("test_trainer.py", "test_slurm.py", "test_faults.py", "test_multiworker.py", "test_gcs.py",
-                 "test_serving.py", "test_startup.py", "test_elastic.py", "test_make_tfrecords.py", "test_resume.py",
-                 "test_pipeline.py")
+LONGEST_FIRST = ("test_multiworker.py", "test_resume.py", "test_slurm.py", "test_trainer.py", "test_gcs.py",
+                 "test_tools.py", "test_faults.py", "test_make_tfrecords.py", "test_elastic.py", "test_steps.py",
+                 "test_startup.py", "test_serving.py", "test_pipeline.py")
 
 
 def pytest_collection_modifyitems(config, items):

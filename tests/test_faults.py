@@ -1,4 +1,5 @@
-"""Faults: a stopped run resumes exactly; non-finite loss; bad input gets one clear line."""
+"""Faults: non-finite loss, full disks, damaged data, bad flags and configs: each gets one clear line (a stopped
+run's exact resume: test_resume.py)."""
 
 import os
 import re
@@ -17,7 +18,6 @@ from pipeline import records
 from tools import chaos_resume
 from trainer import faults
 from trainer import main as trainer_main
-from trainer import precision
 from trainer import train
 from trainer import workdir as workdir_lib
 
@@ -31,35 +31,6 @@ def _smoke(data_dir, **overrides):
   config.data_dir = data_dir
   config.update(overrides)
   return config
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("replicas,deterministic", [(1, True), (2, False)])
-def test_sigterm_then_resume_ends_with_the_same_weights(synthetic_dir, tmp_path, replicas, deterministic):
-  """Also in the default mode (deterministic=False, host augmentation): each epoch trains the same images as
-  the uninterrupted run (the trainer's per-epoch image count and id digest)."""
-  overrides = {"data_dir": synthetic_dir, "deterministic": deterministic, "export": False, "steps_per_loop": 1,
-               "log_every_steps": 1, "logical_cpus": replicas if replicas > 1 else 0}
-  reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
-  reference_logs = chaos_resume.run_until(trainer_main.command(SMOKE, reference, overrides))
-  log, = chaos_resume.run_until(trainer_main.command(SMOKE, resumed, overrides), 3, signal.SIGTERM)
-  first = log
-  policy, why = precision.choose(precision.detect(on_cpu=True))  # deep.py: mixed_precision="auto"
-  assert f"training in {policy} (auto: {why})" in log
-  stopped_at = chaos_resume.latest_step(resumed)
-  assert 3 <= stopped_at < 8
-  assert f"stopped by SIGTERM at step {stopped_at}; checkpoint" in log
-  assert "Run the same command to resume." in log
-  log, = chaos_resume.run_until(trainer_main.command(SMOKE, resumed, overrides))
-  assert f"resumed from {resumed}/checkpoints/ckpt-{stopped_at} at step {stopped_at}" in log
-  assert f"training in {policy} (auto: as the run started (its config.json))" in log
-  assert chaos_resume.latest_step(resumed) == 8
-  audits = chaos_resume.epoch_audits(reference_logs)
-  assert sorted(audits) == [1, 2] and all(images == 128 for (images, _), in audits.values())
-  assert chaos_resume.epoch_audits([first, log]) == audits
-  diff = chaos_resume.max_difference(os.path.join(resumed, "checkpoints", "ckpt-8"),
-                                     os.path.join(reference, "checkpoints", "ckpt-8"))
-  assert diff <= 1e-6
 
 
 def _trainer(*args):
@@ -373,28 +344,6 @@ def test_only_data_and_peer_errors_get_their_one_line(kind, message, expected):
       with faults.data_errors_as_training_errors():
         raise error
     assert faults.describe(error) == expected
-
-
-@pytest.mark.slow
-def test_sigterm_in_the_final_evaluation_stops_cleanly_and_resumes(synthetic_dir, tmp_path):
-  """A stop request after the last step (here in the final evaluation) exits 0 with the last checkpoint
-  as it was and no export; the same command then evaluates and exports, with the same final metrics."""
-  workdir = str(tmp_path / "run")
-  command = trainer_main.command(SMOKE, workdir, {"data_dir": synthetic_dir})
-  segment = chaos_resume.Segment(command, on_line="final evaluation of the weights at step 8", sig=signal.SIGTERM)
-  assert segment.wait() == [0], segment.log(0)[-3000:]
-  log = segment.log(0)
-  assert segment.sent.is_set() and "stopped by SIGTERM after the last step, before the export" in log, log[-3000:]
-  run = fileio.read_json(os.path.join(workdir, "run.json"))
-  assert run["status"] == "stopped by SIGTERM" and run["end_step"] == 8
-  assert not os.path.exists(os.path.join(workdir, "export"))
-  stopped_at = re.search(r"final validation: .*", log)  # when the stop came after the first split
-  log, = chaos_resume.run_until(command)
-  assert f"resumed from {workdir}/checkpoints/ckpt-8 at step 8" in log
-  if stopped_at:  # the same weights: the checkpoint was left as it was
-    assert re.search(r"final validation: .*", log).group(0) == stopped_at.group(0)
-  assert fileio.read_json(os.path.join(workdir, "run.json"))["status"] == "finished"
-  assert os.path.exists(os.path.join(workdir, "export", "saved_model.pb"))
 
 
 def test_make_tfrecords_killed_half_way_then_rerun(tmp_path):

@@ -1,4 +1,4 @@
-"""Resuming, for every run a user starts: random layers, the default (non-deterministic) mode, the resume
+"""Resuming, for every run a user starts: a stop request (SIGTERM) then the same command, random layers, the default (non-deterministic) mode, the resume
 rules (an allow-list and the data's identity), damaged checkpoints, the tf.data service."""
 
 import collections
@@ -6,6 +6,7 @@ import glob
 import os
 import re
 import shutil
+import signal
 
 import pytest
 import tensorflow as tf
@@ -18,9 +19,14 @@ from pipeline import manifest as manifest_lib
 from tools import chaos_resume
 from tools import make_tfrecords
 from trainer import data
+from trainer import main as trainer_main
+from trainer import precision
 from trainer import checks
 from trainer import train
 from trainer import workdir as workdir_lib
+
+
+SMOKE = "configs/deep.py:smoke"
 
 
 def _config(module, data_dir, **overrides):
@@ -248,3 +254,54 @@ def test_a_replica_with_an_empty_last_batch_is_evaluated(synthetic_dir):
   metrics, details = evaluation.Evaluator(strategy, state, 10).evaluate(
       data.eval_dataset(config, strategy, manifest, "validation"), views="flip_translate", worst=4)
   assert metrics["count"] == 125 and details["confusion"].sum() == 125
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("replicas,deterministic", [(1, True), (2, False)])
+def test_sigterm_then_resume_ends_with_the_same_weights(synthetic_dir, tmp_path, replicas, deterministic):
+  """Also in the default mode (deterministic=False, host augmentation): each epoch trains the same images as
+  the uninterrupted run (the trainer's per-epoch image count and id digest)."""
+  overrides = {"data_dir": synthetic_dir, "deterministic": deterministic, "export": False, "steps_per_loop": 1,
+               "log_every_steps": 1, "logical_cpus": replicas if replicas > 1 else 0}
+  reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
+  reference_logs = chaos_resume.run_until(trainer_main.command(SMOKE, reference, overrides))
+  log, = chaos_resume.run_until(trainer_main.command(SMOKE, resumed, overrides), 3, signal.SIGTERM)
+  first = log
+  policy, why = precision.choose(precision.detect(on_cpu=True))  # deep.py: mixed_precision="auto"
+  assert f"training in {policy} (auto: {why})" in log
+  stopped_at = chaos_resume.latest_step(resumed)
+  assert 3 <= stopped_at < 8
+  assert f"stopped by SIGTERM at step {stopped_at}; checkpoint" in log
+  assert "Run the same command to resume." in log
+  log, = chaos_resume.run_until(trainer_main.command(SMOKE, resumed, overrides))
+  assert f"resumed from {resumed}/checkpoints/ckpt-{stopped_at} at step {stopped_at}" in log
+  assert f"training in {policy} (auto: as the run started (its config.json))" in log
+  assert chaos_resume.latest_step(resumed) == 8
+  audits = chaos_resume.epoch_audits(reference_logs)
+  assert sorted(audits) == [1, 2] and all(images == 128 for (images, _), in audits.values())
+  assert chaos_resume.epoch_audits([first, log]) == audits
+  diff = chaos_resume.max_difference(os.path.join(resumed, "checkpoints", "ckpt-8"),
+                                     os.path.join(reference, "checkpoints", "ckpt-8"))
+  assert diff <= 1e-6
+
+
+@pytest.mark.slow
+def test_sigterm_in_the_final_evaluation_stops_cleanly_and_resumes(synthetic_dir, tmp_path):
+  """A stop request after the last step (here in the final evaluation) exits 0 with the last checkpoint
+  as it was and no export; the same command then evaluates and exports, with the same final metrics."""
+  workdir = str(tmp_path / "run")
+  command = trainer_main.command(SMOKE, workdir, {"data_dir": synthetic_dir})
+  segment = chaos_resume.Segment(command, on_line="final evaluation of the weights at step 8", sig=signal.SIGTERM)
+  assert segment.wait() == [0], segment.log(0)[-3000:]
+  log = segment.log(0)
+  assert segment.sent.is_set() and "stopped by SIGTERM after the last step, before the export" in log, log[-3000:]
+  run = fileio.read_json(os.path.join(workdir, "run.json"))
+  assert run["status"] == "stopped by SIGTERM" and run["end_step"] == 8
+  assert not os.path.exists(os.path.join(workdir, "export"))
+  stopped_at = re.search(r"final validation: .*", log)  # when the stop came after the first split
+  log, = chaos_resume.run_until(command)
+  assert f"resumed from {workdir}/checkpoints/ckpt-8 at step 8" in log
+  if stopped_at:  # the same weights: the checkpoint was left as it was
+    assert re.search(r"final validation: .*", log).group(0) == stopped_at.group(0)
+  assert fileio.read_json(os.path.join(workdir, "run.json"))["status"] == "finished"
+  assert os.path.exists(os.path.join(workdir, "export", "saved_model.pb"))

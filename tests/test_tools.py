@@ -1,5 +1,5 @@
-"""tools.doctor, tools.benchmark_step and tools.predict as a user runs them (subprocesses, the smoke config),
-and predict's streaming and output files."""
+"""tools.doctor, the benchmarks (step, input, accuracy) and tools.predict as a user runs them (subprocesses, the
+smoke config), and predict's streaming and output files."""
 
 import csv
 import json
@@ -198,3 +198,60 @@ def test_benchmark_predict_measures_memory_order_and_streaming(export):
       lines[-4], "OK  output in input order (20 lines)", "OK  first line printed before the last file was read"]
   assert lines[-4].startswith("OK  max RSS within 300 MB of one file's")
   assert re.match(r"^max RSS difference: -?\d+ MB$", lines[-1])
+
+
+@pytest.mark.slow
+def test_benchmark_accuracy_tool_resumes_in_its_workdir(synthetic_dir, tmp_path):
+  command = [sys.executable, "-m", "tools.benchmark_accuracy", "--config=configs/deep.py:smoke", "--runs=1",
+             f"--data_dir={synthetic_dir}", f"--workdir={tmp_path}", "--config.num_epochs=1",
+             "--config.steps_per_epoch=2"]
+  runs = [subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300) for _ in range(2)]
+  for result in runs:
+    assert result.returncode == 0, result.stderr[-2000:]
+  first, second = (r.stdout.splitlines() for r in runs)
+  assert re.fullmatch(r"training compute: 0\.\d{3} PFLOP per run \(tools.benchmark_step's count\)", first[0]), first
+  assert re.fullmatch(r"run 0: validation accuracy [01]\.\d{4} \(\d+/200, from the export\), wall time \d+ s",
+                      first[1]), first
+  assert first[-1] == first[0].split(" (")[0], first
+  assert second[1].endswith("(resumed: this invocation only)") and "(some runs resumed)" in second[-3], second
+  with open(tmp_path / "run0.log") as f:
+    log = f.read()
+  assert "benchmark_accuracy: starting run 0" in log and "benchmark_accuracy: resuming run 0" in log
+
+
+@pytest.mark.slow
+def test_benchmark_step_tool_compares_kernels_and_profiles_layers_and_ops(synthetic_dir):
+  result = subprocess.run(
+      [sys.executable, "-m", "tools.benchmark_step", "--config=configs/deep.py:smoke",
+       f"--config.data_dir={synthetic_dir}", "--windows=1", "--steps=1", "--nofit", "--noreplicas", "--kernels",
+       "--layers", "--ops"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  assert sum(l.startswith("train step, ") for l in lines) == 2
+  assert any(re.fullmatch(r"fast / keras: \d+\.\d\d", l) for l in lines)
+  layers = {l.split()[0] for l in lines[lines.index(next(l for l in lines if l.startswith("layer "))) + 1:]
+            if re.match(r"\w+ +[\dx]+ +[\d.]+ +[\d.]+$", l)}
+  assert {"whiten", "group0_conv0", "group0_bn0", "logits"} <= layers, lines
+  # The op profile of the real step: smoke's 15x15 group takes oneDNN's kernel gradient, its 7x7 group the
+  # shifted matmuls (layers.Conv2D).
+  assert re.match(r"op profile: [\d.]+ s of ops summed over threads in [\d.]+ s of wall time, 32 images",
+                  next(l for l in lines if l.startswith("op profile:")))
+  shares = {l.rsplit(None, 2)[0]: float(l.rsplit(None, 1)[1].rstrip("%")) for l in lines
+            if re.match(r".+ +[\d.]+ +[\d.]+%$", l)}
+  assert {"Conv2DBackpropFilter", "MatMul (backward)", "group0_conv0 backward", "group1_conv0 backward",
+          "group1_conv0 forward", "optimizer", "gelu (XLA)"} <= set(shares), lines
+  assert all(0 <= share <= 100 for share in shares.values())
+  assert not any(l.startswith(("custom loop / fit", "2 / 1 replicas")) for l in lines)
+
+
+@pytest.mark.slow
+def test_benchmark_input_tool(synthetic_dir):
+  result = subprocess.run(
+      [sys.executable, "-m", "tools.benchmark_input", "--config=configs/deep.py:smoke",
+       f"--config.data_dir={synthetic_dir}", "--warmup=1", "--windows=2", "--batches=3", "--steps=1"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  assert any(l.startswith("train pipeline / per-example pipeline:") for l in lines)
+  assert any(l.startswith("train step with the pipeline / on a cached batch:") for l in lines)
+  assert re.fullmatch(r"images/s: \d+", lines[-1])

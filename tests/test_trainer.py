@@ -5,7 +5,6 @@ import importlib
 import io
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -16,7 +15,6 @@ import pytest
 import tensorflow as tf
 
 from configs import deep
-from configs import default
 from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
 from pipeline import ops
@@ -84,72 +82,17 @@ def test_every_config_trains_a_few_steps(name, synthetic_dir, tmp_path):
   assert np.isfinite(metrics["train"]["loss"]) and metrics["validation"]["count"] == 200
 
 
-def _one_step(strategy, config, images, labels):
-  state = steps.make_state(config, strategy, steps_per_epoch=10)
-  models.initialize_from_data(state.model, lambda: images)
-  initial = [v.numpy() for v in state.model.weights]
-  dataset = strategy.experimental_distribute_dataset(
-      tf.data.Dataset.from_tensors({"images": images, "labels": labels}).repeat())
-  steps.Learner(config, strategy, state).train(iter(dataset), 1, 0)
-  return initial, [v.numpy() for v in state.model.weights]
-
-
-@pytest.mark.parametrize("module,clip_norm", [(default, 0.0), (default, 0.05), (deep, 0.0)],
-                         ids=["resnet", "resnet_clipped", "airbench"])
-def test_one_step_on_two_replicas_equals_one_replica(module, clip_norm):
-  config = module.get_config("smoke")
-  config.mixed_precision = "float32"  # bf16 rounding differs with the batch split
-  config.optimizer.clip_norm = clip_norm  # clipping must use the global gradient's norm on any layout
-  config.model.sync_bn = True  # batch statistics over the global batch, as on one replica
-  config.optimizer.warmup_epochs = 0.0
-  rng = np.random.default_rng(0)
-  images = tf.constant(rng.normal(size=(32, 32, 32, 3)), tf.float32)
-  labels = tf.constant(rng.integers(0, 10, 32), tf.int64)
-  single = distribute.make_strategy(config)
-  config.logical_cpus = 2
-  double = distribute.make_strategy(config)
-  assert (single.num_replicas_in_sync, double.num_replicas_in_sync) == (1, 2)
-  init1, one = _one_step(single, config, images, labels)
-  init2, two = _one_step(double, config, images, labels)
-  for a, b in zip(init1, init2):
-    np.testing.assert_array_equal(a, b)
-  assert any(not np.allclose(a, b) for a, b in zip(init1, one))  # the step did change the weights
-  for a, b in zip(one, two):
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("module", [default, deep], ids=["resnet", "airbench"])
-@pytest.mark.parametrize("knob", ["jit_compile", "keras_layers"])
-def test_step_variants_equal_the_plain_step_on_two_replicas(module, knob):
-  """jit_compile compiles each replica's forward and backward pass (the iterator and the cross-replica
-  update cannot be compiled); model.fast_kernels=False trains with Keras's own BatchNormalization and
-  Activation instead of the fused kernel and XLA GELU. Either takes the plain step, up to float reordering."""
-  config = module.get_config("smoke")
-  config.mixed_precision = "float32"
-  config.logical_cpus = 2
-  config.optimizer.warmup_epochs = 0.0
-  rng = np.random.default_rng(1)
-  images = tf.constant(rng.normal(size=(32, 32, 32, 3)), tf.float32)
-  labels = tf.constant(rng.integers(0, 10, 32), tf.int64)
-  strategy = distribute.make_strategy(config)
-  init, plain = _one_step(strategy, config, images, labels)
-  if knob == "jit_compile":
-    config.jit_compile = True
-  else:
-    config.model.fast_kernels = False
-  init_variant, variant = _one_step(strategy, config, images, labels)
-  for a, b in zip(init, init_variant):
-    np.testing.assert_array_equal(a, b)
-  assert any(not np.allclose(a, b) for a, b in zip(init, plain))
-  for a, b in zip(plain, variant):
-    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
-
-
 @pytest.fixture(scope="module", params=[2, 1], ids=["2replicas", "1replica"])
 def trained(request, smoke_runs):
   """The smoke config trained on 2 replicas and on 1, exported (conftest.smoke_runs)."""
   return smoke_runs(request.param)
+
+
+@pytest.fixture(scope="module")
+def exported(smoke_runs):
+  """The smoke run on 1 replica: for the tools' flags and the export's signatures as clients see them, which
+  the replica count of the training does not change."""
+  return smoke_runs(1)
 
 
 def test_smoke_run_writes_checkpoint_summaries_export_and_run_files(trained):
@@ -244,8 +187,8 @@ def test_predict_tool(trained, tmp_path):
     ("tools.evaluate", "--batch_size=0", "flag --batch_size=0: 0 is not a positive integer"),  # was a traceback
     ("tools.predict", "--top_k=0", "flag --top_k=0: 0 is not a positive integer"),  # printed no class at all
 ])
-def test_tool_flags_out_of_range_are_named(trained, tmp_path, tool, flag, expected):
-  workdir, _, config = trained
+def test_tool_flags_out_of_range_are_named(exported, tmp_path, tool, flag, expected):
+  workdir, _, config = exported
   image = str(tmp_path / "x.png")
   tf.io.write_file(image, tf.io.encode_png(tf.zeros([40, 30, 3], tf.uint8)))
   args = [f"--data_dir={config.data_dir}"] if tool == "tools.evaluate" else [image]
@@ -255,9 +198,9 @@ def test_tool_flags_out_of_range_are_named(trained, tmp_path, tool, flag, expect
 
 
 @pytest.mark.slow
-def test_rest_json_requests_match_the_signatures(trained, tmp_path):
+def test_rest_json_requests_match_the_signatures(exported, tmp_path):
   import base64  # pylint: disable=g-import-not-at-top
-  workdir, _, config = trained
+  workdir, _, config = exported
   export = os.path.join(workdir, "export")
   images = next(iter(input_pipeline.build_eval_dataset(config.data_dir, "test", batch_size=4)))["images"]
   loaded = export_lib.load(export)
@@ -292,8 +235,8 @@ def test_rest_json_requests_match_the_signatures(trained, tmp_path):
                                                     "images; the request has pixels")
 
 
-def test_saved_model_cli_lists_the_signatures(trained):
-  workdir, _, _ = trained
+def test_saved_model_cli_lists_the_signatures(exported):
+  workdir, _, _ = exported
   cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
   shown = subprocess.run([cli, "show", "--dir", os.path.join(workdir, "export"), "--all"],
                          capture_output=True, text=True, timeout=300, check=True).stdout
@@ -446,78 +389,6 @@ def test_cli_without_data_dir_is_one_line_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_benchmark_accuracy_tool_resumes_in_its_workdir(synthetic_dir, tmp_path):
-  command = [sys.executable, "-m", "tools.benchmark_accuracy", "--config=configs/deep.py:smoke", "--runs=1",
-             f"--data_dir={synthetic_dir}", f"--workdir={tmp_path}", "--config.num_epochs=1",
-             "--config.steps_per_epoch=2"]
-  runs = [subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300) for _ in range(2)]
-  for result in runs:
-    assert result.returncode == 0, result.stderr[-2000:]
-  first, second = (r.stdout.splitlines() for r in runs)
-  assert re.fullmatch(r"training compute: 0\.\d{3} PFLOP per run \(tools.benchmark_step's count\)", first[0]), first
-  assert re.fullmatch(r"run 0: validation accuracy [01]\.\d{4} \(\d+/200, from the export\), wall time \d+ s",
-                      first[1]), first
-  assert first[-1] == first[0].split(" (")[0], first
-  assert second[1].endswith("(resumed: this invocation only)") and "(some runs resumed)" in second[-3], second
-  with open(tmp_path / "run0.log") as f:
-    log = f.read()
-  assert "benchmark_accuracy: starting run 0" in log and "benchmark_accuracy: resuming run 0" in log
-
-
-@pytest.mark.slow
-def test_benchmark_step_tool_compares_kernels_and_profiles_layers_and_ops(synthetic_dir):
-  result = subprocess.run(
-      [sys.executable, "-m", "tools.benchmark_step", "--config=configs/deep.py:smoke",
-       f"--config.data_dir={synthetic_dir}", "--windows=1", "--steps=1", "--nofit", "--noreplicas", "--kernels",
-       "--layers", "--ops"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-2000:]
-  lines = result.stdout.strip().splitlines()
-  assert sum(l.startswith("train step, ") for l in lines) == 2
-  assert any(re.fullmatch(r"fast / keras: \d+\.\d\d", l) for l in lines)
-  layers = {l.split()[0] for l in lines[lines.index(next(l for l in lines if l.startswith("layer "))) + 1:]
-            if re.match(r"\w+ +[\dx]+ +[\d.]+ +[\d.]+$", l)}
-  assert {"whiten", "group0_conv0", "group0_bn0", "logits"} <= layers, lines
-  # The op profile of the real step: smoke's 15x15 group takes oneDNN's kernel gradient, its 7x7 group the
-  # shifted matmuls (layers.Conv2D).
-  assert re.match(r"op profile: [\d.]+ s of ops summed over threads in [\d.]+ s of wall time, 32 images",
-                  next(l for l in lines if l.startswith("op profile:")))
-  shares = {l.rsplit(None, 2)[0]: float(l.rsplit(None, 1)[1].rstrip("%")) for l in lines
-            if re.match(r".+ +[\d.]+ +[\d.]+%$", l)}
-  assert {"Conv2DBackpropFilter", "MatMul (backward)", "group0_conv0 backward", "group1_conv0 backward",
-          "group1_conv0 forward", "optimizer", "gelu (XLA)"} <= set(shares), lines
-  assert all(0 <= share <= 100 for share in shares.values())
-  assert not any(l.startswith(("custom loop / fit", "2 / 1 replicas")) for l in lines)
-
-
-@pytest.mark.slow
-def test_benchmark_input_tool(synthetic_dir):
-  result = subprocess.run(
-      [sys.executable, "-m", "tools.benchmark_input", "--config=configs/deep.py:smoke",
-       f"--config.data_dir={synthetic_dir}", "--warmup=1", "--windows=2", "--batches=3", "--steps=1"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-2000:]
-  lines = result.stdout.strip().splitlines()
-  assert any(l.startswith("train pipeline / per-example pipeline:") for l in lines)
-  assert any(l.startswith("train step with the pipeline / on a cached batch:") for l in lines)
-  assert re.fullmatch(r"images/s: \d+", lines[-1])
-
-
-@pytest.mark.parametrize("schedule", ["cosine", "constant", "triangular", "piecewise"])
-def test_schedules(schedule):
-  from trainer import optim  # pylint: disable=g-import-not-at-top
-  config = default.get_config()
-  config.num_epochs, config.optimizer.schedule, config.optimizer.learning_rate = 10, schedule, 1.0
-  lr = optim.make_schedule(config, steps_per_epoch=100)
-  values = [float(lr(s)) for s in (0, 50, 100, 501, 999)]
-  expected = {"cosine": [0.0, 0.5, 1.0, None, None], "constant": [0.0, 0.5, 1.0, 1.0, 1.0],
-              "triangular": [0.2, 0.6, 1.0, None, 0.0], "piecewise": [1.0, 1.0, 1.0, 0.1, 0.01]}[schedule]
-  for got, want in zip(values, expected):
-    if want is not None:
-      assert abs(got - want) < 2e-3, (schedule, values)
-  assert max(values) <= 1.0 + 1e-6
-
-
-@pytest.mark.slow
 def test_mixed_float16_ema_clipping_and_tta_train_and_match_the_export(synthetic_dir, tmp_path):
   config = _smoke(synthetic_dir, mixed_precision="mixed_float16", tta="flip_translate")
   config.optimizer.update(ema_decay=0.9, clip_norm=1.0, schedule="triangular")
@@ -533,78 +404,9 @@ def test_mixed_float16_ema_clipping_and_tta_train_and_match_the_export(synthetic
   assert abs(correct / total - metrics["validation"]["accuracy"]) < 1e-6
 
 
-def test_ema_update_and_swap():
-  import keras  # pylint: disable=g-import-not-at-top
-  from trainer import optim  # pylint: disable=g-import-not-at-top
-  weight = keras.Variable(1.0)
-  ema = optim.EMA([weight], decay=0.9)
-  weight.assign(2.0)
-  ema.update()
-  np.testing.assert_allclose(ema.averages[0].numpy(), 1.1, rtol=1e-6)
-  ema.swap()
-  np.testing.assert_allclose([weight.numpy(), ema.averages[0].numpy()], [1.1, 2.0], rtol=1e-6)
-  ema.swap()
-  np.testing.assert_allclose([weight.numpy(), ema.averages[0].numpy()], [2.0, 1.1], rtol=1e-6)
-
-
 def test_one_device_strategy(synthetic_dir, tmp_path):
   metrics = train.train_and_evaluate(_smoke(synthetic_dir, strategy="one_device", export=False, num_epochs=1),
                                      str(tmp_path / "run"))
   run = json.load(open(tmp_path / "run" / "run.json"))
   assert run["distribution"]["strategy"] == "OneDeviceStrategy" and run["end_step"] == 4
   assert 0.0 <= metrics["validation"]["accuracy"] <= 1.0
-
-
-def test_tta_views():
-  import keras  # pylint: disable=g-import-not-at-top
-  keras.mixed_precision.set_dtype_policy("float32")
-  inputs = keras.Input((32, 32, 3))
-  model = keras.Model(inputs, keras.layers.Lambda(lambda x: x[:, 0, :3, 0])(inputs))  # reads 3 pixels
-  images = tf.reshape(tf.range(2 * 32 * 32 * 3, dtype=tf.float32), [2, 32, 32, 3])
-  np.testing.assert_allclose(views.logits(model, images, "none"), images[:, 0, :3, 0])
-  flipped = 0.5 * (images[:, 0, :3, 0] + images[:, 0, ::-1, 0][:, :3])
-  np.testing.assert_allclose(views.logits(model, images, "flip"), flipped)
-  read = lambda x: x[:, 0, :3, 0]
-  mirror = lambda x: 0.5 * (read(x) + read(tf.reverse(x, axis=[2])))
-  padded = tf.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="REFLECT")
-  expected = 0.5 * mirror(images) + 0.25 * mirror(padded[:, :32, :32]) + 0.25 * mirror(padded[:, 2:, 2:])
-  averaged, plain = views.logits(model, images, "flip_translate", with_plain=True)
-  np.testing.assert_allclose(averaged, expected, rtol=1e-6)
-  np.testing.assert_allclose(plain, read(images))
-  np.testing.assert_allclose(views.logits(model, images, "flip_translate"), expected, rtol=1e-6)
-  with pytest.raises(ValueError, match="tta='sideways' is not one of"):
-    views.logits(model, images, "sideways")
-  # A replica's empty batch at the end of a split (tf.pad's REFLECT failed on it: found under SLURM).
-  assert views.logits(model, images[:0], "flip_translate").shape == (0, 3)
-
-
-def test_float16_overflow_on_one_replica_skips_the_step_on_every_replica():
-  """Replica 1's gradients overflow in float16 (its soft labels weigh 10^4 times too much, so its loss
-  and gradients are 10^4 times larger), replica 0's do not: the step is skipped on both replicas and the
-  loss scale halves; the next step trains normally."""
-  config = deep.get_config("smoke")
-  config.update(mixed_precision="mixed_float16", logical_cpus=2)
-  config.optimizer.update(clip_norm=0.0, warmup_epochs=0.0)
-  rng = np.random.default_rng(0)
-  images = tf.constant(rng.normal(size=(32, 32, 32, 3)), tf.float32)
-  labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 32)]
-  heavy = labels.copy()
-  heavy[16:] *= 1e4  # replica 1's half of the global batch
-  strategy = distribute.make_strategy(config)
-  assert strategy.num_replicas_in_sync == 2
-  state = steps.make_state(config, strategy, steps_per_epoch=10)
-  models.initialize_from_data(state.model, lambda: images)
-  learner = steps.Learner(config, strategy, state)
-  step = lambda y: learner.train(iter(strategy.experimental_distribute_dataset(
-      tf.data.Dataset.from_tensors({"images": images, "labels": tf.constant(y)}).repeat())), 1, 0)
-  initial = [v.numpy() for v in state.model.trainable_variables]
-  scale = optim.loss_scale(state.optimizer)
-  step(heavy)
-  assert optim.loss_scale(state.optimizer) == scale / 2
-  for a, v in zip(initial, state.model.trainable_variables):
-    np.testing.assert_array_equal(a, v.numpy())  # skipped on both replicas
-  step(labels)
-  after = [v.numpy() for v in state.model.trainable_variables]
-  assert all(np.isfinite(a).all() for a in after)
-  assert any(not np.array_equal(a, b) for a, b in zip(initial, after))
-  assert optim.loss_scale(state.optimizer) == scale / 2
