@@ -10,7 +10,8 @@ BatchNorm biases only; Nesterov SGD with decoupled weight decay on a triangular 
 up from 0.2 of the peak, then down to 0), BatchNorm biases 64x faster, lookahead averaging every 5 steps;
 batch 1024; label smoothing 0.2; alternating flip, 4-pixel translate and a 12-pixel cutout; flip+translate
 test-time views in the final evaluation and the export; trained in the precision the hardware has fast
-kernels for, exported in float32.
+kernels for, exported in float32. Unlike airbench96's, the cutout square is black (blanked before
+normalisation) and may reach over the image's edge (pipeline/ops.py).
 
 Its goal is 0.935 validation accuracy on CIFAR-10's JPEG images; its compute (`tools.benchmark_accuracy`
 prints it) is ~6x deep.py's. What it reached, in what time and on which machine: docs/results.md.
@@ -46,5 +47,5 @@ def get_config(arg: str | None = None):
   config.augment.crop_padding = 4
   config.augment.flip = "alternating"
   config.augment.cutout_size = 12
-  config.eval_every_epochs = 5  # a validation pass costs ~1/9 of an epoch
+  config.eval_every_epochs = 5  # a validation pass: 1/9 of an epoch's images, forward only
   return default.variant(config, arg)

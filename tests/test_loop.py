@@ -35,6 +35,7 @@ class FakeLearner:
   def __init__(self, clock, step_secs=0.5, nan_at=None):
     self.clock, self.step_secs, self.nan_at = clock, step_secs, nan_at
     self.step, self.calls = 0, []
+    self.strategy = None  # one process: nothing to wait for before a refusal
 
   def train(self, iterator, num_steps, epoch):
     del iterator

@@ -65,6 +65,7 @@ def test_airbench_groups_of_three_convs_add_the_first_to_the_last_two():
   """group_convs=3 (configs/deeper.py): in each group the activated pooled conv is added to the two convs
   after it, so with those two convs' kernels at 0 (and BatchNorm's biases 0) a group passes it on as if the
   two were not there: act(x + 0)."""
+  keras.mixed_precision.set_dtype_policy("float32")
   config = deeper.get_config("smoke").model
   model = models.build(config)
   assert [layer.name for layer in model.layers if isinstance(layer, keras.layers.Add)] == ["group0_add", "group1_add"]

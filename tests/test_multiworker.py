@@ -56,32 +56,34 @@ def test_two_workers_train_like_one_process_with_two_replicas(synthetic_dir, tmp
   assert run["distribution"]["cluster"]["task"] == {"type": "chief", "index": 0}
 
 
-
-LEAVING = """
+REFUSING = """
 import json, os, sys, time
 sys.path.insert(0, {root!r})
 import tensorflow as tf
 from trainer import distribute
+from trainer.faults import TrainingError
 strategy = tf.distribute.MultiWorkerMirroredStrategy()
-distribute.any_worker(strategy, True)  # a refusal every worker agreed on
-time.sleep(4 if json.loads(os.environ["TF_CONFIG"])["task"]["index"] == 0 else 0)
+assert distribute.any_worker(strategy, True)  # the vote: every worker refuses
+time.sleep(4 if json.loads(os.environ["TF_CONFIG"])["task"]["index"] == 1 else 0)
 start = time.monotonic()
-distribute.leave_together(30)
-print(time.monotonic() - start)
+error = distribute.refuse_together(strategy, TrainingError("refused"))
+print(time.monotonic() - start, error)
 """
 
 
-def test_a_worker_leaves_only_once_every_worker_is_leaving():
+def test_a_refusal_every_worker_voted_for_is_raised_once_every_worker_is_there():
   """The CI run at 6f68728 saw a refusal every worker agreed on end one of them with "lost contact": the
-  other had exited while its share of their last collective was in flight (TensorFlow sends a RecvBuf
-  answer after the sender's op returned). Not reproduced in 36 runs here; leave_together's wait is what
-  closes it, checked here: the worker that is ready first waits for the one that sleeps 4 s."""
-  procs = [subprocess.Popen([sys.executable, "-c", LEAVING.format(root=ROOT)], env=env, stdout=subprocess.PIPE,
+  other had exited while its share of their vote was in flight (TensorFlow sends a RecvBuf answer after
+  the sender's op returned). Not reproduced in 36 runs here; refuse_together's wait is what closes it,
+  checked here: the chief, ready first, waits for the worker that sleeps 4 s after the vote."""
+  procs = [subprocess.Popen([sys.executable, "-c", REFUSING.format(root=ROOT)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for env in chaos_resume.cluster_environments(2)]
   outputs = [p.communicate(timeout=120) for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
-  chief, worker = (float(out.split()[-1]) for out, _ in outputs)
-  assert chief < 2 and 3 < worker < 30
+  (chief, chief_error), (worker, worker_error) = (out.split() for out, _ in outputs)
+  assert 3 < float(chief) < 30 and float(worker) < 2
+  assert chief_error == worker_error == "refused"
+
 
 def test_two_workers_killed_and_replaced_resume_bit_for_bit(three_shards, tmp_path, capsys):
   """The chaos tool's check on 2 workers: a SIGTERM to the non-chief only (every worker must save and

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from configs import deep
 from configs import mlp
 from pipeline import cifar10
 from pipeline import manifest as manifest_lib
@@ -209,7 +210,10 @@ def test_benchmark_accuracy_tool_resumes_in_its_workdir(synthetic_dir, tmp_path)
   for result in runs:
     assert result.returncode == 0, result.stderr[-2000:]
   first, second = (r.stdout.splitlines() for r in runs)
-  assert re.fullmatch(r"training compute: 0\.\d{3} PFLOP per run \(tools.benchmark_step's count\)", first[0]), first
+  config = deep.get_config("smoke")
+  config.update(data_dir=synthetic_dir, num_epochs=1, steps_per_epoch=2)
+  pflop = benchmark_step.training_flops(config, manifest_lib.load(synthetic_dir)) / 1e15
+  assert first[0] == f"training compute: {pflop:.3g} PFLOP per run (tools.benchmark_step's count)", first
   assert re.fullmatch(r"run 0: validation accuracy [01]\.\d{4} \(\d+/200, from the export\), wall time \d+ s",
                       first[1]), first
   assert first[-1] == first[0].split(" (")[0], first

@@ -29,7 +29,9 @@ from pipeline import manifest as manifest_lib
 from tools import benchmark_step
 from tools import evaluate
 from tools import make_tfrecords
+from trainer import distribute
 from trainer import main as trainer_main
+from trainer.faults import TrainingError
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,10 +60,14 @@ def main(argv):
   config_arg, overrides = trainer_main.config_arguments(sys.argv[1:])
   if not os.path.exists(os.path.join(FLAGS.data_dir, manifest_lib.FILENAME)):
     make_tfrecords.make(FLAGS.source, FLAGS.data_dir)
+  distribute.share_gpus(tf.config.list_physical_devices("GPU"))  # the runs are other processes on the same GPUs
   config = FLAGS.config.copy_and_resolve_references()
   config.data_dir = FLAGS.data_dir
-  pflop = benchmark_step.training_flops(config, manifest_lib.load(FLAGS.data_dir)) / 1e15
-  print(f"training compute: {pflop:.3f} PFLOP per run (tools.benchmark_step's count)", flush=True)
+  try:
+    pflop = benchmark_step.training_flops(config, manifest_lib.load(FLAGS.data_dir)) / 1e15
+  except (ValueError, TrainingError, manifest_lib.ManifestError) as e:  # a config the trainer would refuse
+    sys.exit(f"benchmark_accuracy: error: {e}")
+  print(f"training compute: {pflop:.3g} PFLOP per run (tools.benchmark_step's count)", flush=True)
   root = FLAGS.workdir or tempfile.mkdtemp(prefix="benchmark_accuracy_")
   os.makedirs(root, exist_ok=True)
   accuracies, times, any_resumed = [], [], False
@@ -88,7 +94,7 @@ def main(argv):
   print(f"config {config_arg} {' '.join(f'{k}={v}' for k, v in overrides.items())}: {FLAGS.runs} run(s)")
   print(f"wall time (s): {_mean_std(times)}{' (some runs resumed)' if any_resumed else ''}")
   print(f"validation accuracy: {_mean_std(accuracies)}")
-  print(f"training compute: {pflop:.3f} PFLOP per run")
+  print(f"training compute: {pflop:.3g} PFLOP per run")
 
 
 if __name__ == "__main__":

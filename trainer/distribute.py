@@ -143,23 +143,24 @@ def same_on_every_worker(strategy: tf.distribute.Strategy, value: int) -> bool:
   return count * squares == total * total  # Cauchy-Schwarz: equality iff all values are equal
 
 
-def leave_together(timeout_secs: float) -> None:
-  """Before this process exits on its own (os._exit, which skips TensorFlow's shutdown barrier): waits, at most
-  `timeout_secs`, until every task of the cluster is here too. A task that left as soon as its last
-  collective returned could cut a peer's share of it in flight (TensorFlow builds a RecvBuf answer before
-  sending it), and that peer then reported a lost contact instead of the refusal every worker had agreed on.
-  Errors are ignored: a peer already gone, or no cluster (one process), leaves at once."""
-  if not context.context().coordination_service:
-    return
-  global _leaves
-  _leaves += 1
-  try:
-    context.context().wait_at_barrier(f"trainer-leave-{_leaves}", int(timeout_secs * 1000))
-  except (tf.errors.OpError, RuntimeError, ValueError):
-    pass
+def refuse_together(strategy: tf.distribute.Strategy, error: BaseException) -> BaseException:
+  """`error`, for every worker to raise after a vote (`any_worker`, `gather_texts`...) decided that all refuse:
+  first waits, up to REFUSE_SECS, until every worker is here. A worker that raised and exited as soon as the
+  vote returned could cut a peer's share of it in flight (TensorFlow sends a RecvBuf answer after the
+  sender's op returned), and that peer then said "lost contact" instead of the agreed refusal. The wait's own
+  errors are ignored: the refusal is decided."""
+  if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and context.context().coordination_service:
+    global _refusals
+    _refusals += 1  # every worker votes, and refuses, in the same order: the same barrier name on all
+    try:
+      context.context().wait_at_barrier(f"trainer-refusal-{_refusals}", int(REFUSE_SECS * 1000))
+    except (tf.errors.OpError, RuntimeError, ValueError):
+      pass
+  return error
 
 
-_leaves = 0
+REFUSE_SECS = 30
+_refusals = 0
 
 
 def worker_index(strategy: tf.distribute.Strategy) -> tuple[int, int]:

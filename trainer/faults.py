@@ -15,10 +15,6 @@ class TrainingError(RuntimeError):
   """Training cannot go on (bad config for the hardware, non-finite loss); the message says why."""
 
 
-class LostPeer(TrainingError):
-  """Another worker is gone (killed, its node lost): what TensorFlow's collectives and heartbeats said."""
-
-
 # What a peer's loss looks like (the coordination service's heartbeats, an aborted collective), as against
 # other UnavailableErrors: a gs:// bucket or a tf.data service that cannot be reached.
 PEER_SIGNS = ("unhealthy", "heartbeat", "collective ops is aborted", "coordination service")
@@ -36,8 +32,8 @@ def as_training_error(error: BaseException) -> BaseException:
   if isinstance(error, tf.errors.UnavailableError) and _lost_peer(message):
     culprits = message.split("unhealthy", 1)[-1]  # the tasks named after "... are unhealthy", if any
     tasks = sorted(set(re.findall(r"/job:\w+/replica:\d+/task:\d+", culprits)))
-    return LostPeer(f"lost contact with {', '.join(tasks) or 'another worker'}; restart every worker with "
-                    "the same command to resume from the last checkpoint")
+    return TrainingError(f"lost contact with {', '.join(tasks) or 'another worker'}; restart every worker with "
+                         "the same command to resume from the last checkpoint")
   if isinstance(error, tf.errors.NotFoundError) and "is not in the workers list" in message:
     return TrainingError("input.data_service: the tf.data service dispatcher must list its workers "
                          "(DispatcherConfig(worker_addresses=[...])), so that each makes its own share of the "
@@ -46,11 +42,6 @@ def as_training_error(error: BaseException) -> BaseException:
                                                     any(sign in message for sign in INPUT_SIGNS)):
     return TrainingError(f"bad training data: {first_line(message)}")
   return error
-
-
-def lost_peer(error: BaseException) -> bool:
-  """Whether `error` says that another worker is gone (as TensorFlow raised it, or as_training_error's line)."""
-  return isinstance(as_training_error(error), LostPeer)
 
 
 def _lost_peer(message: str) -> bool:

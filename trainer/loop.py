@@ -15,6 +15,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from trainer import distribute
 from trainer import evaluation
 from trainer import figures
 from trainer import writers
@@ -326,8 +327,9 @@ def train_loops(learner, iterator, actions: list[PeriodicAction], *, start_step:
       loop = Loop(metrics["step"], metrics["step"] - step, clock() - start, metrics)
       step = loop.step
       if not math.isfinite(metrics["loss"]):
-        raise TrainingError(f"loss is {metrics['loss']} at step {step}; stopped without saving. The last good "
-                            f"checkpoint is {last_checkpoint() or 'none (none was written yet)'}")
+        raise distribute.refuse_together(learner.strategy, TrainingError(  # the loss is every replica's mean
+            f"loss is {metrics['loss']} at step {step}; stopped without saving. The last good checkpoint is "
+            f"{last_checkpoint() or 'none (none was written yet)'}"))
       for action in actions:
         action(loop)
       if stop_requested():

@@ -14,13 +14,11 @@ from ml_collections import config_flags
 import tensorflow as tf
 
 from pipeline import manifest
-from trainer import distribute
 from trainer import faults
 from trainer import train
 
 IMPORTED = time.monotonic()  # run.json's timing counts start-up from here
 FLAGS = flags.FLAGS
-LEAVE_SECS = 30  # longest an erring worker waits for the others to reach the same error (distribute.leave_together)
 
 
 def define_flags():
@@ -94,9 +92,6 @@ def main(argv):
     metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, since=IMPORTED)
   except (manifest.ManifestError, train.TrainingError, ValueError, tf.errors.OpError) as e:
     print(f"trainer: error: {faults.describe(e)}", file=sys.stderr, flush=True)
-    # Every worker refuses together; none may leave before the others hold the last collective's answer.
-    if not faults.lost_peer(e):
-      distribute.leave_together(LEAVE_SECS)
     # At once: after a lost peer, the interpreter's shutdown met tf.distribute's thread pools half torn
     # down and printed a traceback under the one line (seen with 3 workers). Everything is written by now.
     os._exit(1)  # pylint: disable=protected-access

@@ -199,5 +199,6 @@ def agreed(strategy, check):
   except (TrainingError, manifest_lib.ManifestError, ValueError, OSError, tf.errors.OpError) as e:
     result, problem = None, e
   if distribute.any_worker(strategy, problem is not None):
-    raise problem or TrainingError("another worker refused to start; its log says why")
+    raise distribute.refuse_together(strategy, problem or TrainingError("another worker refused to start; its log "
+                                                                         "says why"))
   return result

@@ -221,21 +221,25 @@ def check_same_run(strategy, config, data: dict) -> None:
     if key:
       fix = ("mixed_precision=auto chose by each worker's hardware: give every worker the same "
              "--config.mixed_precision" if key == "mixed_precision" else "start every worker with the same command")
-      raise TrainingError(f"worker {index} was started with {key}={view['config'][key]!r}, the chief with "
-                          f"{key}={chief['config'][key]!r}: {fix}")
+      raise distribute.refuse_together(strategy, TrainingError(
+          f"worker {index} was started with {key}={view['config'][key]!r}, the chief with "
+          f"{key}={chief['config'][key]!r}: {fix}"))
     if set(chief["config"]) != set(view["config"]):
-      raise TrainingError(f"worker {index} runs another version of the trainer than the chief (their configs have "
-                          "other keys): install the same code on every worker")
+      raise distribute.refuse_together(strategy, TrainingError(
+          f"worker {index} runs another version of the trainer than the chief (their configs have other keys): "
+          "install the same code on every worker"))
     if view["data"] != chief["data"]:
-      raise TrainingError(f"worker {index} reads other data than the chief "
-                          f"({manifest_lib.describe_difference(chief['data'], view['data'])}): give every worker "
-                          "the same shards (one gs:// path, or identical copies)")
+      raise distribute.refuse_together(strategy, TrainingError(
+          f"worker {index} reads other data than the chief "
+          f"({manifest_lib.describe_difference(chief['data'], view['data'])}): give every worker the same shards "
+          "(one gs:// path, or identical copies)"))
 
 def check_same_checkpoint(strategy, latest: str | None) -> None:
   """Refuses to start unless every worker found the same latest checkpoint (a collective)."""
   step = -1 if latest is None else checkpoint_step(latest)
   if not distribute.same_on_every_worker(strategy, step):
-    raise TrainingError(f"the workers see different latest checkpoints (this one: {latest or 'none'}); {SHARED}")
+    raise distribute.refuse_together(strategy, TrainingError(
+        f"the workers see different latest checkpoints (this one: {latest or 'none'}); {SHARED}"))
 
 
 def check_lease(workdir: str, run_id: str) -> None:
@@ -342,7 +346,8 @@ class Checkpoints:
     if self.saved_step != step:
       lost = self._lost()  # the chief's lease, voted: every worker takes part in a save, or none does
       if distribute.any_worker(self._strategy, lost is not None):
-        raise TrainingError(lost or "the chief no longer holds the workdir's lease; its log says why")
+        raise distribute.refuse_together(self._strategy, TrainingError(
+            lost or "the chief no longer holds the workdir's lease; its log says why"))
       self.manager.save(checkpoint_number=step)
       self.saved_step, self._restored = step, None
     return self.latest
