@@ -181,24 +181,22 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
     stream.flush()
     return True
 
-
   def _upstream(self, method: str, path: str, body: bytes, headers: dict) -> tuple:
-    """The emulator's answer to one request: (status, reason, headers, body), on a kept-alive connection
-    (opened again if the emulator closed it)."""
-    for attempt in range(2):
-      if self.upstream is None:
-        self.upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60)
-      try:
-        self.upstream.request(method, path, body=body, headers=headers)
-        response = self.upstream.getresponse()
-        data = response.read()
-        return response.status, response.reason, response.getheaders(), data
-      except (http.client.HTTPException, ConnectionError):
-        self.upstream.close()
-        self.upstream = None
-        if attempt:
-          raise
-    raise AssertionError("unreachable")
+    """The emulator's answer to one request: (status, reason, headers, body), on the kept-alive connection,
+    opened again once if the emulator had closed it."""
+    try:
+      return self._ask(method, path, body, headers)
+    except (http.client.HTTPException, ConnectionError):
+      self.upstream.close()
+      self.upstream = None
+      return self._ask(method, path, body, headers)
+
+  def _ask(self, method: str, path: str, body: bytes, headers: dict) -> tuple:
+    if self.upstream is None:
+      self.upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60)
+    self.upstream.request(method, path, body=body, headers=headers)
+    response = self.upstream.getresponse()
+    return response.status, response.reason, response.getheaders(), response.read()
 
   def _storage_layout(self, stream, path: str) -> bool:
     """The emulator lacks this call, which TF makes before renaming a directory: a bucket without a

@@ -60,7 +60,6 @@ def test_partial_dirac_passes_the_first_channels_through():
   assert np.all(np.abs(kernel[..., 4:]) <= bound) and np.std(kernel[..., 4:]) > bound / 4
 
 
-
 def test_airbench_groups_of_three_convs_add_the_first_to_the_last_two():
   """group_convs=3 (configs/deeper.py): in each group the activated pooled conv is added to the two convs
   after it, so with those two convs' kernels at 0 (and BatchNorm's biases 0) a group passes it on as if the
@@ -80,6 +79,7 @@ def test_airbench_groups_of_three_convs_add_the_first_to_the_last_two():
   config.group_convs = 4
   with pytest.raises(ValueError, match=r"model.group_convs=4 is not one of: 2, 3"):
     models.build(config)
+
 
 def test_airbench_trains_bn_biases_fast_and_freezes_the_whitening_bias():
   config = deep.get_config("sgd")  # the recipe that trains BatchNorm biases 64x faster

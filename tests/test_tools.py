@@ -85,6 +85,7 @@ def test_training_flops_count_each_dense_product_three_times_per_image(synthetic
   flops = benchmark_step.training_flops(config, manifest)
   assert 3 * products * images <= flops <= 3 * (products + 3 * sum(widths[1:])) * images
 
+
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
   """configs/mlp.py:smoke, untrained, exported as the trainer exports: predict needs its signatures and class

@@ -7,7 +7,8 @@ then for each run trains the config with `python -m trainer.main` (seed = run nu
 (its log beside it, as runN.log),
 evaluates the run's export with tools.evaluate, and prints mean ± std of the validation accuracy (from the
 export) and of the wall time of the training command, and each run's training compute in PFLOP (the train
-step's FLOPs per image as tools.benchmark_step counts them, x the images the run's steps train on). Long runs are fine here; they are not in CI.
+step's FLOPs per image as tools.benchmark_step counts them, x the images the run's steps train on). Long
+runs are fine here; they are not in CI.
 
 Run again with the same --workdir after a kill or a preemption, it resumes: each run continues from its
 last checkpoint, its log grows, and its wall time (this invocation's only) is marked "resumed".
