@@ -49,7 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.export_precision = "float32"  # what the export (and the final evaluation) computes in: float32 |
                                        # bfloat16 | float16; whatever the training's mixed_precision was
   config.export_versions = 3  # numbered exports kept in workdir/serving (TF Serving's model base path); 0 = none
-  config.tta = "none"  # test-time views in the final evaluation and the export: none | flip | flip_translate
+  config.tta = "none"  # test-time views in the final evaluation and the export: none | flip | flip_translate |
+                     # flip_translate4 (trainer/views.py)
   config.label_smoothing = 0.0  # probability mass spread evenly over all classes
   config.bn_statistics_images = 0  # after training, BatchNorm statistics re-estimated over this many unaugmented
                                   # train images with the final weights ("precise BN"); 0 = keep the running ones

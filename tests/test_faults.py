@@ -204,7 +204,7 @@ def test_sigterm_during_start_up_stops_before_the_first_step(synthetic_dir, tmp_
     ("num_epochs", 0, "num_epochs=0 must be an integer >= 1"),
     ("keep_checkpoints", 0, "keep_checkpoints=0 must be an integer >= 1"),
     ("steps_per_epoch", -3, "steps_per_epoch=-3 must be an integer >= 0"),
-    ("tta", "sideways", "tta='sideways' is not one of: none, flip, flip_translate"),
+    ("tta", "sideways", "tta='sideways' is not one of: none, flip, flip_translate, flip_translate4"),
     ("stop_exit_code", 256, "stop_exit_code=256 must be an exit code, 0 to 255"),  # 256 would exit 0
 ])
 def test_out_of_range_config_values_are_refused_before_anything_runs(synthetic_dir, tmp_path, key, value, message):

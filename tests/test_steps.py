@@ -119,10 +119,14 @@ def test_tta_views():
   np.testing.assert_allclose(averaged, expected, rtol=1e-6)
   np.testing.assert_allclose(plain, read(images))
   np.testing.assert_allclose(views.logits(model, images, "flip_translate"), expected, rtol=1e-6)
+  crop = lambda rows, columns: padded[:, 1 + rows:33 + rows, 1 + columns:33 + columns]  # moved by -rows, -columns
+  expected = sum(0.2 * mirror(crop(*shift)) for shift in ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)))
+  np.testing.assert_allclose(views.logits(model, images, "flip_translate4"), expected, rtol=1e-6)
   with pytest.raises(ValueError, match="tta='sideways' is not one of"):
     views.logits(model, images, "sideways")
   # A replica's empty batch at the end of a split (tf.pad's REFLECT failed on it: found under SLURM).
-  assert views.logits(model, images[:0], "flip_translate").shape == (0, 3)
+  for name in views.VIEWS:
+    assert views.logits(model, images[:0], name).shape == (0, 3)
 
 
 def test_float16_overflow_on_one_replica_skips_the_step_on_every_replica():
