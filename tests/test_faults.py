@@ -52,7 +52,7 @@ def test_unknown_config_key_lists_close_matches(tmp_path):
 def test_unknown_config_variant_is_one_line(tmp_path):
   _one_line_error(_trainer(f"--workdir={tmp_path}", "--config=configs/deep.py:bogus"),
                   "trainer: error: flag --config=configs/deep.py:bogus: unknown config variant 'bogus'; known: sgd, "
-                  "airbench94, 64px, smoke", 2)
+                  "airbench94, fast, 64px, smoke", 2)
 
 
 def test_wrong_value_type(tmp_path):

@@ -2,7 +2,6 @@
 rules (an allow-list and the data's identity), damaged checkpoints, the tf.data service."""
 
 import collections
-import glob
 import os
 import re
 import shutil
@@ -23,7 +22,6 @@ from trainer import main as trainer_main
 from trainer import precision
 from trainer import checks
 from trainer import train
-from trainer import workdir as workdir_lib
 
 
 SMOKE = "configs/deep.py:smoke"
@@ -34,21 +32,6 @@ def _config(module, data_dir, **overrides):
   config.data_dir = data_dir
   config.update(overrides)
   return config
-
-
-def _rewind(workdir: str, step: int) -> None:
-  """The workdir as a kill would have left it right after the checkpoint of `step`: the later checkpoints'
-  files gone, the checkpoint state file pointing at `step`."""
-  directory = os.path.join(workdir, "checkpoints")
-  kept = []
-  paths = [index[:-len(".index")] for index in glob.glob(os.path.join(directory, "ckpt-*.index"))]
-  for path in sorted(paths, key=workdir_lib.checkpoint_step):
-    if workdir_lib.checkpoint_step(path) > step:
-      for name in glob.glob(path + ".*"):
-        os.remove(name)
-    else:
-      kept.append(path)
-  tf.compat.v1.train.update_checkpoint_state(directory, kept[-1], all_model_checkpoint_paths=kept)
 
 
 def _checkpoint(workdir: str, step: int) -> str:
@@ -65,7 +48,7 @@ def test_a_model_with_dropout_resumes_bit_for_bit(synthetic_dir, tmp_path):
   reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
   train.train_and_evaluate(_config(vgg_small, synthetic_dir, **overrides), reference)
   shutil.copytree(reference, resumed)
-  _rewind(resumed, 3)
+  chaos_resume.rewind(resumed, 3)
   train.train_and_evaluate(_config(vgg_small, synthetic_dir, **overrides), resumed)
   assert fileio.read_json(os.path.join(resumed, "run.json"))["start_step"] == 3
   assert chaos_resume.max_difference(_checkpoint(resumed, 8), _checkpoint(reference, 8)) == 0
@@ -222,7 +205,7 @@ def test_the_data_service_refuses_a_resume_inside_an_epoch(synthetic_dir, mid_ep
   counted in source order, cannot say which of the epoch's batches were trained."""
   workdir = str(tmp_path / "run")
   shutil.copytree(mid_epoch_run, workdir)
-  _rewind(workdir, 2)
+  chaos_resume.rewind(workdir, 2)
   config = _config(deep, synthetic_dir, num_epochs=2, export=False)
   config.input.data_service = "grpc://127.0.0.1:1"
   with pytest.raises(train.TrainingError, match=re.escape(
@@ -262,7 +245,8 @@ def test_sigterm_then_resume_ends_with_the_same_weights(synthetic_dir, tmp_path,
   """Also in the default mode (deterministic=False, host augmentation): each epoch trains the same images as
   the uninterrupted run (the trainer's per-epoch image count and id digest)."""
   overrides = {"data_dir": synthetic_dir, "deterministic": deterministic, "export": False, "steps_per_loop": 1,
-               "log_every_steps": 1, "logical_cpus": replicas if replicas > 1 else 0}
+               "log_every_steps": 1, "logical_cpus": replicas if replicas > 1 else 0,
+               "eval_every_epochs": 0, "summary_worst_images": 0, "tta": "none"}  # no evaluation work
   reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
   reference_logs = chaos_resume.run_until(trainer_main.command(SMOKE, reference, overrides))
   log, = chaos_resume.run_until(trainer_main.command(SMOKE, resumed, overrides), 3, signal.SIGTERM)

@@ -1,11 +1,12 @@
 """The trainer under a real SLURM (munged, slurmctld, slurmd on 127.0.0.1; tests/slurm_cluster.py), through
 the repository's own batch script as submitted (its CPUs and GPUs per task), on a node whose name does not
-resolve: preempted with SIGTERM and requeued, one task SIGKILLed and the job requeued, resumed on fewer
-nodes, and two jobs at once on the one node; each time the final checkpoint against an uninterrupted run."""
+resolve: preempted with SIGTERM and requeued, then one task SIGKILLed and the job requeued, resumed on
+fewer nodes, and two jobs at once on the one node; each time the final checkpoint against an uninterrupted run."""
 
 import glob
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -22,7 +23,7 @@ SMOKE = "configs/deep.py:smoke"
 # Bit for bit across layouts and restarts (tests/test_multiworker.py says why these values).
 EXACT = {"deterministic": True, "mixed_precision": "float32", "model.sync_bn": True, "augment.flip": "random",
          "optimizer.learning_rate": 0.05, "checkpoint_every_steps": 1, "steps_per_loop": 1, "log_every_steps": 1,
-         "eval_steps": 1}
+         "eval_steps": 1, "eval_every_epochs": 0, "summary_worst_images": 0, "tta": "none"}  # no evaluation work
 TIMEOUT = 300  # seconds a job may take, requeues included
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
@@ -117,50 +118,43 @@ def _workers(workdir: str) -> list[str]:
     return json.load(f)["distribution"]["cluster"]["spec"]["worker"]
 
 
-def test_a_job_preempted_with_sigterm_requeues_itself_and_resumes_bit_for_bit(slurm, reference, synthetic_dir,
-                                                                             tmp_path):
+def test_a_job_preempted_then_losing_a_task_is_requeued_each_time_and_resumes_bit_for_bit(slurm, reference,
+                                                                                         synthetic_dir, tmp_path):
+  """Preempted with SIGTERM at step 3, the job requeues itself; in its second start the non-chief task is
+  SIGKILLed at step 6 (a lost node), the job fails and `scontrol requeue` starts it a third time. Each
+  start resumes from the last checkpoint, and the run ends bit for bit as the uninterrupted one."""
   workdir = str(tmp_path / "run")
   job_id = _submit(slurm, workdir, synthetic_dir)
   _wait(slurm, job_id, workdir, _at_step(3), "step 3")
   slurm.run("scancel", "--signal=TERM", job_id)  # what --signal=TERM@120 sends before the time limit
-  job = _wait(slurm, job_id, workdir, lambda job, out: _done(job, out) and job["Restarts"] != "0", "requeued end")
+  _wait(slurm, job_id, workdir, lambda job, out: job["Restarts"] == "1" and _at_step(6)(job, out), "requeued step 6")
   out = _output(workdir, job_id)
-  assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", out[-3000:]
   assert "stopped by SIGTERM at step" in out and "requeueing job" in out and "resumed from" in out, out[-3000:]
   assert f"job {job_id}, start 2: 2 task(s)" in out
+  os.kill(_trainer_pids(workdir)[1], signal.SIGKILL)  # the non-chief task: a lost node
+  job = _wait(slurm, job_id, workdir, _done, "end")
+  assert job["JobState"] == "FAILED" and job["Restarts"] == "1", _output(workdir, job_id)[-3000:]
+  slurm.run("scontrol", "requeue", job_id)
+  job = _wait(slurm, job_id, workdir, lambda job, out: _done(job, out) and job["Restarts"] == "2", "requeued end")
+  out = _output(workdir, job_id)
+  assert job["JobState"] == "COMPLETED", out[-3000:]
+  starts = out.split(f"job {job_id}, start ")[1:]  # task 0 left by itself (lost contact) or was ended by srun
+  assert len(starts) == 3 and all("resumed from" in start for start in starts[1:]), out[-3000:]
   assert _final_difference(workdir, reference) == 0
   assert os.path.exists(os.path.join(workdir, "export", "saved_model.pb"))
   first, last = (int(p) for p in slurm_cluster.RESERVED_PORTS.split("-"))
   assert all(first <= int(w.rsplit(":", 1)[1]) <= last for w in _workers(workdir))  # the step's reserved ports
 
 
-def test_a_job_whose_task_is_killed_resumes_bit_for_bit_when_requeued(slurm, reference, synthetic_dir, tmp_path):
-  workdir = str(tmp_path / "run")
-  job_id = _submit(slurm, workdir, synthetic_dir)
-  _wait(slurm, job_id, workdir, _at_step(3), "step 3")
-  os.kill(_trainer_pids(workdir)[1], signal.SIGKILL)  # the non-chief task: a lost node
-  job = _wait(slurm, job_id, workdir, _done, "end")
-  assert job["JobState"] == "FAILED", _output(workdir, job_id)[-3000:]
-  slurm.run("scontrol", "requeue", job_id)
-  job = _wait(slurm, job_id, workdir, lambda job, out: _done(job, out) and job["Restarts"] != "0", "requeued end")
-  out = _output(workdir, job_id)
-  assert job["JobState"] == "COMPLETED", out[-3000:]
-  assert "resumed from" in out, out[-3000:]  # task 0 left by itself (lost contact) or was ended by srun
-  assert _final_difference(workdir, reference) == 0
-
-
 def test_a_run_of_two_nodes_resumes_on_one(slurm, reference, synthetic_dir, tmp_path):
-  """After a preemption only one node is left: the same run resumed by 1 task with 2 replicas (logical CPUs
-  here, GPUs there) at the same global batch, the in-memory input giving each replica the same images.
-  Equal to the 2-worker run up to the all-reduce's float summation order."""
+  """After a preemption only one node is left: the 2-worker run, as its checkpoint of step 3 left it,
+  resumed by 1 task with 2 replicas (logical CPUs here, GPUs there) at the same global batch, the
+  in-memory input giving each replica the same images. Equal to the 2-worker run up to the all-reduce's
+  float summation order."""
   workdir = str(tmp_path / "run")
-  job_id = _submit(slurm, workdir, synthetic_dir)
-  _wait(slurm, job_id, workdir, _at_step(3), "step 3")
-  slurm.run("scancel", "--signal=TERM", job_id)
-  _wait(slurm, job_id, workdir, lambda job, out: "requeueing job" in out, "requeue")
-  slurm.run("scancel", job_id)  # the requeued job is not wanted: one node is left
-  _wait(slurm, job_id, workdir, lambda job, out: job["JobState"] == "CANCELLED", "cancelled requeue")
-  one = _submit(slurm, workdir, synthetic_dir, tasks=1, logical_cpus=2)
+  shutil.copytree(reference, workdir)
+  chaos_resume.rewind(workdir, 3)
+  one = _submit(slurm, workdir, synthetic_dir, tasks=1, logical_cpus=2, export=False)
   job = _wait(slurm, one, workdir, _done, "end")
   out = _output(workdir, one)
   assert job["JobState"] == "COMPLETED" and "resumed from" in out and "with 2 replica(s)" in out, out[-3000:]

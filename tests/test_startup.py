@@ -167,7 +167,8 @@ def json_address(env: dict) -> str:
 def test_one_run_per_workdir_and_a_killed_holder_is_taken_over(synthetic_dir, tmp_path):
   """Two starts on one workdir both ran to the end, writing the same checkpoint names (a81954f)."""
   overrides = {"data_dir": synthetic_dir, "deterministic": True, "num_epochs": 2, "export": False,
-               "steps_per_loop": 1, "log_every_steps": 1}
+               "steps_per_loop": 1, "log_every_steps": 1,
+               "eval_every_epochs": 0, "summary_worst_images": 0, "tta": "none"}  # no evaluation work
   shared = str(tmp_path / "shared")
   first = subprocess.Popen(trainer_main.command(SMOKE, shared, overrides), cwd=ROOT, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True)

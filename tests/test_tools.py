@@ -260,3 +260,18 @@ def test_benchmark_input_tool(synthetic_dir):
   assert any(l.startswith("train pipeline / per-example pipeline:") for l in lines)
   assert any(l.startswith("train step with the pipeline / on a cached batch:") for l in lines)
   assert re.fullmatch(r"images/s: \d+", lines[-1])
+
+
+@pytest.mark.parametrize("content,code,out", [
+    ('{"status": "stopped by SIGTERM"}', 0, "stopped by SIGTERM\n"), (None, 1, ""), ("{", 1, "")])
+def test_run_status_prints_the_status_or_one_line_and_exit_1(tmp_path, content, code, out):
+  """What deploy/slurm/train.sbatch asks after each start; a local read imports no TensorFlow."""
+  if content is not None:
+    (tmp_path / "run.json").write_text(content)
+  done = subprocess.run([sys.executable, "-X", "importtime", "-m", "tools.run_status", f"--workdir={tmp_path}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert (done.returncode, done.stdout) == (code, out), done.stderr[-2000:]
+  errors = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+  assert errors == ([] if code == 0 else [f"run_status: error: {tmp_path}/run.json: no run status "
+                                          f"({'FileNotFoundError' if content is None else 'JSONDecodeError'})"])
+  assert "tensorflow" not in [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()]

@@ -99,12 +99,14 @@ def cluster_environments(workers: int, vertex: bool = False) -> list[dict]:
   return [dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(task)) for task in tasks]
 
 
-def worker_commands(command: list[str], workers: int) -> list[tuple[list[str], dict]]:
+def worker_commands(command: list[str], workers: int, vertex: bool = False) -> list[tuple[list[str], dict]]:
   """(command, environment) of each process: the trainer command itself for 1; for N > 1, N workers of
-  one cluster (`cluster_environments`)."""
+  one cluster (`cluster_environments`), told --config.strategy=multi_worker, or with `vertex` the same
+  command as for one (a cluster of several tasks is multi-worker by itself)."""
   if workers == 1:
     return [(command, dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))]
-  return [(command + ["--config.strategy=multi_worker"], env) for env in cluster_environments(workers)]
+  flags = [] if vertex else ["--config.strategy=multi_worker"]
+  return [(command + flags, env) for env in cluster_environments(workers, vertex)]
 
 
 class Segment:
@@ -112,10 +114,10 @@ class Segment:
   signal sent to one worker when it logs a given train step (or, with `on_line`, a line holding that)."""
 
   def __init__(self, command: list[str], workers: int = 1, *, target: int = 0, stop_at_step: int | None = None,
-               sig: int = signal.SIGTERM, on_line: str | None = None):
+               sig: int = signal.SIGTERM, on_line: str | None = None, vertex: bool = False):
     self.trigger = on_line or (f"] step {stop_at_step}/" if stop_at_step else None)
     self.procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                   text=True) for cmd, env in worker_commands(command, workers)]
+                                   text=True) for cmd, env in worker_commands(command, workers, vertex)]
     self.logs = [[] for _ in self.procs]
     self.sent = threading.Event()
     self._readers = [threading.Thread(target=self._read, args=(i, self.trigger if i == target else None, sig),
@@ -150,11 +152,12 @@ class Segment:
 
 
 def run_until(command: list[str], stop_at_step: int | None = None, sig: int = signal.SIGTERM, *,
-              workers: int = 1, target: int = 0) -> list[str]:
-  """Runs one segment; if `stop_at_step`, sends `sig` to worker `target` once it logs that step. Checks
+              workers: int = 1, target: int = 0, vertex: bool = False) -> list[str]:
+  """Runs one segment (`vertex`: see worker_commands); if `stop_at_step`, sends `sig` to worker `target`
+  once it logs that step. Checks
   the exit codes: 0 everywhere, but for SIGKILL -9 for the target and for the others 0 or 1 with the
   lost-contact line. Returns each worker's log."""
-  segment = Segment(command, workers, target=target, stop_at_step=stop_at_step, sig=sig)
+  segment = Segment(command, workers, target=target, stop_at_step=stop_at_step, sig=sig, vertex=vertex)
   codes = segment.wait()
   if stop_at_step is not None and not segment.sent.is_set():
     raise RuntimeError(f"worker {target} never logged step {stop_at_step}, so no signal was sent:\n"
@@ -187,6 +190,21 @@ def max_difference(a: str, b: str) -> float:
 def latest_step(workdir: str) -> int:
   latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
   return int(latest.rsplit("-", 1)[1]) if latest else 0
+
+
+def rewind(workdir: str, step: int) -> None:
+  """The workdir as a kill would have left it right after the checkpoint of `step`: the later checkpoints'
+  files gone, the checkpoint state file pointing at `step`."""
+  directory = os.path.join(workdir, "checkpoints")
+  kept = []
+  paths = [index[:-len(".index")] for index in tf.io.gfile.glob(os.path.join(directory, "ckpt-*.index"))]
+  for path in sorted(paths, key=lambda path: int(path.rsplit("-", 1)[1])):
+    if int(path.rsplit("-", 1)[1]) > step:
+      for name in tf.io.gfile.glob(path + ".*"):
+        tf.io.gfile.remove(name)
+    else:
+      kept.append(path)
+  tf.compat.v1.train.update_checkpoint_state(directory, kept[-1], all_model_checkpoint_paths=kept)
 
 
 def plan(kills: int, total_steps: int, workers: int, seed: int) -> list[tuple[int, int, int, bool]]:
@@ -281,9 +299,10 @@ class Report:
 
 
 def run(config_arg: str, overrides: dict, total: int, kills: list[tuple[int, int, int, bool]], workers: int,
-        root: str, atol: float) -> Report:
+        root: str, atol: float, vertex: bool = False) -> Report:
   """The reference run and the run killed as `plan` says, in `root`; prints each kill and check, and
-  returns how many kills resumed identically, with the logs."""
+  returns how many kills resumed identically, with the logs. With `vertex`, the killed run's workers are
+  a chief and workers as Vertex AI's TF_CONFIG names them (the reference's stay `worker` tasks)."""
   reference, chaos = os.path.join(root, "reference"), os.path.join(root, "chaos")
   print(f"reference run: {workers} worker(s), {total} steps, a checkpoint at every step, in {reference}",
         flush=True)
@@ -296,7 +315,8 @@ def run(config_arg: str, overrides: dict, total: int, kills: list[tuple[int, int
   replace = None  # the worker whose scratch directory goes before the next start
   for number, (step, target, sig, replaced) in enumerate(kills + [(None, 0, signal.SIGTERM, False)], 1):
     if replace is not None:
-      shutil.rmtree(os.path.join(chaos, "tmp", f"checkpoints-worker{replace}"), ignore_errors=True)
+      task = replace - 1 if vertex else replace  # under `vertex`, process 0 is the chief, not worker 0
+      shutil.rmtree(os.path.join(chaos, "tmp", f"checkpoints-worker{task}"), ignore_errors=True)
       print(f"  worker {replace} replaced: its scratch directory deleted before the restart", flush=True)
       replace = None
     resumed_from = latest_step(chaos)
@@ -305,7 +325,7 @@ def run(config_arg: str, overrides: dict, total: int, kills: list[tuple[int, int
       if step >= total:
         raise RuntimeError(f"kill {number}: no step left before the end ({total}); give fewer --kills")
     chaos_logs += run_until(trainer_main.command(config_arg, chaos, overrides), step, sig, workers=workers,
-                            target=target)
+                            target=target, vertex=vertex)
     at = latest_step(chaos)
     if pending and at > resumed_from:  # this start resumed and wrote a checkpoint of its own
       diff = max_difference(os.path.join(chaos, "checkpoints", f"ckpt-{at}"),

@@ -11,13 +11,7 @@ import time
 from absl import app
 from absl import flags
 from ml_collections import config_flags
-import tensorflow as tf
 
-from pipeline import manifest
-from trainer import faults
-from trainer import train
-
-IMPORTED = time.monotonic()  # run.json's timing counts start-up from here
 FLAGS = flags.FLAGS
 
 
@@ -87,9 +81,16 @@ def flags_parser(program: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  # TensorFlow only now, after the flags and the config: a mistyped flag or key is refused in ~1 s, not
+  # after TensorFlow's ~4 s start-up (and tools import this module for `command` and `flags_parser`).
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from pipeline import manifest  # pylint: disable=g-import-not-at-top
+  from trainer import faults  # pylint: disable=g-import-not-at-top
+  from trainer import train  # pylint: disable=g-import-not-at-top
+  imported = time.monotonic()  # run.json's timing counts start-up from here
   tf.get_logger().setLevel("WARNING")  # tf.distribute logs every all-reduce it builds at INFO
   try:
-    metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, since=IMPORTED)
+    metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, since=imported)
   except (manifest.ManifestError, train.TrainingError, ValueError, tf.errors.OpError) as e:
     print(f"trainer: error: {faults.describe(e)}", file=sys.stderr, flush=True)
     # At once: after a lost peer, the interpreter's shutdown met tf.distribute's thread pools half torn
