@@ -14,6 +14,7 @@ from tools import chaos_resume
 from trainer import cluster as cluster_lib
 from trainer import gpus
 from trainer import main as trainer_main
+from trainer import precision
 from trainer import rendezvous
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,32 +166,49 @@ def json_address(env: dict) -> str:
 
 @pytest.mark.slow
 def test_one_run_per_workdir_and_a_killed_holder_is_taken_over(synthetic_dir, tmp_path):
-  """Two starts on one workdir both ran to the end, writing the same checkpoint names (a81954f)."""
+  """Two starts on one workdir both ran to the end, writing the same checkpoint names (a81954f). The run
+  then stopped by SIGTERM and killed with SIGKILL ends bit for bit as the first, which ran as a run alone
+  does: its every epoch the same images (the trainer's count and id digest), and the precision the run
+  chose at its start kept."""
   overrides = {"data_dir": synthetic_dir, "deterministic": True, "num_epochs": 2, "export": False,
                "steps_per_loop": 1, "log_every_steps": 1,
                "eval_every_epochs": 0, "summary_worst_images": 0, "tta": "none"}  # no evaluation work
   shared = str(tmp_path / "shared")
-  first = subprocess.Popen(trainer_main.command(SMOKE, shared, overrides), cwd=ROOT, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
+  first = chaos_resume.Segment(trainer_main.command(SMOKE, shared, overrides))
   lease = os.path.join(shared, "lease.json")
-  while not os.path.exists(lease) and first.poll() is None:
+  while not os.path.exists(lease) and first.procs[0].poll() is None:
     time.sleep(0.1)
-  first.send_signal(signal.SIGSTOP)  # it holds the lease while the second starts, however fast this machine
+  first.procs[0].send_signal(signal.SIGSTOP)  # it holds the lease while the second starts, however fast this is
   try:
     second = _run(*trainer_main.command(SMOKE, shared, overrides)[4:])
   finally:
-    first.send_signal(signal.SIGCONT)
-  assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    first.procs[0].send_signal(signal.SIGCONT)
+  assert first.wait() == [0], first.log(0)[-2000:]
   assert second.returncode == 1 and "Traceback" not in second.stderr
   assert second.stderr.strip().splitlines()[-1].startswith(
-      f"trainer: error: workdir {shared} is in use by another run: pid {first.pid} on ")
+      f"trainer: error: workdir {shared} is in use by another run: pid {first.procs[0].pid} on ")
   assert not os.path.exists(lease)  # let go at the end
-  # The first ran as a run alone does (the second was refused before it wrote anything): the reference.
+
   killed = str(tmp_path / "killed")
-  chaos_resume.run_until(trainer_main.command(SMOKE, killed, overrides), stop_at_step=5, sig=9)
+  command = trainer_main.command(SMOKE, killed, overrides)
+  stopped, = chaos_resume.run_until(command, stop_at_step=3, sig=signal.SIGTERM)
+  policy, why = precision.choose(precision.detect(on_cpu=True))  # deep.py: mixed_precision="auto"
+  assert f"training in {policy} (auto: {why})" in stopped
+  stopped_at = chaos_resume.latest_step(killed)
+  assert 3 <= stopped_at < 7
+  assert f"stopped by SIGTERM at step {stopped_at}; checkpoint" in stopped
+  assert "Run the same command to resume." in stopped
+  assert not os.path.exists(os.path.join(killed, "lease.json"))
+  dead, = chaos_resume.run_until(command, stop_at_step=stopped_at + 1, sig=signal.SIGKILL)
+  assert f"resumed from {killed}/checkpoints/ckpt-{stopped_at} at step {stopped_at}" in dead
+  assert f"training in {policy} (auto: as the run started (its config.json))" in dead
   assert os.path.exists(os.path.join(killed, "lease.json"))  # left by the dead holder
-  restarted = chaos_resume.run_until(trainer_main.command(SMOKE, killed, overrides))[0]
+  restarted, = chaos_resume.run_until(command)
   assert "took over the lease on" in restarted and "is gone" in restarted
+  assert chaos_resume.latest_step(killed) == 8
+  audits = chaos_resume.epoch_audits([first.log(0)])
+  assert sorted(audits) == [1, 2] and all(images == 128 for (images, _), in audits.values())
+  assert chaos_resume.epoch_audits([stopped, dead, restarted]) == audits
   assert chaos_resume.max_difference(os.path.join(shared, "checkpoints", "ckpt-8"),
                                      os.path.join(killed, "checkpoints", "ckpt-8")) == 0
 
