@@ -261,9 +261,9 @@ def test_workdir_another_worker_creates_meanwhile_is_accepted(tmp_path, monkeypa
   assert os.path.isdir(workdir)
 
 
-def test_non_finite_loss_keeps_the_last_good_checkpoint(synthetic_dir, tmp_path, monkeypatch):
+def test_non_finite_loss_keeps_the_last_good_checkpoint(synthetic_dir, finished_run, tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(_smoke(synthetic_dir, num_epochs=1, export=False), workdir)
+  shutil.copytree(finished_run, workdir)  # 1 epoch: 4 steps
   config = _smoke(synthetic_dir, num_epochs=2, export=False, steps_per_loop=4, log_every_steps=4)
   config.optimizer.learning_rate = 1e30  # a resume may not change it: let it, to blow up a run with a checkpoint
   monkeypatch.setattr(workdir_lib, "RESUME_MAY_CHANGE", workdir_lib.RESUME_MAY_CHANGE + ("optimizer.learning_rate",))
