@@ -119,6 +119,9 @@ def test_tta_views():
   np.testing.assert_allclose(averaged, expected, rtol=1e-6)
   np.testing.assert_allclose(plain, read(images))
   np.testing.assert_allclose(views.logits(model, images, "flip_translate"), expected, rtol=1e-6)
+  # Rows and columns at both borders: reads the first and last 3 pixels of the first and last rows.
+  read = lambda x: tf.reshape(tf.gather(tf.gather(x[..., 0], [0, 31], axis=1), [0, 1, 2, 29, 30, 31], axis=2), [-1, 12])
+  model = keras.Model(inputs, keras.layers.Lambda(read)(inputs))
   crop = lambda rows, columns: padded[:, 1 + rows:33 + rows, 1 + columns:33 + columns]  # moved by -rows, -columns
   expected = sum(0.2 * mirror(crop(*shift)) for shift in ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)))
   np.testing.assert_allclose(views.logits(model, images, "flip_translate4"), expected, rtol=1e-6)
@@ -126,7 +129,7 @@ def test_tta_views():
     views.logits(model, images, "sideways")
   # A replica's empty batch at the end of a split (tf.pad's REFLECT failed on it: found under SLURM).
   for name in views.VIEWS:
-    assert views.logits(model, images[:0], name).shape == (0, 3)
+    assert views.logits(model, images[:0], name).shape == (0, 12)
 
 
 def test_float16_overflow_on_one_replica_skips_the_step_on_every_replica():

@@ -27,7 +27,7 @@ def main(argv):
   try:
     print(_read(path)["status"])
   except (OSError, ValueError, KeyError, TypeError) as e:
-    print(f"run_status: error: {path}: no run status ({type(e).__name__})", file=sys.stderr)
+    print(f"run_status: error: {path}: no run status ({type(e.__cause__ or e).__name__})", file=sys.stderr)
     sys.exit(1)
 
 
