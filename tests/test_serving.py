@@ -4,6 +4,7 @@ ONNX conversions (tools/convert.py) and the tools that run them (tools/converted
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -253,6 +254,12 @@ def test_int8_without_data_and_output_a_directory_are_refused(run, tmp_path):
     convert.convert(export_dir, "litert", "int8")
   with pytest.raises(converted.ModelError, match=f"--output={tmp_path} is a directory"):
     convert.convert(export_dir, "litert", output=str(tmp_path))
+  # A name the tools would not read back as that format (they go by the suffix): refused before converting.
+  for to, name in (("litert", "model.litert"), ("onnx", "model.tflite")):
+    with pytest.raises(converted.ModelError, match=re.escape(
+        f"--output={tmp_path / name}: a --to={to} file must end in {convert.SUFFIX[to]}")):
+      convert.convert(export_dir, to, output=str(tmp_path / name))
+    assert not (tmp_path / name).exists()
   bad = tmp_path / "bad.tflite"
   bad.write_bytes(b"not a model")
   with pytest.raises(converted.ModelError, match="bad.tflite: not a LiteRT model"):

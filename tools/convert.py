@@ -163,6 +163,8 @@ def convert(model_dir: str, to: str, quantize: str = "none", output: str = "", d
     raise converted.ModelError("--quantize=int8 calibrates on train images: give --data_dir")
   if tf.io.gfile.isdir(output):
     raise converted.ModelError(f"--output={output} is a directory; give a file name")
+  if not output.lower().endswith(SUFFIX[to]):  # the tools tell a model's format by its suffix
+    raise converted.ModelError(f"--output={output}: a --to={to} file must end in {SUFFIX[to]}")
   saved = converted.SavedModel(model_dir)
   calibration = None
   if data_dir:
