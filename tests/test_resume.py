@@ -274,7 +274,8 @@ def test_sigterm_in_the_final_evaluation_stops_cleanly_and_resumes(synthetic_dir
   """A stop request after the last step (here in the final evaluation) exits 0 with the last checkpoint
   as it was and no export; the same command then evaluates and exports, with the same final metrics."""
   workdir = str(tmp_path / "run")
-  command = trainer_main.command(SMOKE, workdir, {"data_dir": synthetic_dir})
+  command = trainer_main.command(SMOKE, workdir, {"data_dir": synthetic_dir, "eval_every_epochs": 0,
+                                                  "summary_worst_images": 0})  # only the final evaluation
   segment = chaos_resume.Segment(command, on_line="final evaluation of the weights at step 8", sig=signal.SIGTERM)
   assert segment.wait() == [0], segment.log(0)[-3000:]
   log = segment.log(0)
