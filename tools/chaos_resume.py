@@ -45,6 +45,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import main as trainer_main
+from trainer import workdir as workdir_lib
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 600  # seconds one segment (every worker's process) may take
@@ -198,8 +199,8 @@ def rewind(workdir: str, step: int) -> None:
   directory = os.path.join(workdir, "checkpoints")
   kept = []
   paths = [index[:-len(".index")] for index in tf.io.gfile.glob(os.path.join(directory, "ckpt-*.index"))]
-  for path in sorted(paths, key=lambda path: int(path.rsplit("-", 1)[1])):
-    if int(path.rsplit("-", 1)[1]) > step:
+  for path in sorted(paths, key=workdir_lib.checkpoint_step):
+    if workdir_lib.checkpoint_step(path) > step:
       for name in tf.io.gfile.glob(path + ".*"):
         tf.io.gfile.remove(name)
     else:

@@ -2,11 +2,11 @@
 
 import tensorflow as tf
 
-VIEWS = ("none", "flip", "flip_translate", "flip_translate4")
 # (rows, columns) each view is shifted by, and its weight, before the mirror images are added
 SHIFTS = {"none": [((0, 0), 1.0)], "flip": [((0, 0), 1.0)],
           "flip_translate": [((0, 0), 0.5), ((-1, -1), 0.25), ((1, 1), 0.25)],
           "flip_translate4": [((0, 0), 0.2), ((-1, 0), 0.2), ((1, 0), 0.2), ((0, -1), 0.2), ((0, 1), 0.2)]}
+VIEWS = tuple(SHIFTS)
 
 
 def logits(model, images: tf.Tensor, views: str, with_plain: bool = False):
