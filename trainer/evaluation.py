@@ -37,7 +37,8 @@ class Evaluator:
     key = (id(model), views, worst)
     if key not in self._traced:
       step = lambda batch: self._step(model, batch, views, worst)
-      self._traced[key] = tf.function(lambda batch: self.strategy.run(step, args=(batch,)), reduce_retracing=True)
+      self._traced[key] = tf.function(lambda batch: self.strategy.run(step, args=(batch,)), reduce_retracing=True,
+                                      autograph=False)
     traced = self._traced[key]
     self._sums.reset()
     candidates = []
@@ -114,7 +115,7 @@ def bn_statistics(strategy, model: keras.Model, dataset) -> int:
     moments = [tf.nn.moments(tf.cast(x, tf.float32), axes=list(range(len(x.shape) - 1))) for x in outputs]
     return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.MEAN, moments)
 
-  traced = tf.function(lambda batch: strategy.run(step_fn, args=(batch,)))
+  traced = tf.function(lambda batch: strategy.run(step_fn, args=(batch,)), autograph=False)
   totals, count = None, 0
   for batch in dataset:
     moments = [tuple(strategy.experimental_local_results(m)[0].numpy() for m in pair) for pair in traced(batch)]

@@ -85,11 +85,11 @@ class Serving(tf.Module):
     self._shape = tuple(model.inputs[0].shape[1:])
     self.class_names = tf.Variable(list(class_names), trainable=False, name="class_names")
     self.normalization = tf.Variable([self._mean, self._std], trainable=False, name="normalization")
-    self.serve_images = tf.function(self._predict, input_signature=[
+    self.serve_images = tf.function(self._predict, autograph=False, input_signature=[
         tf.TensorSpec([None, *self._shape], tf.uint8, name="images")])
-    self.serve_bytes = tf.function(self._predict_bytes, input_signature=[
+    self.serve_bytes = tf.function(self._predict_bytes, autograph=False, input_signature=[
         tf.TensorSpec([None], tf.string, name="image_bytes")])
-    self.serve_examples = tf.function(self._predict_examples, input_signature=[
+    self.serve_examples = tf.function(self._predict_examples, autograph=False, input_signature=[
         tf.TensorSpec([None], tf.string, name="examples")])
 
   def _predict(self, images):  # the other signatures call its traced function: the model is traced once

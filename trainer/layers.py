@@ -52,13 +52,13 @@ def _normal_cdf(x):
   return 0.5 * (1.0 + tf.math.erf(x * _SQRT_HALF))
 
 
-@tf.function(jit_compile=True)
+@tf.function(jit_compile=True, autograph=False)
 def _gelu_forward(x):
   x32 = tf.cast(x, tf.float32)
   return tf.cast(x32 * _normal_cdf(x32), x.dtype)
 
 
-@tf.function(jit_compile=True)
+@tf.function(jit_compile=True, autograph=False)
 def _gelu_backward(x, dy):
   x32 = tf.cast(x, tf.float32)
   pdf = tf.exp(-0.5 * x32 * x32) * _INV_SQRT_2PI
