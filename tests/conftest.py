@@ -38,10 +38,11 @@ def png_dir(tmp_path_factory):
   return out
 
 
-# The longest files first, so that under pytest-xdist (a file per process at a time) no long one starts last.
-LONGEST_FIRST = ("test_multiworker.py", "test_resume.py", "test_slurm.py", "test_trainer.py", "test_gcs.py",
-                 "test_tools.py", "test_faults.py", "test_make_tfrecords.py", "test_elastic.py", "test_steps.py",
-                 "test_startup.py", "test_serving.py", "test_pipeline.py")
+# The longest files first, so that under pytest-xdist (a file per process at a time) no long one starts last;
+# the SLURM tests, which mostly wait on the cluster, first of all, so others' work fills their waits.
+LONGEST_FIRST = ("test_slurm.py", "test_multiworker.py", "test_trainer.py", "test_tools.py", "test_elastic.py",
+                 "test_gcs.py", "test_steps.py", "test_startup.py", "test_resume.py", "test_make_tfrecords.py",
+                 "test_faults.py", "test_serving.py", "test_pipeline.py")
 
 
 def pytest_collection_modifyitems(config, items):
