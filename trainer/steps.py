@@ -5,7 +5,7 @@ Step functions are pure tf.functions run per replica by `strategy.run`; `num_ste
 tf.function call and Python runs between calls (trainer/loop.py decides when). The loss is averaged over
 the global batch. The trainer's tf.functions (here, trainer/evaluation.py, trainer/export.py) are traced
 with autograph=False: their control flow is written as tf.cond and tf.while_loop, and AutoGraph's source
-conversion was a sixth of a short run's CPU (BUILD.md).
+conversion was a sixth of a short run's CPU (docs/results.md).
 """
 
 import dataclasses
