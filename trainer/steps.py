@@ -235,6 +235,7 @@ class Learner:
       return i + 1, tf.math.is_finite(self._sums.total("loss"))
 
     # Stops after the step whose loss went wrong; Python reports it.
-    tf.while_loop(lambda i, finite: finite & (i < num_steps), one_step, (tf.constant(0), tf.constant(True)))
+    tf.while_loop(lambda i, finite: finite & (i < num_steps), one_step,
+                  (tf.zeros([], num_steps.dtype), tf.constant(True)))
     if self.strategy.num_replicas_in_sync > 1:
       self.strategy.run(self._sync_statistics)
