@@ -13,6 +13,7 @@ from configs import deep
 from pipeline import augment
 from pipeline import fileio
 from pipeline import manifest as manifest_lib
+from tests import trainer_overrides
 from tools import chaos_resume
 from trainer import data
 from trainer import main as trainer_main
@@ -158,7 +159,7 @@ def test_a_run_resumed_on_one_replica_then_two_ends_close_to_the_uninterrupted_r
   (one device's batch statistics and gradients against two devices' all-reduced). Measured: BUILD.md."""
   overrides = {"data_dir": synthetic_dir, "deterministic": True, "mixed_precision": "float32",
                "model.sync_bn": True, "export": False, "num_epochs": 2, "steps_per_loop": 1, "log_every_steps": 1,
-               "eval_every_epochs": 0, "summary_worst_images": 0, "tta": "none"}  # no evaluation work
+               **trainer_overrides.LEAN}
   on = lambda workdir, replicas: trainer_main.command(SMOKE, workdir, dict(overrides, logical_cpus=replicas))
   reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
   reference_logs = chaos_resume.run_until(on(reference, 2))

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from tests import trainer_overrides
 from tools import chaos_resume
 from tools import make_tfrecords
 from trainer import main as trainer_main
@@ -17,16 +18,7 @@ pytestmark = pytest.mark.slow  # worker processes on loopback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "configs/deep.py:smoke"
-# Same per-replica batches and seeds on both layouts (test_pipeline checks that bit for bit); only the
-# all-reduce differs (a ring across processes vs reduction on one device), i.e. float32 summation order.
-# Training amplifies those ~1e-7 differences: at the smoke config's learning rate of 0.4 they reached
-# ~3e-2 by step 8; at 0.05 with random flips they stay ~1e-7, but with alternating flips they still grew
-# to 1.1e-5 at step 4 and 1.5e-3 at step 8 (measured 2026-11-22). Hence the gentle rate and random flips.
-EXACT = {"deterministic": True, "mixed_precision": "float32", "model.sync_bn": True, "export": False,
-         "augment.flip": "random", "optimizer.learning_rate": 0.05}
-# What these runs are not about (evaluation between epochs, its figures, test-time views): ~3 s of a
-# worker's start-up and end left out.
-LEAN = {"eval_every_epochs": 0, "summary_worst_images": 0, "tta": "none"}
+EXACT = dict(trainer_overrides.EXACT, **trainer_overrides.LEAN, export=False)  # bit for bit as far as the layouts allow
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +32,9 @@ def three_shards(tmp_path_factory):
 def test_two_workers_train_like_one_process_with_two_replicas(synthetic_dir, tmp_path):
   """(Under TF_CONFIG as Vertex AI writes it, a chief and a worker: the kill test below.)"""
   two = str(tmp_path / "two_workers")
-  chaos_resume.run_until(trainer_main.command(SMOKE, two, dict(EXACT, **LEAN, data_dir=synthetic_dir)), workers=2)
+  chaos_resume.run_until(trainer_main.command(SMOKE, two, dict(EXACT, data_dir=synthetic_dir)), workers=2)
   one = str(tmp_path / "one_process")
-  chaos_resume.run_until(trainer_main.command(SMOKE, one, dict(EXACT, **LEAN, data_dir=synthetic_dir, logical_cpus=2)))
+  chaos_resume.run_until(trainer_main.command(SMOKE, one, dict(EXACT, data_dir=synthetic_dir, logical_cpus=2)))
   assert chaos_resume.max_difference(os.path.join(two, "checkpoints", "ckpt-8"),
                                      os.path.join(one, "checkpoints", "ckpt-8")) <= 1e-5
   assert os.path.exists(os.path.join(two, "run.json"))  # the chief's
@@ -88,10 +80,9 @@ def test_two_workers_killed_and_replaced_resume_bit_for_bit(three_shards, tmp_pa
   must stop its loops there) and re-estimates BatchNorm statistics over the whole train split (no worker
   may run short of images)."""
   overrides = {"data_dir": three_shards, "deterministic": True, "export": False, "checkpoint_every_steps": 1,
-               "log_every_steps": 1, "steps_per_loop": 1, "input.probe_batches": 0, "eval_every_epochs": 0,
+               "log_every_steps": 1, "steps_per_loop": 1, "input.probe_batches": 0, **trainer_overrides.LEAN,
                "input.cache_in_memory": False, "profile_steps": "(2, 4)", "bn_statistics_images": 600,
-               "num_epochs": 2, "steps_per_epoch": 0, "global_batch_size": 60,  # 10 steps per epoch
-               "summary_worst_images": 0, "tta": "none"}
+               "num_epochs": 2, "steps_per_epoch": 0, "global_batch_size": 60}  # 10 steps per epoch
   kills = [(2, 1, signal.SIGTERM, False), (5, 1, signal.SIGKILL, True)]
   report = chaos_resume.run(SMOKE, overrides, 20, kills, workers=2, root=str(tmp_path), atol=0.0, vertex=True)
   assert report.identical == 2, capsys.readouterr().out

@@ -15,6 +15,7 @@ from configs import vgg_small
 from pipeline import fileio
 from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
+from tests import trainer_overrides
 from tools import chaos_resume
 from tools import make_tfrecords
 from trainer import data
@@ -246,7 +247,7 @@ def test_sigterm_then_resume_ends_with_the_same_weights(synthetic_dir, tmp_path,
   images as the uninterrupted run (the trainer's per-epoch image count and id digest)."""
   overrides = {"data_dir": synthetic_dir, "deterministic": deterministic, "export": False, "steps_per_loop": 1,
                "log_every_steps": 1, "logical_cpus": replicas if replicas > 1 else 0,
-               "eval_every_epochs": 0, "summary_worst_images": 0, "tta": "none"}  # no evaluation work
+               **trainer_overrides.LEAN}
   reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
   reference_logs = chaos_resume.run_until(trainer_main.command(SMOKE, reference, overrides))
   log, = chaos_resume.run_until(trainer_main.command(SMOKE, resumed, overrides), 3, signal.SIGTERM)

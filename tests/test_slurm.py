@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from tests import trainer_overrides
 from tests import slurm_cluster
 from tools import chaos_resume
 from trainer import main as trainer_main
@@ -20,10 +21,8 @@ from trainer import main as trainer_main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "deploy", "slurm", "train.sbatch")
 SMOKE = "configs/deep.py:smoke"
-# Bit for bit across layouts and restarts (tests/test_multiworker.py says why these values).
-EXACT = {"deterministic": True, "mixed_precision": "float32", "model.sync_bn": True, "augment.flip": "random",
-         "optimizer.learning_rate": 0.05, "checkpoint_every_steps": 1, "steps_per_loop": 1, "log_every_steps": 1,
-         "eval_steps": 1, "eval_every_epochs": 0, "summary_worst_images": 0, "tta": "none"}  # no evaluation work
+EXACT = dict(trainer_overrides.EXACT, **trainer_overrides.LEAN, checkpoint_every_steps=1, steps_per_loop=1,
+             log_every_steps=1, eval_steps=1)
 TIMEOUT = 300  # seconds a job may take, requeues included
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tests import trainer_overrides
 from tools import chaos_resume
 from trainer import cluster as cluster_lib
 from trainer import gpus
@@ -172,7 +173,7 @@ def test_one_run_per_workdir_and_a_killed_holder_is_taken_over(synthetic_dir, tm
   chose at its start kept."""
   overrides = {"data_dir": synthetic_dir, "deterministic": True, "num_epochs": 2, "export": False,
                "steps_per_loop": 1, "log_every_steps": 1,
-               "eval_every_epochs": 0, "summary_worst_images": 0, "tta": "none"}  # no evaluation work
+               **trainer_overrides.LEAN}
   shared = str(tmp_path / "shared")
   first = chaos_resume.Segment(trainer_main.command(SMOKE, shared, overrides))
   lease = os.path.join(shared, "lease.json")
