@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from tests import trainer_overrides
 from tests import slurm_cluster
+from tests import trainer_overrides
 from tools import chaos_resume
 from trainer import main as trainer_main
 

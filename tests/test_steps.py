@@ -49,6 +49,23 @@ def test_one_step_on_two_replicas_equals_one_replica(module, clip_norm):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_the_loop_runs_a_step_count_of_either_integer_type():
+  """One traced loop per dtype of `num_steps`; its own step counter takes that dtype (an int64 count failed
+  to trace against an int32 counter)."""
+  config = deep.get_config("smoke")
+  config.mixed_precision = "float32"
+  strategy = distribute.make_strategy(config)
+  state = steps.make_state(config, strategy, steps_per_epoch=10)
+  rng = np.random.default_rng(2)
+  batch = {"images": tf.constant(rng.normal(size=(32, 32, 32, 3)), tf.float32),
+           "labels": tf.constant(rng.integers(0, 10, 32), tf.int64)}
+  iterator = iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch).repeat()))
+  loop = steps.Learner(config, strategy, state)._function(0)
+  for dtype in (tf.int32, tf.int64):
+    loop(iterator, tf.constant(2, dtype))
+  assert int(state.step.numpy()) == 4
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("module", [default, deep], ids=["resnet", "airbench"])
 @pytest.mark.parametrize("knob", ["jit_compile", "keras_layers"])
