@@ -44,24 +44,29 @@ from tools import sources
 
 FLAGS = flags.FLAGS
 
-def define_flags():
-  """Command-line flags; defined only when run as a program, so modules import side by side."""
-  flags.DEFINE_string("source", "tfds", "tfds | synthetic | path to an official archive, image folder or tar.")
-  flags.DEFINE_string("output_dir", None, "Where shards and manifest.json go (local or gs://).")
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
+  """Command-line flags; defined only when run as a program, so modules import side by side (and a test may
+  define them on a FlagValues of its own)."""
+  on = {"flag_values": flag_values}
+  flags.DEFINE_string("source", "tfds", "tfds | synthetic | path to an official archive, image folder or tar.", **on)
+  flags.DEFINE_string("output_dir", None, "Where shards and manifest.json go (local or gs://).", **on)
   flags.DEFINE_integer("num_shards", 16, "Shards for train; validation and test get proportionally fewer, "
-                       "no split more than its images.",
-                       lower_bound=1)
-  flags.DEFINE_integer("val_size", 5000, "Validation images carved out of train, stratified by class; 0 = none.")
-  flags.DEFINE_integer("seed", 0, "Seed of the validation split and of the shard order.", lower_bound=0)
-  flags.DEFINE_enum("encoding", "raw", ["raw", "png"], "raw: 3072 uint8 bytes per image (fastest); png: smaller.")
-  flags.DEFINE_bool("verify", False, "Re-read --output_dir and check it against its manifest; write nothing.")
-  flags.DEFINE_integer("synthetic_train_size", 50000, "Images in the synthetic train split.", lower_bound=1)
-  flags.DEFINE_integer("synthetic_test_size", 10000, "Images in the synthetic test split.", lower_bound=1)
-  flags.DEFINE_integer("workers", 0, "Parallel shard writers; 0 = one per CPU core.", lower_bound=0)
+                       "no split more than its images.", lower_bound=1, **on)
+  flags.DEFINE_integer("val_size", 5000, "Validation images carved out of train, stratified by class; 0 = none.",
+                       **on)
+  flags.DEFINE_integer("seed", 0, "Seed of the validation split and of the shard order.", lower_bound=0, **on)
+  flags.DEFINE_enum("encoding", "raw", ["raw", "png"], "raw: 3072 uint8 bytes per image (fastest); png: smaller.",
+                    **on)
+  flags.DEFINE_bool("verify", False, "Re-read --output_dir and check it against its manifest; write nothing.", **on)
+  flags.DEFINE_integer("synthetic_train_size", 50000, "Images in the synthetic train split.", lower_bound=1, **on)
+  flags.DEFINE_integer("synthetic_test_size", 10000, "Images in the synthetic test split.", lower_bound=1, **on)
+  flags.DEFINE_integer("workers", 0, "Parallel shard writers; 0 = one per CPU core.", lower_bound=0, **on)
   flags.DEFINE_list("image_size", [], "H or H,W: fit every image of a folder or tar to this size (pixels); "
-                    "unset: all images must share one size.")
-  flags.DEFINE_string("dataset", "cifar10", "With --source=tfds: the tensorflow-datasets name (cifar10, cifar100, ...).")
-  flags.DEFINE_enum("label", "fine", list(sources.LABELS), "CIFAR-100's labels: fine (100 classes) or coarse (20).")
+                    "unset: all images must share one size.", **on)
+  flags.DEFINE_string("dataset", "cifar10", "With --source=tfds: the tensorflow-datasets name (cifar10, cifar100, "
+                      "...).", **on)
+  flags.DEFINE_enum("label", "fine", list(sources.LABELS), "CIFAR-100's labels: fine (100 classes) or coarse (20).",
+                    **on)
 
 
 class VerifyError(ValueError):
