@@ -20,14 +20,16 @@ from tools import converted
 
 FLAGS = flags.FLAGS
 
-def define_flags():
-  """Command-line flags; defined only when run as a program, so modules import side by side."""
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
+  """Command-line flags; defined only when run as a program, so modules import side by side (and a test may
+  define them on a FlagValues of its own)."""
+  on = {"flag_values": flag_values}
   flags.DEFINE_string("model", None, "Export directory (a SavedModel), or a .tflite / .onnx file from "
-                      "tools.convert; local or gs://.")
-  flags.DEFINE_string("data_dir", None, "Directory written by make_tfrecords.")
-  flags.DEFINE_string("split", "test", "train | validation | test")
-  flags.DEFINE_integer("batch_size", 1000, "Images per call of the serving signature.", lower_bound=1)
-  flags.mark_flags_as_required(["model", "data_dir"])
+                      "tools.convert; local or gs://.", **on)
+  flags.DEFINE_string("data_dir", None, "Directory written by make_tfrecords.", **on)
+  flags.DEFINE_string("split", "test", "train | validation | test", **on)
+  flags.DEFINE_integer("batch_size", 1000, "Images per call of the serving signature.", lower_bound=1, **on)
+  flags.mark_flags_as_required(["model", "data_dir"], **on)
 
 
 def check_fits(model: converted.Classifier, model_path: str, data_dir: str) -> None:

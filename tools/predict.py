@@ -52,18 +52,20 @@ BATCH_SIZE = 64  # files read and classified at a time: memory grows with it, no
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
 
 
-def define_flags():
-  """Command-line flags; defined only when run as a program, so modules import side by side."""
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
+  """Command-line flags; defined only when run as a program, so modules import side by side (and a test may
+  define them on a FlagValues of its own)."""
+  on = {"flag_values": flag_values}
   flags.DEFINE_string("model", None, "Export directory (a SavedModel), or a .tflite / .onnx file from "
-                      "tools.convert; local or gs://.")
-  flags.DEFINE_integer("top_k", 1, "Classes printed per image, most probable first.", lower_bound=1)
-  flags.DEFINE_integer("batch_size", BATCH_SIZE, "Files read and classified at a time.", lower_bound=1)
+                      "tools.convert; local or gs://.", **on)
+  flags.DEFINE_integer("top_k", 1, "Classes printed per image, most probable first.", lower_bound=1, **on)
+  flags.DEFINE_integer("batch_size", BATCH_SIZE, "Files read and classified at a time.", lower_bound=1, **on)
   flags.DEFINE_string("output", None, "A .csv or .jsonl file (local or gs://) to write the predictions to "
-                      "instead of printing them; it appears once complete.")
-  flags.DEFINE_string("json", None, "A TF Serving REST request body (file, gs:// or - for stdin) to answer.")
+                      "instead of printing them; it appears once complete.", **on)
+  flags.DEFINE_string("json", None, "A TF Serving REST request body (file, gs:// or - for stdin) to answer.", **on)
   flags.register_validator("output", lambda path: path is None or path.lower().endswith(OUTPUT_SUFFIXES),
-                           message="not a .csv or .jsonl file")
-  flags.mark_flags_as_required(["model"])
+                           message="not a .csv or .jsonl file", **on)
+  flags.mark_flags_as_required(["model"], **on)
 
 
 class InputError(ValueError):
