@@ -185,17 +185,18 @@ def test_predict_tool(trained, tmp_path):
     np.testing.assert_allclose([q for _, q in top], np.sort(row)[::-1][:3], atol=1e-6)
 
 
-@pytest.mark.parametrize("tool,flag,expected", [
-    ("tools.evaluate", "--batch_size=0", "flag --batch_size=0: 0 is not a positive integer"),  # was a traceback
-    ("tools.predict", "--top_k=0", "flag --top_k=0: 0 is not a positive integer"),  # printed no class at all
-])
-def test_tool_flags_out_of_range_are_named(tool, flag, expected):
+@pytest.mark.parametrize("tool,args,expected", [
+    (evaluate_tool, ["--data_dir=data", "--batch_size=0"],
+     "flag --batch_size=0: 0 is not a positive integer"),  # was a traceback
+    (predict_tool, ["--top_k=0"], "flag --top_k=0: 0 is not a positive integer"),  # printed no class at all
+], ids=["evaluate", "predict"])
+def test_tool_flags_out_of_range_are_named(tool, args, expected):
   """The tool's flags parsed as its program parses them (absl prints the error and exits 1), on a FlagValues of
   their own in this process."""
   values = flags.FlagValues()
-  {"tools.evaluate": evaluate_tool, "tools.predict": predict_tool}[tool].define_flags(values)
+  tool.define_flags(values)
   with pytest.raises(flags.IllegalFlagValueError, match=f"^{re.escape(expected)}$"):
-    values([tool, "--model=export", "--data_dir=data", flag])
+    values(["tool", "--model=export", *args])
 
 
 @pytest.mark.slow
