@@ -306,6 +306,7 @@ def test_config_arguments_are_parsed_as_absl_parses_them():
           "--workdir", "/tmp/x"]
   assert trainer_main.config_arguments(argv) == (SMOKE, {"seed": 3, "profile_steps": (2, 4)})
   assert trainer_main.config_arguments([f"--config={SMOKE}"]) == (SMOKE, {})
+  assert trainer_main.config_arguments(["--kills=3", "--config.seed=2"], SMOKE) == (SMOKE, {"seed": 2})
 
 
 PEER_LOST = ("The following tasks are unhealthy (stopped sending heartbeats):\n/job:worker/replica:0/task:1\n"

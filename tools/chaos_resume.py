@@ -1,7 +1,7 @@
 r"""Kills a training run at random steps and checks that every resume continues exactly.
 
-  python -m tools.chaos_resume --config=configs/deep.py:smoke --kills=10
-  python -m tools.chaos_resume --config=configs/deep.py:smoke --workers=2 --kills=10
+  python -m tools.chaos_resume --kills=10    # configs/deep.py:smoke unless --config says otherwise
+  python -m tools.chaos_resume --config=configs/deeper.py:smoke --workers=2 --kills=10
 
 First trains the config once without interruption, keeping a checkpoint at every step (the reference).
 Then trains it again in another workdir, stopping it at `--kills` random steps and restarting it with the
@@ -48,12 +48,14 @@ from trainer import main as trainer_main
 from trainer import workdir as workdir_lib
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "deep.py") + ":smoke"  # the main config, a run in seconds
 TIMEOUT = 600  # seconds one segment (every worker's process) may take
 
 
 def define_flags():
   """Command-line flags; defined only when run as a program, so modules import side by side."""
-  config_flags.DEFINE_config_file("config", None, "A training config, e.g. configs/deep.py:smoke.")
+  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "A training config with a steps_per_epoch (the "
+                                  ":smoke variants); configs/deep.py:smoke if unset.")
   flags.DEFINE_integer("kills", 10, "Times to stop the run at a random step.", lower_bound=1)
   flags.DEFINE_integer("workers", 1, "Trainer processes: 1 = one process as configured; N > 1 = N workers "
                        "on 127.0.0.1 under MultiWorkerMirroredStrategy.", lower_bound=1)
@@ -63,7 +65,6 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "Where the runs go; a temporary directory if unset.")
   flags.DEFINE_bool("deterministic", True, "True: deterministic runs, checked bit for bit at every resume; "
                     "False: the trainer's default mode, checked for each epoch's images (see the docstring).")
-  flags.mark_flags_as_required(["config"])
 
 
 def free_ports(n: int) -> list[int]:
@@ -232,7 +233,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = FLAGS.config
-  config_arg, user_overrides = trainer_main.config_arguments(sys.argv[1:])
+  config_arg, user_overrides = trainer_main.config_arguments(sys.argv[1:], DEFAULT_CONFIG)
   root = FLAGS.workdir or tempfile.mkdtemp(prefix="chaos_resume_")
   overrides = {"deterministic": FLAGS.deterministic, "export": False, "checkpoint_every_steps": 1,
                "log_every_steps": 1, "steps_per_loop": 1}

@@ -28,12 +28,12 @@ def command(config_arg: str, workdir: str, overrides: dict) -> list[str]:
           + [f"--config.{k}={v}" for k, v in overrides.items()])
 
 
-def config_arguments(argv: list[str]) -> tuple[str, dict]:
-  """From a tool's own command line: the `--config` value and its `--config.KEY` overrides (typed), to
-  pass on to `command`. Parsed as absl parses them (`--config X`, `--config=X`, `--config.seed 3` alike);
-  the tool's other flags are left alone."""
+def config_arguments(argv: list[str], default: str | None = None) -> tuple[str, dict]:
+  """From a tool's own command line: the `--config` value (`default` when there is none) and its
+  `--config.KEY` overrides (typed), to pass on to `command`. Parsed as absl parses them (`--config X`,
+  `--config=X`, `--config.seed 3` alike); the tool's other flags are left alone."""
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=["tool", *argv])
+  config_flags.DEFINE_config_file("config", default, "", flag_values=values, sys_argv=["tool", *argv])
   values(["tool", *argv], known_only=True)
   return config_flags.get_config_filename(values["config"]), dict(config_flags.get_override_values(values["config"]))
 
