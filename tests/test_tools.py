@@ -61,8 +61,11 @@ def test_doctor_fails_a_step_that_diverges():
 
 
 @pytest.mark.slow
-def test_benchmark_step_prints_mfu_fit_and_replica_ratios(synthetic_dir):
-  result = _tool("tools.benchmark_step", SMOKE, f"--config.data_dir={synthetic_dir}", "--steps=1", "--windows=1")
+def test_benchmark_step_prints_mfu_fit_replica_ratios_kernels_layers_and_ops(synthetic_dir):
+  """Every part of the tool in one run (each run pays TensorFlow's start-up, the peak probe and the step's
+  tracing again)."""
+  result = _tool("tools.benchmark_step", SMOKE, f"--config.data_dir={synthetic_dir}", "--steps=1", "--windows=1",
+                 "--kernels", "--layers", "--ops")
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
   flops = float(re.search(r"train step: ([\d.]+) GFLOP per image \(forward ([\d.]+)", out).group(1))
@@ -72,6 +75,22 @@ def test_benchmark_step_prints_mfu_fit_and_replica_ratios(synthetic_dir):
   assert re.search(r"^peak probe \(the faster of the two\) +median +[\d,.]+ +min +[\d,.]+ +max +[\d,.]+ GFLOP/s$", out, re.M), out
   for name in ("MFU", "custom loop / fit", "2 / 1 replicas"):
     assert float(re.search(rf"^{re.escape(name)}: ([\d.]+)$", out, re.M).group(1)) > 0, out
+  lines = out.strip().splitlines()
+  assert sum(l.startswith("train step, ") for l in lines) == 2
+  assert any(re.fullmatch(r"fast / keras: \d+\.\d\d", l) for l in lines)
+  layers = {l.split()[0] for l in lines[lines.index(next(l for l in lines if l.startswith("layer "))) + 1:]
+            if re.match(r"\w+ +[\dx]+ +[\d.]+ +[\d.]+$", l)}
+  assert {"whiten", "group0_conv0", "group0_bn0", "logits"} <= layers, lines
+  # The op profile of the real step: smoke's 15x15 group takes oneDNN's kernel gradient, its 7x7 group the
+  # shifted matmuls (layers.Conv2D).
+  assert re.match(r"op profile: [\d.]+ s of ops summed over threads in [\d.]+ s of wall time, 32 images",
+                  next(l for l in lines if l.startswith("op profile:")))
+  shares = {l.rsplit(None, 2)[0]: float(l.rsplit(None, 1)[1].rstrip("%")) for l in lines
+            if re.match(r".+ +[\d.]+ +[\d.]+%$", l)}
+  # (The backward matmuls of the 7x7 group are listed too, but at ~1.4%, near the 0.5% cut under load.)
+  assert {"Conv2DBackpropFilter", "group0_conv0 backward", "group1_conv0 backward", "group1_conv0 forward",
+          "optimizer", "gelu (XLA)"} <= set(shares), lines
+  assert all(0 <= share <= 100 for share in shares.values())
 
 
 def test_training_flops_count_each_dense_product_three_times_per_image(synthetic_dir):
@@ -225,32 +244,6 @@ def test_benchmark_accuracy_tool_resumes_in_its_workdir(synthetic_dir, tmp_path)
   with open(tmp_path / "run0.log") as f:
     log = f.read()
   assert "benchmark_accuracy: starting run 0" in log and "benchmark_accuracy: resuming run 0" in log
-
-
-@pytest.mark.slow
-def test_benchmark_step_tool_compares_kernels_and_profiles_layers_and_ops(synthetic_dir):
-  result = subprocess.run(
-      [sys.executable, "-m", "tools.benchmark_step", "--config=configs/deep.py:smoke",
-       f"--config.data_dir={synthetic_dir}", "--windows=1", "--steps=1", "--nofit", "--noreplicas", "--kernels",
-       "--layers", "--ops"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-2000:]
-  lines = result.stdout.strip().splitlines()
-  assert sum(l.startswith("train step, ") for l in lines) == 2
-  assert any(re.fullmatch(r"fast / keras: \d+\.\d\d", l) for l in lines)
-  layers = {l.split()[0] for l in lines[lines.index(next(l for l in lines if l.startswith("layer "))) + 1:]
-            if re.match(r"\w+ +[\dx]+ +[\d.]+ +[\d.]+$", l)}
-  assert {"whiten", "group0_conv0", "group0_bn0", "logits"} <= layers, lines
-  # The op profile of the real step: smoke's 15x15 group takes oneDNN's kernel gradient, its 7x7 group the
-  # shifted matmuls (layers.Conv2D).
-  assert re.match(r"op profile: [\d.]+ s of ops summed over threads in [\d.]+ s of wall time, 32 images",
-                  next(l for l in lines if l.startswith("op profile:")))
-  shares = {l.rsplit(None, 2)[0]: float(l.rsplit(None, 1)[1].rstrip("%")) for l in lines
-            if re.match(r".+ +[\d.]+ +[\d.]+%$", l)}
-  # (The backward matmuls of the 7x7 group are listed too, but at ~1.4%, near the 0.5% cut under load.)
-  assert {"Conv2DBackpropFilter", "group0_conv0 backward", "group1_conv0 backward", "group1_conv0 forward",
-          "optimizer", "gelu (XLA)"} <= set(shares), lines
-  assert all(0 <= share <= 100 for share in shares.values())
-  assert not any(l.startswith(("custom loop / fit", "2 / 1 replicas")) for l in lines)
 
 
 @pytest.mark.slow
