@@ -87,9 +87,10 @@ def test_benchmark_step_prints_mfu_fit_replica_ratios_kernels_layers_and_ops(syn
                   next(l for l in lines if l.startswith("op profile:")))
   shares = {l.rsplit(None, 2)[0]: float(l.rsplit(None, 1)[1].rstrip("%")) for l in lines
             if re.match(r".+ +[\d.]+ +[\d.]+%$", l)}
-  # (The backward matmuls of the 7x7 group are listed too, but at ~1.4%, near the 0.5% cut under load.)
-  assert {"Conv2DBackpropFilter", "group0_conv0 backward", "group1_conv0 backward", "group1_conv0 forward",
-          "optimizer", "gelu (XLA)"} <= set(shares), lines
+  # Only entries of 5% and more alone: a one-step profile is ~0.02 s of ops, and under load smaller ones fell
+  # under the tool's 0.5% cut (the 7x7 group's backward matmuls at ~1.1%, its forward conv at ~1.9%).
+  assert {"Conv2DBackpropFilter", "group0_conv0 backward", "group1_conv0 backward", "optimizer",
+          "gelu (XLA)"} <= set(shares), lines
   assert all(0 <= share <= 100 for share in shares.values())
 
 
