@@ -9,7 +9,6 @@ import struct
 import subprocess
 import sys
 
-from absl import flags
 import keras
 import numpy as np
 import pytest
@@ -174,13 +173,6 @@ def test_predict_command_refuses_an_image_above_the_pixel_limit_and_goes_on(expo
   assert "Traceback" not in result.stderr
   with pytest.raises(predict_tool.InputError, match="16000x16000 pixels, more than the limit"):
     predict_tool.predict(export, [good[0], str(big)])
-
-
-def test_predict_batch_size_below_one_is_refused():
-  values = flags.FlagValues()  # the program's flags, parsed as it parses them, in this process
-  predict_tool.define_flags(values)
-  with pytest.raises(flags.IllegalFlagValueError, match="^flag --batch_size=0: 0 is not a positive integer$"):
-    values(["predict", "--model=export", "--batch_size=0"])
 
 
 def test_predict_output_files_are_written_whole(export, tmp_path):

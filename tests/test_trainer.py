@@ -189,7 +189,8 @@ def test_predict_tool(trained, tmp_path):
     (evaluate_tool, ["--data_dir=data", "--batch_size=0"],
      "flag --batch_size=0: 0 is not a positive integer"),  # was a traceback
     (predict_tool, ["--top_k=0"], "flag --top_k=0: 0 is not a positive integer"),  # printed no class at all
-], ids=["evaluate", "predict"])
+    (predict_tool, ["--batch_size=0"], "flag --batch_size=0: 0 is not a positive integer"),
+], ids=["evaluate", "predict-top_k", "predict-batch_size"])
 def test_tool_flags_out_of_range_are_named(tool, args, expected):
   """The tool's flags parsed as its program parses them (absl prints the error and exits 1), on a FlagValues of
   their own in this process."""
