@@ -18,7 +18,6 @@ pytestmark = pytest.mark.slow  # worker processes on loopback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "configs/deep.py:smoke"
-EXACT = dict(trainer_overrides.EXACT, **trainer_overrides.LEAN, export=False)  # bit for bit as far as the layouts allow
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +26,6 @@ def three_shards(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("three_shards"))
   make_tfrecords.make("synthetic", out, num_shards=3, val_size=200, synthetic_sizes=(800, 200))
   return out
-
-
-def test_two_workers_train_like_one_process_with_two_replicas(synthetic_dir, tmp_path):
-  """(Under TF_CONFIG as Vertex AI writes it, a chief and a worker: the kill test below.)"""
-  two = str(tmp_path / "two_workers")
-  chaos_resume.run_until(trainer_main.command(SMOKE, two, dict(EXACT, data_dir=synthetic_dir)), workers=2)
-  one = str(tmp_path / "one_process")
-  chaos_resume.run_until(trainer_main.command(SMOKE, one, dict(EXACT, data_dir=synthetic_dir, logical_cpus=2)))
-  assert chaos_resume.max_difference(os.path.join(two, "checkpoints", "ckpt-8"),
-                                     os.path.join(one, "checkpoints", "ckpt-8")) <= 1e-5
-  assert os.path.exists(os.path.join(two, "run.json"))  # the chief's
 
 
 REFUSING = """

@@ -1,7 +1,8 @@
 """The trainer under a real SLURM (munged, slurmctld, slurmd on 127.0.0.1; tests/slurm_cluster.py), through
 the repository's own batch script as submitted (its CPUs and GPUs per task), on a node whose name does not
 resolve: preempted with SIGTERM and requeued, then one task SIGKILLed and the job requeued, resumed on
-fewer nodes, and two jobs at once on the one node; each time the final checkpoint against an uninterrupted run."""
+fewer nodes, and two jobs at once on the one node; each time the final checkpoint against an uninterrupted run
+of 2 workers, itself against one process of 2 replicas."""
 
 import glob
 import json
@@ -115,6 +116,16 @@ def _workers(workdir: str) -> list[str]:
   """The workers' host:port the run trained with (run.json)."""
   with open(os.path.join(workdir, "run.json")) as f:
     return json.load(f)["distribution"]["cluster"]["spec"]["worker"]
+
+
+def test_two_workers_train_like_one_process_with_two_replicas(reference, synthetic_dir, tmp_path):
+  """The reference (2 worker processes under TF_CONFIG on loopback) against one process of 2 replicas from
+  the start: equal up to the all-reduce's float summation order."""
+  one = str(tmp_path / "one_process")
+  chaos_resume.run_until(trainer_main.command(SMOKE, one, dict(EXACT, data_dir=synthetic_dir, export=False,
+                                                               logical_cpus=2)))
+  assert _final_difference(one, reference) <= 1e-5
+  assert os.path.exists(os.path.join(reference, "run.json"))  # the chief's
 
 
 def test_a_job_preempted_then_losing_a_task_is_requeued_each_time_and_resumes_bit_for_bit(slurm, reference,
