@@ -2,6 +2,7 @@
 tests get 2 replicas; single-replica runs use the first device only."""
 
 import os
+import subprocess
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The suite checks the CPU paths (bit-exact resumes, 2 logical CPUs, worker processes on loopback), also on
@@ -9,6 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # one GPU cannot form an NCCL ring), whatever a scheduler set. `python -m tools.doctor` checks the GPU.
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
+from absl import flags  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -73,4 +75,46 @@ def smoke_runs(tmp_path_factory, synthetic_dir):
       config.input.probe_batches = 2
       runs[replicas] = workdir, train.train_and_evaluate(config, workdir), config
     return runs[replicas]
+  return run
+
+
+@pytest.fixture
+def trainer_refused(capsys):
+  """refused(config, workdir) -> the line `python -m trainer.main` ends with when it refuses `config`: the
+  command's body after its flags (trainer.main.run) in the test's process, which must raise its refusal
+  (exit 1) with one line and no traceback. The flags, and the exit itself, are other tests' (processes)."""
+  from trainer import main as trainer_main  # pylint: disable=g-import-not-at-top
+
+  def refused(config, workdir: str) -> str:
+    try:
+      with pytest.raises(trainer_main.Refused) as raised:
+        trainer_main.run(config, workdir)
+    finally:
+      tf.get_logger().setLevel("ERROR")  # run() sets WARNING for the process
+    err = capsys.readouterr().err
+    assert raised.value.code == 1 and "Traceback" not in err, err[-2000:]
+    return err.strip().splitlines()[-1]
+  return refused
+
+
+@pytest.fixture
+def program(monkeypatch, capsys):
+  """run(tool, *args) -> `python -m tools.TOOL ARGS` in this process, as a finished process: the tool's flags
+  defined and parsed on a FlagValues of their own (a bad value raises what absl's app.run prints), then its
+  main; its exit code (0 if main returns) and output. No new interpreter, so no ~3 s TensorFlow start-up
+  per case; an exception main does not turn into its one line fails the test, as does a traceback printed."""
+  def run(tool, *args) -> subprocess.CompletedProcess:
+    values = flags.FlagValues()
+    tool.define_flags(values)
+    monkeypatch.setattr(tool, "FLAGS", values)
+    argv = values([tool.__name__.rsplit(".", 1)[-1], *args])
+    capsys.readouterr()
+    code = 0
+    try:
+      tool.main(argv)
+    except SystemExit as e:
+      code = e.code or 0
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err, err
+    return subprocess.CompletedProcess(argv, code, out, err)
   return run

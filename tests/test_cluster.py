@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from configs import deep
 from trainer import cluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,7 +168,9 @@ def _trainer(env_extra, *args):
 
 
 @pytest.mark.slow
-def test_the_trainer_says_each_in_one_line_without_a_hang():
+def test_the_trainer_says_each_in_one_line_without_a_hang(monkeypatch, tmp_path, trainer_refused):
+  """The first case as the command (a process of its own); the others as its body (trainer.main.run) in this
+  process, each within its environment."""
   with socket.socket() as taken:
     taken.bind(("", 0))
     taken.listen()
@@ -180,10 +183,19 @@ def test_the_trainer_says_each_in_one_line_without_a_hang():
               "SLURM node gpu07: its address 'gpu07.invalid' does not resolve"),  # no wait for a peer that never comes
              ({"TF_CONFIG": json.dumps(dict(tf_config, task={"type": "worker", "index": 2}))},
               "TF_CONFIG's task worker 2 is not in its cluster (worker: 2)")]
-    for env, expected in cases:
-      result = _trainer(env)
-      assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-      assert result.stderr.strip().splitlines()[-1].startswith(f"trainer: error: {expected}"), result.stderr[-500:]
+    result = _trainer(cases[0][0])
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"trainer: error: {cases[0][1]}"), result.stderr[-500:]
+  for env, expected in cases[1:]:
+    with monkeypatch.context() as patch:
+      for name in list(os.environ):
+        if name.startswith(("SLURM_", "TF_CONFIG")):
+          patch.delenv(name)
+      for name, value in env.items():
+        patch.setenv(name, value)
+      config = deep.get_config("smoke")
+      config.update(data_dir="/nonexistent", cluster_wait_secs=5)  # a regression that waits for peers ends
+      assert trainer_refused(config, str(tmp_path / "run")).startswith(f"trainer: error: {expected}")
 
 
 def test_the_kubernetes_job_sets_each_pod_its_tf_config():

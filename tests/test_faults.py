@@ -77,12 +77,11 @@ def test_changed_shard_is_named_before_training(synthetic_dir, tmp_path):
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
-def test_manifest_disagreeing_with_shards(synthetic_dir, tmp_path):
+def test_manifest_disagreeing_with_shards(synthetic_dir, tmp_path, trainer_refused):
   data = _copy(synthetic_dir, tmp_path)
   os.remove(os.path.join(data, "test-00000-of-00001.tfrecord"))
-  result = _trainer(f"--workdir={tmp_path / 'run'}", f"--config.data_dir={data}")
-  _one_line_error(result, f"trainer: error: {data}/test-00000-of-00001.tfrecord: listed in manifest.json but "
-                  "missing")
+  assert trainer_refused(_smoke(data), str(tmp_path / "run")) == (
+      f"trainer: error: {data}/test-00000-of-00001.tfrecord: listed in manifest.json but missing")
 
 
 def _files(directory: str) -> dict[str, tuple[bytes, float]]:
@@ -103,13 +102,14 @@ def finished_run(synthetic_dir, tmp_path_factory):
   return workdir
 
 
-def test_resume_with_another_batch_size_is_one_line_and_changes_nothing(synthetic_dir, finished_run, tmp_path):
+def test_resume_with_another_batch_size_is_one_line_and_changes_nothing(synthetic_dir, finished_run, tmp_path,
+                                                                         trainer_refused):
   workdir = str(tmp_path / "run")
   shutil.copytree(finished_run, workdir)
   before = _files(workdir)
-  result = _trainer(f"--workdir={workdir}", f"--config.data_dir={synthetic_dir}", "--config.global_batch_size=64")
-  _one_line_error(result, f"trainer: error: workdir {workdir} holds a run with global_batch_size=32; this "
-                  "command has global_batch_size=64: resume with the same value, or give a new workdir")
+  assert trainer_refused(_smoke(synthetic_dir, global_batch_size=64), workdir) == (
+      f"trainer: error: workdir {workdir} holds a run with global_batch_size=32; this command has "
+      "global_batch_size=64: resume with the same value, or give a new workdir")
   assert _files(workdir) == before
 
 
@@ -215,13 +215,9 @@ def test_out_of_range_config_values_are_refused_before_anything_runs(synthetic_d
   assert not os.path.exists(tmp_path / "run")
 
 
-@pytest.mark.slow
-def test_an_empty_workdir_flag_and_a_missing_config_file_are_one_line(synthetic_dir):
-  _one_line_error(subprocess.run([sys.executable, "-m", "trainer.main", f"--config={SMOKE}", "--workdir=",
-                                  f"--config.data_dir={synthetic_dir}"], cwd=ROOT, capture_output=True, text=True,
-                                 timeout=300),
-                  "trainer: error: --workdir is empty: give the directory the run's checkpoints, summaries and "
-                  "export go to")
+def test_an_empty_workdir_flag_and_a_missing_config_file_are_one_line(synthetic_dir, trainer_refused):
+  assert trainer_refused(_smoke(synthetic_dir), "") == (
+      "trainer: error: --workdir is empty: give the directory the run's checkpoints, summaries and export go to")
   # With an override the file is read while the flags are parsed: that was 3 tracebacks (3cf2a86).
   for overrides in ([], [f"--config.data_dir={synthetic_dir}"]):
     _one_line_error(subprocess.run([sys.executable, "-m", "trainer.main", "--config=configs/nope.py",

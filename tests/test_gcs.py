@@ -76,8 +76,9 @@ def test_make_train_resume_export_evaluate_predict_on_gcs(gcs, tmp_path):
   assert manifest["splits"]["train"]["num_examples"] == 400
   assert "verify: OK" in _run(gcs, "tools.make_tfrecords", f"--output_dir={data}", "--verify").stdout
 
+  # The final evaluation only (its figures go to gs:// too), without test-time views.
   train = ["trainer.main", "--config=configs/deep.py:smoke", f"--workdir={workdir}", f"--config.data_dir={data}",
-           "--config.eval_every_epochs=0"]  # the final evaluation only (its figures go to gs:// too)
+           "--config.eval_every_epochs=0", "--config.tta=none"]
   _run(gcs, *train, "--config.num_epochs=1")  # 4 steps, a checkpoint and an export
   # The resume to step 8 holds the workdir's lease (GCS preconditions): a second start is refused naming it;
   # killed with SIGKILL, it blocks nobody: a restart takes the lease over and finishes.

@@ -237,25 +237,11 @@ def _run(*args):
 
 
 @pytest.fixture
-def refused(monkeypatch, capsys):
-  """`python -m tools.make_tfrecords ARGS` in this process, expected to exit: the program's flags defined and
-  parsed on a FlagValues of their own (a bad value raises what absl's app.run prints), then its main; returns
-  the exit code and output as a finished process. No new interpreter, so no ~4 s TensorFlow start-up per
-  case; an exception main does not turn into its one line fails the test. The program itself runs in
+def refused(program):
+  """`python -m tools.make_tfrecords ARGS` in this process (conftest's `program`). The program itself runs in
   test_missing_source_is_one_line_error, the forged dtypes' (memory safety: a regression must not take the
   test's process down), the file-size limit's and the stop signals' tests."""
-  def run(*args) -> subprocess.CompletedProcess:
-    values = flags.FlagValues()
-    make_tfrecords.define_flags(values)
-    monkeypatch.setattr(make_tfrecords, "FLAGS", values)
-    argv = values(["make_tfrecords", *args])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stopped:
-      make_tfrecords.main(argv)
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err, err
-    return subprocess.CompletedProcess(argv, stopped.value.code, out, err)
-  return run
+  return lambda *args: program(make_tfrecords, *args)
 
 
 def test_verify_catches_a_changed_shard(tmp_path, refused):

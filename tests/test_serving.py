@@ -291,7 +291,7 @@ def _cli(*args):
 
 
 @pytest.mark.slow
-def test_convert_and_predict_commands_on_a_tflite_file(run, tmp_path):
+def test_convert_and_predict_commands_on_a_tflite_file(run, tmp_path, program):
   """The issue's acceptance 4: tools.predict on a .tflite prints the SavedModel's class, in its own format."""
   workdir, _, config = run
   export_dir = os.path.join(workdir, "export")
@@ -312,11 +312,13 @@ def test_convert_and_predict_commands_on_a_tflite_file(run, tmp_path):
   assert code == 0, err
   expected = predict_tool.predict(export_dir, paths)
   assert [line.split("\t")[:2] for line in out.strip().splitlines()] == [[p, top[0][0]] for p, top in expected]
-  code, _, err = _cli("tools.convert", f"--model={export_dir}", "--to=onnx", "--quantize=int8")
-  assert code == 1 and "Traceback" not in err
-  assert err.strip().splitlines()[-1] == "convert: error: --quantize=int8 calibrates on train images: give --data_dir"
-  code, _, err = _cli("tools.predict", f"--model={tmp_path}/none.tflite", paths[0])
-  assert code == 1 and err.strip().splitlines()[-1] == f"predict: error: {tmp_path}/none.tflite: no such model file"
+  # Their refusals, in this process (conftest's `program`).
+  refused = program(convert, f"--model={export_dir}", "--to=onnx", "--quantize=int8")
+  assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1] == (
+      "convert: error: --quantize=int8 calibrates on train images: give --data_dir")
+  refused = program(predict_tool, f"--model={tmp_path}/none.tflite", paths[0])
+  assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1] == (
+      f"predict: error: {tmp_path}/none.tflite: no such model file")
 
 
 def test_serve_bytes_refuses_an_image_above_the_pixel_limit_before_decoding(run):

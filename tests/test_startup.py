@@ -71,7 +71,8 @@ def test_gpus_given_and_not_seen_refuse_unless_the_cpu_is_allowed(synthetic_dir,
       "trainer: error: CUDA_VISIBLE_DEVICES=0,1 gives this process 2 GPU(s), but TensorFlow sees none: ")
   assert not os.path.exists(workdir)
   allowed = _run(f"--workdir={workdir}", f"--config.data_dir={synthetic_dir}", "--config.allow_cpu=True",
-                 "--config.num_epochs=1", "--config.export=False", env=env)
+                 "--config.num_epochs=1", "--config.export=False",
+                 *(f"--config.{k}={v}" for k, v in trainer_overrides.LEAN.items()), env=env)
   assert allowed.returncode == 0, allowed.stderr[-2000:]
   assert "allow_cpu=True: training on the CPU although CUDA_VISIBLE_DEVICES=0,1" in allowed.stderr
 

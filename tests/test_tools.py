@@ -19,6 +19,7 @@ from configs import mlp
 from pipeline import cifar10
 from pipeline import manifest as manifest_lib
 from pipeline import ops
+from tests import trainer_overrides
 from tools import benchmark_step
 from tools import converted
 from tools import predict as predict_tool
@@ -221,7 +222,7 @@ def test_benchmark_predict_measures_memory_order_and_streaming(export):
 def test_benchmark_accuracy_tool_resumes_in_its_workdir(synthetic_dir, tmp_path):
   command = [sys.executable, "-m", "tools.benchmark_accuracy", "--config=configs/deep.py:smoke", "--runs=1",
              f"--data_dir={synthetic_dir}", f"--workdir={tmp_path}", "--config.num_epochs=1",
-             "--config.steps_per_epoch=2", "--config.summary_worst_images=0"]
+             "--config.steps_per_epoch=2", *(f"--config.{k}={v}" for k, v in trainer_overrides.LEAN.items())]
   runs = [subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300) for _ in range(2)]
   for result in runs:
     assert result.returncode == 0, result.stderr[-2000:]

@@ -201,7 +201,7 @@ def test_tool_flags_out_of_range_are_named(tool, args, expected):
 
 
 @pytest.mark.slow
-def test_rest_json_requests_match_the_signatures(exported, tmp_path):
+def test_rest_json_requests_match_the_signatures(exported, tmp_path, program):
   import base64  # pylint: disable=g-import-not-at-top
   workdir, _, config = exported
   export = os.path.join(workdir, "export")
@@ -221,18 +221,17 @@ def test_rest_json_requests_match_the_signatures(exported, tmp_path):
     got = (answer["outputs"]["probabilities"] if "outputs" in answer
            else [p["probabilities"] for p in answer["predictions"]])
     np.testing.assert_allclose(got, expected, atol=1e-6, err_msg=kind)
-  # The command line, as a user would pipe a request body, prints the same answer.
+  # The command, as a user would give it a request body (in this process: conftest's `program`), prints the
+  # same answer.
   path = tmp_path / "request.json"
   path.write_text(json.dumps(requests["row"]))
-  result = subprocess.run([sys.executable, "-m", "tools.predict", f"--model={export}", f"--json={path}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  result = program(predict_tool, f"--model={export}", f"--json={path}")
   assert result.returncode == 0, result.stderr[-2000:]
   np.testing.assert_allclose([p["probabilities"] for p in json.loads(result.stdout)["predictions"]], expected,
                              atol=1e-6)
   bad = tmp_path / "bad.json"
   bad.write_text(json.dumps({"instances": [{"pixels": rows[0]}]}))
-  result = subprocess.run([sys.executable, "-m", "tools.predict", f"--model={export}", f"--json={bad}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  result = program(predict_tool, f"--model={export}", f"--json={bad}")
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == ("predict: error: signature serving_default takes input(s) "
                                                     "images; the request has pixels")
@@ -367,12 +366,8 @@ def test_batch_must_divide_by_replicas(synthetic_dir, tmp_path):
     train.train_and_evaluate(_smoke(synthetic_dir, logical_cpus=2, global_batch_size=33), str(tmp_path))
 
 
-def test_cli_without_data_dir_is_one_line_error(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "trainer.main", "--config=configs/deep.py:smoke",
-                           f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 1
-  assert result.stderr.strip().splitlines()[-1].startswith("trainer: error: data_dir is empty")
-  assert "Traceback" not in result.stderr
+def test_cli_without_data_dir_is_one_line_error(tmp_path, trainer_refused):
+  assert trainer_refused(deep.get_config("smoke"), str(tmp_path)).startswith("trainer: error: data_dir is empty")
 
 
 @pytest.mark.slow

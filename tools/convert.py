@@ -34,20 +34,24 @@ SUFFIX = {"litert": ".tflite", "onnx": ".onnx"}
 ONNX_OPSET = 17  # onnxruntime 1.32 runs up to 23; 17 reaches the older runtimes users serve with
 
 
-def define_flags():
-  """Command-line flags; defined only when run as a program, so modules import side by side."""
-  flags.DEFINE_string("model", None, "Export directory (a SavedModel), local or gs://.")
-  flags.DEFINE_enum("to", None, list(SUFFIX), "litert (.tflite) or onnx (.onnx).")
-  flags.DEFINE_enum("quantize", "none", ["none", "float16", "int8"], "none | float16 | int8 (needs --data_dir).")
-  flags.DEFINE_string("output", "", "The file to write; default beside the export: EXPORT[-QUANTIZE].tflite|.onnx.")
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
+  """Command-line flags; defined only when run as a program, so modules import side by side (and a test may
+  define them on a FlagValues of its own)."""
+  on = {"flag_values": flag_values}
+  flags.DEFINE_string("model", None, "Export directory (a SavedModel), local or gs://.", **on)
+  flags.DEFINE_enum("to", None, list(SUFFIX), "litert (.tflite) or onnx (.onnx).", **on)
+  flags.DEFINE_enum("quantize", "none", ["none", "float16", "int8"], "none | float16 | int8 (needs --data_dir).",
+                    **on)
+  flags.DEFINE_string("output", "", "The file to write; default beside the export: EXPORT[-QUANTIZE].tflite|.onnx.",
+                      **on)
   flags.DEFINE_string("data_dir", None, "Directory written by make_tfrecords: the split to score on, and "
-                      "the train images int8 is calibrated on.")
+                      "the train images int8 is calibrated on.", **on)
   flags.DEFINE_string("split", "", "train | validation | test: the split to score on; default validation, or "
-                      "test when the data has none.")
+                      "test when the data has none.", **on)
   flags.DEFINE_integer("calibration_images", 500, "int8: train images the activations' ranges come from.",
-                       lower_bound=1)
-  flags.DEFINE_integer("batch_size", 500, "Images per call while scoring.", lower_bound=1)
-  flags.mark_flags_as_required(["model", "to"])
+                       lower_bound=1, **on)
+  flags.DEFINE_integer("batch_size", 500, "Images per call while scoring.", lower_bound=1, **on)
+  flags.mark_flags_as_required(["model", "to"], flag_values=flag_values)
 
 
 def default_output(model_dir: str, to: str, quantize: str) -> str:

@@ -78,9 +78,15 @@ def flags_parser(program: str):
   return parse
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+class Refused(SystemExit):
+  """A refusal or a failure, its one line printed: exit 1."""
+
+
+def run(config, workdir: str) -> int:
+  """The command after its flags: trains `config` in `workdir` and returns the exit code, 0, or
+  `config.stop_exit_code` for a run a stop request checkpointed before its end (so that a Kubernetes Job
+  does not count it as complete). A refusal or a failure prints one line, `trainer: error: ...`, and raises
+  Refused."""
   # TensorFlow only now, after the flags and the config: a mistyped flag or key is refused in ~1 s, not
   # after TensorFlow's ~4 s start-up (and tools import this module for `command` and `flags_parser`).
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -90,14 +96,23 @@ def main(argv):
   imported = time.monotonic()  # run.json's timing counts start-up from here
   tf.get_logger().setLevel("WARNING")  # tf.distribute logs every all-reduce it builds at INFO
   try:
-    metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, since=imported)
+    metrics = train.train_and_evaluate(config, workdir, since=imported)
   except (manifest.ManifestError, train.TrainingError, ValueError, tf.errors.OpError) as e:
     print(f"trainer: error: {faults.describe(e)}", file=sys.stderr, flush=True)
+    raise Refused(1) from None
+  return config.stop_exit_code if "stopped_by" in metrics else 0
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    code = run(FLAGS.config, FLAGS.workdir)
+  except Refused:
     # At once: after a lost peer, the interpreter's shutdown met tf.distribute's thread pools half torn
     # down and printed a traceback under the one line (seen with 3 workers). Everything is written by now.
     os._exit(1)  # pylint: disable=protected-access
-  if "stopped_by" in metrics:  # checkpointed, not done: a Kubernetes Job must not count it as complete
-    sys.exit(FLAGS.config.stop_exit_code)
+  sys.exit(code)
 
 
 if __name__ == "__main__":
