@@ -1,6 +1,7 @@
 """Shared fixtures. Splits the CPU into 2 logical devices before TensorFlow initialises, so MirroredStrategy
 tests get 2 replicas; single-replica runs use the first device only."""
 
+import gc
 import os
 import subprocess
 
@@ -10,11 +11,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # one GPU cannot form an NCCL ring), whatever a scheduler set. `python -m tools.doctor` checks the GPU.
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
+gc.disable()  # as trainer/main.py does around its imports: TensorFlow's objects live as long as the process
 from absl import flags  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from trainer import distribute  # pylint: disable=g-import-not-at-top
+gc.freeze()
+gc.enable()
 
 REPLICAS = 2
 distribute.configure_devices(REPLICAS)
