@@ -90,8 +90,8 @@ def run(config, workdir: str) -> int:
   Refused."""
   # TensorFlow only now, after the flags and the config: a mistyped flag or key is refused in ~1 s, not
   # after TensorFlow's ~3 s start-up (and tools import this module for `command` and `flags_parser`).
-  # Its million import-time objects live as long as the process: the garbage collector skips them while they
-  # are made and, frozen, in every full collection after (those took ~0.5 s of a short run's CPU: BUILD.md).
+  # Its import-time objects live as long as the process: the garbage collector skips them while they are
+  # made and, frozen, in every full collection after (BUILD.md, Install: start-up).
   gc.disable()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from pipeline import manifest  # pylint: disable=g-import-not-at-top
