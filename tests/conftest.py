@@ -12,13 +12,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 gc.disable()  # as trainer/main.py does around its imports: TensorFlow's objects live as long as the process
-from absl import flags  # pylint: disable=g-import-not-at-top
-import pytest  # pylint: disable=g-import-not-at-top
-import tensorflow as tf  # pylint: disable=g-import-not-at-top
+try:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-from trainer import distribute  # pylint: disable=g-import-not-at-top
-gc.freeze()
-gc.enable()
+  from trainer import distribute  # pylint: disable=g-import-not-at-top
+  gc.freeze()
+finally:
+  gc.enable()
 
 REPLICAS = 2
 distribute.configure_devices(REPLICAS)
@@ -82,43 +84,50 @@ def smoke_runs(tmp_path_factory, synthetic_dir):
   return run
 
 
+def _exit_code(value) -> int:
+  """The exit code of `sys.exit(value)`, as the interpreter makes it."""
+  return 0 if value is None else value if isinstance(value, int) else 1
+
+
 @pytest.fixture
-def trainer_refused(capsys):
+def trainer_refused(capfd):
   """refused(config, workdir) -> the line `python -m trainer.main` ends with when it refuses `config`: the
   command's body after its flags (trainer.main.run) in the test's process, which must raise its refusal
-  (exit 1) with one line and no traceback. The flags, and the exit itself, are other tests' (processes)."""
+  (exit 1) with one line and no traceback on stderr (the process's, file descriptor 2). The flags, and the
+  exit itself, are other tests' (processes)."""
   from trainer import main as trainer_main  # pylint: disable=g-import-not-at-top
 
   def refused(config, workdir: str) -> str:
+    capfd.readouterr()
     try:
       with pytest.raises(trainer_main.Refused) as raised:
         trainer_main.run(config, workdir)
     finally:
       tf.get_logger().setLevel("ERROR")  # run() sets WARNING for the process
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert raised.value.code == 1 and "Traceback" not in err, err[-2000:]
     return err.strip().splitlines()[-1]
   return refused
 
 
 @pytest.fixture
-def program(monkeypatch, capsys):
+def program(monkeypatch, capfd):
   """run(tool, *args) -> `python -m tools.TOOL ARGS` in this process, as a finished process: the tool's flags
   defined and parsed on a FlagValues of their own (a bad value raises what absl's app.run prints), then its
-  main; its exit code (0 if main returns) and output. No new interpreter, so no ~3 s TensorFlow start-up
-  per case; an exception main does not turn into its one line fails the test, as does a traceback printed."""
+  main; its exit code as `app.run` makes it and its output (file descriptors 1 and 2). No new interpreter,
+  so no ~2.5 s TensorFlow import per case; an exception main does not turn into its one line fails the
+  test, as does a traceback printed."""
   def run(tool, *args) -> subprocess.CompletedProcess:
     values = flags.FlagValues()
     tool.define_flags(values)
     monkeypatch.setattr(tool, "FLAGS", values)
     argv = values([tool.__name__.rsplit(".", 1)[-1], *args])
-    capsys.readouterr()
-    code = 0
+    capfd.readouterr()
     try:
-      tool.main(argv)
+      code = _exit_code(tool.main(argv))  # app.run exits with what main returns
     except SystemExit as e:
-      code = e.code or 0
-    out, err = capsys.readouterr()
+      code = _exit_code(e.code)
+    out, err = capfd.readouterr()
     assert "Traceback" not in err, err
     return subprocess.CompletedProcess(argv, code, out, err)
   return run

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+from absl import flags
 import pytest
 import tensorflow as tf
 
@@ -216,7 +217,11 @@ def test_out_of_range_config_values_are_refused_before_anything_runs(synthetic_d
 
 
 def test_an_empty_workdir_flag_and_a_missing_config_file_are_one_line(synthetic_dir, trainer_refused):
-  assert trainer_refused(_smoke(synthetic_dir), "") == (
+  values = flags.FlagValues()  # the command's flags, parsed in this process
+  trainer_main.define_flags(values)
+  values(["trainer", f"--config={os.path.join(ROOT, SMOKE)}", "--workdir="])
+  values.config.data_dir = synthetic_dir
+  assert trainer_refused(values.config, values.workdir) == (
       "trainer: error: --workdir is empty: give the directory the run's checkpoints, summaries and export go to")
   # With an override the file is read while the flags are parsed: that was 3 tracebacks (3cf2a86).
   for overrides in ([], [f"--config.data_dir={synthetic_dir}"]):

@@ -16,11 +16,14 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 
 
-def define_flags():
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
+  """Command-line flags; defined only when run as a program (a test may define them on a FlagValues of its
+  own)."""
   config_flags.DEFINE_config_file("config", None, "A config file, e.g. configs/deep.py or configs/deep.py:smoke.",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "Checkpoints, summaries and the export go here (local or gs://).")
-  flags.mark_flags_as_required(["config", "workdir"])
+                                  flag_values=flag_values, lock_config=True)
+  flags.DEFINE_string("workdir", None, "Checkpoints, summaries and the export go here (local or gs://).",
+                      flag_values=flag_values)
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
 
 
 def command(config_arg: str, workdir: str, overrides: dict) -> list[str]:
@@ -84,21 +87,14 @@ class Refused(SystemExit):
 
 
 def run(config, workdir: str) -> int:
-  """The command after its flags: trains `config` in `workdir` and returns the exit code, 0, or
-  `config.stop_exit_code` for a run a stop request checkpointed before its end (so that a Kubernetes Job
-  does not count it as complete). A refusal or a failure prints one line, `trainer: error: ...`, and raises
-  Refused."""
-  # TensorFlow only now, after the flags and the config: a mistyped flag or key is refused in ~1 s, not
-  # after TensorFlow's ~3 s start-up (and tools import this module for `command` and `flags_parser`).
-  # Its import-time objects live as long as the process: the garbage collector skips them while they are
-  # made and, frozen, in every full collection after (BUILD.md, Install: start-up).
-  gc.disable()
+  """The command after its flags (for main, and for tests in their own process): trains `config` in
+  `workdir` and returns the exit code, 0, or `config.stop_exit_code` for a run a stop request checkpointed
+  before its end (so that a Kubernetes Job does not count it as complete). A refusal or a failure prints one
+  line, `trainer: error: ...`, and raises Refused (a SystemExit)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from pipeline import manifest  # pylint: disable=g-import-not-at-top
   from trainer import faults  # pylint: disable=g-import-not-at-top
   from trainer import train  # pylint: disable=g-import-not-at-top
-  gc.freeze()
-  gc.enable()
   imported = time.monotonic()  # run.json's timing counts start-up from here
   tf.get_logger().setLevel("WARNING")  # tf.distribute logs every all-reduce it builds at INFO
   try:
@@ -112,6 +108,16 @@ def run(config, workdir: str) -> int:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  # TensorFlow only now, after the flags and the config: a mistyped flag or key is refused in ~1 s, not
+  # after TensorFlow's ~2.5 s import (and tools import this module for `command` and `flags_parser`). Its
+  # import-time objects live as long as the process: the garbage collector skips them while they are made
+  # and, frozen, in every full collection after, the interpreter's last at exit included (BUILD.md, Install).
+  gc.disable()
+  try:
+    from trainer import train  # pylint: disable=g-import-not-at-top,unused-import
+    gc.freeze()
+  finally:
+    gc.enable()
   try:
     code = run(FLAGS.config, FLAGS.workdir)
   except Refused:
