@@ -13,6 +13,7 @@ from pipeline import cifar10
 from pipeline import ops
 
 FLIPS = ("none", "random", "alternating")
+CUTOUT_FILLS = ("black", "mean")
 
 
 def batch_seed(seed: tf.Tensor, epoch: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
@@ -26,6 +27,8 @@ def check(config) -> None:
   """Raises ValueError naming the bad `augment` field."""
   if config.flip not in FLIPS:
     raise ValueError(f"augment.flip={config.flip!r} is not one of: {', '.join(FLIPS)}")
+  if config.cutout_fill not in CUTOUT_FILLS:
+    raise ValueError(f"augment.cutout_fill={config.cutout_fill!r} is not one of: {', '.join(CUTOUT_FILLS)}")
   for key in ("crop_padding", "rotation_degrees", "shift_fraction", "zoom_fraction", "cutout_size",
               "mixup_alpha", "cutmix_alpha"):
     if config[key] < 0:
@@ -65,9 +68,13 @@ def train_preprocess(batch: dict, config, mean, std, num_classes: int = cifar10.
     grid, moved = ops.flip(grid, ops.alternating_flip_mask(batch["keys"], batch["epoch"], batch["run_seed"])), True
   if moved:
     images = ops.sample(images, grid)
-  if config.cutout_size:
-    images = ops.cutout(images, seeds[3], config.cutout_size, config.cutout_probability, places)
+  cutout = lambda x: ops.cutout(x, seeds[3], config.cutout_size, config.cutout_probability, places,
+                                config.cutout_inside)
+  if config.cutout_size and config.cutout_fill == "black":
+    images = cutout(images)
   images = ops.normalize(images, mean, std)
+  if config.cutout_size and config.cutout_fill == "mean":
+    images = cutout(images)  # 0 once normalised: the training data's mean colour (airbench96)
   if config.mixup_alpha or config.cutmix_alpha:
     images, labels = _mix(images, tf.one_hot(labels, num_classes), seeds[4], seeds[5], config, places)
   return {"images": images, "labels": labels, "keys": batch["keys"]}

@@ -168,18 +168,22 @@ def random_affine(images: tf.Tensor, seed: tf.Tensor, rotation_degrees: float, s
 
 @_batched
 def cutout(images: tf.Tensor, seed: tf.Tensor, size: int, probability: float = 1.0,
-           places: Places | None = None) -> tf.Tensor:
-  """Blanks (to 0) a `size` x `size` square at a random centre in each image, with `probability`; squares
-  may hang over the border (DeVries & Taylor, 2017)."""
+           places: Places | None = None, inside: bool = False) -> tf.Tensor:
+  """Blanks (to 0) a `size` x `size` square at a random place in each image, with `probability`: centred
+  anywhere, so that squares may hang over the border (DeVries & Taylor, 2017), or with `inside`, wholly in
+  the image (airbench96; a square larger than the image blanks it all)."""
   height, width = images.shape[1], images.shape[2]
   u = tf.unstack(_draw(seed, _places(places, tf.shape(images)[0]), 3), axis=1)
-  cy = tf.cast(u[0] * height, tf.int32)[:, None, None]
-  cx = tf.cast(u[1] * width, tf.int32)[:, None, None]
+  if inside:  # the corner, uniform over the places the square fits
+    top = tf.cast(u[0] * max(height - size + 1, 1), tf.int32)[:, None, None]
+    left = tf.cast(u[1] * max(width - size + 1, 1), tf.int32)[:, None, None]
+  else:
+    top = tf.cast(u[0] * height, tf.int32)[:, None, None] - size // 2
+    left = tf.cast(u[1] * width, tf.int32)[:, None, None] - size // 2
   y, x = tf.range(height)[None, :, None], tf.range(width)[None, None, :]
-  half = size // 2
-  inside = (y >= cy - half) & (y < cy - half + size) & (x >= cx - half) & (x < cx - half + size)
-  inside &= (u[2] < probability)[:, None, None]
-  return tf.where(inside[..., None], tf.zeros_like(images), images)
+  square = (y >= top) & (y < top + size) & (x >= left) & (x < left + size)
+  square &= (u[2] < probability)[:, None, None]
+  return tf.where(square[..., None], tf.zeros_like(images), images)
 
 
 def _beta(seed: tf.Tensor, alpha: float, places: Places) -> tf.Tensor:

@@ -219,6 +219,37 @@ def test_cutout_blanks_a_square():
   assert (blanked > 0).all() and (blanked <= 64).all()
 
 
+@pytest.mark.parametrize("size", [12, 32, 40])
+def test_cutout_inside_blanks_a_whole_square_in_the_image(size):
+  """airbench96's placement: every square fits, so each image loses exactly size^2 pixels (all of them when
+  the square is the image or larger), at corners spread over every place it fits."""
+  images = tf.maximum(_batch(n=256), 1)
+  out = ops.cutout(images, SEED, size, inside=True).numpy()
+  blanked = (out == 0).all(-1)
+  assert (blanked.sum(axis=(1, 2)) == min(size, 32) ** 2).all()
+  if size < 32:
+    tops = blanked.any(2).argmax(1)
+    assert tops.min() == 0 and tops.max() == 32 - size  # both extremes reached in 256 draws of 21 places
+
+
+def test_cutout_mean_fill_is_zero_once_normalised():
+  """cutout_fill=mean blanks after normalisation (airbench96): the square is 0, the data's mean colour,
+  where black would be -mean/std; the square is where the black one would be."""
+  images = {"images": tf.maximum(_batch(n=16), 1), "labels": tf.zeros([16], tf.int64), "seed": SEED,
+            "run_seed": SEED, "epoch": tf.constant(0, tf.int64), "keys": tf.range(16, dtype=tf.int64),
+            "positions": tf.range(16), "global_batch_size": tf.constant(16)}
+  config = _config().augment
+  config.update(crop_padding=0, flip="none", cutout_size=8, cutout_inside=True)
+  mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+  black = augment.train_preprocess(images, config, mean, std)["images"].numpy()
+  config.cutout_fill = "mean"
+  filled = augment.train_preprocess(images, config, mean, std)["images"].numpy()
+  square = (filled == 0).all(-1)
+  assert (square.sum(axis=(1, 2)) == 64).all()
+  np.testing.assert_allclose(black[square], np.broadcast_to(-np.array(mean) / std, (16 * 64, 3)), rtol=1e-6)
+  np.testing.assert_array_equal(black[~square], filled[~square])
+
+
 def test_device_augmentation_equals_host_augmentation(synthetic_dir):
   """The batch carries its seed, so augmenting in the train step gives what tf.data would have given."""
   config = _config()
@@ -294,10 +325,11 @@ def test_data_service_without_a_worker_list_is_one_line(synthetic_dir):
     dispatcher.stop()
 
 
-def test_bad_augment_value_is_named():
+@pytest.mark.parametrize("key,value", [("flip", "sideways"), ("cutout_fill", "grey")])
+def test_bad_augment_value_is_named(key, value):
   config = _config()
-  config.augment.flip = "sideways"
-  with pytest.raises(ValueError, match="augment.flip='sideways' is not one of"):
+  config.augment[key] = value
+  with pytest.raises(ValueError, match=f"augment.{key}='{value}' is not one of"):
     augment.check(config.augment)
 
 
