@@ -15,7 +15,7 @@ where airbench96 trains 40: our JPEG images and 45k-image split leave more to le
 what 40 reached).
 
 Its goal is 0.935 validation accuracy on CIFAR-10's JPEG images; its compute (`tools.benchmark_accuracy`
-prints it: 5.98 PFLOP) is ~7x deep.py's. What it reached, in what time and on which machine: docs/results.md.
+prints it: 5.98 PFLOP) is ~7.5x deep.py's. What it reached, in what time and on which machine: docs/results.md.
 """
 
 from configs import default

@@ -27,6 +27,8 @@ def check(config) -> None:
   """Raises ValueError naming the bad `augment` field."""
   if config.flip not in FLIPS:
     raise ValueError(f"augment.flip={config.flip!r} is not one of: {', '.join(FLIPS)}")
+  if not isinstance(config.cutout_inside, bool):
+    raise ValueError(f"augment.cutout_inside={config.cutout_inside!r} must be true or false")
   if config.cutout_fill not in CUTOUT_FILLS:
     raise ValueError(f"augment.cutout_fill={config.cutout_fill!r} is not one of: {', '.join(CUTOUT_FILLS)}")
   for key in ("crop_padding", "rotation_degrees", "shift_fraction", "zoom_fraction", "cutout_size",
@@ -74,7 +76,7 @@ def train_preprocess(batch: dict, config, mean, std, num_classes: int = cifar10.
     images = cutout(images)
   images = ops.normalize(images, mean, std)
   if config.cutout_size and config.cutout_fill == "mean":
-    images = cutout(images)  # 0 once normalised: the training data's mean colour (airbench96)
+    images = cutout(images)  # 0 once normalised: the normalisation's mean (airbench96: the data's mean colour)
   if config.mixup_alpha or config.cutmix_alpha:
     images, labels = _mix(images, tf.one_hot(labels, num_classes), seeds[4], seeds[5], config, places)
   return {"images": images, "labels": labels, "keys": batch["keys"]}

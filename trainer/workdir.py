@@ -45,6 +45,9 @@ RESUME_MAY_CHANGE = (
     "logical_cpus", "strategy", "cluster", "cluster_port", "cluster_wait_secs", "allow_cpu", "lease_secs",
     "model.fast_kernels", "model.sync_bn",
     "input.verify_checksums", "input.probe_batches", "input.data_service", "input.augment_on")
+# Keys added since runs were first written, with the value that reproduces what a run from before did: a
+# config.json without one is compared as if it held that value, so a resume cannot turn it on unnoticed.
+ADDED_SINCE = {"augment.cutout_inside": False, "augment.cutout_fill": "black"}
 # What the workers of one run may differ in: where each finds the data (its identity is compared), and
 # what only the chief does or each shows on its own. All else sets the schedule of collectives or the
 # batches, so it must be alike on every worker.
@@ -187,7 +190,10 @@ def check_resumable(config, workdir: str, data: dict, steps_per_epoch: int, work
   config.json), in its data's identity (run.json's `data`, `manifest.identity`; for a run.json written
   before it was recorded, the steps per epoch) or, with streaming input, whose shares depend on it, in the
   number of workers; in one line naming the key, both values and the workdir. Reads only."""
-  before = {k: v for k, v in flat_config(_read_json(workdir, "config.json")) if k not in RESUME_MAY_CHANGE}
+  written = dict(flat_config(_read_json(workdir, "config.json")))
+  if written:
+    written = {**ADDED_SINCE, **written}
+  before = {k: v for k, v in written.items() if k not in RESUME_MAY_CHANGE}
   keys = differences(before, comparable(config, RESUME_MAY_CHANGE))
   if keys:
     raise TrainingError(f"workdir {workdir} holds a run with {_values(before, keys)}; this command has "
