@@ -10,9 +10,9 @@ BatchNorm biases only; Nesterov SGD with decoupled weight decay on a triangular 
 up from 0.2 of the peak, then down to 0), BatchNorm biases 64x faster, lookahead averaging every 5 steps;
 batch 1024; label smoothing 0.2; alternating flip, 4-pixel translate and a 12-pixel cutout square inside
 the image, filled with the data's mean colour; flip+translate test-time views in the final evaluation and
-the export; trained in the precision the hardware has fast kernels for, exported in float32. 50 epochs
-where airbench96 trains 40: our JPEG images and 45k-image split leave more to learn (docs/results.md has
-what 40 reached).
+the export; trained in the precision the hardware has fast kernels for, exported in float32. 50 epochs of
+our 45,000 images (2.25M images seen) where airbench96 trains 37 of 50,000 (1.85M): JPEG images leave more
+to learn (docs/results.md has what 40 epochs reached).
 
 Its goal is 0.935 validation accuracy on CIFAR-10's JPEG images; its compute (`tools.benchmark_accuracy`
 prints it: 5.98 PFLOP) is ~7.5x deep.py's. What it reached, in what time and on which machine: docs/results.md.
