@@ -217,9 +217,13 @@ class Lookahead:
 
   reset = EMA.reset
 
-  def update(self, step: tf.Tensor) -> None:
-    """After train step number `step` (1-based)."""
+  def update(self, step: tf.Tensor, agree=None) -> None:
+    """After train step number `step` (1-based). `agree`, when given, runs first at every blend: it makes
+    variables each replica keeps for itself (BatchNorm statistics between syncs) equal on all of them, or
+    each worker would blend its own and only the chief's averages would reach the checkpoint."""
     def blend():
+      if agree:
+        agree()
       d = self.decay * (tf.cast(step, tf.float32) / self.total_steps) ** 3
       for average, v in zip(self.averages, self._variables):
         average.assign(d * average + (1.0 - d) * tf.cast(v.value, average.dtype))

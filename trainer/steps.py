@@ -231,7 +231,9 @@ class Learner:
       if state.ema:
         state.ema.update()
       if state.lookahead:
-        state.lookahead.update(state.step)
+        several = self.strategy.num_replicas_in_sync > 1
+        state.lookahead.update(state.step, agree=(lambda: self.strategy.run(self._sync_statistics)) if several
+                               else None)
       return i + 1, tf.math.is_finite(self._sums.total("loss"))
 
     # Stops after the step whose loss went wrong; Python reports it.
