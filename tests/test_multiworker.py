@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from tests import trainer_overrides
@@ -57,6 +58,31 @@ def test_a_refusal_every_worker_voted_for_is_raised_once_every_worker_is_there()
   assert chief_error == worker_error == "refused"
 
 
+FROM_CHIEF = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import numpy as np
+import tensorflow as tf
+from trainer import distribute
+strategy = tf.distribute.MultiWorkerMirroredStrategy()
+index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+mine = np.random.default_rng(index).standard_normal([2, 2, 3, 24]).astype(np.float32)  # each worker its own
+print(distribute.from_chief(strategy, mine).tobytes().hex())
+"""
+
+
+def test_what_each_worker_computed_becomes_the_chief_s_bit_for_bit():
+  """The patch-whitening kernel each worker computes from the data (models.compute_from_data) may differ
+  in its last bits between machines; every worker takes the chief's (here the workers' arrays differ
+  wholly, and worker 1 must print worker 0's bytes)."""
+  procs = [subprocess.Popen([sys.executable, "-c", FROM_CHIEF.format(root=ROOT)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for env in chaos_resume.cluster_environments(2)]
+  outputs = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+  chief = np.random.default_rng(0).standard_normal([2, 2, 3, 24]).astype(np.float32).tobytes().hex()
+  assert [out.split()[-1] for out, _ in outputs] == [chief, chief]
+
+
 def test_two_workers_killed_and_replaced_resume_bit_for_bit(three_shards, tmp_path, capsys):
   """The chaos tool's check on 2 workers, its killed run a chief and a worker under TF_CONFIG as Vertex AI
   writes it, started with the same command (no --config.strategy: a cluster of several tasks is
@@ -78,6 +104,11 @@ def test_two_workers_killed_and_replaced_resume_bit_for_bit(three_shards, tmp_pa
   report = chaos_resume.run(SMOKE, overrides, 20, kills, workers=2, root=str(tmp_path), atol=0.0, vertex=True)
   assert report.identical == 2, capsys.readouterr().out
   reference = tmp_path / "reference"
+  own = sorted(reference.glob("tmp/checkpoints-worker1/ckpt-*.index"))  # what worker 1 itself held
+  assert len(own) == 20
+  for index in own:
+    name = index.name.removesuffix(".index")
+    assert chaos_resume.max_difference(str(index.with_suffix("")), str(reference / "checkpoints" / name)) == 0, name
   assert list(reference.glob("summaries/plugins/profile/*/*.xplane.pb"))
   final = json.loads((tmp_path / "chaos" / "run.json").read_text())
   assert final["status"] == "finished" and final["end_step"] == 20

@@ -121,7 +121,7 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
                                   "chief" not in resolver.cluster_spec().as_dict())
 
 
-def _sums_over_replicas(strategy: tf.distribute.Strategy, values: list[float]) -> np.ndarray:
+def _sums_over_replicas(strategy: tf.distribute.Strategy, values) -> np.ndarray:
   """Each of `values` summed over every replica of every worker process (a collective under
   MultiWorkerMirroredStrategy: every worker must call it at the same point). On one machine, where one
   Python process decides for all its replicas, the values themselves."""
@@ -130,6 +130,17 @@ def _sums_over_replicas(strategy: tf.distribute.Strategy, values: list[float]) -
   per_replica = strategy.experimental_distribute_values_from_function(
       lambda ctx: tf.constant(values, tf.float64))
   return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
+
+
+def from_chief(strategy: tf.distribute.Strategy, array: np.ndarray) -> np.ndarray:
+  """The chief's `array` on every worker, bit for bit (a collective, like `any_worker`): for values each
+  worker computes for itself that must agree, since only the chief's reach the checkpoint, where machines
+  of a cluster may differ in the last bits (a float64 matmul split by the thread count, LAPACK per CPU)."""
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return array
+  chief = float(worker_index(strategy)[0] == 0)
+  summed = _sums_over_replicas(strategy, np.append(np.ravel(array).astype(np.float64) * chief, chief))
+  return (summed[:-1] / summed[-1]).astype(array.dtype).reshape(array.shape)  # / the chief's replicas: exact
 
 
 def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:

@@ -218,9 +218,12 @@ class Learner:
     """Runs per replica. Keras 3 keeps BatchNorm moving statistics per replica (aggregation NONE), so
     they drift apart; averaging them after every loop keeps all replicas, checkpoints and the export equal."""
     ctx = tf.distribute.get_replica_context()
-    for v in self.state.model.non_trainable_variables:
-      if tf.as_dtype(v.dtype).is_floating:
-        v.assign(ctx.all_reduce(tf.distribute.ReduceOp.MEAN, tf.identity(v.value)))
+    floating = [v for v in self.state.model.non_trainable_variables if tf.as_dtype(v.dtype).is_floating]
+    if not floating:  # a model without BatchNorm
+      return
+    means = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, [tf.identity(v.value) for v in floating])  # one batch
+    for v, mean in zip(floating, means):
+      v.assign(mean)
 
   def _loop(self, iterator, num_steps, variables):
     state = self.state

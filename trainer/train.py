@@ -68,7 +68,8 @@ def train_and_evaluate(config, workdir: str, *, since: float | None = None) -> d
 
 
 def _first_start(run: Run):
-  """Before a fresh run's first step: data-dependent layers set from the data (the same on every worker),
+  """Before a fresh run's first step: data-dependent layers set from the data (each worker computes them,
+  then takes the chief's bits: machines may differ in the last ones),
   and, from the chief, the HParams, a grid of augmented inputs and (`input.probe_batches`) the input
   pipeline's own rate. Reading the images and computing the layers' values starts in a background thread
   (TensorFlow's ops, which release the GIL, so it overlaps the tracing of the train step; no collective);
@@ -80,7 +81,8 @@ def _first_start(run: Run):
                          lambda: data.data_init_images(config, run.manifest, first()))
 
   def ready():
-    if models.set_from_data(computed.result()):
+    kernels = [(layer, distribute.from_chief(run.strategy, kernel)) for layer, kernel in computed.result()]
+    if models.set_from_data(kernels):
       for averages in (run.state.ema, run.state.lookahead):
         if averages:
           averages.reset()
