@@ -67,7 +67,10 @@ from trainer import distribute
 strategy = tf.distribute.MultiWorkerMirroredStrategy()
 index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
 mine = np.random.default_rng(index).standard_normal([2, 2, 3, 24]).astype(np.float32)  # each worker its own
+mine[0, 0, 0, :2] = [np.inf, np.nan] if index else mine[0, 0, 0, :2]  # a worker's must not reach the chief's
 print(distribute.from_chief(strategy, mine).tobytes().hex())
+from tensorflow.python.eager import context
+context.context().wait_at_barrier("from-chief-done", 60000)  # neither leaves while the other's share is in flight
 """
 
 

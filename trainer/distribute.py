@@ -133,13 +133,17 @@ def _sums_over_replicas(strategy: tf.distribute.Strategy, values) -> np.ndarray:
 
 
 def from_chief(strategy: tf.distribute.Strategy, array: np.ndarray) -> np.ndarray:
-  """The chief's `array` on every worker, bit for bit (a collective, like `any_worker`): for values each
-  worker computes for itself that must agree, since only the chief's reach the checkpoint, where machines
-  of a cluster may differ in the last bits (a float64 matmul split by the thread count, LAPACK per CPU)."""
+  """The chief's float32 `array` on every worker, bit for bit (a collective, like `any_worker`): for values
+  each worker computes for itself from the same data, which machines of a cluster may give in different
+  last bits (a float64 matmul split by the thread count, LAPACK per CPU), where every worker must start
+  from the same (the lookahead and EMA averages start from them, and only the chief's are checkpointed)."""
   if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
     return array
-  chief = float(worker_index(strategy)[0] == 0)
-  summed = _sums_over_replicas(strategy, np.append(np.ravel(array).astype(np.float64) * chief, chief))
+  if np.dtype(array.dtype).itemsize > 4:  # the chief's replicas' float64 sum of it must be exact
+    raise ValueError(f"from_chief takes float32 or narrower, not {array.dtype}")
+  chief = worker_index(strategy)[0] == 0
+  values = np.ravel(array).astype(np.float64) if chief else np.zeros(array.size)  # not x * 0: inf * 0 is nan
+  summed = _sums_over_replicas(strategy, np.append(values, float(chief)))
   return (summed[:-1] / summed[-1]).astype(array.dtype).reshape(array.shape)  # / the chief's replicas: exact
 
 

@@ -215,11 +215,12 @@ class Learner:
       self._ids.add(**_id_sums(batch["keys"]))
 
   def _sync_statistics(self):
-    """Runs per replica. Keras 3 keeps BatchNorm moving statistics per replica (aggregation NONE), so
-    they drift apart; averaging them after every loop keeps all replicas, checkpoints and the export equal."""
+    """Runs per replica. Keras 3 keeps non-trainable variables per replica (aggregation NONE), so the
+    BatchNorm moving statistics drift apart; averaging every floating one (those, and the frozen whitening
+    kernel, equal already) after every loop keeps all replicas, checkpoints and the export equal."""
     ctx = tf.distribute.get_replica_context()
     floating = [v for v in self.state.model.non_trainable_variables if tf.as_dtype(v.dtype).is_floating]
-    if not floating:  # a model without BatchNorm
+    if not floating:  # e.g. a model without BatchNorm
       return
     means = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, [tf.identity(v.value) for v in floating])  # one batch
     for v, mean in zip(floating, means):
