@@ -29,6 +29,20 @@ def three_shards(tmp_path_factory):
   return out
 
 
+def _two_workers(script: str) -> list[str]:
+  """The stdout of `script` (formatted with the repository's `root`) run as the 2 workers of a cluster on
+  loopback; both must exit 0 within 120 s."""
+  procs = [subprocess.Popen([sys.executable, "-c", script.format(root=ROOT)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for env in chaos_resume.cluster_environments(2)]
+  try:
+    outputs = [p.communicate(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+  return [out for out, _ in outputs]
+
+
 REFUSING = """
 import json, os, sys, time
 sys.path.insert(0, {root!r})
@@ -49,11 +63,7 @@ def test_a_refusal_every_worker_voted_for_is_raised_once_every_worker_is_there()
   other had exited while its share of their vote was in flight (TensorFlow sends a RecvBuf answer after
   the sender's op returned). Not reproduced in 36 runs here; refuse_together's wait is what closes it,
   checked here: the chief, ready first, waits for the worker that sleeps 4 s after the vote."""
-  procs = [subprocess.Popen([sys.executable, "-c", REFUSING.format(root=ROOT)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for env in chaos_resume.cluster_environments(2)]
-  outputs = [p.communicate(timeout=120) for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
-  (chief, chief_error), (worker, worker_error) = (out.split() for out, _ in outputs)
+  (chief, chief_error), (worker, worker_error) = (out.split() for out in _two_workers(REFUSING))
   assert 3 < float(chief) < 30 and float(worker) < 2
   assert chief_error == worker_error == "refused"
 
@@ -78,12 +88,8 @@ def test_what_each_worker_computed_becomes_the_chief_s_bit_for_bit():
   """The patch-whitening kernel each worker computes from the data (models.compute_from_data) may differ
   in its last bits between machines; every worker takes the chief's (here the workers' arrays differ
   wholly, and worker 1 must print worker 0's bytes)."""
-  procs = [subprocess.Popen([sys.executable, "-c", FROM_CHIEF.format(root=ROOT)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for env in chaos_resume.cluster_environments(2)]
-  outputs = [p.communicate(timeout=120) for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
   chief = np.random.default_rng(0).standard_normal([2, 2, 3, 24]).astype(np.float32).tobytes().hex()
-  assert [out.split()[-1] for out, _ in outputs] == [chief, chief]
+  assert [out.split()[-1] for out in _two_workers(FROM_CHIEF)] == [chief, chief]
 
 
 def test_two_workers_killed_and_replaced_resume_bit_for_bit(three_shards, tmp_path, capsys):
