@@ -63,8 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.activation = "relu"  # any Keras activation name
   config.model.bn_momentum = 0.9  # moving-average decay of BatchNorm statistics, per step
   config.model.sync_bn = False  # BatchNorm statistics over the global batch (costs an all-reduce per layer)
-  config.model.fast_kernels = True  # BatchNorm by TF's fused kernel, GELU XLA-compiled while training, small
-                                     # maps' conv kernel gradients by matmuls on a CPU (same results; docs/results.md);
+  config.model.fast_kernels = True  # BatchNorm by TF's fused kernel, GELU XLA-compiled while training, and on a
+                                     # CPU the convs' slow backward kernels replaced (same results; docs/results.md);
                                      # False: Keras's own layers
   config.model.logit_scale = 1.0  # multiplies the logits
   config.model.whiten_size = 2  # airbench: patch side of the frozen whitening conv initialised from the data

@@ -129,9 +129,9 @@ def test_muon_sgd_normalises_conv_kernels_and_steps_the_rest_with_sgd():
   assert abs(np.linalg.norm(kernel.numpy()) - np.sqrt(8)) < 0.1
 
 
-def _train_call(layer, x, projection):
-  """Output, and gradients of a fixed random projection of it w.r.t. the input and the trainable weights,
-  of one training call (inside a tf.function, as in the train step)."""
+def _train_step(layer, projection) -> tf.types.experimental.PolymorphicFunction:
+  """A tf.function of x, as in the train step: output, and gradients of a fixed random projection of it
+  w.r.t. the input and the trainable weights, of one training call."""
   @tf.function
   def run(x):
     with tf.GradientTape() as tape:
@@ -139,7 +139,12 @@ def _train_call(layer, x, projection):
       y = layer(x, training=True)
       loss = tf.reduce_sum(tf.cast(y, tf.float32) * projection)
     return y, tape.gradient(loss, [x] + layer.trainable_variables)
-  return run(x)
+  return run
+
+
+def _train_call(layer, x, projection):
+  """`_train_step`'s output and gradients at x."""
+  return _train_step(layer, projection)(x)
 
 
 @pytest.mark.parametrize("policy,scale", [("float32", True), ("float32", False), ("mixed_bfloat16", False)])
@@ -184,18 +189,26 @@ def test_xla_gelu_while_training_equals_tensorflows(dtype, tol, monkeypatch):
   np.testing.assert_allclose(inference(x, training=False).numpy(), expected.numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("policy,kernel,side", [("float32", 3, 7), ("float32", 5, 3), ("mixed_bfloat16", 3, 7),
-                                                ("float32", 3, 15)])
-def test_conv_kernel_gradient_by_shifts_matches_keras_conv(policy, kernel, side):
+@pytest.mark.parametrize("policy,kernel,height,width", [
+    ("float32", 3, 7, 7), ("mixed_bfloat16", 5, 3, 3), ("mixed_bfloat16", 3, 7, 7), ("float32", 3, 15, 15),
+    ("float32", 5, 9, 13), ("mixed_bfloat16", 3, 15, 15)])
+def test_conv_gradients_of_our_kernels_match_keras_conv(policy, kernel, height, width):
+  """layers.Conv2D's own backward kernels (in bf16 the kernel's gradient by shifted matmuls on small maps, in
+  float32 the input's as a forward conv) give Keras's Conv2D's gradients, and run where they are meant to."""
   rng = np.random.default_rng(3)
-  x = tf.constant(rng.normal(size=(6, side, side, 5)), tf.float32)
-  projection = tf.constant(rng.normal(size=(6, side, side, 4)), tf.float32)
+  x = tf.constant(rng.normal(size=(6, height, width, 5)), tf.float32)
+  projection = tf.constant(rng.normal(size=(6, height, width, 4)), tf.float32)
   pair = [cls(4, kernel, padding="same", use_bias=False, dtype=policy) for cls in (keras.layers.Conv2D, layers.Conv2D)]
   for layer in pair:
     layer.build(x.shape)
   pair[1].kernel.assign(pair[0].kernel)
-  assert pair[1]._by_shifts(x) == (side * side <= layers.Conv2D.small_map)
+  forward_input_gradient = policy == "float32"
+  by_shifts = height * width <= layers.Conv2D.small_map and not forward_input_gradient
+  assert pair[1]._own_gradients(tf.cast(x, pair[1].compute_dtype)) == (by_shifts, forward_input_gradient)
   (y0, g0), (y1, g1) = [_train_call(layer, x, projection) for layer in pair]
+  ops = {op.type for op in _train_step(pair[1], projection).get_concrete_function(x).graph.get_operations()}
+  assert ("Conv2DBackpropFilter" in ops) == (not by_shifts), ops
+  assert ("Conv2DBackpropInput" in ops) == (not forward_input_gradient), ops
   tol = 1e-5 if policy == "float32" else 3e-2
   np.testing.assert_allclose(np.float32(y1), np.float32(y0), atol=tol)
   for a, b in zip(g1, g0):  # the input's gradient, then the kernel's

@@ -105,22 +105,30 @@ def _kernel_gradient_by_shifts(x, dy, kernel_shape):
 
 
 class Conv2D(keras.layers.Conv2D):
-  """Keras's Conv2D; on a CPU, for stride-1 "same" convs with odd kernels on maps of at most 8x8, the
-  kernel's gradient is one matmul per kernel tap instead of oneDNN's weight-gradient conv, which runs
-  there at a third to a half of the machine's rate. Same weights, forward pass and input gradient.
+  """Keras's Conv2D with one of oneDNN's backward kernels replaced, on a CPU, for stride-1 "same" convs with
+  odd kernels, where it runs far below the forward conv (docs/results.md, the step op by op):
+  - in bf16, the kernel's gradient on maps of at most 8x8: one matmul per kernel tap (oneDNN's ran at a
+    third to a half of the machine's rate there; in float32 it is the faster);
+  - in float32, the input's gradient: a forward conv of the output's gradient with the kernel flipped and
+    its channels swapped (oneDNN's float32 backward-data conv ran at 15-70% of its forward on AVX2).
+  Same weights, forward pass and gradients (to float rounding).
   """
 
   small_map = 64  # pixels: at 15x15 oneDNN's own kernel is the faster (docs/results.md, the step op by op)
 
-  def _by_shifts(self, inputs) -> bool:
+  def _own_gradients(self, inputs) -> tuple[bool, bool]:
+    """(the kernel's gradient by shifted matmuls, the input's gradient as a forward conv) for `inputs`."""
     height, width = inputs.shape[1], inputs.shape[2]
-    return (self.data_format == "channels_last" and self.groups == 1 and tuple(self.strides) == (1, 1)
-            and tuple(self.dilation_rate) == (1, 1) and self.padding == "same"
-            and all(k % 2 for k in self.kernel_size) and height is not None and width is not None
-            and height * width <= self.small_map and not tf.config.list_logical_devices("GPU"))
+    eligible = (self.data_format == "channels_last" and self.groups == 1 and tuple(self.strides) == (1, 1)
+                and tuple(self.dilation_rate) == (1, 1) and self.padding == "same"
+                and all(k % 2 for k in self.kernel_size) and height is not None and width is not None
+                and not tf.config.list_logical_devices("GPU"))
+    float32 = inputs.dtype == tf.float32
+    return eligible and not float32 and height * width <= self.small_map, eligible and float32
 
   def convolution_op(self, inputs, kernel):
-    if not self._by_shifts(inputs):
+    by_shifts, forward_input_gradient = self._own_gradients(inputs)
+    if not (by_shifts or forward_input_gradient):
       return super().convolution_op(inputs, kernel)
     kernel = tf.cast(kernel, inputs.dtype)
 
@@ -128,9 +136,18 @@ class Conv2D(keras.layers.Conv2D):
     def conv(x, kernel):
       def grad(dy):
         with tf.name_scope(f"{self.name}/gradient"):  # the tape runs this outside the layer's scope
-          dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=kernel, out_backprop=dy,
-                                              strides=[1, 1, 1, 1], padding="SAME")
-          return dx, _kernel_gradient_by_shifts(x, dy, kernel.shape)
+          if forward_input_gradient:
+            flipped = tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
+            dx = tf.nn.conv2d(dy, flipped, 1, "SAME")
+          else:
+            dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=kernel, out_backprop=dy,
+                                                strides=[1, 1, 1, 1], padding="SAME")
+          if by_shifts:
+            dkernel = _kernel_gradient_by_shifts(x, dy, kernel.shape)
+          else:
+            dkernel = tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=tf.shape(kernel), out_backprop=dy,
+                                                      strides=[1, 1, 1, 1], padding="SAME")
+          return dx, dkernel
       return tf.nn.conv2d(x, kernel, 1, "SAME"), grad
 
     return conv(inputs, kernel)
