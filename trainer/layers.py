@@ -105,16 +105,18 @@ def _kernel_gradient_by_shifts(x, dy, kernel_shape):
 
 
 class Conv2D(keras.layers.Conv2D):
-  """Keras's Conv2D with one of oneDNN's backward kernels replaced, on a CPU, for stride-1 "same" convs with
-  odd kernels, where it runs far below the forward conv (docs/results.md, the step op by op):
-  - in bf16, the kernel's gradient on maps of at most 8x8: one matmul per kernel tap (oneDNN's ran at a
-    third to a half of the machine's rate there; in float32 it is the faster);
+  """Keras's Conv2D with oneDNN's backward kernels replaced, on a CPU, for stride-1 "same" convs with odd
+  kernels, where they run far below the forward conv (docs/results.md, the step op by op):
+  - the kernel's gradient on small maps (bf16: at most 8x8; float32: 3x3): one matmul per kernel tap
+    (oneDNN's ran at a third to a half of the machine's rate there);
   - in float32, the input's gradient: a forward conv of the output's gradient with the kernel flipped and
     its channels swapped (oneDNN's float32 backward-data conv ran at 15-70% of its forward on AVX2).
   Same weights, forward pass and gradients (to float rounding).
   """
 
-  small_map = 64  # pixels: at 15x15 oneDNN's own kernel is the faster (docs/results.md, the step op by op)
+  # Pixels: the largest maps whose kernel gradient is by shifted matmuls; on larger ones oneDNN's own is the
+  # faster (bf16 at 15x15; float32 at 7x7, where the shifted copies cost more than the matmuls).
+  small_map, small_map_float32 = 64, 9
 
   def _own_gradients(self, inputs) -> tuple[bool, bool]:
     """(the kernel's gradient by shifted matmuls, the input's gradient as a forward conv) for `inputs`."""
@@ -124,7 +126,8 @@ class Conv2D(keras.layers.Conv2D):
                 and all(k % 2 for k in self.kernel_size) and height is not None and width is not None
                 and not tf.config.list_logical_devices("GPU"))
     float32 = inputs.dtype == tf.float32
-    return eligible and not float32 and height * width <= self.small_map, eligible and float32
+    small_map = self.small_map_float32 if float32 else self.small_map
+    return eligible and height * width <= small_map, eligible and float32
 
   def convolution_op(self, inputs, kernel):
     by_shifts, forward_input_gradient = self._own_gradients(inputs)
