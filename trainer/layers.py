@@ -110,7 +110,7 @@ class Conv2D(keras.layers.Conv2D):
   - the kernel's gradient on small maps (bf16: at most 8x8; float32: 3x3): one matmul per kernel tap
     (oneDNN's ran at a third to a half of the machine's rate there);
   - in float32, the input's gradient: a forward conv of the output's gradient with the kernel flipped and
-    its channels swapped (oneDNN's float32 backward-data conv ran at 15-70% of its forward on AVX2).
+    its channels swapped (oneDNN's float32 backward-data conv ran at 13-96% of its forward on AVX2).
   Same weights, forward pass and gradients (to float rounding).
   """
 
