@@ -191,7 +191,8 @@ def test_xla_gelu_while_training_equals_tensorflows(dtype, tol, monkeypatch):
 
 @pytest.mark.parametrize("policy,kernel,height,width", [
     ("float32", 3, 7, 7), ("mixed_bfloat16", 5, 3, 3), ("mixed_bfloat16", 3, 7, 7), ("float32", 3, 15, 15),
-    ("float32", 5, 9, 13), ("mixed_bfloat16", 3, 15, 15), ("float32", 3, 3, 3)])
+    ("float32", 5, 9, 13), ("mixed_bfloat16", 3, 15, 15), ("float32", 3, 3, 3), ("float32", (3, 5), 9, 13),
+    ("mixed_bfloat16", (5, 3), 7, 7)])
 def test_conv_gradients_of_our_kernels_match_keras_conv(policy, kernel, height, width):
   """layers.Conv2D's own backward kernels (the kernel's gradient by shifted matmuls on small maps, in float32
   the input's as a forward conv) give Keras's Conv2D's gradients, and run where they are meant to."""
@@ -204,6 +205,8 @@ def test_conv_gradients_of_our_kernels_match_keras_conv(policy, kernel, height, 
   pair[1].kernel.assign(pair[0].kernel)
   forward_input_gradient = policy == "float32"
   by_shifts = height * width <= (9 if forward_input_gradient else 64)
+  if tf.config.list_logical_devices("GPU"):
+    pytest.skip("layers.Conv2D takes Keras's own gradients on a GPU")
   assert pair[1]._own_gradients(tf.cast(x, pair[1].compute_dtype)) == (by_shifts, forward_input_gradient)
   (y0, g0), (y1, g1) = [_train_call(layer, x, projection) for layer in pair]
   ops = {op.type for op in _train_step(pair[1], projection).get_concrete_function(x).graph.get_operations()}
@@ -214,3 +217,14 @@ def test_conv_gradients_of_our_kernels_match_keras_conv(policy, kernel, height, 
   for a, b in zip(g1, g0):  # the input's gradient, then the kernel's
     scale = np.abs(np.float32(b)).max()
     np.testing.assert_allclose(np.float32(a) / scale, np.float32(b) / scale, atol=tol)
+
+
+@pytest.mark.parametrize("settings", [dict(kernel_size=2), dict(kernel_size=3, strides=2),
+                                      dict(kernel_size=3, dilation_rate=2), dict(kernel_size=3, padding="valid")])
+def test_conv_keeps_keras_gradients_where_ours_do_not_hold(settings):
+  """An even kernel, a stride, a dilation or "valid" padding: the flipped-kernel and shifted-matmul gradients
+  would be wrong there, so Keras's own run."""
+  layer = layers.Conv2D(4, **{"padding": "same", **settings})
+  x = tf.zeros([2, 3, 3, 5])
+  layer.build(x.shape)
+  assert layer._own_gradients(x) == (False, False)

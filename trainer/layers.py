@@ -107,15 +107,15 @@ def _kernel_gradient_by_shifts(x, dy, kernel_shape):
 class Conv2D(keras.layers.Conv2D):
   """Keras's Conv2D with oneDNN's backward kernels replaced, on a CPU, for stride-1 "same" convs with odd
   kernels, where they run far below the forward conv (docs/results.md, the step op by op):
-  - the kernel's gradient on small maps (bf16: at most 8x8; float32: 3x3): one matmul per kernel tap
-    (oneDNN's ran at a third to a half of the machine's rate there);
+  - the kernel's gradient on small maps (float32: 3x3; other precisions, measured in bf16: at most 8x8): one
+    matmul per kernel tap (oneDNN's ran at a third to a half of the machine's rate there);
   - in float32, the input's gradient: a forward conv of the output's gradient with the kernel flipped and
     its channels swapped (oneDNN's float32 backward-data conv ran at 13-96% of its forward on AVX2).
   Same weights, forward pass and gradients (to float rounding).
   """
 
-  # Pixels: the largest maps whose kernel gradient is by shifted matmuls; on larger ones oneDNN's own is the
-  # faster (bf16 at 15x15; float32 at 7x7, where the shifted copies cost more than the matmuls).
+  # Pixels: the largest maps whose kernel gradient is by shifted matmuls (float32; other precisions); on larger
+  # ones oneDNN's own is the faster (bf16 at 15x15; float32 at 7x7, where the shifted copies cost more).
   small_map, small_map_float32 = 64, 9
 
   def _own_gradients(self, inputs) -> tuple[bool, bool]:
