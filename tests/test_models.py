@@ -196,6 +196,8 @@ def test_xla_gelu_while_training_equals_tensorflows(dtype, tol, monkeypatch):
 def test_conv_gradients_of_our_kernels_match_keras_conv(policy, kernel, height, width):
   """layers.Conv2D's own backward kernels (the kernel's gradient by shifted matmuls on small maps, in float32
   the input's as a forward conv) give Keras's Conv2D's gradients, and run where they are meant to."""
+  if tf.config.list_logical_devices("GPU"):
+    pytest.skip("layers.Conv2D takes Keras's own gradients on a GPU")
   rng = np.random.default_rng(3)
   x = tf.constant(rng.normal(size=(6, height, width, 5)), tf.float32)
   projection = tf.constant(rng.normal(size=(6, height, width, 4)), tf.float32)
@@ -204,9 +206,8 @@ def test_conv_gradients_of_our_kernels_match_keras_conv(policy, kernel, height, 
     layer.build(x.shape)
   pair[1].kernel.assign(pair[0].kernel)
   forward_input_gradient = policy == "float32"
-  by_shifts = height * width <= (9 if forward_input_gradient else 64)
-  if tf.config.list_logical_devices("GPU"):
-    pytest.skip("layers.Conv2D takes Keras's own gradients on a GPU")
+  small_map = layers.Conv2D.small_map_float32 if forward_input_gradient else layers.Conv2D.small_map
+  by_shifts = height * width <= small_map
   assert pair[1]._own_gradients(tf.cast(x, pair[1].compute_dtype)) == (by_shifts, forward_input_gradient)
   (y0, g0), (y1, g1) = [_train_call(layer, x, projection) for layer in pair]
   ops = {op.type for op in _train_step(pair[1], projection).get_concrete_function(x).graph.get_operations()}

@@ -71,8 +71,7 @@ def test_benchmark_step_prints_mfu_fit_replica_ratios_kernels_layers_and_ops(syn
   flops = float(re.search(r"train step: ([\d.]+) GFLOP per image \(forward ([\d.]+)", out).group(1))
   forward = float(re.search(r"forward ([\d.]+) counted", out).group(1))
   assert flops >= 3 * forward > 0
-  compute = {"float32": "float32", "mixed_bfloat16": "bfloat16",  # what `auto` picks on this machine
-             "mixed_float16": "float16"}[precision.choose(precision.detect())[0]]
+  compute = benchmark_step.COMPUTE_DTYPES[precision.choose(precision.detect())[0]].name  # what `auto` picks here
   assert re.search(rf"peak probe, conv 3x3 in {compute}: [\d,]+ GFLOP/s", out), out
   assert re.search(r"^peak probe \(the faster of the two\) +median +[\d,.]+ +min +[\d,.]+ +max +[\d,.]+ GFLOP/s$", out, re.M), out
   for name in ("MFU", "custom loop / fit", "2 / 1 replicas"):
