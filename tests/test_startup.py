@@ -237,3 +237,36 @@ def test_a_task_started_long_before_the_chief_waits_as_long_as_the_chief():
   for thread in threads:
     thread.join(60)
   assert all(results[i] == [{"problem": None, "n": n} for n in range(3)] for i in range(3)), results
+
+
+_ALLOCATIONS = r"""
+import resource
+import sys
+import tensorflow as tf
+import trainer  # what every entry point imports before its first op
+
+big = tf.function(lambda x: x * 2.0)  # a new 256 MB output per call, freed before the next
+x = tf.ones([64, 1024, 1024])
+big(x).numpy()
+start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+  big(x).numpy()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+"""
+
+
+@pytest.mark.parametrize("setting,reused", [(None, True), ("false", False)])
+def test_large_tensors_reuse_host_memory_unless_the_user_says_otherwise(setting, reused):
+  """TensorFlow's default CPU allocator hands each large tensor to malloc, which maps it fresh and unmaps it
+  when freed: every train step page-faulted its activations in again (~2M faults a step for deep.py, 10% of
+  its time). Importing `trainer` picks TensorFlow's BFC allocator, which keeps freed memory; a user's own
+  TF_CPU_ALLOCATOR_USE_BFC wins."""
+  environ = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
+  if setting is not None:
+    environ["TF_CPU_ALLOCATOR_USE_BFC"] = setting
+  result = subprocess.run([sys.executable, "-c", _ALLOCATIONS], cwd=ROOT, env=environ, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  faults = int(result.stdout.split()[-1])
+  one_output = 256 * 2 ** 20 // 4096  # pages
+  assert (faults < one_output) if reused else (faults > 5 * one_output), faults
