@@ -57,6 +57,14 @@ def test_a_bf16_run_exports_a_float32_graph(run):
   assert metrics["validation"]["count"] == 200
 
 
+def test_the_export_holds_no_backward_ops(run):
+  """The export serves; layers.Conv2D's own gradients (float32 on a CPU) are for training and stay out of
+  the SavedModel's function library (they were saved with it until 2026-12-06)."""
+  workdir, _, _ = run
+  ops = set(_dtypes(os.path.join(workdir, "export")))
+  assert "Conv2D" in ops and not [op for op in ops if "Backprop" in op or op.endswith("Grad")], sorted(ops)
+
+
 def _data_images(data_dir: str) -> dict[bytes, str]:
   """Every record of every split of `data_dir`, as the bytes that could leak: its encoded image (raw pixels,
   PNG or JPEG) and its decoded pixels -> the record's id."""
