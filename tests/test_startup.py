@@ -241,7 +241,6 @@ def test_a_task_started_long_before_the_chief_waits_as_long_as_the_chief():
 
 _ALLOCATIONS = r"""
 import resource
-import sys
 import tensorflow as tf
 import trainer  # what every entry point imports before its first op
 
@@ -251,22 +250,28 @@ big(x).numpy()
 start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
   big(x).numpy()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+try:  # only allocators that pool memory keep statistics
+  pooled = tf.config.experimental.get_memory_info("CPU:0")["peak"] > 0
+except ValueError:
+  pooled = False
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start, pooled)
 """
 
 
-@pytest.mark.parametrize("setting,reused", [(None, True), ("false", False)])
-def test_large_tensors_reuse_host_memory_unless_the_user_says_otherwise(setting, reused):
-  """TensorFlow's default CPU allocator hands each large tensor to malloc, which maps it fresh and unmaps it
-  when freed: every train step page-faulted its activations in again (~2M faults a step for deep.py, 10% of
-  its time). Importing `trainer` picks TensorFlow's BFC allocator, which keeps freed memory; a user's own
-  TF_CPU_ALLOCATOR_USE_BFC wins."""
-  environ = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
-  if setting is not None:
-    environ["TF_CPU_ALLOCATOR_USE_BFC"] = setting
-  result = subprocess.run([sys.executable, "-c", _ALLOCATIONS], cwd=ROOT, env=environ, capture_output=True,
-                          text=True, timeout=120)
+@pytest.mark.parametrize("environ,pooled", [
+    ({}, True),  # with oneDNN its own allocator; without, the BFC allocator `trainer` picks
+    ({"TF_ENABLE_ONEDNN_OPTS": "0"}, True),  # as on a CPU without oneDNN's instructions
+    ({"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPU_ALLOCATOR_USE_BFC": "false"}, False),  # the user's choice holds
+])
+def test_large_tensors_reuse_host_memory_unless_the_user_says_otherwise(environ, pooled):
+  """Without oneDNN, TensorFlow's CPU allocator hands each large tensor to malloc, which maps it afresh and
+  unmaps it when freed: deep.py's float32 step on a Zen 3 page-faulted its activations in again every step,
+  ~10% of its time. Importing `trainer` picks TensorFlow's BFC allocator there, which keeps freed memory."""
+  env = {k: v for k, v in os.environ.items() if k not in ("TF_CPU_ALLOCATOR_USE_BFC", "TF_ENABLE_ONEDNN_OPTS")}
+  result = subprocess.run([sys.executable, "-c", _ALLOCATIONS], cwd=ROOT, env={**env, **environ},
+                          capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
-  faults = int(result.stdout.split()[-1])
-  one_output = 256 * 2 ** 20 // 4096  # pages
-  assert (faults < one_output) if reused else (faults > 5 * one_output), faults
+  faults, reported = result.stdout.split()[-2:]
+  assert reported == str(pooled), result.stdout
+  if pooled:  # fewer faults than one output's 4 KiB pages (the malloc allocator faulted in every page)
+    assert int(faults) < 256 * 2 ** 20 // 4096, faults

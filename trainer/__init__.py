@@ -4,7 +4,13 @@ import os
 
 # As in tools/__init__.py: keep TensorFlow's C++ INFO/WARNING lines out of the training log.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow's BFC allocator for host memory, which keeps what a step freed for the next, instead of malloc,
-# which maps each large tensor afresh and page-faults it in every step (docs/results.md, 2026-12-06). Read
-# when TensorFlow makes its first tensor, so it holds wherever `trainer` is imported before that.
-os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+
+from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-direct-tensorflow-import,wrong-import-position
+
+# Where TensorFlow runs without oneDNN (CPUs without AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX), its CPU
+# allocator is malloc, which maps each large tensor afresh and page-faults it in every step; its BFC
+# allocator keeps freed memory for the next step (docs/results.md, 2026-12-06). With oneDNN its own
+# allocator already pools large tensors. Read when TensorFlow makes its first device, so it holds wherever
+# `trainer` is imported before that; a user's own setting wins.
+if not _pywrap_util_port.IsMklEnabled():
+  os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")

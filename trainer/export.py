@@ -35,6 +35,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 from pipeline import fileio
 from pipeline import ops
 from pipeline import records
+from trainer import layers
 from trainer import models
 from trainer import views
 
@@ -57,6 +58,9 @@ def serving_model(model: keras.Model, config, data: models.DataShape) -> keras.M
     served = models.build(spec, data)
   finally:
     keras.mixed_precision.set_dtype_policy(previous)
+  for layer in served.layers:
+    if isinstance(layer, layers.Conv2D):
+      layer.own_gradients = False  # it never trains: its graph, and the export's, need no gradient function
   sources = {w.path: w for w in model.weights}
   if sorted(sources) != sorted(w.path for w in served.weights):
     raise ValueError(f"the serving copy of {model.name} has other weights than the trained model")
@@ -118,9 +122,7 @@ def export(model, path: str, *, mean, std, class_names, tta: str = "none", versi
   the newest `keep_versions` are kept. `version` is the train step of the weights."""
   module = Serving(model, mean, std, class_names, tta)
   tmp = fileio.temp_name(path)
-  # Without layers.Conv2D's own gradient functions: an export serves, and its graph is the smaller for it.
-  tf.saved_model.save(module, tmp, signatures=module.signatures(),
-                      options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
+  tf.saved_model.save(module, tmp, signatures=module.signatures())
   write_warmup(os.path.join(tmp, WARMUP_FILE), warmup_requests(module))
   with tf.io.gfile.GFile(os.path.join(tmp, DESCRIPTION_FILE), "w") as f:
     json.dump(describe(model, version, mean=mean, std=std, tta=tta), f, indent=2, sort_keys=True)

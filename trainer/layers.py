@@ -117,6 +117,8 @@ class Conv2D(keras.layers.Conv2D):
   # Pixels: the largest maps whose kernel gradient is by shifted matmuls (float32; other precisions); on larger
   # ones oneDNN's own is the faster (bf16 at 15x15; float32 at 7x7, where the shifted copies cost more).
   small_map, small_map_float32 = 64, 9
+  # False for inference-only copies (export.serving_model): their graphs then hold no gradient functions.
+  own_gradients = True
 
   def _own_gradients(self, inputs) -> tuple[bool, bool]:
     """(the kernel's gradient by shifted matmuls, the input's gradient as a forward conv) for `inputs`."""
@@ -127,6 +129,7 @@ class Conv2D(keras.layers.Conv2D):
                 and not tf.config.list_logical_devices("GPU"))
     float32 = inputs.dtype == tf.float32
     small_map = self.small_map_float32 if float32 else self.small_map
+    eligible = eligible and self.own_gradients
     return eligible and height * width <= small_map, eligible and float32
 
   def convolution_op(self, inputs, kernel):
