@@ -105,17 +105,18 @@ def _kernel_gradient_by_shifts(x, dy, kernel_shape):
 
 
 class Conv2D(keras.layers.Conv2D):
-  """Keras's Conv2D with oneDNN's backward kernels replaced, on a CPU, for stride-1 "same" convs with odd
-  kernels, where they run far below the forward conv (docs/results.md, the step op by op):
+  """Keras's Conv2D with TensorFlow's backward kernels (oneDNN's where TensorFlow turns it on, else Eigen's)
+  replaced, on a CPU, for stride-1 "same" convs with odd kernels, where they run far below the forward conv
+  (docs/results.md, the step op by op):
   - the kernel's gradient on small maps (float32: 3x3; other precisions, measured in bf16: at most 8x8): one
-    matmul per kernel tap (oneDNN's ran at a third to a half of the machine's rate there);
+    matmul per kernel tap (oneDNN's bf16 ran at a third to a half of the machine's rate there);
   - in float32, the input's gradient: a forward conv of the output's gradient with the kernel flipped and
-    its channels swapped (oneDNN's float32 backward-data conv ran at 13-96% of its forward on AVX2).
+    its channels swapped (TensorFlow's float32 backward-data conv ran at 13-96% of its forward on an AVX2 CPU).
   Same weights, forward pass and gradients (to float rounding).
   """
 
   # Pixels: the largest maps whose kernel gradient is by shifted matmuls (float32; other precisions); on larger
-  # ones oneDNN's own is the faster (bf16 at 15x15; float32 at 7x7, where the shifted copies cost more).
+  # ones TensorFlow's own is the faster (bf16 at 15x15; float32 at 7x7, where the shifted copies cost more).
   small_map, small_map_float32 = 64, 9
   # False for inference-only copies (export.serving_model): their graphs then hold no gradient functions.
   own_gradients = True
