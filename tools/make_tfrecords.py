@@ -5,7 +5,7 @@ r"""Turns CIFAR-10, CIFAR-100 or your own images into sharded TFRecords plus `ma
   python -m tools.make_tfrecords --source=cifar-100-python.tar.gz --label=coarse --output_dir=/data/c100-coarse
   python -m tools.make_tfrecords --source=photos/ --image_size=64 --output_dir=/data/photos64
   python -m tools.make_tfrecords --source=cifar-10-python.tar.gz --output_dir=gs://bucket/cifar10
-  python -m tools.make_tfrecords --source=../shared/data/cifar10-jpeg-train.tar.gz --output_dir=/tmp/c10
+  python -m tools.make_tfrecords --source=jpegs.tar.gz --output_dir=/tmp/c10   # a tar.gz of class folders of JPEGs
   python -m tools.make_tfrecords --source=synthetic --output_dir=/tmp/fake
   python -m tools.make_tfrecords --verify --output_dir=/tmp/c10
 
