@@ -124,13 +124,12 @@ class Conv2D(keras.layers.Conv2D):
   def _own_gradients(self, inputs) -> tuple[bool, bool]:
     """(the kernel's gradient by shifted matmuls, the input's gradient as a forward conv) for `inputs`."""
     height, width = inputs.shape[1], inputs.shape[2]
-    eligible = (self.data_format == "channels_last" and self.groups == 1 and tuple(self.strides) == (1, 1)
-                and tuple(self.dilation_rate) == (1, 1) and self.padding == "same"
+    eligible = (self.own_gradients and self.data_format == "channels_last" and self.groups == 1
+                and tuple(self.strides) == (1, 1) and tuple(self.dilation_rate) == (1, 1) and self.padding == "same"
                 and all(k % 2 for k in self.kernel_size) and height is not None and width is not None
                 and not tf.config.list_logical_devices("GPU"))
     float32 = inputs.dtype == tf.float32
     small_map = self.small_map_float32 if float32 else self.small_map
-    eligible = eligible and self.own_gradients
     return eligible and height * width <= small_map, eligible and float32
 
   def convolution_op(self, inputs, kernel):
