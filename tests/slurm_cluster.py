@@ -6,7 +6,10 @@ The node is modelled as sites run theirs, not as loopback would have it: its Nod
 resolvable host name (NodeAddr=127.0.0.1; slurmd starts as it with -N), it declares more CPUs than the
 machine has (SlurmdParameters=config_overrides) and 4 GPUs whose device files are links to /dev/null
 (SLURM then sets each task's CUDA_VISIBLE_DEVICES; TensorFlow sees none), and steps get reserved ports
-(MpiParams=ports), so that the repository's batch script runs as submitted."""
+(MpiParams=ports), so that the repository's batch script runs as submitted. MessageTimeout is above
+KillWait, as BUILD.md advises sites: slurmd answers a step's kill (srun --kill-on-bad-exit) only once its
+tasks are gone, up to KillWait, and slurmctld resends an unanswered kill 60 s later, when it cancelled the
+requeued job's step of the same id (JobId.0)."""
 
 import os
 import shutil
@@ -88,6 +91,7 @@ MpiDefault=none
 ReturnToService=2
 MinJobAge=600
 KillWait=10
+MessageTimeout=30
 SchedulerParameters=sched_interval=2
 SlurmdParameters=config_overrides
 GresTypes=gpu
