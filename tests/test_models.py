@@ -194,8 +194,9 @@ def test_xla_gelu_while_training_equals_tensorflows(dtype, tol, monkeypatch):
     ("float32", 5, 9, 13), ("mixed_bfloat16", 3, 15, 15), ("float32", 3, 3, 3), ("float32", (3, 5), 9, 13),
     ("mixed_bfloat16", (5, 3), 7, 7)])
 def test_conv_gradients_of_our_kernels_match_keras_conv(policy, kernel, height, width):
-  """layers.Conv2D's own backward kernels (the kernel's gradient by shifted matmuls on small maps, in float32
-  the input's as a forward conv) give Keras's Conv2D's gradients, and run where they are meant to."""
+  """layers.Conv2D's own backward kernels (in float32 both gradients as forward convs, in 5- and 2-image
+  groups for the kernel's; else the kernel's gradient by shifted matmuls on small maps) give Keras's Conv2D's
+  gradients, and run where they are meant to."""
   if tf.config.list_logical_devices("GPU"):
     pytest.skip("layers.Conv2D takes Keras's own gradients on a GPU")
   rng = np.random.default_rng(3)
@@ -205,14 +206,15 @@ def test_conv_gradients_of_our_kernels_match_keras_conv(policy, kernel, height, 
   for layer in pair:
     layer.build(x.shape)
   pair[1].kernel.assign(pair[0].kernel)
-  forward_input_gradient = policy == "float32"
-  small_map = layers.Conv2D.small_map_float32 if forward_input_gradient else layers.Conv2D.small_map
-  by_shifts = height * width <= small_map
-  assert pair[1]._own_gradients(tf.cast(x, pair[1].compute_dtype)) == (by_shifts, forward_input_gradient)
+  pair[1].images_per_conv = 5  # 6 images: a group of 5 and one of 1
+  float32 = policy == "float32"
+  kernel_way = "conv" if float32 else "shifts" if height * width <= layers.Conv2D.small_map else None
+  assert pair[1]._own_gradients(tf.cast(x, pair[1].compute_dtype)) == (kernel_way, float32)
   (y0, g0), (y1, g1) = [_train_call(layer, x, projection) for layer in pair]
-  ops = {op.type for op in _train_step(pair[1], projection).get_concrete_function(x).graph.get_operations()}
-  assert ("Conv2DBackpropFilter" in ops) == (not by_shifts), ops
-  assert ("Conv2DBackpropInput" in ops) == (not forward_input_gradient), ops
+  ops = [op.type for op in _train_step(pair[1], projection).get_concrete_function(x).graph.get_operations()]
+  assert ("Conv2DBackpropFilter" in ops) == (kernel_way is None), ops
+  assert ("Conv2DBackpropInput" in ops) == (not float32), ops
+  assert ops.count("Conv2D") == (4 if float32 else 1), ops  # forward, input gradient, kernel's in 2 groups
   tol = 1e-5 if policy == "float32" else 3e-2
   np.testing.assert_allclose(np.float32(y1), np.float32(y0), atol=tol)
   for a, b in zip(g1, g0):  # the input's gradient, then the kernel's
@@ -228,4 +230,4 @@ def test_conv_keeps_keras_gradients_where_ours_do_not_hold(settings):
   layer = layers.Conv2D(4, **{"padding": "same", **settings})
   x = tf.zeros([2, 3, 3, 5])
   layer.build(x.shape)
-  assert layer._own_gradients(x) == (False, False)
+  assert layer._own_gradients(x) == (None, False)

@@ -223,7 +223,8 @@ def op_profile(window, layer_names: set[str], optimizer_name: str) -> tuple[coll
   thread (main() sets it for --ops) they add up to about the wall time. part is the model layer whose name
   scope holds the op, "optimizer" or "other"; direction "forward" or "backward" (under the gradient tape)
   for a layer's ops, "" for the others;
-  op the kernel's type without oneDNN's _Mkl/_MklNative prefix, or "XLA fusion" (the compiled GELU)."""
+  op the kernel's type without oneDNN's _Mkl/_MklNative prefix, "(kernel gradient)" added for the ops of
+  layers.Conv2D's own kernel gradient, or "XLA fusion" (the compiled GELU)."""
   with tempfile.TemporaryDirectory() as logdir:
     tf.profiler.experimental.start(logdir)
     start = time.perf_counter()
@@ -245,7 +246,8 @@ def op_profile(window, layer_names: set[str], optimizer_name: str) -> tuple[coll
                       "optimizer" if _unnumbered(optimizer_name) in parts else "other")
           backward = {"gradient_tape", "gradient"} & set(parts)  # the second: layers.Conv2D's own gradient
           direction = ("backward" if backward else "forward") if part in layer_names else ""
-          seconds[part, direction, re.sub(r"^_Mkl(Native)?", "", op)] += secs
+          op = re.sub(r"^_Mkl(Native)?", "", op) + (" (kernel gradient)" if "kernel_gradient" in parts else "")
+          seconds[part, direction, op] += secs
         elif name.endswith("fusion") or re.search(r"fusion\.\d+$", name):
           seconds["gelu (XLA)", "", "XLA fusion"] += secs
   return seconds, wall

@@ -104,37 +104,63 @@ def _kernel_gradient_by_shifts(x, dy, kernel_shape):
   return tf.reshape(tf.stack(taps), kernel_shape)
 
 
+def _kernel_gradient_as_forward_conv(x, dy, kernel_shape, images_per_conv: int):
+  """The same gradient as one forward conv per group of `images_per_conv` images, summed: dW[i, j, c, o] is
+  the sum over images and pixels of x_padded[n, p + (i, j), c] dy[n, p, o], i.e. a "valid" conv of the
+  padded input with the images as its channels and the input's channels as its batch, by the output's
+  gradient as the kernel ([H, W, images, c_out]), which gives [c_in, kh, kw, c_out]."""
+  kh, kw, c_in, c_out = kernel_shape
+  padded = tf.pad(x, [[0, 0], [kh // 2, kh // 2], [kw // 2, kw // 2], [0, 0]])
+  batch = x.shape[0]
+  if batch is None or batch <= images_per_conv:
+    sizes = None
+  else:
+    sizes = [images_per_conv] * (batch // images_per_conv) + ([batch % images_per_conv] if batch % images_per_conv else [])
+  pieces = zip(tf.split(padded, sizes), tf.split(dy, sizes)) if sizes else [(padded, dy)]
+  total = tf.add_n([tf.nn.conv2d(tf.transpose(p, [3, 1, 2, 0]), tf.transpose(d, [1, 2, 0, 3]), 1, "VALID")
+                    for p, d in pieces])
+  return tf.transpose(total, [1, 2, 0, 3])
+
+
 class Conv2D(keras.layers.Conv2D):
   """Keras's Conv2D with TensorFlow's backward kernels (oneDNN's where TensorFlow turns it on, else Eigen's)
   replaced, on a CPU, for stride-1 "same" convs with odd kernels, where they run far below the forward conv
   (docs/results.md, the step op by op):
-  - the kernel's gradient on small maps (float32: 3x3; other precisions, measured in bf16: at most 8x8): one
-    matmul per kernel tap (oneDNN's bf16 ran at a third to a half of the machine's rate there);
-  - in float32, the input's gradient: a forward conv of the output's gradient with the kernel flipped and
-    its channels swapped (TensorFlow's float32 backward-data conv ran at 13-96% of its forward on an AVX2 CPU).
+  - in float32, both gradients as forward convs: the input's, a conv of the output's gradient with the
+    kernel flipped and its channels swapped (TensorFlow's float32 backward-data conv ran at 13-96% of its
+    forward on an AVX2 CPU); the kernel's, a conv of the input with the images as channels by the output's
+    gradient (`_kernel_gradient_as_forward_conv`);
+  - in other precisions (measured in bf16), the kernel's gradient on maps of at most 8x8: one matmul per
+    kernel tap (oneDNN's bf16 ran at a third to a half of the machine's rate there).
   Same weights, forward pass and gradients (to float rounding).
   """
 
-  # Pixels: the largest maps whose kernel gradient is by shifted matmuls (float32; other precisions); on larger
-  # ones TensorFlow's own is the faster (bf16 at 15x15; float32 at 7x7, where the shifted copies cost more).
-  small_map, small_map_float32 = 64, 9
+  # Pixels: the largest maps whose kernel gradient is by shifted matmuls (not float32); on larger ones
+  # oneDNN's bf16 kernel gradient is the faster (measured at 15x15).
+  small_map = 64
+  # Images per forward conv of the float32 kernel gradient: groups of this size ran faster than the whole
+  # batch in one conv (docs/results.md).
+  images_per_conv = 256
   # False for inference-only copies (export.serving_model): their graphs then hold no gradient functions.
   own_gradients = True
 
-  def _own_gradients(self, inputs) -> tuple[bool, bool]:
-    """(the kernel's gradient by shifted matmuls, the input's gradient as a forward conv) for `inputs`."""
+  def _own_gradients(self, inputs) -> tuple[str | None, bool]:
+    """(how the kernel's gradient is computed: "conv", "shifts" or None for TensorFlow's own; whether the
+    input's gradient is a forward conv) for `inputs`."""
     height, width = inputs.shape[1], inputs.shape[2]
     eligible = (self.own_gradients and self.data_format == "channels_last" and self.groups == 1
                 and tuple(self.strides) == (1, 1) and tuple(self.dilation_rate) == (1, 1) and self.padding == "same"
                 and all(k % 2 for k in self.kernel_size) and height is not None and width is not None
                 and not tf.config.list_logical_devices("GPU"))
-    float32 = inputs.dtype == tf.float32
-    small_map = self.small_map_float32 if float32 else self.small_map
-    return eligible and height * width <= small_map, eligible and float32
+    if not eligible:
+      return None, False
+    if inputs.dtype == tf.float32:
+      return "conv", True
+    return ("shifts" if height * width <= self.small_map else None), False
 
   def convolution_op(self, inputs, kernel):
-    by_shifts, forward_input_gradient = self._own_gradients(inputs)
-    if not (by_shifts or forward_input_gradient):
+    kernel_way, forward_input_gradient = self._own_gradients(inputs)
+    if not (kernel_way or forward_input_gradient):
       return super().convolution_op(inputs, kernel)
     kernel = tf.cast(kernel, inputs.dtype)
 
@@ -148,11 +174,13 @@ class Conv2D(keras.layers.Conv2D):
           else:
             dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=tf.shape(x), filter=kernel, out_backprop=dy,
                                                 strides=[1, 1, 1, 1], padding="SAME")
-          if by_shifts:
-            dkernel = _kernel_gradient_by_shifts(x, dy, kernel.shape)
-          else:
-            dkernel = tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=tf.shape(kernel), out_backprop=dy,
-                                                      strides=[1, 1, 1, 1], padding="SAME")
+          with tf.name_scope("kernel_gradient"):  # apart from the input's in benchmark_step's op profile
+            if kernel_way == "conv":
+              dkernel = _kernel_gradient_as_forward_conv(x, dy, kernel.shape, self.images_per_conv)
+            else:
+              dkernel = _kernel_gradient_by_shifts(x, dy, kernel.shape) if kernel_way == "shifts" else \
+                  tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=tf.shape(kernel), out_backprop=dy,
+                                                  strides=[1, 1, 1, 1], padding="SAME")
           return dx, dkernel
       return tf.nn.conv2d(x, kernel, 1, "SAME"), grad
 
