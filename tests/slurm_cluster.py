@@ -8,8 +8,8 @@ machine has (SlurmdParameters=config_overrides) and 4 GPUs whose device files ar
 (SLURM then sets each task's CUDA_VISIBLE_DEVICES; TensorFlow sees none), and steps get reserved ports
 (MpiParams=ports), so that the repository's batch script runs as submitted. MessageTimeout is above
 KillWait, as BUILD.md advises sites: slurmd answers a step's kill (srun --kill-on-bad-exit) only once its
-tasks are gone, up to KillWait, and slurmctld resends an unanswered kill 60 s later, when it cancelled the
-requeued job's step of the same id (JobId.0)."""
+tasks are gone, up to KillWait, and slurmctld resends an unanswered kill 60 s later, which then cancelled
+the requeued job's step of the same id (JobId.0)."""
 
 import os
 import shutil

@@ -194,8 +194,8 @@ def test_xla_gelu_while_training_equals_tensorflows(dtype, tol, monkeypatch):
     ("float32", 5, 9, 13), ("mixed_bfloat16", 3, 15, 15), ("float32", 3, 3, 3), ("float32", (3, 5), 9, 13),
     ("mixed_bfloat16", (5, 3), 7, 7)])
 def test_conv_gradients_of_our_kernels_match_keras_conv(policy, kernel, height, width):
-  """layers.Conv2D's own backward kernels (in float32 both gradients as forward convs, in 5- and 2-image
-  groups for the kernel's; else the kernel's gradient by shifted matmuls on small maps) give Keras's Conv2D's
+  """layers.Conv2D's own backward kernels (in float32 both gradients as forward convs, in groups of 5 and 1
+  images for the kernel's; else the kernel's gradient by shifted matmuls on small maps) give Keras's Conv2D's
   gradients, and run where they are meant to."""
   if tf.config.list_logical_devices("GPU"):
     pytest.skip("layers.Conv2D takes Keras's own gradients on a GPU")

@@ -115,7 +115,8 @@ def _kernel_gradient_as_forward_conv(x, dy, kernel_shape, images_per_conv: int):
   if batch is None or batch <= images_per_conv:
     sizes = None
   else:
-    sizes = [images_per_conv] * (batch // images_per_conv) + ([batch % images_per_conv] if batch % images_per_conv else [])
+    rest = [batch % images_per_conv] if batch % images_per_conv else []
+    sizes = [images_per_conv] * (batch // images_per_conv) + rest
   pieces = zip(tf.split(padded, sizes), tf.split(dy, sizes)) if sizes else [(padded, dy)]
   total = tf.add_n([tf.nn.conv2d(tf.transpose(p, [3, 1, 2, 0]), tf.transpose(d, [1, 2, 0, 3]), 1, "VALID")
                     for p, d in pieces])
@@ -129,7 +130,7 @@ class Conv2D(keras.layers.Conv2D):
   - in float32, both gradients as forward convs: the input's, a conv of the output's gradient with the
     kernel flipped and its channels swapped (TensorFlow's float32 backward-data conv ran at 13-96% of its
     forward on an AVX2 CPU); the kernel's, a conv of the input with the images as channels by the output's
-    gradient (`_kernel_gradient_as_forward_conv`);
+    gradient (`_kernel_gradient_as_forward_conv`; measured where TensorFlow runs without oneDNN only);
   - in other precisions (measured in bf16), the kernel's gradient on maps of at most 8x8: one matmul per
     kernel tap (oneDNN's bf16 ran at a third to a half of the machine's rate there).
   Same weights, forward pass and gradients (to float rounding).
@@ -138,8 +139,8 @@ class Conv2D(keras.layers.Conv2D):
   # Pixels: the largest maps whose kernel gradient is by shifted matmuls (not float32); on larger ones
   # oneDNN's bf16 kernel gradient is the faster (measured at 15x15).
   small_map = 64
-  # Images per forward conv of the float32 kernel gradient: groups of this size ran faster than the whole
-  # batch in one conv (docs/results.md).
+  # Images per forward conv of the float32 kernel gradient: groups of about this size ran as fast as the
+  # whole batch in one conv or faster (docs/results.md; measured only where TensorFlow runs without oneDNN).
   images_per_conv = 256
   # False for inference-only copies (export.serving_model): their graphs then hold no gradient functions.
   own_gradients = True
@@ -177,10 +178,8 @@ class Conv2D(keras.layers.Conv2D):
           with tf.name_scope("kernel_gradient"):  # apart from the input's in benchmark_step's op profile
             if kernel_way == "conv":
               dkernel = _kernel_gradient_as_forward_conv(x, dy, kernel.shape, self.images_per_conv)
-            else:
-              dkernel = _kernel_gradient_by_shifts(x, dy, kernel.shape) if kernel_way == "shifts" else \
-                  tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=tf.shape(kernel), out_backprop=dy,
-                                                  strides=[1, 1, 1, 1], padding="SAME")
+            else:  # "shifts" (bf16): its other maps keep Keras's gradients whole (convolution_op's first return)
+              dkernel = _kernel_gradient_by_shifts(x, dy, kernel.shape)
           return dx, dkernel
       return tf.nn.conv2d(x, kernel, 1, "SAME"), grad
 
