@@ -239,6 +239,28 @@ def test_a_task_started_long_before_the_chief_waits_as_long_as_the_chief():
   assert all(results[i] == [{"problem": None, "n": n} for n in range(3)] for i in range(3)), results
 
 
+def test_the_trainer_refuses_a_bad_flag_before_importing_tensorflow():
+  """`import trainer` (which picks the host allocator) and the trainer's flag parsing import no TensorFlow,
+  so a mistyped key is refused before TensorFlow's seconds-long import (main.py)."""
+  code = "import sys, trainer.main; print('tensorflow' in sys.modules)"
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert result.stdout.split() == ["False"], result.stdout + result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("setting", [None, "0", "1"])
+def test_the_allocator_choice_knows_when_tensorflow_runs_onednn(setting):
+  """trainer/cpu.py's rule, read without TensorFlow, against TensorFlow's own answer on this CPU."""
+  env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+  if setting is not None:
+    env["TF_ENABLE_ONEDNN_OPTS"] = setting
+  code = ("from trainer import cpu; from tensorflow.python.util import _pywrap_util_port as port; "
+          "print(cpu.onednn_enabled(), port.IsMklEnabled())")
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+  ours, tensorflows = result.stdout.split()[-2:]
+  assert ours == tensorflows, result.stdout + result.stderr[-2000:]
+
+
 _ALLOCATIONS = r"""
 import resource
 import tensorflow as tf

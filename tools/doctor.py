@@ -24,6 +24,7 @@ from ml_collections import config_flags
 import numpy as np
 import tensorflow as tf
 
+from trainer import cpu
 from trainer import distribute
 from trainer import gpus as gpus_lib
 from trainer import main as trainer_main
@@ -59,7 +60,7 @@ def check_devices(report: Report, on_cpu: bool = False) -> list:
   hardware = precision.detect(on_cpu)  # the config's logical_cpus trains on the CPU, as in the trainer
   bf16 = ("bf16 kernels (AMX)" if "amx_bf16" in hardware.cpu_flags else "bf16 kernels (AVX512_BF16)"
           if precision.cpu_has_bf16(hardware.cpu_flags) else "no bf16 kernels: bf16 is converted in software")
-  report.line("OK", "cpu", f"{precision.cpu_model()}, {os.cpu_count()} cores; {bf16}")
+  report.line("OK", "cpu", f"{cpu.model()}, {os.cpu_count()} cores; {bf16}")
   policy, why = precision.choose(hardware)
   report.line("OK", "precision", f"mixed_precision=auto trains in {policy} here ({why})")
   gpus = tf.config.list_physical_devices("GPU")

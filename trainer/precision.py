@@ -9,9 +9,10 @@ makes in the trainer and tools.doctor reports.
 """
 
 import dataclasses
-import platform
 
 import tensorflow as tf
+
+from trainer import cpu
 
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 CHOICES = POLICIES + ("auto",)
@@ -25,26 +26,6 @@ class Hardware:
   cpu_flags: frozenset[str] = frozenset()
 
 
-def _cpuinfo(key: str) -> str | None:
-  """The first value of `key` in /proc/cpuinfo (Linux); None elsewhere."""
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.split(":", 1)[0].strip() == key:
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return None
-
-
-def cpu_flags() -> frozenset[str]:
-  return frozenset((_cpuinfo("flags") or "").split())
-
-
-def cpu_model() -> str:
-  return _cpuinfo("model name") or platform.processor() or "unknown"
-
-
 def cpu_has_bf16(flags: frozenset[str]) -> bool:
   """Whether oneDNN has bf16 kernels on a CPU with these flags: AVX512_BF16 or AMX."""
   return bool(set(BF16_CPU_FLAGS) & flags)
@@ -56,7 +37,7 @@ def detect(on_cpu: bool = False) -> Hardware:
       (details.get("device_name", gpu.name), details.get("compute_capability"))
       for gpu in tf.config.list_physical_devices("GPU")
       for details in [tf.config.experimental.get_device_details(gpu)])
-  return Hardware(gpus, cpu_flags())
+  return Hardware(gpus, cpu.flags())
 
 
 def fast_bf16(hardware: Hardware) -> bool:
