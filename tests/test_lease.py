@@ -83,6 +83,43 @@ def test_a_refused_start_leaves_the_workdir_as_it_was(tmp_path):
   assert os.listdir(existing) == ["config.json"]
 
 
+def test_a_start_beside_a_holder_stopped_inside_the_lock_refuses_instead_of_waiting_forever(tmp_path, monkeypatch):
+  """A holder stopped (SIGSTOP, `scontrol suspend`) or hung on its filesystem while it takes or renews the
+  lease keeps lease.lock: the next start waited in fcntl.lockf for ever (the CI at e039d07 timed out in
+  test_startup's workdir test, whose SIGSTOP can land inside the lock)."""
+  import threading  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "lease.json").write_text(json.dumps(lease_lib.holder("0123456789ab", 60)))
+  locker = subprocess.Popen(
+      [sys.executable, "-c", "import fcntl, sys, time\n"
+       f"f = open({str(workdir / 'lease.lock')!r}, 'a'); fcntl.lockf(f, fcntl.LOCK_EX); print(flush=True); "
+       "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+  try:
+    locker.stdout.readline()  # it holds the lock
+    monkeypatch.setattr(lease_lib, "LOCK_WAIT_SECS", 1, raising=False)
+    outcome = []
+
+    def take():
+      try:
+        outcome.append(lease_lib.acquire(str(workdir), 60))
+      except TrainingError as e:
+        outcome.append(e)
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "the start still waits for lease.lock"
+  finally:
+    locker.kill()
+    locker.wait()
+  error, = outcome
+  assert isinstance(error, TrainingError), error
+  assert re.match(rf"^workdir {re.escape(str(workdir))}: its lease lock \S+lease.lock has been held for over 1 s "
+                  r"by another process", str(error)), error
+  assert "pid" in str(error) and "0123456789ab" in str(error)  # the holder the lease names
+
+
 @pytest.mark.parametrize("value", [0, -1, "60", True])
 def test_lease_secs_must_be_positive_seconds(tmp_path, value):
   with pytest.raises(TrainingError, match=r"^lease_secs=.* must be a number of seconds > 0$"):

@@ -1,6 +1,7 @@
 """Start-up as a cluster's first day meets it: GPUs given but not seen, a task that never comes, a task that
 refuses before its strategy exists, two tasks given one GPU."""
 
+import fcntl
 import os
 import signal
 import socket
@@ -180,7 +181,9 @@ def test_one_run_per_workdir_and_a_killed_holder_is_taken_over(synthetic_dir, tm
   lease = os.path.join(shared, "lease.json")
   while not os.path.exists(lease) and first.procs[0].poll() is None:
     time.sleep(0.1)
-  first.procs[0].send_signal(signal.SIGSTOP)  # it holds the lease while the second starts, however fast this is
+  with open(os.path.join(shared, "lease.lock"), "a", encoding="utf-8") as lock:
+    fcntl.lockf(lock, fcntl.LOCK_EX)  # so that the SIGSTOP cannot land while the first is inside the lease's lock
+    first.procs[0].send_signal(signal.SIGSTOP)  # it holds the lease while the second starts, however fast this is
   try:
     second = _run(*trainer_main.command(SMOKE, shared, overrides)[4:])
   finally:

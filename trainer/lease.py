@@ -31,6 +31,7 @@ from trainer.faults import TrainingError
 
 FILENAME = "lease.json"
 LOCK = "lease.lock"  # local and shared filesystems only
+LOCK_WAIT_SECS = 30  # the lock is held for one small read and write; longer means its holder is stopped
 _JOB_VARIABLES = ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "CLOUD_ML_JOB_ID", "JOB_COMPLETION_INDEX")
 
 
@@ -95,11 +96,33 @@ class _Local:
   @contextlib.contextmanager
   def _locked(self):
     with open(self.lock, "a", encoding="utf-8") as f:
-      fcntl.lockf(f, fcntl.LOCK_EX)
+      self._wait_for_lock(f)
       try:
         yield
       finally:
         fcntl.lockf(f, fcntl.LOCK_UN)
+
+  def _wait_for_lock(self, f) -> None:
+    """Takes the lock, or refuses after LOCK_WAIT_SECS: a holder stopped (SIGSTOP, `scontrol suspend`) or hung
+    on its filesystem while inside it keeps it for as long as it is stopped, and a start must not wait on
+    it for ever."""
+    deadline = time.monotonic() + LOCK_WAIT_SECS
+    pause = 0.01
+    while True:
+      try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+      except (BlockingIOError, PermissionError):  # EAGAIN or EACCES, as the platform answers a held lock
+        if time.monotonic() >= deadline:
+          break
+      time.sleep(pause)
+      pause = min(pause * 2, 0.5)
+    found, _ = self.read()
+    workdir = os.path.dirname(self.path)
+    raise TrainingError(f"workdir {workdir}: its lease lock {self.lock} has been held for over {LOCK_WAIT_SECS:g} s "
+                        f"by another process, stopped or hung while taking or renewing the lease (the lease names "
+                        f"{describe(found) if found else 'nobody'}); resume or end that process, or give another "
+                        "workdir")
 
   def read(self) -> tuple[dict | None, object]:
     try:
