@@ -72,8 +72,10 @@ def test_benchmark_step_prints_mfu_fit_replica_ratios_kernels_layers_and_ops(syn
   forward = float(re.search(r"forward ([\d.]+) counted", out).group(1))
   assert flops >= 3 * forward > 0
   compute = benchmark_step.COMPUTE_DTYPES[precision.choose(precision.detect())[0]].name  # what `auto` picks here
-  assert re.search(rf"peak probe, conv 3x3 in {compute}: [\d,]+ GFLOP/s", out), out
-  assert re.search(r"^peak probe \(the faster of the two\) +median +[\d,.]+ +min +[\d,.]+ +max +[\d,.]+ GFLOP/s$", out, re.M), out
+  assert re.search(rf"peak probe, conv 3x3 \(500x15x15x256 -> 256\) in {compute}: [\d,]+ GFLOP/s", out), out
+  assert re.search(rf"peak probe, conv as group0_conv0 \(250x\d+x\d+x\d+ -> \d+\) in {compute}: [\d,]+ GFLOP/s",
+                   out), out  # the model's own shapes
+  assert re.search(r"^peak probe \(the fastest\) +median +[\d,.]+ +min +[\d,.]+ +max +[\d,.]+ GFLOP/s$", out, re.M), out
   for name in ("MFU", "custom loop / fit", "2 / 1 replicas"):
     assert float(re.search(rf"^{re.escape(name)}: ([\d.]+)$", out, re.M).group(1)) > 0, out
   lines = out.strip().splitlines()

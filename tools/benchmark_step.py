@@ -12,13 +12,15 @@ In one process, every train step fed one batch of the real train pipeline held i
      Newton-Schulz matmuls (Muon) counted from the kernels' shapes, per image at the run's batch. A slight
      overcount: the frozen first layer needs no gradient, and the next none for its input once the
      whitening bias freezes (deep.py: ~3%);
-  2. the machine's peak at the run's compute precision: the faster of a 3x3 convolution and a square
-     matmul, timed in this process in each window beside the steps (the machine's rate drifts);
+  2. the machine's peak at the run's compute precision: the fastest of a 3x3 convolution, a square matmul
+     and the forward conv of each of the model's conv layers (its own shapes), timed in this process in
+     each window beside the steps (the machine's rate drifts);
   3. the custom loop (trainer/steps.Learner) and `model.compile` + `model.fit` with the same model,
      optimizer, loss and steps per call, under the same strategy;
   4. 1 and 2 replicas at the same global batch (2 GPUs when the machine has them, else 2 logical CPUs).
 Windows alternate between the variants compared, so machine noise hits them alike; each figure is the
-median. The last lines are `MFU: X`, `custom loop / fit: R` and `2 / 1 replicas: R`.
+median, and each ratio the median of the ratios within a round. The last lines are `MFU: X`,
+`custom loop / fit: R` and `2 / 1 replicas: R`.
 """
 
 import collections
@@ -52,8 +54,8 @@ COMPUTE_DTYPES = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16, "mixed_f
 def define_flags():
   """Command-line flags; defined only when run as a program, so modules import side by side."""
   config_flags.DEFINE_config_file("config", None, "A training config, e.g. configs/deep.py.", lock_config=True)
-  flags.DEFINE_integer("steps", 2, "Train steps per timed window.", lower_bound=1)
-  flags.DEFINE_integer("windows", 3, "Timed windows per variant, after one warm-up window each.", lower_bound=1)
+  flags.DEFINE_integer("steps", 1, "Train steps per timed window.", lower_bound=1)
+  flags.DEFINE_integer("windows", 5, "Timed windows per variant, after one warm-up window each.", lower_bound=1)
   flags.DEFINE_bool("fit", True, "Compare with model.fit.")
   flags.DEFINE_bool("replicas", True, "Compare 2 replicas with 1 at the same global batch.")
   flags.DEFINE_bool("layers", False, "Also time each layer's forward and backward pass alone.")
@@ -107,15 +109,28 @@ def optimizer_flops(config, model: keras.Model) -> float:
   return total
 
 
-def peak_probe(dtype: tf.DType, repeats: int = 3):
-  """A function returning {probe: FLOP/s}: a 3x3 convolution (500 x 15 x 15 x 256 -> 256) and a 2048^3
-  matmul in `dtype`, the best of `repeats` calls each. Built and warmed up once; main() calls it once per
-  window beside the steps, as a machine's rate drifts between minutes (docs/results.md, "The step on Xeon-AMX")."""
+def peak_probe(dtype: tf.DType, model: keras.Model | None = None, images: int = 250, repeats: int = 3):
+  """A function returning {probe: FLOP/s}: a 3x3 convolution (500 x 15 x 15 x 256 -> 256), a 2048^3 matmul,
+  and the forward conv of each of `model`'s Conv2D layers over `images` images, in `dtype`, the best of
+  `repeats` calls each. The model's own shapes make it a ceiling for the step: the step's convs ran faster
+  than the 3x3 probe on some hosts (an MFU above 1, docs/results.md). Built and warmed up once; main()
+  calls it once per window beside the steps, as a machine's rate drifts between minutes (docs/results.md,
+  "The step on Xeon-AMX")."""
   rng = tf.random.Generator.from_seed(0)
-  images, kernel = tf.cast(rng.normal([500, 15, 15, 256]), dtype), tf.cast(rng.normal([3, 3, 256, 256]), dtype)
-  a, b = tf.cast(rng.normal([2048, 2048]), dtype), tf.cast(rng.normal([2048, 2048]), dtype)
-  probes = {"conv 3x3": (tf.function(lambda: tf.nn.conv2d(images, kernel, 1, "SAME")), 2 * 500 * 15 * 15 * 9 * 256 * 256),
-            "matmul 2048^3": (tf.function(lambda: a @ b), 2 * 2048 ** 3)}
+  normal = lambda shape: tf.cast(rng.normal(shape), dtype)
+  images_3x3, kernel_3x3, a, b = normal([500, 15, 15, 256]), normal([3, 3, 256, 256]), normal([2048] * 2), normal([2048] * 2)
+  # Each probe is one op, run eagerly: a tf.function would add nothing but tracing.
+  probes = {"conv 3x3 (500x15x15x256 -> 256)": (lambda: tf.nn.conv2d(images_3x3, kernel_3x3, 1, "SAME"),
+                                                2 * 500 * 15 * 15 * 9 * 256 * 256),
+            "matmul 2048^3": (lambda: a @ b, 2 * 2048 ** 3)}
+  for layer in (model.layers if model else ()):
+    if isinstance(layer, keras.layers.Conv2D) and layer.groups == 1 and layer.data_format == "channels_last":
+      x, kernel = normal([images, *layer.input.shape[1:]]), normal(layer.kernel.shape)
+      conv = lambda x=x, kernel=kernel, layer=layer: tf.nn.conv2d(x, kernel, layer.strides, layer.padding.upper(),
+                                                                  dilations=layer.dilation_rate)
+      out = layer.output.shape
+      flops = 2 * images * out[1] * out[2] * out[3] * int(np.prod(layer.kernel.shape[:-1]))
+      probes[f"conv as {layer.name} ({images}x{'x'.join(str(d) for d in x.shape[1:])} -> {out[3]})"] = (conv, flops)
   for probe, _ in probes.values():
     probe().numpy()
 
@@ -275,18 +290,24 @@ def print_op_profile(seconds: collections.Counter, wall: float, images: int) -> 
       print(f"{name:<40} {secs:>8.3f} {secs / total:>6.1%}")
 
 
-PEAK = "peak probe (the faster of the two)"
+PEAK = "peak probe (the fastest)"
 
 
-def compare(measures: dict, windows: int) -> dict[str, float]:
-  """Median rate of each of `measures` (name -> a function timing one window: images/s, or FLOP/s for the
-  PEAK probe), windows alternating."""
+def compare(measures: dict, windows: int) -> dict[str, list[float]]:
+  """The rates of each of `measures` (name -> a function timing one window: images/s, or FLOP/s for the
+  PEAK probe) in alternating windows, one per round; prints each one's median, min and max."""
   rates = benchmark_input.alternating_windows(measures, windows)
   for name, values in rates.items():
     scale, unit = (1e9, "GFLOP/s") if name == PEAK else (1, "images/s")
     print(f"{name:<44} median {statistics.median(values) / scale:>9,.1f}  min {min(values) / scale:>9,.1f}  "
           f"max {max(values) / scale:>9,.1f} {unit}")
-  return {name: statistics.median(values) for name, values in rates.items()}
+  return rates
+
+
+def paired(numerators: list[float], denominators: list[float]) -> float:
+  """The median of the ratios of windows of one round: each pair ran minutes apart at most, so the ratio
+  cancels the machine's drift over the run, which the ratio of two medians keeps."""
+  return statistics.median(n / d for n, d in zip(numerators, denominators))
 
 
 def kernels_comparison(config, strategy, manifest: dict, batch: dict, steps: int, windows: int) -> float:
@@ -296,9 +317,10 @@ def kernels_comparison(config, strategy, manifest: dict, batch: dict, steps: int
     variant = config.copy_and_resolve_references()
     variant.model.fast_kernels = fast
     measures[name] = custom_loop(variant, strategy, manifest, batch, steps)
-  rates = list(compare(measures, windows).values())
-  print(f"fast / keras: {rates[1] / rates[0]:.2f}")
-  return rates[1] / rates[0]
+  keras_rates, fast_rates = compare(measures, windows).values()
+  ratio = paired(fast_rates, keras_rates)
+  print(f"fast / keras: {ratio:.2f}")
+  return ratio
 
 
 def main(argv):
@@ -326,7 +348,7 @@ def main(argv):
   print(f"train step: {per_image / 1e9:.3f} GFLOP per image (forward {forward / 1e9:.3f} counted by "
         f"TensorFlow's profiler, x3 for forward + backward, + the optimizer's Newton-Schulz matmuls "
         f"{update / 1e9:.2f} GFLOP per step)")
-  probe = peak_probe(dtype)
+  probe = peak_probe(dtype, model)
   for name, rate in probe().items():
     print(f"peak probe, {name} in {dtype.name}: {rate / 1e9:,.0f} GFLOP/s")
 
@@ -340,7 +362,6 @@ def main(argv):
     print("2 / 1 replicas: skipped, this machine has 1 GPU")
   measures[PEAK] = lambda: max(probe().values())
   rates = compare(measures, FLAGS.windows)
-  peak = rates.pop(PEAK)
   if FLAGS.kernels:
     kernels_comparison(config, kinds[1], manifest, batch, FLAGS.steps, FLAGS.windows)
   if FLAGS.ops:
@@ -356,13 +377,15 @@ def main(argv):
     for name, shape, ms, gflops in profile or ():
       print(f"{name:<16} {shape:<12} {ms:>10.1f} {gflops:>9.1f}")
 
-  custom = rates["custom loop (steps.Learner), 1 replica"]
-  print(f"achieved: {custom * per_image / 1e9:,.0f} GFLOP/s at {custom:,.1f} images/s; peak {peak / 1e9:,.0f} GFLOP/s")
-  print(f"MFU: {custom * per_image / peak:.3f}")
+  custom, peak = rates["custom loop (steps.Learner), 1 replica"], rates[PEAK]
+  print(f"achieved: {statistics.median(custom) * per_image / 1e9:,.0f} GFLOP/s at {statistics.median(custom):,.1f} "
+        f"images/s; peak {statistics.median(peak) / 1e9:,.0f} GFLOP/s (medians); each ratio below is the median "
+        f"of its {FLAGS.windows} rounds' own")
+  print(f"MFU: {paired([c * per_image for c in custom], peak):.3f}")
   if "model.fit, 1 replica" in rates:
-    print(f"custom loop / fit: {custom / rates['model.fit, 1 replica']:.3f}")
+    print(f"custom loop / fit: {paired(custom, rates['model.fit, 1 replica']):.3f}")
   if "custom loop, 2 replicas" in rates:
-    print(f"2 / 1 replicas: {rates['custom loop, 2 replicas'] / custom:.3f}")
+    print(f"2 / 1 replicas: {paired(rates['custom loop, 2 replicas'], custom):.3f}")
 
 
 if __name__ == "__main__":
