@@ -82,7 +82,7 @@ def test_benchmark_step_prints_mfu_fit_replica_ratios_kernels_layers_and_ops(syn
   assert sum(l.startswith("train step, ") for l in lines) == 2
   assert any(re.fullmatch(r"fast / keras: \d+\.\d\d", l) for l in lines)
   layers = {l.split()[0] for l in lines[lines.index(next(l for l in lines if l.startswith("layer "))) + 1:]
-            if re.match(r"\w+ +[\dx]+ +[\d.]+ +[\d.]+$", l)}
+            if re.match(r"\w+ +[\dx]+ +[\d.]+ +[\d.]+ +[\d.]+$", l)}
   assert {"whiten", "group0_conv0", "group0_bn0", "logits"} <= layers, lines
   # The op profile of the real step: in bf16 smoke's 15x15 group takes oneDNN's kernel gradient (its 7x7
   # group the shifted matmuls), in float32 every kernel gradient is forward convs (layers.Conv2D).

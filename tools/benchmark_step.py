@@ -202,10 +202,12 @@ def keras_fit(config, strategy, manifest: dict, batch: dict, steps: int):
   return window
 
 
-def layer_profile(config, manifest: dict, repeats: int = 3) -> list[tuple[str, str, float, float]] | None:
-  """Each layer of the model alone, forward and backward (gradients of its input and weights) at the
-  run's global batch on one device: (name, output shape, ms, GFLOP/s from its forward FLOPs x3), slowest
-  first. None for a model that is not a chain of layers (resnet's skip connections)."""
+def layer_profile(config, manifest: dict, repeats: int = 3) -> list[tuple[str, str, float, float, float]] | None:
+  """Each layer of the model alone at the run's global batch on one device: (name, output shape, ms of its
+  forward and backward pass (gradients of its input and weights), GFLOP/s of that pass (its forward FLOPs
+  x3), GFLOP/s of its forward pass alone), slowest first: a backward pass well below its own forward
+  rate is a kernel short of the machine's. None for a model that is not a chain of layers (resnet's skip
+  connections)."""
   keras.mixed_precision.set_dtype_policy(config.mixed_precision)
   model = models.build(config.model, data.model_shape(manifest))
   if any(layer.input is not before.output for before, layer in zip(model.layers, model.layers[1:])):
@@ -219,17 +221,25 @@ def layer_profile(config, manifest: dict, repeats: int = 3) -> list[tuple[str, s
         y = layer(x, training=True)
         loss = tf.reduce_sum(tf.cast(y, tf.float32))
       return y, tape.gradient(loss, [x, *layer.trainable_variables])
-    traced = tf.function(step)
+    traced, forward = tf.function(step), tf.function(lambda x, layer=layer: layer(x, training=True))
     y, _ = traced(x)
-    best = float("inf")
-    for _ in range(repeats):
-      start = time.perf_counter()
-      tf.nest.map_structure(lambda t: t.numpy() if t is not None else None, traced(x))
-      best = min(best, time.perf_counter() - start)
+    both, alone = _best_seconds(traced, x, repeats), _best_seconds(forward, x, repeats)
     flops = _profiled_flops(layer, x.shape[1:]) * config.global_batch_size
-    rows.append((layer.name, "x".join(map(str, y.shape[1:])), best * 1e3, 3 * flops / best / 1e9))
+    rows.append((layer.name, "x".join(map(str, y.shape[1:])), both * 1e3, 3 * flops / both / 1e9,
+                 flops / alone / 1e9))
     x = tf.cast(y, tf.float32)
   return sorted(rows, key=lambda row: -row[2])
+
+
+def _best_seconds(function, x, repeats: int) -> float:
+  """The shortest of `repeats` calls of `function(x)` (traced and warmed up before), each to its results."""
+  function(x)
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    tf.nest.map_structure(lambda t: t.numpy() if t is not None else None, function(x))
+    best = min(best, time.perf_counter() - start)
+  return best
 
 
 def op_profile(window, layer_names: set[str], optimizer_name: str) -> tuple[collections.Counter, float]:
@@ -370,12 +380,13 @@ def main(argv):
                                {layer.name for layer in model.layers}, optimizer_name)
     print_op_profile(seconds, wall, FLAGS.steps * config.global_batch_size)
   if FLAGS.layers:
-    print(f"{'layer':<16} {'output':<12} {'ms fwd+bwd':>10} {'GFLOP/s':>9}  (batch {config.global_batch_size}, alone)")
+    print(f"{'layer':<16} {'output':<12} {'ms fwd+bwd':>10} {'GFLOP/s':>9} {'fwd alone':>9}  "
+          f"(batch {config.global_batch_size}, alone; GFLOP/s)")
     profile = layer_profile(config, manifest)
     if profile is None:
       print("layer profile: skipped, the model is not a chain of layers")
-    for name, shape, ms, gflops in profile or ():
-      print(f"{name:<16} {shape:<12} {ms:>10.1f} {gflops:>9.1f}")
+    for name, shape, ms, gflops, forward_gflops in profile or ():
+      print(f"{name:<16} {shape:<12} {ms:>10.1f} {gflops:>9.1f} {forward_gflops:>9.1f}")
 
   custom, peak = rates["custom loop (steps.Learner), 1 replica"], rates[PEAK]
   print(f"achieved: {statistics.median(custom) * per_image / 1e9:,.0f} GFLOP/s at {statistics.median(custom):,.1f} "
