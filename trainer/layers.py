@@ -112,12 +112,8 @@ def _kernel_gradient_as_forward_conv(x, dy, kernel_shape, images_per_conv: int):
   kh, kw, c_in, c_out = kernel_shape
   padded = tf.pad(x, [[0, 0], [kh // 2, kh // 2], [kw // 2, kw // 2], [0, 0]])
   batch = x.shape[0]
-  if batch is None or batch <= images_per_conv:
-    sizes = None
-  else:
-    rest = [batch % images_per_conv] if batch % images_per_conv else []
-    sizes = [images_per_conv] * (batch // images_per_conv) + rest
-  pieces = zip(tf.split(padded, sizes), tf.split(dy, sizes)) if sizes else [(padded, dy)]
+  starts = range(0, batch, images_per_conv) if batch else [0]  # an unknown batch: one conv
+  pieces = [(padded[i:i + images_per_conv], dy[i:i + images_per_conv]) if batch else (padded, dy) for i in starts]
   total = tf.add_n([tf.nn.conv2d(tf.transpose(p, [3, 1, 2, 0]), tf.transpose(d, [1, 2, 0, 3]), 1, "VALID")
                     for p, d in pieces])
   return tf.transpose(total, [1, 2, 0, 3])
@@ -145,23 +141,23 @@ class Conv2D(keras.layers.Conv2D):
   # False for inference-only copies (export.serving_model): their graphs then hold no gradient functions.
   own_gradients = True
 
-  def _own_gradients(self, inputs) -> tuple[str | None, bool]:
-    """(how the kernel's gradient is computed: "conv", "shifts" or None for TensorFlow's own; whether the
-    input's gradient is a forward conv) for `inputs`."""
+  def _own_gradients(self, inputs) -> str | None:
+    """How the kernel's gradient is computed for `inputs`: "conv" (float32: the input's gradient is a
+    forward conv too), "shifts", or None for Keras's own gradients, both of them."""
     height, width = inputs.shape[1], inputs.shape[2]
     eligible = (self.own_gradients and self.data_format == "channels_last" and self.groups == 1
                 and tuple(self.strides) == (1, 1) and tuple(self.dilation_rate) == (1, 1) and self.padding == "same"
                 and all(k % 2 for k in self.kernel_size) and height is not None and width is not None
                 and not tf.config.list_logical_devices("GPU"))
     if not eligible:
-      return None, False
+      return None
     if inputs.dtype == tf.float32:
-      return "conv", True
-    return ("shifts" if height * width <= self.small_map else None), False
+      return "conv"
+    return "shifts" if height * width <= self.small_map else None
 
   def convolution_op(self, inputs, kernel):
-    kernel_way, forward_input_gradient = self._own_gradients(inputs)
-    if not (kernel_way or forward_input_gradient):
+    kernel_way = self._own_gradients(inputs)
+    if kernel_way is None:
       return super().convolution_op(inputs, kernel)
     kernel = tf.cast(kernel, inputs.dtype)
 
@@ -169,7 +165,7 @@ class Conv2D(keras.layers.Conv2D):
     def conv(x, kernel):
       def grad(dy):
         with tf.name_scope(f"{self.name}/gradient"):  # the tape runs this outside the layer's scope
-          if forward_input_gradient:
+          if kernel_way == "conv":
             flipped = tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2])
             dx = tf.nn.conv2d(dy, flipped, 1, "SAME")
           else:
