@@ -222,6 +222,35 @@ def test_conv_gradients_of_our_kernels_match_keras_conv(policy, kernel, height, 
     np.testing.assert_allclose(np.float32(a) / scale, np.float32(b) / scale, atol=tol)
 
 
+@pytest.mark.parametrize("policy,shape", [("float32", (3, 7, 9, 5)), ("float32", (2, 6, 6, 4)),
+                                          ("mixed_bfloat16", (2, 5, 8, 3))])
+def test_max_pool_gradient_of_our_kernel_matches_keras_ties_included(policy, shape):
+  """layers.MaxPool2D's own gradient (one XLA kernel) routes each window's gradient to its first maximum,
+  as TensorFlow's MaxPoolGrad does: on inputs rounded to whole numbers, windows of 4 tie often; an odd last
+  row or column gets none."""
+  if tf.config.list_logical_devices("GPU"):
+    pytest.skip("layers.MaxPool2D takes TensorFlow's own gradient on a GPU")
+  rng = np.random.default_rng(5)
+  x = tf.constant(np.round(rng.normal(size=shape)), tf.float32)
+  projection = tf.constant(rng.normal(size=(shape[0], shape[1] // 2, shape[2] // 2, shape[3])), tf.float32)
+  pair = [cls(2, dtype=policy) for cls in (keras.layers.MaxPooling2D, layers.MaxPool2D)]
+  assert pair[1]._own_gradient(x)
+  (y0, (g0,)), (y1, (g1,)) = [_train_call(layer, x, projection) for layer in pair]
+  ops = [op.type for op in _train_step(pair[1], projection).get_concrete_function(x).graph.get_operations()]
+  assert "MaxPoolGrad" not in ops, ops
+  np.testing.assert_array_equal(np.float32(y1), np.float32(y0))
+  np.testing.assert_array_equal(np.float32(g1), np.float32(g0))
+  n, h, w, c = shape
+  windows = x.numpy()[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+  assert ((windows == windows.max(axis=(2, 4), keepdims=True)).sum(axis=(2, 4)) > 1).any()  # ties, and
+  assert np.count_nonzero(np.float32(g1)) == np.prod(projection.shape)  # each window's gradient in one element
+
+
+@pytest.mark.parametrize("settings", [dict(pool_size=3), dict(pool_size=2, strides=1), dict(pool_size=2, padding="same")])
+def test_max_pool_keeps_tensorflow_gradient_where_ours_does_not_hold(settings):
+  assert not layers.MaxPool2D(**settings)._own_gradient(tf.zeros([2, 6, 6, 3]))
+
+
 @pytest.mark.parametrize("settings", [dict(kernel_size=2), dict(kernel_size=3, strides=2),
                                       dict(kernel_size=3, dilation_rate=2), dict(kernel_size=3, padding="valid")])
 def test_conv_keeps_keras_gradients_where_ours_do_not_hold(settings):

@@ -249,7 +249,8 @@ def op_profile(window, layer_names: set[str], optimizer_name: str) -> tuple[coll
   scope holds the op, "optimizer" or "other"; direction "forward" or "backward" (under the gradient tape)
   for a layer's ops, "" for the others;
   op the kernel's type without oneDNN's _Mkl/_MklNative prefix, "(kernel gradient)" added for the ops of
-  layers.Conv2D's own kernel gradient, or "XLA fusion" (the compiled GELU)."""
+  layers.Conv2D's own kernel gradient, or "XLA fusion" (the compiled GELU and max-pool gradient, which the
+  profile does not tell apart)."""
   with tempfile.TemporaryDirectory() as logdir:
     tf.profiler.experimental.start(logdir)
     start = time.perf_counter()
@@ -274,7 +275,7 @@ def op_profile(window, layer_names: set[str], optimizer_name: str) -> tuple[coll
           op = re.sub(r"^_Mkl(Native)?", "", op) + (" (kernel gradient)" if "kernel_gradient" in parts else "")
           seconds[part, direction, op] += secs
         elif name.endswith("fusion") or re.search(r"fusion\.\d+$", name):
-          seconds["gelu (XLA)", "", "XLA fusion"] += secs
+          seconds["XLA (GELU, max-pool gradient)", "", "XLA fusion"] += secs
   return seconds, wall
 
 

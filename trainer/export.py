@@ -59,7 +59,7 @@ def serving_model(model: keras.Model, config, data: models.DataShape) -> keras.M
   finally:
     keras.mixed_precision.set_dtype_policy(previous)
   for layer in served.layers:
-    if isinstance(layer, layers.Conv2D):
+    if isinstance(layer, (layers.Conv2D, layers.MaxPool2D)):
       layer.own_gradients = False  # it never trains: its graph, and the export's, need no gradient function
   sources = {w.path: w for w in model.weights}
   if sorted(sources) != sorted(w.path for w in served.weights):

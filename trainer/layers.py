@@ -1,5 +1,5 @@
-"""The layers the models are built from where Keras's own are slower or missing: BatchNorm, Activation and
-Conv2D are Keras's layers with faster kernels (the same weights, config and results, so checkpoints and
+"""The layers the models are built from where Keras's own are slower or missing: BatchNorm, Activation,
+Conv2D and MaxPool2D are Keras's layers with faster kernels (the same weights, config and results, so checkpoints and
 exports do not depend on `model.fast_kernels`); PatchWhitening and PartialDirac are airbench's whitening
 conv and conv initialiser. Measured speed-ups: docs/results.md.
 """
@@ -90,6 +90,49 @@ class Activation(keras.layers.Activation):
     if self.activation is keras.activations.gelu:
       return _gelu_xla(inputs) if training else gelu_erf(inputs)
     return self.activation(inputs)
+
+
+@tf.function(jit_compile=True, autograph=False)
+def _max_pool_backward(x, y, dy):
+  """The input's gradient of a 2x2 stride-2 "valid" max pool of x giving y: each window's dy to its first
+  maximum in row-major order, as TensorFlow's MaxPoolGrad routes ties, 0 elsewhere (and in an odd last row
+  or column). One XLA kernel: one pass over x."""
+  height, width = 2 * y.shape[1], 2 * y.shape[2]
+  windows = tf.reshape(x[:, :height, :width, :], [-1, y.shape[1], 2, y.shape[2], 2, x.shape[3]])
+  taken, rows = tf.zeros_like(y, tf.bool), []
+  for i in range(2):
+    row = []
+    for j in range(2):
+      hit = tf.logical_and(tf.equal(windows[:, :, i, :, j], y), tf.logical_not(taken))
+      taken = tf.logical_or(taken, hit)
+      row.append(tf.where(hit, dy, tf.zeros_like(dy)))
+    rows.append(tf.stack(row, axis=3))
+  dx = tf.reshape(tf.stack(rows, axis=2), [-1, height, width, x.shape[3]])
+  return tf.pad(dx, [[0, 0], [0, x.shape[1] - height], [0, x.shape[2] - width], [0, 0]])
+
+
+class MaxPool2D(keras.layers.MaxPooling2D):
+  """Keras's MaxPooling2D; for a 2x2 stride-2 "valid" pool on a CPU its gradient is `_max_pool_backward`
+  instead of TensorFlow's MaxPoolGrad, which recomputes every window's maximum op by op. The same outputs
+  and gradients, ties included."""
+
+  own_gradients = True  # False for inference-only copies, as Conv2D's
+
+  def _own_gradient(self, inputs) -> bool:
+    return (self.own_gradients and tuple(self.pool_size) == (2, 2) and tuple(self.strides) == (2, 2) and self.padding == "valid"
+            and self.data_format == "channels_last" and None not in inputs.shape[1:]
+            and not tf.config.list_logical_devices("GPU"))
+
+  def call(self, inputs):
+    if not self._own_gradient(inputs):
+      return super().call(inputs)
+
+    @tf.custom_gradient
+    def pool(x):
+      y = tf.nn.max_pool2d(x, 2, 2, "VALID")
+      return y, lambda dy: _max_pool_backward(x, y, dy)
+
+    return pool(inputs)
 
 
 def _kernel_gradient_by_shifts(x, dy, kernel_shape):

@@ -13,15 +13,16 @@ from pipeline import cifar10
 from trainer import layers
 
 
-def _layer_classes(config) -> tuple[type, type, type]:
-  """The BatchNorm, Activation and Conv2D layers `config.fast_kernels` picks: ours above, or Keras's own."""
+def _layer_classes(config) -> tuple[type, type, type, type]:
+  """The BatchNorm, Activation, Conv2D and MaxPooling2D layers `config.fast_kernels` picks: ours
+  (trainer/layers.py), or Keras's own."""
   if config.fast_kernels:
-    return layers.BatchNorm, layers.Activation, layers.Conv2D
-  return keras.layers.BatchNormalization, keras.layers.Activation, keras.layers.Conv2D
+    return layers.BatchNorm, layers.Activation, layers.Conv2D, layers.MaxPool2D
+  return keras.layers.BatchNormalization, keras.layers.Activation, keras.layers.Conv2D, keras.layers.MaxPooling2D
 
 
 def _conv_bn(x, width: int, config, name: str):
-  batch_norm, activation, conv2d = _layer_classes(config)
+  batch_norm, activation, conv2d, _ = _layer_classes(config)
   x = conv2d(width, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
   x = batch_norm(momentum=config.bn_momentum, epsilon=1e-5, synchronized=config.sync_bn, name=f"{name}_bn")(x)
   return activation(config.activation, name=f"{name}_act")(x)
@@ -44,12 +45,12 @@ def resnet(config, data: DataShape) -> keras.Model:
   Config: widths (channels per stage), stem_width, blocks_per_stage, activation, bn_momentum, sync_bn,
   logit_scale (logits are multiplied by it; < 1 softens the initial predictions), fast_kernels.
   """
-  batch_norm, activation, conv2d = _layer_classes(config)
+  batch_norm, activation, conv2d, max_pool = _layer_classes(config)
   inputs = keras.Input(data.image_shape, name="images")
   x = _conv_bn(inputs, config.stem_width, config, "stem")
   for s, width in enumerate(config.widths):
     x = conv2d(width, 3, padding="same", use_bias=False, name=f"stage{s}_conv")(x)
-    x = keras.layers.MaxPooling2D(2, name=f"stage{s}_pool")(x)
+    x = max_pool(2, name=f"stage{s}_pool")(x)
     x = batch_norm(momentum=config.bn_momentum, epsilon=1e-5, synchronized=config.sync_bn,
                    name=f"stage{s}_bn")(x)
     x = activation(config.activation, name=f"stage{s}_act")(x)
@@ -79,7 +80,7 @@ def plain_cnn(config, data: DataShape) -> keras.Model:
   per block), pool_after_last, dense (widths of the hidden dense layers), dense_dropout, l2 (weight penalty
   on conv and dense kernels), initializer, fast_kernels.
   """
-  batch_norm, _, _ = _layer_classes(config)
+  batch_norm, _, _, max_pool = _layer_classes(config)
   regularizer = keras.regularizers.L2(config.l2) if config.l2 else None
   dropout = _per_block(config.block_dropout, len(config.widths))
   inputs = keras.Input(data.image_shape, name="images")
@@ -92,7 +93,7 @@ def plain_cnn(config, data: DataShape) -> keras.Model:
       if config.norm == "post":
         x = batch_norm(momentum=config.bn_momentum, synchronized=config.sync_bn, name=f"block{b}_bn{c}")(x)
     if b < len(config.widths) - 1 or config.pool_after_last:
-      x = keras.layers.MaxPooling2D(2, name=f"block{b}_pool")(x)
+      x = max_pool(2, name=f"block{b}_pool")(x)
     if dropout[b]:
       x = keras.layers.Dropout(dropout[b], name=f"block{b}_dropout")(x)
   x = keras.layers.Flatten(name="flatten")(x)
@@ -156,7 +157,7 @@ def airbench(config, data: DataShape) -> keras.Model:
   """
   if config.group_convs not in (2, 3):
     raise ValueError(f"model.group_convs={config.group_convs!r} is not one of: 2, 3")
-  batch_norm, activation, conv2d = _layer_classes(config)
+  batch_norm, activation, conv2d, max_pool = _layer_classes(config)
 
   def bn(name):
     return batch_norm(momentum=config.bn_momentum, epsilon=1e-5, scale=False, synchronized=config.sync_bn,
@@ -174,7 +175,7 @@ def airbench(config, data: DataShape) -> keras.Model:
   x = activation(config.activation, name="whiten_act")(x)
   for g, width in enumerate(config.widths):
     x = conv(width, f"group{g}_conv0")(x)
-    x = keras.layers.MaxPooling2D(2, name=f"group{g}_pool")(x)
+    x = max_pool(2, name=f"group{g}_pool")(x)
     x = activation(config.activation, name=f"group{g}_act0")(bn(f"group{g}_bn0")(x))
     shortcut = x
     x = conv(width, f"group{g}_conv1")(x)
