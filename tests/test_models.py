@@ -7,6 +7,8 @@ import tensorflow as tf
 
 from configs import deep
 from configs import deeper
+from configs import default
+from configs import vgg_small
 from trainer import layers
 from trainer import models
 from trainer import optim
@@ -222,16 +224,19 @@ def test_conv_gradients_of_our_kernels_match_keras_conv(policy, kernel, height, 
     np.testing.assert_allclose(np.float32(a) / scale, np.float32(b) / scale, atol=tol)
 
 
-@pytest.mark.parametrize("policy,shape", [("float32", (3, 7, 9, 5)), ("float32", (2, 6, 6, 4)),
-                                          ("mixed_bfloat16", (2, 5, 8, 3))])
-def test_max_pool_gradient_of_our_kernel_matches_keras_ties_included(policy, shape):
-  """layers.MaxPool2D's own gradient (one XLA kernel) routes each window's gradient to its first maximum,
-  as TensorFlow's MaxPoolGrad does: on inputs rounded to whole numbers, windows of 4 tie often; an odd last
-  row or column gets none."""
+@pytest.mark.parametrize("policy,shape,nans", [("float32", (3, 7, 9, 5), False), ("float32", (2, 6, 6, 4), True),
+                                               ("mixed_bfloat16", (2, 5, 8, 3), True)])
+def test_max_pool_gradient_of_our_kernel_matches_keras_ties_and_nans_included(policy, shape, nans):
+  """layers.MaxPool2D's own gradient (one XLA kernel) picks the element of each window TensorFlow's
+  MaxPoolGrad picks: on inputs rounded to whole numbers windows of 4 tie often; a NaN first in its window
+  keeps the gradient, a NaN after it is passed over; an odd last row or column gets none."""
   if tf.config.list_logical_devices("GPU"):
     pytest.skip("layers.MaxPool2D takes TensorFlow's own gradient on a GPU")
   rng = np.random.default_rng(5)
-  x = tf.constant(np.round(rng.normal(size=shape)), tf.float32)
+  values = np.round(rng.normal(size=shape))
+  if nans:
+    values[0, 0, 0, 0] = values[1, 1, 3, 1] = np.nan  # first in window (0, 0); last in window (0, 1)
+  x = tf.constant(values, tf.float32)
   projection = tf.constant(rng.normal(size=(shape[0], shape[1] // 2, shape[2] // 2, shape[3])), tf.float32)
   pair = [cls(2, dtype=policy) for cls in (keras.layers.MaxPooling2D, layers.MaxPool2D)]
   assert pair[1]._own_gradient(x)
@@ -241,14 +246,24 @@ def test_max_pool_gradient_of_our_kernel_matches_keras_ties_included(policy, sha
   np.testing.assert_array_equal(np.float32(y1), np.float32(y0))
   np.testing.assert_array_equal(np.float32(g1), np.float32(g0))
   n, h, w, c = shape
-  windows = x.numpy()[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
-  assert ((windows == windows.max(axis=(2, 4), keepdims=True)).sum(axis=(2, 4)) > 1).any()  # ties, and
+  windows = values[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+  assert ((windows == np.nanmax(windows, axis=(2, 4), keepdims=True)).sum(axis=(2, 4)) > 1).any()  # ties, and
   assert np.count_nonzero(np.float32(g1)) == np.prod(projection.shape)  # each window's gradient in one element
 
 
-@pytest.mark.parametrize("settings", [dict(pool_size=3), dict(pool_size=2, strides=1), dict(pool_size=2, padding="same")])
-def test_max_pool_keeps_tensorflow_gradient_where_ours_does_not_hold(settings):
-  assert not layers.MaxPool2D(**settings)._own_gradient(tf.zeros([2, 6, 6, 3]))
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("module", [default, deep, deeper, vgg_small], ids=["resnet", "airbench", "airbench96", "cnn"])
+def test_fast_kernels_pick_our_pool_in_every_model_and_keras_own_without(module, fast):
+  config = module.get_config("smoke").model
+  config.fast_kernels = fast
+  pools = [layer for layer in models.build(config).layers if isinstance(layer, keras.layers.MaxPooling2D)]
+  assert pools and all(isinstance(pool, layers.MaxPool2D) == fast for pool in pools)
+
+
+@pytest.mark.parametrize("settings,shape", [(dict(pool_size=3), (2, 6, 6, 3)), (dict(pool_size=2, strides=1), (2, 6, 6, 3)),
+                                            (dict(pool_size=2, padding="same"), (2, 6, 6, 3)), ({}, (2, 1, 6, 3))])
+def test_max_pool_keeps_tensorflow_gradient_where_ours_does_not_hold(settings, shape):
+  assert not layers.MaxPool2D(**{"pool_size": 2, **settings})._own_gradient(tf.zeros(shape))
 
 
 @pytest.mark.parametrize("settings", [dict(kernel_size=2), dict(kernel_size=3, strides=2),

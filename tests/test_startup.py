@@ -182,7 +182,14 @@ def test_one_run_per_workdir_and_a_killed_holder_is_taken_over(synthetic_dir, tm
   while not os.path.exists(lease) and first.procs[0].poll() is None:
     time.sleep(0.1)
   with open(os.path.join(shared, "lease.lock"), "a", encoding="utf-8") as lock:
-    fcntl.lockf(lock, fcntl.LOCK_EX)  # so that the SIGSTOP cannot land while the first is inside the lease's lock
+    deadline = time.monotonic() + 30
+    while True:  # taken so that the SIGSTOP cannot land while the first is inside the lease's lock
+      try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except OSError:
+        assert time.monotonic() < deadline, "the first start kept lease.lock for 30 s"
+        time.sleep(0.01)
     first.procs[0].send_signal(signal.SIGSTOP)  # it holds the lease while the second starts, however fast this is
   try:
     second = _run(*trainer_main.command(SMOKE, shared, overrides)[4:])

@@ -123,6 +123,7 @@ def peak_probe(dtype: tf.DType, model: keras.Model | None = None, images: int = 
   probes = {"conv 3x3 (500x15x15x256 -> 256)": (lambda: tf.nn.conv2d(images_3x3, kernel_3x3, 1, "SAME"),
                                                 2 * 500 * 15 * 15 * 9 * 256 * 256),
             "matmul 2048^3": (lambda: a @ b, 2 * 2048 ** 3)}
+  seen = set()
   for layer in (model.layers if model else ()):
     if isinstance(layer, keras.layers.Conv2D) and layer.groups == 1 and layer.data_format == "channels_last":
       x, kernel = normal([images, *layer.input.shape[1:]]), normal(layer.kernel.shape)
@@ -130,9 +131,14 @@ def peak_probe(dtype: tf.DType, model: keras.Model | None = None, images: int = 
                                                                   dilations=layer.dilation_rate)
       out = layer.output.shape
       flops = 2 * images * out[1] * out[2] * out[3] * int(np.prod(layer.kernel.shape[:-1]))
-      probes[f"conv as {layer.name} ({images}x{'x'.join(str(d) for d in x.shape[1:])} -> {out[3]})"] = (conv, flops)
+      shape = (tuple(x.shape), tuple(kernel.shape), layer.strides, layer.padding, layer.dilation_rate)
+      if shape not in seen:  # one probe per shape: repeats would only add time and chances to catch noise
+        seen.add(shape)
+        probes[f"conv as {layer.name} ({images}x{'x'.join(str(d) for d in x.shape[1:])} -> {out[3]})"] = (conv, flops)
+  # Waits for one element, not the whole output: a GPU would otherwise time the copy to the host.
+  done = lambda result: tf.reshape(result, [-1])[:1].numpy()
   for probe, _ in probes.values():
-    probe().numpy()
+    done(probe())
 
   def measure() -> dict[str, float]:
     rates = {}
@@ -140,7 +146,7 @@ def peak_probe(dtype: tf.DType, model: keras.Model | None = None, images: int = 
       best = float("inf")
       for _ in range(repeats):
         start = time.perf_counter()
-        probe().numpy()
+        done(probe())
         best = min(best, time.perf_counter() - start)
       rates[name] = flops / best
     return rates
@@ -318,7 +324,7 @@ def compare(measures: dict, windows: int) -> dict[str, list[float]]:
 def paired(numerators: list[float], denominators: list[float]) -> float:
   """The median of the ratios of windows of one round: each pair ran minutes apart at most, so the ratio
   cancels the machine's drift over the run, which the ratio of two medians keeps."""
-  return statistics.median(n / d for n, d in zip(numerators, denominators))
+  return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
 
 
 def kernels_comparison(config, strategy, manifest: dict, batch: dict, steps: int, windows: int) -> float:

@@ -93,35 +93,35 @@ class Activation(keras.layers.Activation):
 
 
 @tf.function(jit_compile=True, autograph=False)
-def _max_pool_backward(x, y, dy):
-  """The input's gradient of a 2x2 stride-2 "valid" max pool of x giving y: each window's dy to its first
-  maximum in row-major order, as TensorFlow's MaxPoolGrad routes ties, 0 elsewhere (and in an odd last row
-  or column). One XLA kernel: one pass over x."""
-  height, width = 2 * y.shape[1], 2 * y.shape[2]
-  windows = tf.reshape(x[:, :height, :width, :], [-1, y.shape[1], 2, y.shape[2], 2, x.shape[3]])
-  taken, rows = tf.zeros_like(y, tf.bool), []
-  for i in range(2):
-    row = []
-    for j in range(2):
-      hit = tf.logical_and(tf.equal(windows[:, :, i, :, j], y), tf.logical_not(taken))
-      taken = tf.logical_or(taken, hit)
-      row.append(tf.where(hit, dy, tf.zeros_like(dy)))
-    rows.append(tf.stack(row, axis=3))
-  dx = tf.reshape(tf.stack(rows, axis=2), [-1, height, width, x.shape[3]])
-  return tf.pad(dx, [[0, 0], [0, x.shape[1] - height], [0, x.shape[2] - width], [0, 0]])
+def _max_pool_backward(x, dy):
+  """The input's gradient of a 2x2 stride-2 "valid" max pool of x: each window's dy to the element
+  TensorFlow's MaxPoolGrad picks (the first in row-major order, then each later one strictly greater: the
+  first of tied maxima, a NaN first element kept), 0 elsewhere (and in an odd last row or column). One XLA
+  kernel: one pass over x."""
+  rows, cols = dy.shape[1], dy.shape[2]
+  windows = tf.reshape(x[:, :2 * rows, :2 * cols, :], [-1, rows, 2, cols, 2, x.shape[3]])
+  taps = [windows[:, :, i, :, j] for i in range(2) for j in range(2)]
+  best, pick = taps[0], tf.zeros_like(dy, tf.int32)
+  for k, tap in enumerate(taps[1:], 1):
+    greater = best < tap
+    best, pick = tf.where(greater, tap, best), tf.where(greater, k, pick)
+  grads = [tf.where(tf.equal(pick, k), dy, tf.zeros_like(dy)) for k in range(4)]
+  dx = tf.stack([tf.stack(grads[:2], axis=3), tf.stack(grads[2:], axis=3)], axis=2)
+  dx = tf.reshape(dx, [-1, 2 * rows, 2 * cols, x.shape[3]])
+  return tf.pad(dx, [[0, 0], [0, x.shape[1] - 2 * rows], [0, x.shape[2] - 2 * cols], [0, 0]])
 
 
 class MaxPool2D(keras.layers.MaxPooling2D):
   """Keras's MaxPooling2D; for a 2x2 stride-2 "valid" pool on a CPU its gradient is `_max_pool_backward`
   instead of TensorFlow's MaxPoolGrad, which recomputes every window's maximum op by op. The same outputs
-  and gradients, ties included."""
+  and gradients, ties and NaNs included."""
 
   own_gradients = True  # False for inference-only copies, as Conv2D's
 
   def _own_gradient(self, inputs) -> bool:
-    return (self.own_gradients and tuple(self.pool_size) == (2, 2) and tuple(self.strides) == (2, 2) and self.padding == "valid"
-            and self.data_format == "channels_last" and None not in inputs.shape[1:]
-            and not tf.config.list_logical_devices("GPU"))
+    return (self.own_gradients and tuple(self.pool_size) == (2, 2) and tuple(self.strides) == (2, 2)
+            and self.padding == "valid" and self.data_format == "channels_last" and None not in inputs.shape[1:]
+            and min(inputs.shape[1], inputs.shape[2]) >= 2 and not tf.config.list_logical_devices("GPU"))
 
   def call(self, inputs):
     if not self._own_gradient(inputs):
@@ -130,7 +130,7 @@ class MaxPool2D(keras.layers.MaxPooling2D):
     @tf.custom_gradient
     def pool(x):
       y = tf.nn.max_pool2d(x, 2, 2, "VALID")
-      return y, lambda dy: _max_pool_backward(x, y, dy)
+      return y, lambda dy: _max_pool_backward(x, dy)
 
     return pool(inputs)
 
@@ -155,6 +155,8 @@ def _kernel_gradient_as_forward_conv(x, dy, kernel_shape, images_per_conv: int):
   kh, kw, c_in, c_out = kernel_shape
   padded = tf.pad(x, [[0, 0], [kh // 2, kh // 2], [kw // 2, kw // 2], [0, 0]])
   batch = x.shape[0]
+  if batch == 0:  # a conv with an empty kernel is refused; TensorFlow's own gradient is zeros
+    return tf.zeros(kernel_shape, x.dtype)
   starts = range(0, batch, images_per_conv) if batch else [0]  # an unknown batch: one conv
   pieces = [(padded[i:i + images_per_conv], dy[i:i + images_per_conv]) if batch else (padded, dy) for i in starts]
   total = tf.add_n([tf.nn.conv2d(tf.transpose(p, [3, 1, 2, 0]), tf.transpose(d, [1, 2, 0, 3]), 1, "VALID")
