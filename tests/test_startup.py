@@ -1,7 +1,6 @@
 """Start-up as a cluster's first day meets it: GPUs given but not seen, a task that never comes, a task that
 refuses before its strategy exists, two tasks given one GPU."""
 
-import fcntl
 import os
 import signal
 import socket
@@ -15,6 +14,7 @@ from tests import trainer_overrides
 from tools import chaos_resume
 from trainer import cluster as cluster_lib
 from trainer import gpus
+from trainer import lease as lease_lib
 from trainer import main as trainer_main
 from trainer import precision
 from trainer import rendezvous
@@ -181,15 +181,7 @@ def test_one_run_per_workdir_and_a_killed_holder_is_taken_over(synthetic_dir, tm
   lease = os.path.join(shared, "lease.json")
   while not os.path.exists(lease) and first.procs[0].poll() is None:
     time.sleep(0.1)
-  with open(os.path.join(shared, "lease.lock"), "a", encoding="utf-8") as lock:
-    deadline = time.monotonic() + 30
-    while True:  # taken so that the SIGSTOP cannot land while the first is inside the lease's lock
-      try:
-        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        break
-      except OSError:
-        assert time.monotonic() < deadline, "the first start kept lease.lock for 30 s"
-        time.sleep(0.01)
+  with lease_lib._Local(lease)._locked():  # the lease's own lock and wait: the SIGSTOP cannot land inside it
     first.procs[0].send_signal(signal.SIGSTOP)  # it holds the lease while the second starts, however fast this is
   try:
     second = _run(*trainer_main.command(SMOKE, shared, overrides)[4:])

@@ -126,32 +126,23 @@ def peak_probe(dtype: tf.DType, model: keras.Model | None = None, images: int = 
   seen = set()
   for layer in (model.layers if model else ()):
     if isinstance(layer, keras.layers.Conv2D) and layer.groups == 1 and layer.data_format == "channels_last":
+      shape = (tuple(layer.input.shape[1:]), tuple(layer.kernel.shape), layer.strides, layer.padding,
+               layer.dilation_rate)
+      if shape in seen:  # one probe per shape: repeats would only add time and chances to catch noise
+        continue
+      seen.add(shape)
       x, kernel = normal([images, *layer.input.shape[1:]]), normal(layer.kernel.shape)
       conv = lambda x=x, kernel=kernel, layer=layer: tf.nn.conv2d(x, kernel, layer.strides, layer.padding.upper(),
                                                                   dilations=layer.dilation_rate)
       out = layer.output.shape
       flops = 2 * images * out[1] * out[2] * out[3] * int(np.prod(layer.kernel.shape[:-1]))
-      shape = (tuple(x.shape), tuple(kernel.shape), layer.strides, layer.padding, layer.dilation_rate)
-      if shape not in seen:  # one probe per shape: repeats would only add time and chances to catch noise
-        seen.add(shape)
-        probes[f"conv as {layer.name} ({images}x{'x'.join(str(d) for d in x.shape[1:])} -> {out[3]})"] = (conv, flops)
+      probes[f"conv as {layer.name} ({images}x{'x'.join(str(d) for d in x.shape[1:])} -> {out[3]})"] = (conv, flops)
   # Waits for one element, not the whole output: a GPU would otherwise time the copy to the host.
-  done = lambda result: tf.reshape(result, [-1])[:1].numpy()
-  for probe, _ in probes.values():
-    done(probe())
-
-  def measure() -> dict[str, float]:
-    rates = {}
-    for name, (probe, flops) in probes.items():
-      best = float("inf")
-      for _ in range(repeats):
-        start = time.perf_counter()
-        done(probe())
-        best = min(best, time.perf_counter() - start)
-      rates[name] = flops / best
-    return rates
-
-  return measure
+  runs = {name: (lambda probe=probe: tf.reshape(probe(), [-1])[:1].numpy(), flops)
+          for name, (probe, flops) in probes.items()}
+  for run, _ in runs.values():
+    run()
+  return lambda: {name: flops / _best_seconds(run, repeats) for name, (run, flops) in runs.items()}
 
 
 def strategies(gpus: list, replicas: bool) -> dict:
@@ -229,7 +220,9 @@ def layer_profile(config, manifest: dict, repeats: int = 3) -> list[tuple[str, s
       return y, tape.gradient(loss, [x, *layer.trainable_variables])
     traced, forward = tf.function(step), tf.function(lambda x, layer=layer: layer(x, training=True))
     y, _ = traced(x)
-    both, alone = _best_seconds(traced, x, repeats), _best_seconds(forward, x, repeats)
+    forward(x)
+    to_numpy = lambda function: lambda: tf.nest.map_structure(lambda t: None if t is None else t.numpy(), function(x))
+    both, alone = _best_seconds(to_numpy(traced), repeats), _best_seconds(to_numpy(forward), repeats)
     flops = _profiled_flops(layer, x.shape[1:]) * config.global_batch_size
     rows.append((layer.name, "x".join(map(str, y.shape[1:])), both * 1e3, 3 * flops / both / 1e9,
                  flops / alone / 1e9))
@@ -237,13 +230,12 @@ def layer_profile(config, manifest: dict, repeats: int = 3) -> list[tuple[str, s
   return sorted(rows, key=lambda row: -row[2])
 
 
-def _best_seconds(function, x, repeats: int) -> float:
-  """The shortest of `repeats` calls of `function(x)` (traced and warmed up before), each to its results."""
-  function(x)
+def _best_seconds(run, repeats: int) -> float:
+  """The shortest of `repeats` calls of `run()` (warmed up before), each until its results are there."""
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
-    tf.nest.map_structure(lambda t: t.numpy() if t is not None else None, function(x))
+    run()
     best = min(best, time.perf_counter() - start)
   return best
 

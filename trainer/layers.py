@@ -157,8 +157,10 @@ def _kernel_gradient_as_forward_conv(x, dy, kernel_shape, images_per_conv: int):
   batch = x.shape[0]
   if batch == 0:  # a conv with an empty kernel is refused; TensorFlow's own gradient is zeros
     return tf.zeros(kernel_shape, x.dtype)
-  starts = range(0, batch, images_per_conv) if batch else [0]  # an unknown batch: one conv
-  pieces = [(padded[i:i + images_per_conv], dy[i:i + images_per_conv]) if batch else (padded, dy) for i in starts]
+  if batch is None:  # unknown: one conv
+    pieces = [(padded, dy)]
+  else:
+    pieces = [(padded[i:i + images_per_conv], dy[i:i + images_per_conv]) for i in range(0, batch, images_per_conv)]
   total = tf.add_n([tf.nn.conv2d(tf.transpose(p, [3, 1, 2, 0]), tf.transpose(d, [1, 2, 0, 3]), 1, "VALID")
                     for p, d in pieces])
   return tf.transpose(total, [1, 2, 0, 3])
