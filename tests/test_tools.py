@@ -8,6 +8,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -20,6 +21,7 @@ from pipeline import cifar10
 from pipeline import manifest as manifest_lib
 from pipeline import ops
 from tests import trainer_overrides
+from tools import benchmark_input
 from tools import benchmark_step
 from tools import converted
 from tools import predict as predict_tool
@@ -65,17 +67,19 @@ def test_benchmark_step_prints_mfu_fit_replica_ratios_kernels_layers_and_ops(syn
   """Every part of the tool in one run (each run pays TensorFlow's start-up, the peak probe and the step's
   tracing again)."""
   result = _tool("tools.benchmark_step", SMOKE, f"--config.data_dir={synthetic_dir}", "--steps=1", "--windows=1",
-                 "--kernels", "--layers", "--ops")
+                 "--probe_secs=0.1", "--kernels", "--layers", "--ops")
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
   flops = float(re.search(r"train step: ([\d.]+) GFLOP per image \(forward ([\d.]+)", out).group(1))
   forward = float(re.search(r"forward ([\d.]+) counted", out).group(1))
   assert flops >= 3 * forward > 0
   compute = benchmark_step.COMPUTE_DTYPES[precision.choose(precision.detect())[0]].name  # what `auto` picks here
-  assert re.search(rf"peak probe, conv 3x3 \(500x15x15x256 -> 256\) in {compute}: [\d,]+ GFLOP/s", out), out
+  assert re.search(rf"peak probe, conv 3x3 \(500x15x15x256 -> 256\) in {compute}: [\d,]+ GFLOP/s sustained, "
+                   r"[\d,]+ its fastest call", out), out
   assert re.search(rf"peak probe, conv as group0_conv0 \(250x\d+x\d+x\d+ -> \d+\) in {compute}: [\d,]+ GFLOP/s",
                    out), out  # the model's own shapes
   assert re.search(r"^peak probe \(the fastest\) +median +[\d,.]+ +min +[\d,.]+ +max +[\d,.]+ GFLOP/s$", out, re.M), out
+  assert re.search(r"^\(MFU against the probes' fastest single calls instead: [\d.]+\)$", out, re.M), out
   for name in ("MFU", "custom loop / fit", "2 / 1 replicas"):
     assert float(re.search(rf"^{re.escape(name)}: ([\d.]+)$", out, re.M).group(1)) > 0, out
   lines = out.strip().splitlines()
@@ -98,6 +102,26 @@ def test_benchmark_step_prints_mfu_fit_replica_ratios_kernels_layers_and_ops(syn
   if compute == "float32":
     assert not any(op.startswith("Conv2DBackpropFilter") for op in shares), lines
   assert all(0 <= share <= 100 for share in shares.values())
+
+
+def test_alternating_windows_reverse_the_order_every_other_round():
+  """No variant always runs right after the same other: round by round A B C, C B A, A B C, after a warm-up
+  round whose rates are dropped."""
+  calls = []
+  measures = {name: (lambda name=name: calls.append(name) or float(len(calls))) for name in "ABC"}
+  rates = benchmark_input.alternating_windows(measures, 3)
+  assert "".join(calls) == "CBA" "ABC" "CBA" "ABC"
+  assert rates == {"A": [4.0, 9.0, 10.0], "B": [5.0, 8.0, 11.0], "C": [6.0, 7.0, 12.0]}
+
+
+def test_sustained_seconds_time_calls_back_to_back_for_the_span_and_twice_at_least():
+  durations, calls = [0.05, 0.001, 0.05, 1.0], []
+  run = lambda: calls.append(None) or time.sleep(durations[len(calls) - 1])
+  mean, shortest = benchmark_step._sustained_seconds(run, 0.08)
+  assert len(calls) == 3 and mean >= 0.1 / 3 and shortest < 0.03  # 0.05 + 0.001 s fell short of 0.08 s
+  calls.clear()
+  benchmark_step._sustained_seconds(lambda: calls.append(None), 0.0)
+  assert len(calls) == 2
 
 
 def test_training_flops_count_each_dense_product_three_times_per_image(synthetic_dir):
