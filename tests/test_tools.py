@@ -78,8 +78,12 @@ def test_benchmark_step_prints_mfu_fit_replica_ratios_kernels_layers_and_ops(syn
                    r"[\d,]+ its fastest call", out), out
   assert re.search(rf"peak probe, conv as group0_conv0 \(250x\d+x\d+x\d+ -> \d+\) in {compute}: [\d,]+ GFLOP/s",
                    out), out  # the model's own shapes
-  assert re.search(r"^peak probe \(the fastest\) +median +[\d,.]+ +min +[\d,.]+ +max +[\d,.]+ GFLOP/s$", out, re.M), out
-  assert re.search(r"^\(MFU against the probes' fastest single calls instead: [\d.]+\)$", out, re.M), out
+  assert re.search(r"^peak probe \(the fastest of each window\) +median +[\d,.]+ +min +[\d,.]+ +max +[\d,.]+ GFLOP/s$",
+                   out, re.M), out
+  assert re.search(r"^peak: (conv|matmul) .+, the probe of the highest median: median +[\d,.]+ +min +[\d,.]+ +max "
+                   r"+[\d,.]+ GFLOP/s$", out, re.M), out
+  assert re.search(r"^\(MFU against each window's fastest probe instead: [\d.]+; against its fastest single call: "
+                   r"[\d.]+\)$", out, re.M), out
   for name in ("MFU", "custom loop / fit", "2 / 1 replicas"):
     assert float(re.search(rf"^{re.escape(name)}: ([\d.]+)$", out, re.M).group(1)) > 0, out
   lines = out.strip().splitlines()

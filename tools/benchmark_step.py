@@ -12,10 +12,11 @@ In one process, every train step fed one batch of the real train pipeline held i
      Newton-Schulz matmuls (Muon) counted from the kernels' shapes, per image at the run's batch. A slight
      overcount: the frozen first layer needs no gradient, and the next none for its input once the
      whitening bias freezes (deep.py: ~3%);
-  2. the machine's peak at the run's compute precision: the fastest of a 3x3 convolution, a square matmul
-     and the forward conv of each of the model's conv layers (its own shapes), each one's rate sustained
-     over `--probe_secs` of calls back to back, timed in this process in each window beside the steps (the
-     machine's rate drifts);
+  2. the machine's peak at the run's compute precision: probes of a 3x3 convolution, a square matmul and
+     the forward conv of each of the model's conv layers (its own shapes), each one's rate sustained over
+     `--probe_secs` of calls back to back, timed in this process in each window beside the steps (the
+     machine's rate drifts); the peak is the probe of the highest median over the windows, in each window
+     (the fastest probe of each window, a maximum of noisy rates, reads higher than any probe sustains);
   3. the custom loop (trainer/steps.Learner) and `model.compile` + `model.fit` with the same model,
      optimizer, loss and steps per call, under the same strategy;
   4. 1 and 2 replicas at the same global batch (2 GPUs when the machine has them, else 2 logical CPUs).
@@ -316,7 +317,7 @@ def print_op_profile(seconds: collections.Counter, wall: float, images: int) -> 
       print(f"{name:<40} {secs:>8.3f} {secs / total:>6.1%}")
 
 
-PEAK = "peak probe (the fastest)"
+PEAK = "peak probe (the fastest of each window)"
 
 
 def compare(measures: dict, windows: int) -> dict[str, list[float]]:
@@ -387,14 +388,13 @@ def main(argv):
     measures["custom loop, 2 replicas"] = custom_loop(config, kinds[2], manifest, batch, FLAGS.steps)
   elif FLAGS.replicas:
     print("2 / 1 replicas: skipped, this machine has 1 GPU")
-  fastest_calls = []  # the peak as the fastest single call of any probe, once per window: printed beside
+  probe_windows = []  # each window's {probe: (sustained FLOP/s, its fastest call's)}, the warm-up first
 
-  def peak():
-    rates = probe().values()
-    fastest_calls.append(max(fastest for _, fastest in rates))
-    return max(sustained for sustained, _ in rates)
+  def fastest_probe():
+    probe_windows.append(probe())
+    return max(sustained for sustained, _ in probe_windows[-1].values())
 
-  measures[PEAK] = peak
+  measures[PEAK] = fastest_probe
   rates = compare(measures, FLAGS.windows)
   if FLAGS.kernels:
     kernels_comparison(config, kinds[1], manifest, batch, FLAGS.steps, FLAGS.windows)
@@ -412,13 +412,20 @@ def main(argv):
     for name, shape, ms, gflops, forward_gflops in profile or ():
       print(f"{name:<16} {shape:<12} {ms:>10.1f} {gflops:>9.1f} {forward_gflops:>9.1f}")
 
-  custom, peak = rates["custom loop (steps.Learner), 1 replica"], rates[PEAK]
+  windows = probe_windows[1:]
+  top = max(windows[0], key=lambda name: statistics.median(window[name][0] for window in windows))
+  peak = [window[top][0] for window in windows]
+  print(f"peak: {top}, the probe of the highest median: median {statistics.median(peak) / 1e9:,.1f}  min "
+        f"{min(peak) / 1e9:,.1f}  max {max(peak) / 1e9:,.1f} GFLOP/s")
+  custom = rates["custom loop (steps.Learner), 1 replica"]
+  achieved = [c * per_image for c in custom]
   print(f"achieved: {statistics.median(custom) * per_image / 1e9:,.0f} GFLOP/s at {statistics.median(custom):,.1f} "
         f"images/s; peak {statistics.median(peak) / 1e9:,.0f} GFLOP/s (medians); each ratio below is the median "
         f"of its {FLAGS.windows} rounds' own")
-  print(f"(MFU against the probes' fastest single calls instead: "
-        f"{paired([c * per_image for c in custom], fastest_calls[1:]):.3f})")  # [1:]: past the warm-up round
-  print(f"MFU: {paired([c * per_image for c in custom], peak):.3f}")
+  fastest_calls = [max(fastest for _, fastest in window.values()) for window in windows]
+  print(f"(MFU against each window's fastest probe instead: {paired(achieved, rates[PEAK]):.3f}; against its "
+        f"fastest single call: {paired(achieved, fastest_calls):.3f})")
+  print(f"MFU: {paired(achieved, peak):.3f}")
   if "model.fit, 1 replica" in rates:
     print(f"custom loop / fit: {paired(custom, rates['model.fit, 1 replica']):.3f}")
   if "custom loop, 2 replicas" in rates:
