@@ -21,8 +21,8 @@ In one process, every train step fed one batch of the real train pipeline held i
      optimizer, loss and steps per call, under the same strategy;
   4. 1 and 2 replicas at the same global batch (2 GPUs when the machine has them, else 2 logical CPUs).
 Windows alternate between the variants compared, in turn and then in reverse order, so machine noise hits
-them alike; each figure is the median, and each ratio the median of the ratios within a round. The last lines are `MFU: X`,
-`custom loop / fit: R` and `2 / 1 replicas: R`.
+them alike; each figure is the median, and each ratio the median of the ratios within a round. The last
+lines are `MFU: X`, `custom loop / fit: R` and `2 / 1 replicas: R`.
 """
 
 import collections
@@ -147,7 +147,8 @@ def peak_probe(dtype: tf.DType, model: keras.Model | None = None, images: int = 
           for name, (probe, flops) in probes.items()}
   for run, _ in runs.values():
     run()
-  return lambda: {name: tuple(flops / t for t in _sustained_seconds(run, seconds)) for name, (run, flops) in runs.items()}
+  return lambda: {name: tuple(flops / t for t in _sustained_seconds(run, seconds))
+                  for name, (run, flops) in runs.items()}
 
 
 def strategies(gpus: list, replicas: bool) -> dict:
