@@ -224,6 +224,18 @@ def test_conv_gradients_of_our_kernels_match_keras_conv(policy, kernel, height, 
     np.testing.assert_allclose(np.float32(a) / scale, np.float32(b) / scale, atol=tol)
 
 
+@pytest.mark.parametrize("shape,pad", [((3, 7, 9, 5), (1, 1)), ((1, 4, 6, 2), (2, 1)), ((2, 1, 1, 3), (0, 2))])
+def test_images_as_channels_is_the_padded_input_transposed_for_any_batch(shape, pad):
+  """The float32 kernel gradient's input: the same values as padding x and then one 4-D transpose, with the
+  batch known or not (a graph traced for any batch)."""
+  x = tf.constant(np.random.default_rng(4).normal(size=shape), tf.float32)
+  expected = tf.transpose(tf.pad(x, [[0, 0], [pad[0]] * 2, [pad[1]] * 2, [0, 0]]), [3, 1, 2, 0]).numpy()
+  np.testing.assert_array_equal(layers._images_as_channels(x, *pad).numpy(), expected)
+  any_batch = tf.function(lambda x: layers._images_as_channels(x, *pad),
+                          input_signature=[tf.TensorSpec([None, *shape[1:]], tf.float32)])
+  np.testing.assert_array_equal(any_batch(x).numpy(), expected)
+
+
 @pytest.mark.parametrize("policy,shape,nans", [("float32", (3, 7, 9, 5), False), ("float32", (2, 6, 6, 4), True),
                                                ("mixed_bfloat16", (2, 5, 8, 3), True)])
 def test_max_pool_gradient_of_our_kernel_matches_keras_ties_and_nans_included(policy, shape, nans):

@@ -113,12 +113,14 @@ def cached_batch(strategy, dataset_fn):
 
 def alternating_windows(measures: dict, windows: int) -> dict[str, list[float]]:
   """The rates each of `measures` (name -> a function timing one window) returns over `windows` rounds of
-  one window each, in turn and in reverse order every other round (so that no variant always runs right
-  after the same other, a probe that heats the cores or a model that left its memory), so machine noise
-  hits them alike; after one untimed round (tracing, warm-up)."""
-  rates = {name: [] for name in measures}
+  one window each, in turn, the order rotated by one every round (so that no variant always runs right
+  after the same other: a probe that heats the cores, a model that left its memory), so machine noise hits
+  them alike; after one untimed round (tracing, warm-up)."""
+  names = list(measures)
+  rates = {name: [] for name in names}
   for round_ in range(windows + 1):
-    for name in (reversed(measures) if round_ % 2 == 0 else measures):
+    shift = round_ % len(names)
+    for name in names[shift:] + names[:shift]:
       rate = measures[name]()
       if round_:
         rates[name].append(rate)

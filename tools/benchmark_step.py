@@ -20,7 +20,7 @@ In one process, every train step fed one batch of the real train pipeline held i
   3. the custom loop (trainer/steps.Learner) and `model.compile` + `model.fit` with the same model,
      optimizer, loss and steps per call, under the same strategy;
   4. 1 and 2 replicas at the same global batch (2 GPUs when the machine has them, else 2 logical CPUs).
-Windows alternate between the variants compared, in turn and then in reverse order, so machine noise hits
+Windows alternate between the variants compared, in an order rotated every round, so machine noise hits
 them alike; each figure is the median, and each ratio the median of the ratios within a round. The last
 lines are `MFU: X`, `custom loop / fit: R` and `2 / 1 replicas: R`.
 """
@@ -59,7 +59,8 @@ def define_flags():
   flags.DEFINE_integer("steps", 1, "Train steps per timed window.", lower_bound=1)
   flags.DEFINE_integer("windows", 5, "Timed windows per variant, after one warm-up window each.", lower_bound=1)
   flags.DEFINE_bool("fit", True, "Compare with model.fit.")
-  flags.DEFINE_float("probe_secs", 2.0, "Seconds each peak probe runs back to back, per window.", lower_bound=0.0)
+  flags.DEFINE_float("probe_secs", 2.0, "Seconds each peak probe runs back to back, per window (two calls at "
+                     "least).", lower_bound=0.0)
   flags.DEFINE_bool("replicas", True, "Compare 2 replicas with 1 at the same global batch.")
   flags.DEFINE_bool("layers", False, "Also time each layer's forward and backward pass alone.")
   flags.DEFINE_bool("ops", False, "Also profile one window of the custom loop and sum its time op by op "
@@ -377,9 +378,6 @@ def main(argv):
         f"TensorFlow's profiler, x3 for forward + backward, + the optimizer's Newton-Schulz matmuls "
         f"{update / 1e9:.2f} GFLOP per step)")
   probe = peak_probe(dtype, model, seconds=FLAGS.probe_secs)
-  for name, (rate, fastest) in probe().items():
-    print(f"peak probe, {name} in {dtype.name}: {rate / 1e9:,.0f} GFLOP/s sustained, {fastest / 1e9:,.0f} its "
-          f"fastest call")
 
   batch = held_batch(config, manifest)
   measures = {"custom loop (steps.Learner), 1 replica": custom_loop(config, kinds[1], manifest, batch, FLAGS.steps)}
@@ -413,7 +411,12 @@ def main(argv):
     for name, shape, ms, gflops, forward_gflops in profile or ():
       print(f"{name:<16} {shape:<12} {ms:>10.1f} {gflops:>9.1f} {forward_gflops:>9.1f}")
 
+  assert len(probe_windows) == FLAGS.windows + 1, "the probe ran outside its windows: the pairs would not match"
   windows = probe_windows[1:]
+  for name in windows[0]:
+    print(f"peak probe, {name} in {dtype.name}: {statistics.median(w[name][0] for w in windows) / 1e9:,.0f} "
+          f"GFLOP/s sustained, {statistics.median(w[name][1] for w in windows) / 1e9:,.0f} its fastest call "
+          f"(medians of the windows)")
   top = max(windows[0], key=lambda name: statistics.median(window[name][0] for window in windows))
   peak = [window[top][0] for window in windows]
   print(f"peak: {top}, the probe of the highest median: median {statistics.median(peak) / 1e9:,.1f}  min "
@@ -424,8 +427,8 @@ def main(argv):
         f"images/s; peak {statistics.median(peak) / 1e9:,.0f} GFLOP/s (medians); each ratio below is the median "
         f"of its {FLAGS.windows} rounds' own")
   fastest_calls = [max(fastest for _, fastest in window.values()) for window in windows]
-  print(f"(MFU against each window's fastest probe instead: {paired(achieved, rates[PEAK]):.3f}; against its "
-        f"fastest single call: {paired(achieved, fastest_calls):.3f})")
+  print(f"(MFU against each window's fastest probe instead: {paired(achieved, rates[PEAK]):.3f}; against the "
+        f"fastest single call of its {FLAGS.probe_secs:g} s of probes: {paired(achieved, fastest_calls):.3f})")
   print(f"MFU: {paired(achieved, peak):.3f}")
   if "model.fit, 1 replica" in rates:
     print(f"custom loop / fit: {paired(custom, rates['model.fit, 1 replica']):.3f}")
