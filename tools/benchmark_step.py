@@ -413,12 +413,12 @@ def main(argv):
 
   assert len(probe_windows) == FLAGS.windows + 1, "the probe ran outside its windows: the pairs would not match"
   windows = probe_windows[1:]
-  for name in windows[0]:
-    print(f"peak probe, {name} in {dtype.name}: {statistics.median(w[name][0] for w in windows) / 1e9:,.0f} "
-          f"GFLOP/s sustained, {statistics.median(w[name][1] for w in windows) / 1e9:,.0f} its fastest call "
-          f"(medians of the windows)")
-  top = max(windows[0], key=lambda name: statistics.median(window[name][0] for window in windows))
-  peak = [window[top][0] for window in windows]
+  sustained = {name: [window[name][0] for window in windows] for name in windows[0]}  # per probe, by window
+  for name, rates_of in sustained.items():
+    print(f"peak probe, {name} in {dtype.name}: {statistics.median(rates_of) / 1e9:,.0f} GFLOP/s sustained, "
+          f"{statistics.median(w[name][1] for w in windows) / 1e9:,.0f} its fastest call (medians of the windows)")
+  top = max(sustained, key=lambda name: statistics.median(sustained[name]))
+  peak = sustained[top]
   print(f"peak: {top}, the probe of the highest median: median {statistics.median(peak) / 1e9:,.1f}  min "
         f"{min(peak) / 1e9:,.1f}  max {max(peak) / 1e9:,.1f} GFLOP/s")
   custom = rates["custom loop (steps.Learner), 1 replica"]
