@@ -15,9 +15,9 @@ gc.disable()  # as trainer/main.py does around its imports: TensorFlow's objects
 try:
   from absl import flags  # pylint: disable=g-import-not-at-top
   import pytest  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
+  # trainer before TensorFlow, as every entry point: it sets TensorFlow's oneDNN and allocator choices.
   from trainer import distribute  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   gc.freeze()
 finally:
   gc.enable()

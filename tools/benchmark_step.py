@@ -267,8 +267,8 @@ def op_profile(window, layer_names: set[str], optimizer_name: str) -> tuple[coll
   scope holds the op, "optimizer" or "other"; direction "forward" or "backward" (under the gradient tape)
   for a layer's ops, "" for the others;
   op the kernel's type without oneDNN's _Mkl/_MklNative prefix, "(kernel gradient)" added for the ops of
-  layers.Conv2D's own kernel gradient, or "XLA fusion" (the compiled GELU and max-pool gradient, which the
-  profile does not tell apart)."""
+  layers.Conv2D's own kernel gradient (compiled by XLA in float32: "Conv2D" its convs, "Transpose" the
+  rest), or "XLA fusion" (the compiled GELU and max-pool gradient, which the profile does not tell apart)."""
   with tempfile.TemporaryDirectory() as logdir:
     tf.profiler.experimental.start(logdir)
     start = time.perf_counter()
@@ -292,9 +292,22 @@ def op_profile(window, layer_names: set[str], optimizer_name: str) -> tuple[coll
           direction = ("backward" if backward else "forward") if part in layer_names else ""
           op = re.sub(r"^_Mkl(Native)?", "", op) + (" (kernel gradient)" if "kernel_gradient" in parts else "")
           seconds[part, direction, op] += secs
-        elif name.endswith("fusion") or re.search(r"fusion\.\d+$", name):
-          seconds["XLA (GELU, max-pool gradient)", "", "XLA fusion"] += secs
+        elif module := _xla_module(plane, event):
+          layer = max((l for l in layer_names if f"_{l}_kernel_gradient_" in module), key=len, default=None)
+          if layer:  # layers.Conv2D's float32 kernel gradient, compiled by XLA under the layer's name
+            kind = "Conv2D" if re.match(r"(Conv2D|convolution)", name) else "Transpose"
+            seconds[layer, "backward", f"{kind} (kernel gradient)"] += secs
+          elif name.endswith("fusion") or re.search(r"fusion\.\d+$", name):
+            seconds["XLA (GELU, max-pool gradient)", "", "XLA fusion"] += secs
   return seconds, wall
+
+
+def _xla_module(plane, event) -> str:
+  """The name of the XLA module an event of `plane` ran in ("" for TensorFlow's own ops)."""
+  for stat in event.stats:
+    if plane.stat_metadata[stat.metadata_id].name == "hlo_module":
+      return stat.str_value or plane.stat_metadata[stat.ref_value].name
+  return ""
 
 
 def _unnumbered(name: str) -> str:

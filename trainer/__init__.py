@@ -5,9 +5,19 @@ import os
 # As in tools/__init__.py: keep TensorFlow's C++ INFO/WARNING lines out of the training log.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import sys  # pylint: disable=wrong-import-position
+
 from trainer import cpu  # pylint: disable=wrong-import-position
 
-# Where TensorFlow runs without oneDNN (CPUs without AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX), its CPU
+# TensorFlow turns oneDNN on by default only on CPUs with the instructions in cpu.ONEDNN_FLAGS; on other
+# x86 CPUs with AVX2 its float32 convs ran deep.py's step 1.11-1.15x faster than TensorFlow's own (Eigen)
+# kernels (docs/results.md, 2026-12-06), so the trainer turns it on there. Read at TensorFlow's import, so
+# it holds where `trainer` is imported first (every entry point); a user's own setting wins.
+if "tensorflow" not in sys.modules and cpu.onednn_pays():
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+# Where TensorFlow runs without oneDNN (TF_ENABLE_ONEDNN_OPTS=0, CPUs without AVX2, or TensorFlow imported
+# first on a CPU without the instructions in cpu.ONEDNN_FLAGS), its CPU
 # allocator is malloc, which maps each large tensor afresh and page-faults it in every step; its BFC
 # allocator keeps freed memory for the next step (docs/results.md, 2026-12-06). With oneDNN its own
 # allocator already pools large tensors. Read when TensorFlow makes its first device, so it holds wherever

@@ -3,6 +3,7 @@ allocator from it before TensorFlow is imported, and precision.py picks bf16 fro
 
 import os
 import platform
+import sys
 
 # The flags for which TensorFlow's x86 Linux builds turn oneDNN on by default (IsMKLEnabled in
 # tensorflow/core/util/util.cc); tests/test_startup.py checks this against TensorFlow's own answer.
@@ -29,9 +30,19 @@ def model() -> str:
   return _cpuinfo("model name") or platform.processor() or "unknown"
 
 
+def onednn_pays() -> bool:
+  """Whether oneDNN's kernels beat TensorFlow's own (Eigen) here where TensorFlow leaves oneDNN off: x86 CPUs
+  with AVX2 and FMA (oneDNN's float32 convs; measured on a Zen 3, docs/results.md)."""
+  return {"avx2", "fma"} <= flags()
+
+
 def onednn_enabled(environ=os.environ) -> bool:
-  """Whether TensorFlow will run its CPU ops with oneDNN: TF_ENABLE_ONEDNN_OPTS if set to a boolean, else
-  the CPU's flags."""
+  """Whether TensorFlow runs its CPU ops with oneDNN: its own answer once it is imported (it reads
+  TF_ENABLE_ONEDNN_OPTS at its import); before, TF_ENABLE_ONEDNN_OPTS if set to a boolean, else the CPU's
+  flags."""
+  if "tensorflow" in sys.modules:
+    from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
+    return bool(_pywrap_util_port.IsMklEnabled())
   setting = environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower()
   if setting in ("0", "1", "true", "false"):
     return setting in ("1", "true")

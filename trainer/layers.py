@@ -165,6 +165,22 @@ def _kernel_gradient_as_forward_conv(x, dy, kernel_shape, images_per_conv: int):
   return tf.transpose(total, [1, 2, 0, 3])
 
 
+_COMPILED_KERNEL_GRADIENTS = {}
+
+
+def _compiled_kernel_gradient(name: str):
+  """`_kernel_gradient_as_forward_conv` compiled by XLA, whose CPU conv is Eigen's with or without oneDNN
+  (oneDNN's own conv, which trainer/__init__.py turns on, ran this shape, a kernel as large as the map, at a
+  fifth to two thirds of XLA's rate: docs/results.md), under a name of layer `name`'s: its XLA module's
+  name, by which tools.benchmark_step's op profile tells whose it is."""
+  if name not in _COMPILED_KERNEL_GRADIENTS:
+    def kernel_gradient(x, dy, kernel_shape, images_per_conv):
+      return _kernel_gradient_as_forward_conv(x, dy, kernel_shape, images_per_conv)
+    kernel_gradient.__name__ = f"{name}_kernel_gradient"
+    _COMPILED_KERNEL_GRADIENTS[name] = tf.function(kernel_gradient, jit_compile=True, autograph=False)
+  return _COMPILED_KERNEL_GRADIENTS[name]
+
+
 def _images_as_channels(x, pad_h: int, pad_w: int):
   """x [N, H, W, C] as [C, H + 2 pad_h, W + 2 pad_w, N], zero-padded: a 2-D transpose of x as [N, H W C],
   then one that moves whole rows of N, then the pad; 1.5-3x faster than one 4-D transpose of the padded x
@@ -230,7 +246,7 @@ class Conv2D(keras.layers.Conv2D):
                                                 strides=[1, 1, 1, 1], padding="SAME")
           with tf.name_scope("kernel_gradient"):  # apart from the input's in benchmark_step's op profile
             if kernel_way == "conv":
-              dkernel = _kernel_gradient_as_forward_conv(x, dy, kernel.shape, self.images_per_conv)
+              dkernel = _compiled_kernel_gradient(self.name)(x, dy, tuple(kernel.shape), self.images_per_conv)
             else:  # "shifts" (bf16): its other maps keep Keras's gradients whole (convolution_op's first return)
               dkernel = _kernel_gradient_by_shifts(x, dy, kernel.shape)
           return dx, dkernel
