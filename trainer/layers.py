@@ -114,7 +114,8 @@ def _max_pool_backward(x, dy):
 class MaxPool2D(keras.layers.MaxPooling2D):
   """Keras's MaxPooling2D; for a 2x2 stride-2 "valid" pool on a CPU its gradient is `_max_pool_backward`
   instead of TensorFlow's MaxPoolGrad, which recomputes every window's maximum op by op. The same outputs
-  and gradients, ties and NaNs included."""
+  and gradients as TensorFlow's own kernels, ties and NaNs included (oneDNN's MaxPoolGrad passes a NaN
+  first in its window over)."""
 
   own_gradients = True  # False for inference-only copies, as Conv2D's
 
@@ -199,7 +200,7 @@ class Conv2D(keras.layers.Conv2D):
   - in float32, both gradients as forward convs: the input's, a conv of the output's gradient with the
     kernel flipped and its channels swapped (TensorFlow's float32 backward-data conv ran at 13-96% of its
     forward on an AVX2 CPU); the kernel's, a conv of the input with the images as channels by the output's
-    gradient (`_kernel_gradient_as_forward_conv`; measured where TensorFlow runs without oneDNN only);
+    gradient (`_kernel_gradient_as_forward_conv`), compiled by XLA;
   - in other precisions (measured in bf16), the kernel's gradient on maps of at most 8x8: one matmul per
     kernel tap (oneDNN's bf16 ran at a third to a half of the machine's rate there).
   Same weights, forward pass and gradients (to float rounding).
