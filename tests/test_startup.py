@@ -255,8 +255,8 @@ def test_the_allocator_choice_knows_when_tensorflow_runs_onednn(setting):
   env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
   if setting is not None:
     env["TF_ENABLE_ONEDNN_OPTS"] = setting
-  code = ("from trainer import cpu; from tensorflow.python.util import _pywrap_util_port as port; "
-          "print(cpu.onednn_enabled(), port.IsMklEnabled())")
+  code = ("from trainer import cpu; ours = cpu.onednn_enabled(); "  # the rule, before TensorFlow's import
+          "from tensorflow.python.util import _pywrap_util_port as port; print(ours, port.IsMklEnabled())")
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
   ours, tensorflows = result.stdout.split()[-2:]

@@ -100,7 +100,8 @@ def test_benchmark_step_prints_mfu_fit_replica_ratios_kernels_layers_and_ops(syn
             if re.match(r".+ +[\d.]+ +[\d.]+%$", l)}
   # Only entries of 5% and more alone: a one-step profile is ~0.02 s of ops, and under load smaller ones fell
   # under the tool's 0.5% cut (the 7x7 group's backward matmuls at ~1.1%, its forward conv at ~1.9%).
-  kernel_gradient = "Conv2D (kernel gradient)" if compute == "float32" else "Conv2DBackpropFilter"  # bf16: TF's own
+  # float32: layers.Conv2D's own, compiled by XLA; bf16: TensorFlow's own
+  kernel_gradient = "Conv2D (kernel gradient, XLA)" if compute == "float32" else "Conv2DBackpropFilter"
   assert {kernel_gradient, "group0_conv0 backward", "group1_conv0 backward", "optimizer",
           "XLA (GELU, max-pool gradient)"} <= set(shares), lines
   if compute == "float32":

@@ -25,6 +25,7 @@ them alike; each figure is the median, and each ratio the median of the ratios w
 lines are `MFU: X`, `custom loop / fit: R` and `2 / 1 replicas: R`.
 """
 
+import bisect
 import collections
 import re
 import statistics
@@ -267,8 +268,10 @@ def op_profile(window, layer_names: set[str], optimizer_name: str) -> tuple[coll
   scope holds the op, "optimizer" or "other"; direction "forward" or "backward" (under the gradient tape)
   for a layer's ops, "" for the others;
   op the kernel's type without oneDNN's _Mkl/_MklNative prefix, "(kernel gradient)" added for the ops of
-  layers.Conv2D's own kernel gradient (compiled by XLA in float32: "Conv2D" its convs, "Transpose" the
-  rest), or "XLA fusion" (the compiled GELU and max-pool gradient, which the profile does not tell apart)."""
+  layers.Conv2D's own kernel gradient; each run of an XLA program counts whole, as "Conv2D (kernel
+  gradient, XLA)" for that float32 kernel gradient (the layer's name is in its program's), else as "XLA
+  (GELU, max-pool gradient)" (the compiled GELU and max-pool gradient, which the profile does not tell
+  apart)."""
   with tempfile.TemporaryDirectory() as logdir:
     tf.profiler.experimental.start(logdir)
     start = time.perf_counter()
@@ -278,13 +281,20 @@ def op_profile(window, layer_names: set[str], optimizer_name: str) -> tuple[coll
     space = xplane_pb2.XSpace()
     for path in tf.io.gfile.glob(f"{logdir}/plugins/profile/*/*.xplane.pb"):
       space.MergeFromString(tf.io.gfile.GFile(path, "rb").read())
-  seconds = collections.Counter()
+  seconds, executions, modules = collections.Counter(), [], []
   for plane in space.planes:
     for line in plane.lines:
       for event in line.events:
         name, secs = plane.event_metadata[event.metadata_id].name, event.duration_ps * 1e-12
-        if "/" in name and ":" in name and not name.startswith("Iterator"):
+        begin = line.timestamp_ns * 1000 + event.offset_ps
+        if name == "CpuExecutable::ExecuteAsyncOnStream":  # one run of an XLA program, on TensorFlow's thread
+          executions.append((begin, begin + event.duration_ps, secs))
+        elif module := _xla_module(plane, event):  # a step inside it (some only hand work to other threads)
+          modules.append((begin, module))
+        elif "/" in name and ":" in name and not name.startswith("Iterator"):
           scope, op = name.rsplit(":", 1)
+          if op in ("PartitionedCall", "StatefulPartitionedCall"):  # a call: its ops are counted themselves
+            continue
           parts = [_unnumbered(p) for p in scope.split("/")]
           part = next((p for p in parts if p in layer_names),
                       "optimizer" if _unnumbered(optimizer_name) in parts else "other")
@@ -292,13 +302,15 @@ def op_profile(window, layer_names: set[str], optimizer_name: str) -> tuple[coll
           direction = ("backward" if backward else "forward") if part in layer_names else ""
           op = re.sub(r"^_Mkl(Native)?", "", op) + (" (kernel gradient)" if "kernel_gradient" in parts else "")
           seconds[part, direction, op] += secs
-        elif module := _xla_module(plane, event):
-          layer = max((l for l in layer_names if f"_{l}_kernel_gradient_" in module), key=len, default=None)
-          if layer:  # layers.Conv2D's float32 kernel gradient, compiled by XLA under the layer's name
-            kind = "Conv2D" if re.match(r"(Conv2D|convolution)", name) else "Transpose"
-            seconds[layer, "backward", f"{kind} (kernel gradient)"] += secs
-          elif name.endswith("fusion") or re.search(r"fusion\.\d+$", name):
-            seconds["XLA (GELU, max-pool gradient)", "", "XLA fusion"] += secs
+  modules.sort()
+  for begin, end, secs in executions:  # named by the module of the first step that started within it
+    i = bisect.bisect_left(modules, (begin, ""))
+    module = modules[i][1] if i < len(modules) and modules[i][0] <= end else ""
+    layer = max((l for l in layer_names if f"_{l}_kernel_gradient_" in module), key=len, default=None)
+    if layer:  # layers.Conv2D's float32 kernel gradient, compiled under the layer's name
+      seconds[layer, "backward", "Conv2D (kernel gradient, XLA)"] += secs
+    else:
+      seconds["XLA (GELU, max-pool gradient)", "", "XLA (GELU, max-pool gradient)"] += secs
   return seconds, wall
 
 
