@@ -10,9 +10,9 @@ import sys  # pylint: disable=wrong-import-position
 from trainer import cpu  # pylint: disable=wrong-import-position
 
 # TensorFlow turns oneDNN on by default only on CPUs with the instructions in cpu.ONEDNN_FLAGS; on other
-# x86 CPUs with AVX2 its float32 convs ran deep.py's step 1.11-1.15x faster than TensorFlow's own (Eigen)
-# kernels (docs/results.md, 2026-12-06), so the trainer turns it on there. Read at TensorFlow's import, so
-# it holds where `trainer` is imported first (every entry point); a user's own setting wins.
+# x86 CPUs with AVX2, deep.py's float32 step ran 1.05-1.22x faster with it on (paired runs on a Zen 3,
+# docs/results.md, 2026-12-06), so the trainer turns it on there. Read at TensorFlow's import, so it holds
+# where `trainer` is imported first (every entry point, and tools/); a user's own setting wins.
 if "tensorflow" not in sys.modules and cpu.onednn_pays():
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 

@@ -31,8 +31,8 @@ def model() -> str:
 
 
 def onednn_pays() -> bool:
-  """Whether oneDNN's kernels beat TensorFlow's own (Eigen) here where TensorFlow leaves oneDNN off: x86 CPUs
-  with AVX2 and FMA (oneDNN's float32 convs; measured on a Zen 3, docs/results.md)."""
+  """Whether turning oneDNN on pays where TensorFlow leaves it off: x86 CPUs with AVX2 and FMA (measured on a
+  Zen 3 in float32, docs/results.md)."""
   return {"avx2", "fma"} <= flags()
 
 
