@@ -13,6 +13,7 @@ import pytest
 from tests import trainer_overrides
 from tools import chaos_resume
 from trainer import cluster as cluster_lib
+from trainer import cpu
 from trainer import gpus
 from trainer import lease as lease_lib
 from trainer import main as trainer_main
@@ -262,6 +263,18 @@ def test_the_allocator_choice_knows_when_tensorflow_runs_onednn(setting):
   ours, tensorflows = result.stdout.split()[-2:]
   assert ours == tensorflows, result.stdout + result.stderr[-2000:]
 
+
+
+def test_a_tool_runs_the_oneDNN_choice_of_the_trainer():
+  """`python -m tools.X` imports `trainer` (tools/__init__.py) before the tool imports TensorFlow, which reads
+  TF_ENABLE_ONEDNN_OPTS at its import: a tool times and runs the kernels the trainer would."""
+  env = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "TF_CPU_ALLOCATOR_USE_BFC")}
+  code = ("import tools.benchmark_step; from tensorflow.python.util import _pywrap_util_port as port; "
+          "print(port.IsMklEnabled())")
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+  expected = cpu.onednn_pays() or bool(set(cpu.ONEDNN_FLAGS) & cpu.flags())  # the trainer's choice
+  assert result.stdout.split()[-1:] == [str(expected)], result.stdout + result.stderr[-2000:]
 
 _ALLOCATIONS = r"""
 import resource

@@ -17,10 +17,9 @@ if "tensorflow" not in sys.modules and cpu.onednn_pays():
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 # Where TensorFlow runs without oneDNN (TF_ENABLE_ONEDNN_OPTS=0, CPUs without AVX2, or TensorFlow imported
-# first on a CPU without the instructions in cpu.ONEDNN_FLAGS), its CPU
-# allocator is malloc, which maps each large tensor afresh and page-faults it in every step; its BFC
-# allocator keeps freed memory for the next step (docs/results.md, 2026-12-06). With oneDNN its own
-# allocator already pools large tensors. Read when TensorFlow makes its first device, so it holds wherever
+# first on a CPU without the instructions in cpu.ONEDNN_FLAGS), its CPU allocator is malloc, which maps each
+# large tensor afresh and page-faults it in every step; its BFC allocator keeps freed memory for the next
+# step (docs/results.md, 2026-12-06). With oneDNN its own allocator already pools large tensors. Read when TensorFlow makes its first device, so it holds wherever
 # `trainer` is imported before that; a user's own setting wins. Decided without importing TensorFlow, so
 # that the trainer still refuses a bad flag before TensorFlow's import (main.py).
 if not cpu.onednn_enabled():
