@@ -265,16 +265,26 @@ def test_the_allocator_choice_knows_when_tensorflow_runs_onednn(setting):
 
 
 
-def test_a_tool_runs_the_oneDNN_choice_of_the_trainer():
-  """`python -m tools.X` imports `trainer` (tools/__init__.py) before the tool imports TensorFlow, which reads
-  TF_ENABLE_ONEDNN_OPTS at its import: a tool times and runs the kernels the trainer would."""
+@pytest.mark.parametrize("where", ["repository", "elsewhere"])
+def test_a_tool_runs_the_oneDNN_choice_of_the_trainer(where, tmp_path):
+  """`python -m tools.X` imports `trainer` before the tool imports TensorFlow, which reads
+  TF_ENABLE_ONEDNN_OPTS at its import: a tool times and runs the kernels the trainer would. Also from
+  another directory beside another distribution's top-level `tools` folder (tf2onnx, of the [convert]
+  extra, installs one): there, in an editable install, Python takes `tools` for a namespace package and
+  never runs tools/__init__.py."""
   env = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "TF_CPU_ALLOCATOR_USE_BFC")}
+  cwd = ROOT
+  if where == "elsewhere":
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools" / "graphtool.py").write_text("")  # as tf2onnx's folder: modules, no __init__.py
+    cwd = tmp_path
   code = ("import tools.benchmark_step; from tensorflow.python.util import _pywrap_util_port as port; "
           "print(port.IsMklEnabled())")
-  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+  result = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=120)
   expected = cpu.onednn_pays() or bool(set(cpu.ONEDNN_FLAGS) & cpu.flags())  # the trainer's choice
   assert result.stdout.split()[-1:] == [str(expected)], result.stdout + result.stderr[-2000:]
+
 
 _ALLOCATIONS = r"""
 import resource

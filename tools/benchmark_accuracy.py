@@ -14,6 +14,8 @@ Run again with the same --workdir after a kill or a preemption, it resumes: each
 last checkpoint, its log grows, and its wall time (this invocation's only) is marked "resumed".
 """
 
+import trainer  # pylint: disable=unused-import  # first: see tools/__init__.py
+
 import os
 import statistics
 import subprocess

@@ -11,6 +11,8 @@ Measures, in one run on the same shards:
 The last line is `images/s: N`, the train pipeline's median.
 """
 
+import trainer  # pylint: disable=unused-import  # first: see tools/__init__.py
+
 import statistics
 import time
 

@@ -25,6 +25,8 @@ them alike; each figure is the median, and each ratio the median of the ratios w
 lines are `MFU: X`, `custom loop / fit: R` and `2 / 1 replicas: R`.
 """
 
+import trainer  # pylint: disable=unused-import  # first: see tools/__init__.py
+
 import bisect
 import collections
 import re

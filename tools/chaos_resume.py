@@ -23,6 +23,8 @@ Two modes:
     Last line: `exactly once per epoch: E/E`.
 """
 
+import trainer  # pylint: disable=unused-import  # first: see tools/__init__.py
+
 import collections
 import dataclasses
 import json

@@ -13,6 +13,8 @@ class names go into the model's metadata. With --data_dir, the last line is the 
 `accuracy: 0.9408`, after the SavedModel's on the same images and how often the two agree.
 """
 
+import trainer  # pylint: disable=unused-import  # first: see tools/__init__.py
+
 import json
 import os
 import sys

@@ -12,6 +12,8 @@ budget). Each check ends in OK, NOTE or FAIL; any FAIL makes the exit status 1 (
 last line says so.
 """
 
+import trainer  # pylint: disable=unused-import  # first: see tools/__init__.py
+
 import os
 import platform
 import shutil

@@ -7,6 +7,8 @@ written by make_tfrecords (reads only the model).
 The last line printed is `accuracy: 0.9412`.
 """
 
+import trainer  # pylint: disable=unused-import  # first: see tools/__init__.py
+
 import sys
 
 from absl import app

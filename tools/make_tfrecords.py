@@ -20,6 +20,8 @@ under a temporary name and renamed when complete; the manifest is written last, 
 manifest is complete. The same inputs and flags give byte-identical shards.
 """
 
+import trainer  # pylint: disable=unused-import  # first: see tools/__init__.py
+
 import concurrent.futures
 import contextlib
 import os

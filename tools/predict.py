@@ -27,6 +27,8 @@ With --json, prints the response TF Serving's REST API would give for the same r
 (`image_bytes`, `examples`) are given as `{"b64": "..."}`.
 """
 
+import trainer  # pylint: disable=unused-import  # first: see tools/__init__.py
+
 import base64
 import contextlib
 import csv

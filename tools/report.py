@@ -9,6 +9,8 @@ validation split): the confusion matrix, per-class accuracy and sample predictio
 the run's config, status and the data's manifest. Every file is written atomically; index.html last.
 """
 
+import trainer  # pylint: disable=unused-import  # first: see tools/__init__.py
+
 import html
 import json
 import os
