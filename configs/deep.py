@@ -93,7 +93,7 @@ def airbench94_widths(config):
 
 def fast(config):
   """The Muon recipe at airbench94's widths for 12 epochs, scored over 10 test-time views
-  (`--config=configs/deep.py:fast`): 0.377 PFLOP of training (tools.benchmark_step's count), 0.47 of the
+  (`--config=configs/deep.py:fast`): 0.366 PFLOP of training (tools.benchmark_step's count), 0.47 of the
   default's, for 0.910 (BUILD.md's Results). Its export serves the 10 views too: 10 times one image's
   compute per request, as against 6 for the default's."""
   config = airbench94_widths(config)

@@ -15,7 +15,7 @@ our 45,000 images (2.25M images seen) where airbench96 trains 37 of 50,000 (1.85
 to learn (docs/results.md has what 40 epochs reached).
 
 Its goal is 0.935 validation accuracy on CIFAR-10's JPEG images; its compute (`tools.benchmark_accuracy`
-prints it: 5.98 PFLOP) is ~7.5x deep.py's. What it reached, in what time and on which machine: docs/results.md.
+prints it: 5.86 PFLOP) is ~7.5x deep.py's. What it reached, in what time and on which machine: docs/results.md.
 """
 
 from configs import default

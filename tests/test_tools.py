@@ -26,6 +26,7 @@ from tools import benchmark_step
 from tools import converted
 from tools import predict as predict_tool
 from trainer import export as export_lib
+from trainer import layers as layers_lib
 from trainer import models
 from trainer import precision
 
@@ -70,9 +71,11 @@ def test_benchmark_step_prints_mfu_fit_replica_ratios_kernels_layers_and_ops(syn
                  "--probe_secs=0.1", "--kernels", "--layers", "--ops")
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
-  flops = float(re.search(r"train step: ([\d.]+) GFLOP per image \(forward ([\d.]+)", out).group(1))
+  flops = float(re.search(r"^train step of epoch \d+ \(\d+ trainable variables frozen by then; model.fit trains "
+                           r"them all\): ([\d.]+) GFLOP per image", out, re.M).group(1))
   forward = float(re.search(r"forward ([\d.]+) counted", out).group(1))
-  assert flops >= 3 * forward > 0
+  unmade = float(re.search(r"less ([\d.]+) of gradient products not made", out).group(1))
+  assert flops >= 3 * forward - unmade > 0 and unmade > 0  # the frozen whitening conv's gradients at least
   compute = benchmark_step.COMPUTE_DTYPES[precision.choose(precision.detect())[0]].name  # what `auto` picks here
   assert re.search(rf"peak probe, conv 3x3 \(500x15x15x256 -> 256\) in {compute}: [\d,]+ GFLOP/s sustained, "
                    r"[\d,]+ its fastest call \(medians of the windows\)", out), out
@@ -109,6 +112,13 @@ def test_benchmark_step_prints_mfu_fit_replica_ratios_kernels_layers_and_ops(syn
   assert all(0 <= share <= 100 for share in shares.values())
 
 
+def test_benchmark_step_refuses_an_epoch_the_config_does_not_train(synthetic_dir):
+  result = _tool("tools.benchmark_step", SMOKE, f"--config.data_dir={synthetic_dir}", "--config.num_epochs=2",
+                 "--epoch=2")
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == "benchmark_step: error: --epoch=2: the config trains epochs 0 to 1"
+
+
 def test_alternating_windows_rotate_the_order_every_round():
   """No variant always runs right after the same other: A B C, B C A, C A B, A B C, after a warm-up round
   whose rates are dropped."""
@@ -137,15 +147,39 @@ def test_sustained_seconds_time_calls_back_to_back_for_the_span_and_twice_at_lea
 
 def test_training_flops_count_each_dense_product_three_times_per_image(synthetic_dir):
   """A dense net's FLOPs are its products: 2 x in x out per layer and image forward, x3 with the backward
-  pass (+ a bias add per output the profiler counts too), times the images of every step of the run."""
+  pass, less the first layer's input gradient (the images need none) (+ a bias add per output the profiler
+  counts too), times the images of every step of the run."""
   config = mlp.get_config("smoke")
   config.data_dir = synthetic_dir
   manifest = manifest_lib.load(synthetic_dir)
   widths = [32 * 32 * 3, *config.model.dense, 10]
   products = sum(2 * a * b for a, b in zip(widths, widths[1:]))
+  made = 3 * products - 2 * widths[0] * widths[1]
   images = config.num_epochs * config.steps_per_epoch * config.global_batch_size
   flops = benchmark_step.training_flops(config, manifest)
-  assert 3 * products * images <= flops <= 3 * (products + 3 * sum(widths[1:])) * images
+  assert made * images <= flops <= (made + 3 * sum(widths[1:])) * images
+
+
+def test_the_step_flops_leave_out_the_gradients_of_frozen_layers_and_of_what_feeds_them():
+  """deep.py: the whitening conv's kernel is frozen and its input is the images, so neither of its gradient
+  products is made; once its bias freezes (epoch 3 of 10), group0_conv0's input gradient is not either.
+  The benchmark runs the step most epochs run: epoch 3's."""
+  config = deep.get_config()
+  model = models.build(config.model)
+  by_name = {layer.name: layer for layer in model.layers}
+  product = lambda name: 2.0 * np.prod(by_name[name].output.shape[1:]) * np.prod(by_name[name].kernel.shape[:-1])
+  whitening = next(layer.name for layer in model.layers if isinstance(layer, layers_lib.PatchWhitening))
+  assert config.model.whiten_bias_epochs == 3 and config.num_epochs == 10
+  for epoch in (0, 2):
+    assert benchmark_step.unmade_gradient_flops(model, epoch) == pytest.approx(2 * product(whitening))
+  for epoch in (3, 9):
+    assert benchmark_step.unmade_gradient_flops(model, epoch) == pytest.approx(
+        2 * product(whitening) + product("group0_conv0"))
+  assert benchmark_step.run_epoch(model, config.num_epochs) == 3
+  assert benchmark_step.run_epoch(model, 5) == 0  # 3 epochs train the bias, 2 do not
+  assert benchmark_step.run_epoch(model, 6) == 3  # a tie: the later set
+  per_epoch = [benchmark_step.step_flops(config, model, epoch)[0] for epoch in (0, 3)]
+  assert per_epoch[0] - per_epoch[1] == pytest.approx(product("group0_conv0"))
 
 
 @pytest.fixture(scope="module")

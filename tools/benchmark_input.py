@@ -93,16 +93,17 @@ def per_example_baseline(config, data_dir: str, batch_size: int, mean, std) -> t
           .prefetch(tf.data.AUTOTUNE))
 
 
-def train_loop_timer(config, strategy, manifest: dict):
+def train_loop_timer(config, strategy, manifest: dict, epoch: int = 0):
   """The config's train loop on a fresh state: returns (run, dataset_fn), where run(iterator, steps) times
-  `steps` steps fed by `iterator` in images/s, and dataset_fn is the train input for the strategy."""
+  `steps` steps of epoch `epoch` (which decides the variables that train) fed by `iterator` in images/s,
+  and dataset_fn is the train input for the strategy."""
   steps_per_epoch = data.steps_per_epoch_for(config, manifest)
   state = steps_lib.make_state(config, strategy, steps_per_epoch, data.model_shape(manifest))
   learner = steps_lib.Learner(config, strategy, state, *data.normalization_for(config, manifest))
 
   def run(iterator, steps: int) -> float:
     start = time.perf_counter()
-    learner.train(iterator, steps, 0)  # returns once the steps are done (it reads their metrics)
+    learner.train(iterator, steps, epoch)  # returns once the steps are done (it reads their metrics)
     return steps * config.global_batch_size / (time.perf_counter() - start)
 
   return run, data.train_dataset_fn(config, manifest, steps_per_epoch, start_step=0)

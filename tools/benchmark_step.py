@@ -8,17 +8,21 @@ r"""The train step against this machine's limit and against `model.fit`.
 In one process, every train step fed one batch of the real train pipeline held in memory:
   1. FLOPs per image of the train step: the forward pass counted by TensorFlow's profiler on the model's
      graph (the ops with a registered count: convolutions, matmuls, bias adds, pooling...), times 3 for
-     forward and backward (the backward pass makes two products per forward one), plus the optimizer's
-     Newton-Schulz matmuls (Muon) counted from the kernels' shapes, per image at the run's batch. A slight
-     overcount: the frozen first layer needs no gradient, and the next none for its input once the
-     whitening bias freezes (deep.py: ~3%);
+     forward and backward (the backward pass makes two products per forward one), less the products the
+     step does not make: a conv or dense layer's kernel gradient where its kernel does not train (deep.py's
+     frozen whitening conv), its input gradient where no layer before it trains (the first layer's; in
+     deep.py group0_conv0's too once the whitening bias freezes), plus the optimizer's Newton-Schulz
+     matmuls (Muon) counted from the kernels' shapes, per image at the run's batch;
   2. the machine's peak at the run's compute precision: probes of a 3x3 convolution, a square matmul and
      the forward conv of each of the model's conv layers (its own shapes), each one's rate sustained over
      `--probe_secs` of calls back to back, timed in this process in each window beside the steps (the
      machine's rate drifts); the peak is the probe of the highest median over the windows, in each window
      (the fastest probe of each window, a maximum of noisy rates, reads higher than any probe sustains);
   3. the custom loop (trainer/steps.Learner) and `model.compile` + `model.fit` with the same model,
-     optimizer, loss and steps per call, under the same strategy;
+     optimizer, loss and steps per call, under the same strategy. The custom loop runs the step of
+     `--epoch`: by default one of the epochs the run spends most of its time in, those that train the same
+     variables (deep.py: epochs 3-9 of 10, the whitening bias frozen). model.fit trains every trainable
+     variable in every step, as a Keras user's single fit call would;
   4. 1 and 2 replicas at the same global batch (2 GPUs when the machine has them, else 2 logical CPUs).
 Windows alternate between the variants compared, in an order rotated every round, so machine noise hits
 them alike; each figure is the median, and each ratio the median of the ratios within a round. The last
@@ -31,6 +35,7 @@ import bisect
 import collections
 import re
 import statistics
+import sys
 import tempfile
 import time
 
@@ -61,6 +66,9 @@ def define_flags():
   config_flags.DEFINE_config_file("config", None, "A training config, e.g. configs/deep.py.", lock_config=True)
   flags.DEFINE_integer("steps", 1, "Train steps per timed window.", lower_bound=1)
   flags.DEFINE_integer("windows", 5, "Timed windows per variant, after one warm-up window each.", lower_bound=1)
+  flags.DEFINE_integer("epoch", None, "The epoch whose step the custom loop runs (0-based; it decides which "
+                       "variables train). Default: the first of the epochs that train the variable set most "
+                       "epochs train.", lower_bound=0)
   flags.DEFINE_bool("fit", True, "Compare with model.fit.")
   flags.DEFINE_float("probe_secs", 2.0, "Seconds each peak probe runs back to back, per window (two calls at "
                      "least).", lower_bound=0.0)
@@ -72,20 +80,54 @@ def define_flags():
   flags.mark_flags_as_required(["config"])
 
 
-def step_flops(config, model: keras.Model) -> tuple[float, float, float]:
-  """(train-step FLOPs per image, forward FLOPs per image, optimizer FLOPs per step): the forward pass as
-  TensorFlow's profiler counts it, x3 for forward + backward, + the optimizer's per step over the global batch
-  (the module docstring, point 1)."""
+def step_flops(config, model: keras.Model, epoch: int = 0) -> tuple[float, float, float]:
+  """(train-step FLOPs per image in `epoch`, forward FLOPs per image, optimizer FLOPs per step): the forward
+  pass as TensorFlow's profiler counts it, x3 for forward + backward, less the gradient products not made,
+  + the optimizer's per step over the global batch (the module docstring, point 1)."""
   forward, update = forward_flops(model), optimizer_flops(config, model)
-  return 3 * forward + update / config.global_batch_size, forward, update
+  return 3 * forward - unmade_gradient_flops(model, epoch) + update / config.global_batch_size, forward, update
+
+
+def unmade_gradient_flops(model: keras.Model, epoch: int) -> float:
+  """FLOPs per image of the gradient products that `epoch`'s step does not make: for each layer with a conv or
+  dense kernel, its forward product once for the kernel's gradient where the kernel does not train, and once
+  for the input's where no layer before it (in `model.layers`' order) has a variable that trains then. For a
+  model with branches, "before" may include a parallel branch: the count can only err high."""
+  trained = {id(v) for v in models.trainable_at(model, epoch)}
+  unmade, upstream_trains = 0.0, False
+  for layer in model.layers:
+    kernel = getattr(layer, "kernel", None)
+    if kernel is not None and len(kernel.shape) in (2, 4):
+      product = _kernel_flops(layer, kernel)
+      unmade += product * (id(kernel) not in trained) + product * (not upstream_trains)
+    upstream_trains = upstream_trains or any(id(v) in trained for v in layer.trainable_variables)
+  return unmade
+
+
+def _kernel_flops(layer, kernel) -> float:
+  """One image's multiply-adds (x2) of `layer`'s product with `kernel`: a conv's over its output's pixels
+  (the zero padding included, as TensorFlow's profiler counts), a dense layer's over its output's rows."""
+  out = layer.output.shape[1:]
+  if len(kernel.shape) == 4:
+    return 2.0 * float(np.prod(out)) * float(np.prod(kernel.shape[:-1]))
+  return 2.0 * float(np.prod(out[:-1], dtype=np.float64)) * float(kernel.shape[0]) * float(kernel.shape[1])
 
 
 def training_flops(config, manifest: dict) -> float:
-  """FLOPs of a whole run of `config` on the data of `manifest`: `step_flops` per image x the images its steps
-  train on (num_epochs x steps per epoch x global batch)."""
+  """FLOPs of a whole run of `config` on the data of `manifest`: `step_flops` per image of each epoch x the
+  images its steps train on (steps per epoch x global batch)."""
   model = models.build(config.model, data.model_shape(manifest))
-  images = config.num_epochs * data.steps_per_epoch_for(config, manifest) * config.global_batch_size
-  return step_flops(config, model)[0] * images
+  images = data.steps_per_epoch_for(config, manifest) * config.global_batch_size
+  return sum(step_flops(config, model, epoch)[0] * images for epoch in range(config.num_epochs))
+
+
+def run_epoch(model: keras.Model, num_epochs: int) -> int:
+  """The first of the epochs that train the set of variables most epochs train (the later set on a tie):
+  the step a run spends most of its time in."""
+  sets = [tuple(id(v) for v in models.trainable_at(model, epoch)) for epoch in range(max(num_epochs, 1))]
+  counts = collections.Counter(sets)
+  most = max(counts.values())
+  return sets.index([s for s in sets if counts[s] == most][-1])
 
 
 def forward_flops(model: keras.Model) -> float:
@@ -177,9 +219,9 @@ def replica_batches(strategy, batch: dict):
   return iter(strategy.distribute_datasets_from_function(dataset_fn))
 
 
-def custom_loop(config, strategy, manifest: dict, batch: dict, steps: int):
-  """A function timing `steps` steps of the trainer's own loop, in images/s."""
-  run, _ = benchmark_input.train_loop_timer(config, strategy, manifest)
+def custom_loop(config, strategy, manifest: dict, batch: dict, steps: int, epoch: int = 0):
+  """A function timing `steps` steps of epoch `epoch` of the trainer's own loop, in images/s."""
+  run, _ = benchmark_input.train_loop_timer(config, strategy, manifest, epoch)
   iterator = replica_batches(strategy, batch)
   return lambda: run(iterator, steps)
 
@@ -366,13 +408,14 @@ def paired(numerators: list[float], denominators: list[float]) -> float:
   return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
 
 
-def kernels_comparison(config, strategy, manifest: dict, batch: dict, steps: int, windows: int) -> float:
-  """Median images/s with `model.fast_kernels` on over off."""
+def kernels_comparison(config, strategy, manifest: dict, batch: dict, steps: int, windows: int,
+                       epoch: int) -> float:
+  """Median images/s with `model.fast_kernels` on over off, in epoch `epoch`'s step."""
   measures = {}
   for name, fast in (("train step, Keras's BatchNorm and GELU", False), ("train step, fast kernels", True)):
     variant = config.copy_and_resolve_references()
     variant.model.fast_kernels = fast
-    measures[name] = custom_loop(variant, strategy, manifest, batch, steps)
+    measures[name] = custom_loop(variant, strategy, manifest, batch, steps, epoch)
   keras_rates, fast_rates = compare(measures, windows).values()
   ratio = paired(fast_rates, keras_rates)
   print(f"fast / keras: {ratio:.2f}")
@@ -384,6 +427,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   tf.get_logger().setLevel("WARNING")  # tf.distribute logs every all-reduce it builds at INFO
   config = FLAGS.config.copy_and_resolve_references()
+  if FLAGS.epoch is not None and FLAGS.epoch >= config.num_epochs:
+    sys.exit(f"benchmark_step: error: --epoch={FLAGS.epoch}: the config trains epochs 0 to {config.num_epochs - 1}")
   precision.resolve(config)  # "auto": what the trainer would train in here
   config.input.augment_on = "host"  # model.fit is fed the same augmented batch
   if FLAGS.ops:  # ops one at a time, so that each op's time is its own (two side by side share the cores)
@@ -400,18 +445,22 @@ def main(argv):
 
   keras.mixed_precision.set_dtype_policy(config.mixed_precision)
   model = models.build(config.model, data.model_shape(manifest))
-  per_image, forward, update = step_flops(config, model)
-  print(f"train step: {per_image / 1e9:.3f} GFLOP per image (forward {forward / 1e9:.3f} counted by "
-        f"TensorFlow's profiler, x3 for forward + backward, + the optimizer's Newton-Schulz matmuls "
-        f"{update / 1e9:.2f} GFLOP per step)")
+  epoch = run_epoch(model, config.num_epochs) if FLAGS.epoch is None else FLAGS.epoch
+  per_image, forward, update = step_flops(config, model, epoch)
+  frozen = len(model.trainable_variables) - len(models.trainable_at(model, epoch))
+  print(f"train step of epoch {epoch} ({frozen} trainable variables frozen by then; model.fit trains them "
+        f"all): {per_image / 1e9:.3f} GFLOP per image (forward {forward / 1e9:.3f} counted by TensorFlow's "
+        f"profiler, x3 for forward + backward, less {unmade_gradient_flops(model, epoch) / 1e9:.3f} of gradient "
+        f"products not made, + the optimizer's Newton-Schulz matmuls {update / 1e9:.2f} GFLOP per step)")
   probe = peak_probe(dtype, model, seconds=FLAGS.probe_secs)
 
   batch = held_batch(config, manifest)
-  measures = {"custom loop (steps.Learner), 1 replica": custom_loop(config, kinds[1], manifest, batch, FLAGS.steps)}
+  measures = {"custom loop (steps.Learner), 1 replica": custom_loop(config, kinds[1], manifest, batch, FLAGS.steps,
+                                                                   epoch)}
   if FLAGS.fit:
     measures["model.fit, 1 replica"] = keras_fit(config, kinds[1], manifest, batch, FLAGS.steps)
   if FLAGS.replicas and kinds[2] is not None:
-    measures["custom loop, 2 replicas"] = custom_loop(config, kinds[2], manifest, batch, FLAGS.steps)
+    measures["custom loop, 2 replicas"] = custom_loop(config, kinds[2], manifest, batch, FLAGS.steps, epoch)
   elif FLAGS.replicas:
     print("2 / 1 replicas: skipped, this machine has 1 GPU")
   probe_windows = []  # each window's {probe: (sustained FLOP/s, its fastest call's)}, the warm-up first
@@ -423,7 +472,7 @@ def main(argv):
   measures[PEAK] = fastest_probe
   rates = compare(measures, FLAGS.windows)
   if FLAGS.kernels:
-    kernels_comparison(config, kinds[1], manifest, batch, FLAGS.steps, FLAGS.windows)
+    kernels_comparison(config, kinds[1], manifest, batch, FLAGS.steps, FLAGS.windows, epoch)
   if FLAGS.ops:
     optimizer_name = optim.make_optimizer(config, 1).name
     seconds, wall = op_profile(measures["custom loop (steps.Learner), 1 replica"],
