@@ -1,6 +1,8 @@
 """Start-up as a cluster's first day meets it: GPUs given but not seen, a task that never comes, a task that
 refuses before its strategy exists, two tasks given one GPU."""
 
+import importlib.metadata
+import json
 import os
 import signal
 import socket
@@ -265,25 +267,41 @@ def test_the_allocator_choice_knows_when_tensorflow_runs_onednn(setting):
 
 
 
+def _beside_another_tools_folder(tmp_path) -> str:
+  """A folder holding a top-level `tools` folder of modules without __init__.py, as tf2onnx (of the
+  [convert] extra) installs one: run from there, an editable install's `tools` is a namespace package of
+  that folder (its __file__ None), whose own tools/__init__.py never runs; our modules still load."""
+  (tmp_path / "tools").mkdir()
+  (tmp_path / "tools" / "graphtool.py").write_text("")
+  return str(tmp_path)
+
+
 @pytest.mark.parametrize("where", ["repository", "elsewhere"])
 def test_a_tool_runs_the_oneDNN_choice_of_the_trainer(where, tmp_path):
   """`python -m tools.X` imports `trainer` before the tool imports TensorFlow, which reads
-  TF_ENABLE_ONEDNN_OPTS at its import: a tool times and runs the kernels the trainer would. Also from
-  another directory beside another distribution's top-level `tools` folder (tf2onnx, of the [convert]
-  extra, installs one): there, in an editable install, Python takes `tools` for a namespace package and
-  never runs tools/__init__.py."""
+  TF_ENABLE_ONEDNN_OPTS at its import: a tool times and runs the kernels the trainer would, also where
+  tools/__init__.py does not run (`_beside_another_tools_folder`)."""
   env = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "TF_CPU_ALLOCATOR_USE_BFC")}
-  cwd = ROOT
-  if where == "elsewhere":
-    (tmp_path / "tools").mkdir()
-    (tmp_path / "tools" / "graphtool.py").write_text("")  # as tf2onnx's folder: modules, no __init__.py
-    cwd = tmp_path
-  code = ("import tools.benchmark_step; from tensorflow.python.util import _pywrap_util_port as port; "
-          "print(port.IsMklEnabled())")
+  cwd = ROOT if where == "repository" else _beside_another_tools_folder(tmp_path)
+  code = ("import tools.benchmark_step, tools; from tensorflow.python.util import _pywrap_util_port as port; "
+          "print(tools.__file__ is None, port.IsMklEnabled())")
   result = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=120)
   expected = cpu.onednn_pays() or bool(set(cpu.ONEDNN_FLAGS) & cpu.flags())  # the trainer's choice
-  assert result.stdout.split()[-1:] == [str(expected)], result.stdout + result.stderr[-2000:]
+  assert result.stdout.split()[-2:] == [str(where == "elsewhere"), str(expected)], result.stdout + result.stderr[-2000:]
+
+
+def test_make_tfrecords_runs_beside_another_tools_folder(tmp_path):
+  """The shards and manifest of `python -m tools.make_tfrecords`, run where tools/__init__.py does not run
+  (it failed at the manifest, after writing every shard, reading `tools.__version__`)."""
+  out = tmp_path / "out"
+  result = subprocess.run([sys.executable, "-m", "tools.make_tfrecords", "--source=synthetic", f"--output_dir={out}",
+                           "--synthetic_train_size=40", "--synthetic_test_size=10", "--val_size=10", "--num_shards=2"],
+                          cwd=_beside_another_tools_folder(tmp_path), capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  with open(out / "manifest.json") as f:
+    manifest = json.load(f)
+  assert manifest["tool_version"] == importlib.metadata.version("cifar10-tf-pipeline")
 
 
 _ALLOCATIONS = r"""

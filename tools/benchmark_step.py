@@ -26,7 +26,8 @@ In one process, every train step fed one batch of the real train pipeline held i
   4. 1 and 2 replicas at the same global batch (2 GPUs when the machine has them, else 2 logical CPUs).
 Windows alternate between the variants compared, in an order rotated every round, so machine noise hits
 them alike; each figure is the median, and each ratio the median of the ratios within a round. The last
-lines are `MFU: X`, `custom loop / fit: R` and `2 / 1 replicas: R`.
+lines are `MFU: X`, `custom loop / fit: R` (and `custom loop at epoch E (the variables fit trains) / fit:
+R` where the default epoch trains fewer), and `2 / 1 replicas: R`.
 """
 
 import trainer  # pylint: disable=unused-import  # first: see tools/__init__.py
@@ -50,6 +51,7 @@ from tensorflow.tsl.profiler.protobuf import xplane_pb2
 from pipeline import manifest as manifest_lib
 from tools import benchmark_input
 from trainer import data
+from trainer import layers as layers_lib
 from trainer import distribute
 from trainer import main as trainer_main
 from trainer import models
@@ -85,21 +87,26 @@ def step_flops(config, model: keras.Model, epoch: int = 0) -> tuple[float, float
   pass as TensorFlow's profiler counts it, x3 for forward + backward, less the gradient products not made,
   + the optimizer's per step over the global batch (the module docstring, point 1)."""
   forward, update = forward_flops(model), optimizer_flops(config, model)
-  return 3 * forward - unmade_gradient_flops(model, epoch) + update / config.global_batch_size, forward, update
+  return _per_image(config, forward, update, model, epoch), forward, update
+
+
+def _per_image(config, forward: float, update: float, model: keras.Model, epoch: int) -> float:
+  return 3 * forward - unmade_gradient_flops(model, epoch) + update / config.global_batch_size
 
 
 def unmade_gradient_flops(model: keras.Model, epoch: int) -> float:
-  """FLOPs per image of the gradient products that `epoch`'s step does not make: for each layer with a conv or
-  dense kernel, its forward product once for the kernel's gradient where the kernel does not train, and once
-  for the input's where no layer before it (in `model.layers`' order) has a variable that trains then. For a
-  model with branches, "before" may include a parallel branch: the count can only err high."""
+  """FLOPs per image of the gradient products that `epoch`'s step does not make: for each conv or dense
+  layer, its forward product once for the kernel's gradient where the kernel does not train, and once for
+  the input's where no layer before it (in `model.layers`' order) has a variable that trains then. For a
+  model with branches, "before" may include a parallel branch: the count can only err high. Other layers
+  (and a LoRA or quantized kernel, a new tensor at each read) count x3 whole."""
   trained = {id(v) for v in models.trainable_at(model, epoch)}
   unmade, upstream_trains = 0.0, False
   for layer in model.layers:
-    kernel = getattr(layer, "kernel", None)
-    if kernel is not None and len(kernel.shape) in (2, 4):
-      product = _kernel_flops(layer, kernel)
-      unmade += product * (id(kernel) not in trained) + product * (not upstream_trains)
+    if (isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense, layers_lib.PatchWhitening))
+        and not getattr(layer, "lora_enabled", False) and not getattr(layer, "quantization_mode", None)):
+      product = _kernel_flops(layer, layer.kernel)
+      unmade += product * (id(layer.kernel) not in trained) + product * (not upstream_trains)
     upstream_trains = upstream_trains or any(id(v) in trained for v in layer.trainable_variables)
   return unmade
 
@@ -117,8 +124,9 @@ def training_flops(config, manifest: dict) -> float:
   """FLOPs of a whole run of `config` on the data of `manifest`: `step_flops` per image of each epoch x the
   images its steps train on (steps per epoch x global batch)."""
   model = models.build(config.model, data.model_shape(manifest))
+  forward, update = forward_flops(model), optimizer_flops(config, model)
   images = data.steps_per_epoch_for(config, manifest) * config.global_batch_size
-  return sum(step_flops(config, model, epoch)[0] * images for epoch in range(config.num_epochs))
+  return sum(_per_image(config, forward, update, model, epoch) * images for epoch in range(config.num_epochs))
 
 
 def run_epoch(model: keras.Model, num_epochs: int) -> int:
@@ -427,8 +435,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   tf.get_logger().setLevel("WARNING")  # tf.distribute logs every all-reduce it builds at INFO
   config = FLAGS.config.copy_and_resolve_references()
-  if FLAGS.epoch is not None and FLAGS.epoch >= config.num_epochs:
-    sys.exit(f"benchmark_step: error: --epoch={FLAGS.epoch}: the config trains epochs 0 to {config.num_epochs - 1}")
+  if FLAGS.epoch is not None and FLAGS.epoch >= max(config.num_epochs, 1):
+    sys.exit(f"benchmark_step: error: --epoch={FLAGS.epoch}: the config trains epochs 0 to "
+             f"{max(config.num_epochs, 1) - 1}")
   precision.resolve(config)  # "auto": what the trainer would train in here
   config.input.augment_on = "host"  # model.fit is fed the same augmented batch
   if FLAGS.ops:  # ops one at a time, so that each op's time is its own (two side by side share the cores)
@@ -450,7 +459,7 @@ def main(argv):
   frozen = len(model.trainable_variables) - len(models.trainable_at(model, epoch))
   print(f"train step of epoch {epoch} ({frozen} trainable variables frozen by then; model.fit trains them "
         f"all): {per_image / 1e9:.3f} GFLOP per image (forward {forward / 1e9:.3f} counted by TensorFlow's "
-        f"profiler, x3 for forward + backward, less {unmade_gradient_flops(model, epoch) / 1e9:.3f} of gradient "
+        f"profiler, x3 for forward + backward, less {unmade_gradient_flops(model, epoch) / 1e9:.4f} of gradient "
         f"products not made, + the optimizer's Newton-Schulz matmuls {update / 1e9:.2f} GFLOP per step)")
   probe = peak_probe(dtype, model, seconds=FLAGS.probe_secs)
 
@@ -459,6 +468,14 @@ def main(argv):
                                                                    epoch)}
   if FLAGS.fit:
     measures["model.fit, 1 replica"] = keras_fit(config, kinds[1], manifest, batch, FLAGS.steps)
+    # The custom loop also in the step that trains what fit trains, where the default epoch's does not: the
+    # kernels alone compared.
+    everything = [e for e in range(max(config.num_epochs, 1))
+                  if len(models.trainable_at(model, e)) == len(model.trainable_variables)]
+    if everything and everything[0] != epoch:
+      same_epoch = everything[0]
+      measures[f"custom loop at epoch {same_epoch}, 1 replica"] = custom_loop(config, kinds[1], manifest, batch,
+                                                                               FLAGS.steps, same_epoch)
   if FLAGS.replicas and kinds[2] is not None:
     measures["custom loop, 2 replicas"] = custom_loop(config, kinds[2], manifest, batch, FLAGS.steps, epoch)
   elif FLAGS.replicas:
@@ -508,6 +525,10 @@ def main(argv):
   print(f"MFU: {paired(achieved, peak):.3f}")
   if "model.fit, 1 replica" in rates:
     print(f"custom loop / fit: {paired(custom, rates['model.fit, 1 replica']):.3f}")
+    same = next((name for name in rates if name.startswith("custom loop at epoch ")), None)
+    if same:
+      print(f"{same.rsplit(',', 1)[0]} (the variables fit trains) / fit: "
+            f"{paired(rates[same], rates['model.fit, 1 replica']):.3f}")
   if "custom loop, 2 replicas" in rates:
     print(f"2 / 1 replicas: {paired(rates['custom loop, 2 replicas'], custom):.3f}")
 

@@ -7,6 +7,8 @@ A converted model carries what the SavedModel holds besides its graph (the class
 metadata: LiteRT's model metadata and ONNX's metadata_props, under CLASS_NAMES_KEY, as JSON.
 """
 
+import trainer  # pylint: disable=unused-import  # first: see tools/__init__.py
+
 import json
 import os
 

@@ -36,12 +36,12 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+import pipeline
 from pipeline import cpus
 from pipeline import cifar10
 from pipeline import fileio
 from pipeline import manifest as manifest_lib
 from pipeline import records
-import tools
 from tools import sources
 
 FLAGS = flags.FLAGS
@@ -241,7 +241,7 @@ def build_manifest(source: sources.Source, splits: dict[str, sources.Split], sha
     split_info[name] = info
   return {
       "format_version": 1,
-      "tool": "tools.make_tfrecords", "tool_version": tools.__version__,
+      "tool": "tools.make_tfrecords", "tool_version": pipeline.project_version(),
       "source": {"name": source.name, "kind": source.kind, "checksum": source.checksum},
       "class_names": list(source.class_names),
       "image_shape": list(source.image_shape),

@@ -37,6 +37,7 @@ def _read(path: str) -> dict:
   if "://" not in path:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
+  import trainer  # pylint: disable=g-import-not-at-top,unused-import  # first: see tools/__init__.py
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from pipeline import fileio  # pylint: disable=g-import-not-at-top
   try:

@@ -7,6 +7,8 @@ default, or another image-classification set of one image size), the official `c
 (learnable fake data, no download).
 """
 
+import trainer  # pylint: disable=unused-import  # first: see tools/__init__.py
+
 import concurrent.futures
 import dataclasses
 import hashlib

@@ -2,7 +2,8 @@
 
 import os
 
-# As in tools/__init__.py: keep TensorFlow's C++ INFO/WARNING lines out of the training log.
+# Keep TensorFlow's C++ INFO/WARNING lines out of the training log and the tools' output (every tool
+# imports `trainer` first).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import sys  # pylint: disable=wrong-import-position

@@ -10,7 +10,6 @@ checkpoint manager, config.json and run.json (docs/interfaces.md: the layout).
 
 import datetime
 import errno
-import importlib.metadata
 import json
 import os
 import platform
@@ -22,6 +21,7 @@ from absl import logging
 import keras
 import tensorflow as tf
 
+import pipeline
 from pipeline import fileio
 from pipeline import manifest as manifest_lib
 from trainer import distribute
@@ -385,7 +385,7 @@ def write_run(workdir: str, segment: dict | None = None, **fields) -> None:
     fields["segments"] = [dict(s, end_step=end) for s, end in zip(earlier, ends)] + [segment]
   fileio.write_json(os.path.join(workdir, "run.json"), {
       **fields, "ended": now(),
-      "versions": {"project": _project_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
+      "versions": {"project": pipeline.project_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
                    "python": platform.python_version()},
       "git_commit": _git_commit(), "host": platform.node()})
 
@@ -397,10 +397,3 @@ def _git_commit() -> str | None:
     return out.stdout.strip()
   except (OSError, subprocess.SubprocessError):
     return None
-
-
-def _project_version() -> str:
-  try:
-    return importlib.metadata.version("cifar10-tf-pipeline")
-  except importlib.metadata.PackageNotFoundError:  # run from a checkout without installing
-    return "unknown"
