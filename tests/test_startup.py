@@ -266,7 +266,6 @@ def test_the_allocator_choice_knows_when_tensorflow_runs_onednn(setting):
   assert ours == tensorflows, result.stdout + result.stderr[-2000:]
 
 
-
 def _beside_another_tools_folder(tmp_path) -> str:
   """A folder holding a top-level `tools` folder of modules without __init__.py, as tf2onnx (of the
   [convert] extra) installs one: run from there, an editable install's `tools` is a namespace package of

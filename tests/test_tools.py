@@ -88,7 +88,8 @@ def test_benchmark_step_prints_mfu_fit_replica_ratios_kernels_layers_and_ops(syn
                    r"+[\d,.]+ GFLOP/s$", out, re.M), out
   assert re.search(r"^\(MFU against each window's fastest probe instead: [\d.]+; against the fastest single call "
                    r"of its 0.1 s of probes: [\d.]+\)$", out, re.M), out
-  for name in ("MFU", "custom loop / fit", "custom loop at epoch 0 (the variables fit trains) / fit", "2 / 1 replicas"):
+  for name in ("MFU", "custom loop / fit", "custom loop at epoch 0 (the variables fit trains) / fit",
+               "2 / 1 replicas"):
     assert float(re.search(rf"^{re.escape(name)}: ([\d.]+)$", out, re.M).group(1)) > 0, out
   lines = out.strip().splitlines()
   assert sum(l.startswith("train step, ") for l in lines) == 2

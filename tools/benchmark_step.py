@@ -51,8 +51,8 @@ from tensorflow.tsl.profiler.protobuf import xplane_pb2
 from pipeline import manifest as manifest_lib
 from tools import benchmark_input
 from trainer import data
-from trainer import layers as layers_lib
 from trainer import distribute
+from trainer import layers as layers_lib
 from trainer import main as trainer_main
 from trainer import models
 from trainer import optim
@@ -105,16 +105,16 @@ def unmade_gradient_flops(model: keras.Model, epoch: int) -> float:
   for layer in model.layers:
     if (isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense, layers_lib.PatchWhitening))
         and not getattr(layer, "lora_enabled", False) and not getattr(layer, "quantization_mode", None)):
-      product = _kernel_flops(layer, layer.kernel)
+      product = _kernel_flops(layer)
       unmade += product * (id(layer.kernel) not in trained) + product * (not upstream_trains)
     upstream_trains = upstream_trains or any(id(v) in trained for v in layer.trainable_variables)
   return unmade
 
 
-def _kernel_flops(layer, kernel) -> float:
-  """One image's multiply-adds (x2) of `layer`'s product with `kernel`: a conv's over its output's pixels
+def _kernel_flops(layer) -> float:
+  """One image's multiply-adds (x2) of `layer`'s product with its kernel: a conv's over its output's pixels
   (the zero padding included, as TensorFlow's profiler counts), a dense layer's over its output's rows."""
-  out = layer.output.shape[1:]
+  kernel, out = layer.kernel, layer.output.shape[1:]
   if len(kernel.shape) == 4:
     return 2.0 * float(np.prod(out)) * float(np.prod(kernel.shape[:-1]))
   return 2.0 * float(np.prod(out[:-1], dtype=np.float64)) * float(kernel.shape[0]) * float(kernel.shape[1])
@@ -193,9 +193,8 @@ def peak_probe(dtype: tf.DType, model: keras.Model | None = None, images: int = 
       x, kernel = normal([images, *layer.input.shape[1:]]), normal(layer.kernel.shape)
       conv = lambda x=x, kernel=kernel, layer=layer: tf.nn.conv2d(x, kernel, layer.strides, layer.padding.upper(),
                                                                   dilations=layer.dilation_rate)
-      out = layer.output.shape
-      flops = 2 * images * out[1] * out[2] * out[3] * int(np.prod(layer.kernel.shape[:-1]))
-      probes[f"conv as {layer.name} ({images}x{'x'.join(str(d) for d in x.shape[1:])} -> {out[3]})"] = (conv, flops)
+      name = f"conv as {layer.name} ({images}x{'x'.join(str(d) for d in x.shape[1:])} -> {layer.output.shape[3]})"
+      probes[name] = (conv, images * _kernel_flops(layer))
   # Waits for one element, not the whole output: a GPU would otherwise time the copy to the host.
   runs = {name: (lambda probe=probe: tf.reshape(probe(), [-1])[:1].numpy(), flops)
           for name, (probe, flops) in probes.items()}
