@@ -71,6 +71,7 @@ def test_benchmark_step_prints_mfu_fit_replica_ratios_kernels_layers_and_ops(syn
                  "--probe_secs=0.1", "--kernels", "--layers", "--ops",
                  "--config.model.whiten_bias_epochs=1")  # of 2 epochs: the later, frozen, wins the tie
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "is deprecated" not in result.stderr, result.stderr[-3000:]  # TensorFlow's, from the FLOP count's profiler
   out = result.stdout
   flops = float(re.search(r"^train step of epoch 1 \(1 trainable variables frozen by then; model.fit trains "
                            r"them all\): ([\d.]+) GFLOP per image", out, re.M).group(1))

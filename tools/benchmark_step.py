@@ -148,7 +148,13 @@ def _profiled_flops(layer, image_shape) -> float:
   graph = function.get_concrete_function(tf.TensorSpec([1, *image_shape], tf.float32)).graph
   options = (tf.compat.v1.profiler.ProfileOptionBuilder(tf.compat.v1.profiler.ProfileOptionBuilder.float_operation())
              .with_empty_output().build())
-  return float(tf.compat.v1.profiler.profile(graph, options=options).total_float_ops)
+  logger = tf.get_logger()
+  level = logger.level
+  logger.setLevel("ERROR")  # the profiler's conv statistics call a TF1 helper that logs a deprecation warning
+  try:
+    return float(tf.compat.v1.profiler.profile(graph, options=options).total_float_ops)
+  finally:
+    logger.setLevel(level)
 
 
 def optimizer_flops(config, model: keras.Model) -> float:
