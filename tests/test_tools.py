@@ -24,6 +24,7 @@ from tests import trainer_overrides
 from tools import benchmark_input
 from tools import benchmark_step
 from tools import converted
+from tools import doctor
 from tools import predict as predict_tool
 from trainer import export as export_lib
 from trainer import layers as layers_lib
@@ -54,6 +55,15 @@ def test_doctor_checks_this_machine_and_passes():
   if policy == "mixed_bfloat16":
     assert re.search(r"^OK .* images/s over 3 steps of 32", steps["mixed_bfloat16"]), steps
   assert lines[-1].startswith("doctor: all checks passed in ")
+
+
+def test_doctor_budget_times_the_steps_after_the_first_traced_one():
+  """The budget went from before the model was built: on a loaded CI host (2026-12-07) building and tracing
+  took all 30 s of it and doctor timed no step. 2 s hold the 3 steps of 32 images, not the tracing."""
+  config = deep.get_config("smoke")
+  done, rate, first, loss = doctor.time_step(config, tf.distribute.MirroredStrategy(["/cpu:0"]), "float32", steps=3,
+                                             budget=2.0)
+  assert (done, np.isfinite(loss)) == (3, True) and rate > 0 and first > 0
 
 
 def test_doctor_fails_a_step_that_diverges():
