@@ -59,11 +59,12 @@ def test_doctor_checks_this_machine_and_passes():
 
 def test_doctor_budget_times_the_steps_after_the_first_traced_one():
   """The budget went from before the model was built: on a loaded CI host (2026-12-07) building and tracing
-  took all 30 s of it and doctor timed no step. 2 s hold the 3 steps of 32 images, not the tracing."""
-  config = deep.get_config("smoke")
-  done, rate, first, loss = doctor.time_step(config, tf.distribute.MirroredStrategy(["/cpu:0"]), "float32", steps=3,
-                                             budget=2.0)
-  assert (done, np.isfinite(loss)) == (3, True) and rate > 0 and first > 0
+  took all 30 s of it and doctor timed no step. 2 s hold 2 steps of 32 images, not the tracing (9 s here);
+  a budget too short for any step still times one."""
+  config, strategy = deep.get_config("smoke"), tf.distribute.MirroredStrategy(["/cpu:0"])
+  for budget, steps, timed in ((2.0, 2, 2), (1e-6, 3, 1)):
+    done, rate, first, loss = doctor.time_step(config, strategy, "float32", steps=steps, budget=budget)
+    assert (done, np.isfinite(loss)) == (timed, True) and rate > 0 and first > 0, budget
 
 
 def test_doctor_fails_a_step_that_diverges():
