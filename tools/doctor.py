@@ -8,8 +8,8 @@ here and why (trainer/precision.py: the trainer's own decision); every GPU with 
 whether TensorFlow was built with CUDA and which CUDA and cuDNN; an
 all-reduce over the local GPUs (NCCL) or the logical CPUs; an XLA-compiled function; and the config's
 train step timed per precision on a batch of random images (20 steps, or as many as fit in the time
-budget after the first, traced step; at least one). Each check ends in OK, NOTE or FAIL; any FAIL makes the exit status 1 (a broken setup), and the
-last line says so.
+budget after the first, traced step; at least one). Each check ends in OK, NOTE or FAIL; any FAIL makes the
+exit status 1 (a broken setup), and the last line says so.
 """
 
 import trainer  # pylint: disable=unused-import  # first: see tools/__init__.py
@@ -43,8 +43,8 @@ def define_flags():
                                   lock_config=True)
   flags.DEFINE_integer("steps", 20, "Train steps timed per precision (fewer if the budget runs out).",
                        lower_bound=1)
-  flags.DEFINE_float("budget_secs", 60.0, "Seconds for all the step timings together, after each precision's first, traced "
-                     "step; at least one step is timed per precision.", lower_bound=1.0)
+  flags.DEFINE_float("budget_secs", 60.0, "Seconds for all the step timings together, after each precision's "
+                     "first, traced step; at least one step is timed per precision.", lower_bound=1.0)
 
 
 class Report:
