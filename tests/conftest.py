@@ -4,6 +4,7 @@ tests get 2 replicas; single-replica runs use the first device only."""
 import gc
 import os
 import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The suite checks the CPU paths (bit-exact resumes, 2 logical CPUs, worker processes on loopback), also on
@@ -121,12 +122,19 @@ def program(monkeypatch, capfd):
     values = flags.FlagValues()
     tool.define_flags(values)
     monkeypatch.setattr(tool, "FLAGS", values)
-    argv = values([tool.__name__.rsplit(".", 1)[-1], *args])
+    argv = [tool.__name__.rsplit(".", 1)[-1], *args]
+    monkeypatch.setattr(sys, "argv", argv)  # where a config flag finds its `--config.KEY` overrides
+    argv = values(argv)
     capfd.readouterr()
+    level = tf.get_logger().level  # a tool sets its own for the process
     try:
       code = _exit_code(tool.main(argv))  # app.run exits with what main returns
     except SystemExit as e:
       code = _exit_code(e.code)
+      if isinstance(e.code, str):  # printed by the interpreter as it exits
+        print(e.code, file=sys.stderr, flush=True)
+    finally:
+      tf.get_logger().setLevel(level)
     out, err = capfd.readouterr()
     assert "Traceback" not in err, err
     return subprocess.CompletedProcess(argv, code, out, err)

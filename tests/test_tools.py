@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+from absl import flags
 import keras
 import numpy as np
 import pytest
@@ -131,6 +132,32 @@ def test_benchmark_step_refuses_an_epoch_the_config_does_not_train(synthetic_dir
                  "--epoch=2")
   assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
   assert result.stderr.strip().splitlines()[-1] == "benchmark_step: error: --epoch=2: the config trains epochs 0 to 1"
+
+
+@pytest.mark.parametrize("tool", [benchmark_step, benchmark_input])
+@pytest.mark.parametrize("override,expected", [
+    ("--config.data_dir=", "data_dir is empty: set --config.data_dir"),  # was a ManifestError traceback
+    ("--config.data_dir={tmp}/none", "{tmp}/none/manifest.json: not found"),
+    ("--config.global_batch_size=0", "global_batch_size=0 must be an integer >= 1"),  # was a ZeroDivisionError
+    ("--config.global_batch_size=5000 --config.steps_per_epoch=0",  # was a ZeroDivisionError or an IndexError
+     "global_batch_size=5000 is larger than the train split (600 images)"),
+])
+def test_the_benchmarks_refuse_a_bad_data_dir_or_config_in_one_line(program, synthetic_dir, tmp_path, tool, override,
+                                                                     expected):
+  name = tool.__name__.rsplit(".", 1)[-1]
+  override = override.format(tmp=tmp_path)
+  if override.startswith("--config.global"):
+    override = f"--config.data_dir={synthetic_dir} {override}"
+  result = program(tool, SMOKE, *override.split())
+  assert result.returncode == 1, result
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"{name}: error: {expected.format(tmp=tmp_path)}"), result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--warmup=-1", "--windows=0", "--batches=0", "--steps=-1"])
+def test_benchmark_input_flags_out_of_range_are_named(program, flag):
+  with pytest.raises(flags.IllegalFlagValueError, match=f"^flag {re.escape(flag)}: "):
+    program(benchmark_input, SMOKE, flag)
 
 
 def test_alternating_windows_rotate_the_order_every_round():

@@ -14,6 +14,7 @@ The last line is `images/s: N`, the train pipeline's median.
 import trainer  # pylint: disable=unused-import  # first: see tools/__init__.py
 
 import statistics
+import sys
 import time
 
 from absl import app
@@ -26,21 +27,26 @@ from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
 from pipeline import ops
 from pipeline import records
+from trainer import checks
 from trainer import data
 from trainer import distribute
 from trainer import main as trainer_main
 from trainer import steps as steps_lib
+from trainer.faults import TrainingError
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-  """Command-line flags; defined only when run as a program, so modules import side by side."""
-  config_flags.DEFINE_config_file("config", None, "A training config, e.g. configs/deep.py.", lock_config=True)
-  flags.DEFINE_integer("warmup", 20, "Batches (or steps) run before timing.")
-  flags.DEFINE_integer("windows", 5, "Timed windows per measurement.")
-  flags.DEFINE_integer("batches", 50, "Batches per window of the pipeline measurements.")
-  flags.DEFINE_integer("steps", 4, "Train steps per window of the train-step comparison; 0 skips it.")
-  flags.mark_flags_as_required(["config"])
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
+  """Command-line flags; defined only when run as a program, so modules import side by side (and a test may
+  define them on a FlagValues of its own)."""
+  on = {"flag_values": flag_values}
+  config_flags.DEFINE_config_file("config", None, "A training config, e.g. configs/deep.py.", lock_config=True, **on)
+  flags.DEFINE_integer("warmup", 20, "Batches (or steps) run before timing.", lower_bound=0, **on)
+  flags.DEFINE_integer("windows", 5, "Timed windows per measurement.", lower_bound=1, **on)
+  flags.DEFINE_integer("batches", 50, "Batches per window of the pipeline measurements.", lower_bound=1, **on)
+  flags.DEFINE_integer("steps", 4, "Train steps per window of the train-step comparison; 0 skips it.", lower_bound=0,
+                       **on)
+  flags.mark_flags_as_required(["config"], flag_values=flag_values)
 
 
 def _windows(next_batch, batch_size: int, warmup: int, windows: int, per_window: int) -> list[float]:
@@ -147,10 +153,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = FLAGS.config
-  manifest = manifest_lib.load(config.data_dir)
+  try:  # what the trainer would refuse, in its words
+    checks.check_config(config, 1)
+    manifest = manifest_lib.load(config.data_dir)
+    per_epoch = data.steps_per_epoch_for(config, manifest)
+  except (manifest_lib.ManifestError, TrainingError) as e:
+    sys.exit(f"benchmark_input: error: {e}")
   mean, std = data.normalization_for(config, manifest)
   batch = config.global_batch_size
-  per_epoch = manifest_lib.num_examples(manifest, "train") // batch
   print(f"data_dir {config.data_dir}, batch {batch}, augment_on {config.input.augment_on}, "
         f"cache_in_memory {config.input.cache_in_memory}, deterministic {config.deterministic}")
 

@@ -50,6 +50,7 @@ from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
 from pipeline import manifest as manifest_lib
 from tools import benchmark_input
+from trainer import checks
 from trainer import data
 from trainer import distribute
 from trainer import layers as layers_lib
@@ -58,28 +59,31 @@ from trainer import models
 from trainer import optim
 from trainer import precision
 from trainer import steps as steps_lib
+from trainer.faults import TrainingError
 
 FLAGS = flags.FLAGS
 COMPUTE_DTYPES = {"float32": tf.float32, "mixed_bfloat16": tf.bfloat16, "mixed_float16": tf.float16}
 
 
-def define_flags():
-  """Command-line flags; defined only when run as a program, so modules import side by side."""
-  config_flags.DEFINE_config_file("config", None, "A training config, e.g. configs/deep.py.", lock_config=True)
-  flags.DEFINE_integer("steps", 1, "Train steps per timed window.", lower_bound=1)
-  flags.DEFINE_integer("windows", 5, "Timed windows per variant, after one warm-up window each.", lower_bound=1)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
+  """Command-line flags; defined only when run as a program, so modules import side by side (and a test may
+  define them on a FlagValues of its own)."""
+  on = {"flag_values": flag_values}
+  config_flags.DEFINE_config_file("config", None, "A training config, e.g. configs/deep.py.", lock_config=True, **on)
+  flags.DEFINE_integer("steps", 1, "Train steps per timed window.", lower_bound=1, **on)
+  flags.DEFINE_integer("windows", 5, "Timed windows per variant, after one warm-up window each.", lower_bound=1, **on)
   flags.DEFINE_integer("epoch", None, "The epoch whose step the custom loop runs (0-based; it decides which "
                        "variables train). Default: the first of the epochs that train the variable set most "
-                       "epochs train.", lower_bound=0)
-  flags.DEFINE_bool("fit", True, "Compare with model.fit.")
+                       "epochs train.", lower_bound=0, **on)
+  flags.DEFINE_bool("fit", True, "Compare with model.fit.", **on)
   flags.DEFINE_float("probe_secs", 2.0, "Seconds each peak probe runs back to back, per window (two calls at "
-                     "least).", lower_bound=0.0)
-  flags.DEFINE_bool("replicas", True, "Compare 2 replicas with 1 at the same global batch.")
-  flags.DEFINE_bool("layers", False, "Also time each layer's forward and backward pass alone.")
+                     "least).", lower_bound=0.0, **on)
+  flags.DEFINE_bool("replicas", True, "Compare 2 replicas with 1 at the same global batch.", **on)
+  flags.DEFINE_bool("layers", False, "Also time each layer's forward and backward pass alone.", **on)
   flags.DEFINE_bool("ops", False, "Also profile one window of the custom loop and sum its time op by op "
-                    "(runs every variant with one inter-op thread).")
-  flags.DEFINE_bool("kernels", False, "Also compare model.fast_kernels on and off.")
-  flags.mark_flags_as_required(["config"])
+                    "(runs every variant with one inter-op thread).", **on)
+  flags.DEFINE_bool("kernels", False, "Also compare model.fast_kernels on and off.", **on)
+  flags.mark_flags_as_required(["config"], flag_values=flag_values)
 
 
 def step_flops(config, model: keras.Model, epoch: int = 0) -> tuple[float, float, float]:
@@ -450,8 +454,13 @@ def main(argv):
   gpus = tf.config.list_physical_devices("GPU")
   if not gpus and FLAGS.replicas:
     distribute.configure_devices(2)
-  manifest = manifest_lib.load(config.data_dir)
   kinds = strategies(gpus, FLAGS.replicas)
+  try:  # what the trainer would refuse, in its words
+    checks.check_config(config, 2 if kinds[2] else 1)
+    manifest = manifest_lib.load(config.data_dir)
+    data.steps_per_epoch_for(config, manifest)
+  except (manifest_lib.ManifestError, TrainingError) as e:
+    sys.exit(f"benchmark_step: error: {e}")
   dtype = COMPUTE_DTYPES[config.mixed_precision]
   print(f"data_dir {config.data_dir}, batch {config.global_batch_size}, model {config.model.name} "
         f"{tuple(config.model.widths)}, optimizer {config.optimizer.name}, {config.mixed_precision}, "
