@@ -68,6 +68,16 @@ def test_doctor_budget_times_the_steps_after_the_first_traced_one():
     assert (done, np.isfinite(loss)) == (timed, True) and rate > 0 and first > 0, budget
 
 
+@pytest.mark.parametrize("override,expected", [
+    ("--config.global_batch_size=0", "global_batch_size=0 must be an integer >= 1"),  # was a FAIL line of TF's words
+    ("--config.mixed_precision=fp8", "mixed_precision='fp8' is not one of: "),
+])
+def test_doctor_refuses_a_config_the_trainer_would_refuse_before_any_check(program, override, expected):
+  result = program(doctor, SMOKE, override)
+  assert result.returncode == 1 and result.stdout == "", result
+  assert result.stderr.strip().splitlines()[-1].startswith(f"doctor: error: {expected}"), result.stderr
+
+
 def test_doctor_fails_a_step_that_diverges():
   result = _tool("tools.doctor", SMOKE, "--config.optimizer.learning_rate=1e30", "--steps=5", "--budget_secs=30")
   assert result.returncode == 1, result.stdout + result.stderr

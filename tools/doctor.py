@@ -26,6 +26,7 @@ from ml_collections import config_flags
 import numpy as np
 import tensorflow as tf
 
+from trainer import checks
 from trainer import cpu
 from trainer import distribute
 from trainer import gpus as gpus_lib
@@ -33,18 +34,21 @@ from trainer import main as trainer_main
 from trainer import models
 from trainer import precision
 from trainer import steps as steps_lib
+from trainer.faults import TrainingError
 
 FLAGS = flags.FLAGS
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "deep.py")
 
 
-def define_flags():
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
+  """Command-line flags (a test may define them on a FlagValues of its own)."""
+  on = {"flag_values": flag_values}
   config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The config whose train step is timed.",
-                                  lock_config=True)
+                                  lock_config=True, **on)
   flags.DEFINE_integer("steps", 20, "Train steps timed per precision (fewer if the budget runs out).",
-                       lower_bound=1)
+                       lower_bound=1, **on)
   flags.DEFINE_float("budget_secs", 60.0, "Seconds for all the step timings together, after each precision's "
-                     "first, traced step; at least one step is timed per precision.", lower_bound=1.0)
+                     "first, traced step; at least one step is timed per precision.", lower_bound=1.0, **on)
 
 
 class Report:
@@ -194,6 +198,12 @@ def check_steps(report: Report, config, gpus: list, steps: int, budget: float) -
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:  # a config the trainer would refuse is refused first, in the trainer's words, not as a failed check
+    checked = FLAGS.config.copy_and_resolve_references()
+    precision.resolve(checked)
+    checks.check_config(checked, 1)
+  except TrainingError as e:
+    sys.exit(f"doctor: error: {e}")
   tf.get_logger().setLevel("ERROR")
   start = time.perf_counter()
   report = Report()
