@@ -458,6 +458,13 @@ def test_flags_out_of_range_are_named(tmp_path, refused, flag, expected):
     refused("--source=synthetic", f"--output_dir={tmp_path}/out", flag)
 
 
+def test_make_refuses_an_empty_output_dir_before_writing_anything(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(sources.SourceError, match="^--output_dir is empty$"):
+    make_tfrecords.make("synthetic", "", num_shards=1, val_size=10, synthetic_sizes=(50, 10))
+  assert not os.listdir(tmp_path)
+
+
 def test_output_dir_that_is_a_file_is_one_line(tmp_path, refused):
   (tmp_path / "out").write_text("precious")
   result = refused("--source=synthetic", f"--output_dir={tmp_path}/out", "--synthetic_train_size=100",

@@ -22,6 +22,7 @@ from pipeline import cifar10
 from pipeline import manifest as manifest_lib
 from pipeline import ops
 from tests import trainer_overrides
+from tools import benchmark_accuracy
 from tools import benchmark_input
 from tools import benchmark_step
 from tools import converted
@@ -342,6 +343,30 @@ def test_benchmark_predict_measures_memory_order_and_streaming(export):
       lines[-4], "OK  output in input order (20 lines)", "OK  first line printed before the last file was read"]
   assert lines[-4].startswith("OK  max RSS within 300 MB of one file's")
   assert re.match(r"^max RSS difference: -?\d+ MB$", lines[-1])
+
+
+@pytest.mark.parametrize("args,expected", [
+    (("--runs=0",), "flag --runs=0: 0 is not a positive integer"),  # was a StatisticsError after nothing ran
+    (("--first_seed=-1",), "flag --first_seed=-1: -1 is not a non-negative integer"),
+])
+def test_benchmark_accuracy_flags_out_of_range_are_named(program, args, expected):
+  with pytest.raises(flags.IllegalFlagValueError, match=f"^{re.escape(expected)}$"):
+    program(benchmark_accuracy, SMOKE, *args)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (("--data_dir=",), "--data_dir is empty"),  # was shards written to the current directory
+    (("--data_dir={tmp}/new", "--source={tmp}/none.tar.gz"), "{tmp}/none.tar.gz: "),  # was a SourceError traceback
+    (("--data_dir={tmp}/file",), "--data_dir={tmp}/file is a file, not a directory"),
+    (("--workdir={tmp}/file",), "--workdir={tmp}/file is a file, not a directory"),  # was a FileExistsError
+])
+def test_benchmark_accuracy_refuses_a_bad_data_dir_or_source_in_one_line(program, tmp_path, args, expected):
+  (tmp_path / "file").write_text("precious")
+  result = program(benchmark_accuracy, SMOKE, f"--workdir={tmp_path}/runs", *(a.format(tmp=tmp_path) for a in args))
+  assert result.returncode == 1, result
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"benchmark_accuracy: error: {expected.format(tmp=tmp_path)}"), result.stderr
+  assert sorted(os.listdir(tmp_path)) == ["file"] and (tmp_path / "file").read_text() == "precious"
 
 
 @pytest.mark.slow

@@ -28,10 +28,12 @@ from absl import flags
 from ml_collections import config_flags
 import tensorflow as tf
 
+from pipeline import fileio
 from pipeline import manifest as manifest_lib
 from tools import benchmark_step
 from tools import evaluate
 from tools import make_tfrecords
+from tools import sources
 from trainer import distribute
 from trainer import main as trainer_main
 from trainer.faults import TrainingError
@@ -40,16 +42,19 @@ FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def define_flags():
-  """Command-line flags; defined only when run as a program, so modules import side by side."""
-  config_flags.DEFINE_config_file("config", None, "A training config, e.g. configs/deep.py.")
-  flags.DEFINE_integer("runs", 2, "Training runs, seeds first_seed..first_seed+runs-1.")
-  flags.DEFINE_integer("first_seed", 0, "Seed of the first run (to add runs to an earlier measurement).")
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
+  """Command-line flags; defined only when run as a program, so modules import side by side (and a test may
+  define them on a FlagValues of its own)."""
+  on = {"flag_values": flag_values}
+  config_flags.DEFINE_config_file("config", None, "A training config, e.g. configs/deep.py.", **on)
+  flags.DEFINE_integer("runs", 2, "Training runs, seeds first_seed..first_seed+runs-1.", lower_bound=1, **on)
+  flags.DEFINE_integer("first_seed", 0, "Seed of the first run (to add runs to an earlier measurement).",
+                       lower_bound=0, **on)
   flags.DEFINE_string("source", os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg-train.tar.gz"),
-                      "make_tfrecords source used when --data_dir has no manifest.")
-  flags.DEFINE_string("data_dir", os.path.join(tempfile.gettempdir(), "cifar10-shared"), "Shards.")
-  flags.DEFINE_string("workdir", None, "Where the runs go; a temporary directory if unset.")
-  flags.mark_flags_as_required(["config"])
+                      "make_tfrecords source used when --data_dir has no manifest.", **on)
+  flags.DEFINE_string("data_dir", os.path.join(tempfile.gettempdir(), "cifar10-shared"), "Shards.", **on)
+  flags.DEFINE_string("workdir", None, "Where the runs go; a temporary directory if unset.", **on)
+  flags.mark_flags_as_required(["config"], flag_values=flag_values)
 
 
 def _mean_std(values: list[float]) -> str:
@@ -61,8 +66,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config_arg, overrides = trainer_main.config_arguments(sys.argv[1:])
-  if not os.path.exists(os.path.join(FLAGS.data_dir, manifest_lib.FILENAME)):
-    make_tfrecords.make(FLAGS.source, FLAGS.data_dir)
+  try:
+    if FLAGS.workdir and tf.io.gfile.exists(FLAGS.workdir) and not tf.io.gfile.isdir(FLAGS.workdir):
+      raise sources.SourceError(f"--workdir={FLAGS.workdir} is a file, not a directory")
+    if not FLAGS.data_dir:  # os.path.join("", ...) would write the shards into the current directory
+      raise sources.SourceError("--data_dir is empty: give the shards' directory (written from --source if new)")
+    if tf.io.gfile.exists(FLAGS.data_dir) and not tf.io.gfile.isdir(FLAGS.data_dir):
+      raise sources.SourceError(f"--data_dir={FLAGS.data_dir} is a file, not a directory")
+    if not tf.io.gfile.exists(os.path.join(FLAGS.data_dir, manifest_lib.FILENAME)):
+      make_tfrecords.make(FLAGS.source, FLAGS.data_dir)
+  except (sources.SourceError, manifest_lib.ManifestError, fileio.StorageError) as e:
+    sys.exit(f"benchmark_accuracy: error: {e}")
   distribute.share_gpus(tf.config.list_physical_devices("GPU"))  # the runs are other processes on the same GPUs
   config = FLAGS.config.copy_and_resolve_references()
   config.data_dir = FLAGS.data_dir
