@@ -25,9 +25,13 @@ from tests import trainer_overrides
 from tools import benchmark_accuracy
 from tools import benchmark_input
 from tools import benchmark_step
+from tools import convert
 from tools import converted
 from tools import doctor
+from tools import evaluate as evaluate_tool
 from tools import predict as predict_tool
+from tools import report
+from tools import run_status
 from trainer import export as export_lib
 from trainer import layers as layers_lib
 from trainer import models
@@ -367,6 +371,17 @@ def test_benchmark_accuracy_refuses_a_bad_data_dir_or_source_in_one_line(program
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith(f"benchmark_accuracy: error: {expected.format(tmp=tmp_path)}"), result.stderr
   assert sorted(os.listdir(tmp_path)) == ["file"] and (tmp_path / "file").read_text() == "precious"
+
+
+@pytest.mark.parametrize("tool,flag", [
+    (evaluate_tool, "--model="), (evaluate_tool, "--data_dir="), (predict_tool, "--model="), (convert, "--model="),
+    (report, "--workdir="), (run_status, "--workdir="),
+])
+def test_an_empty_path_flag_is_named_not_read_as_the_current_directory(program, tool, flag):
+  required = {evaluate_tool: ["--model=m", "--data_dir=d"], convert: ["--model=m", "--to=onnx"],
+              predict_tool: ["--model=m"]}.get(tool, ["--workdir=w"])
+  with pytest.raises(flags.IllegalFlagValueError, match=f"^flag {re.escape(flag)}: empty: give a path$"):
+    program(tool, *required, flag)
 
 
 @pytest.mark.slow

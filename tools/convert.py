@@ -54,6 +54,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
                        lower_bound=1, **on)
   flags.DEFINE_integer("batch_size", 500, "Images per call while scoring.", lower_bound=1, **on)
   flags.mark_flags_as_required(["model", "to"], flag_values=flag_values)
+  flags.register_validator("model", lambda path: path is None or bool(path), message="empty: give a path", **on)
 
 
 def default_output(model_dir: str, to: str, quantize: str) -> str:

@@ -32,6 +32,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
   flags.DEFINE_string("split", "test", "train | validation | test", **on)
   flags.DEFINE_integer("batch_size", 1000, "Images per call of the serving signature.", lower_bound=1, **on)
   flags.mark_flags_as_required(["model", "data_dir"], **on)
+  for name in ("model", "data_dir"):  # "" would name the current directory
+    flags.register_validator(name, lambda path: path is None or bool(path), message="empty: give a path", **on)
 
 
 def check_fits(model: converted.Classifier, model_path: str, data_dir: str) -> None:

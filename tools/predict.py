@@ -68,6 +68,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
   flags.register_validator("output", lambda path: path is None or path.lower().endswith(OUTPUT_SUFFIXES),
                            message="not a .csv or .jsonl file", **on)
   flags.mark_flags_as_required(["model"], **on)
+  flags.register_validator("model", lambda path: path is None or bool(path), message="empty: give a path", **on)
 
 
 class InputError(ValueError):

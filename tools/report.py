@@ -32,11 +32,14 @@ FLAGS = flags.FLAGS
 SAMPLES = 24  # sample predictions shown
 
 
-def define_flags():
-  """Command-line flags; defined only when run as a program, so modules import side by side."""
-  flags.DEFINE_string("workdir", None, "A trainer workdir (local or gs://).")
-  flags.DEFINE_string("output_dir", None, "Where index.html and the PNGs go; default WORKDIR/report.")
-  flags.mark_flags_as_required(["workdir"])
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
+  """Command-line flags; defined only when run as a program, so modules import side by side (and a test may
+  define them on a FlagValues of its own)."""
+  on = {"flag_values": flag_values}
+  flags.DEFINE_string("workdir", None, "A trainer workdir (local or gs://).", **on)
+  flags.DEFINE_string("output_dir", None, "Where index.html and the PNGs go; default WORKDIR/report.", **on)
+  flags.mark_flags_as_required(["workdir"], **on)
+  flags.register_validator("workdir", lambda path: path is None or bool(path), message="empty: give a path", **on)
 
 
 class ReportError(Exception):

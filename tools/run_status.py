@@ -16,8 +16,11 @@ from absl import flags
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-  flags.DEFINE_string("workdir", None, "The run's --workdir.", required=True)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
+  """Command-line flags (a test may define them on a FlagValues of its own)."""
+  flags.DEFINE_string("workdir", None, "The run's --workdir.", required=True, flag_values=flag_values)
+  flags.register_validator("workdir", lambda path: path is None or bool(path), message="empty: give a path",
+                           flag_values=flag_values)
 
 
 def main(argv):
