@@ -119,11 +119,11 @@ def program(monkeypatch, capfd):
   so no ~2.5 s TensorFlow import per case; an exception main does not turn into its one line fails the
   test, as does a traceback printed."""
   def run(tool, *args) -> subprocess.CompletedProcess:
+    argv = [tool.__name__.rsplit(".", 1)[-1], *args]
+    monkeypatch.setattr(sys, "argv", argv)  # where a config flag finds its `--config.KEY` overrides
     values = flags.FlagValues()
     tool.define_flags(values)
     monkeypatch.setattr(tool, "FLAGS", values)
-    argv = [tool.__name__.rsplit(".", 1)[-1], *args]
-    monkeypatch.setattr(sys, "argv", argv)  # where a config flag finds its `--config.KEY` overrides
     argv = values(argv)
     capfd.readouterr()
     level = tf.get_logger().level  # a tool sets its own for the process

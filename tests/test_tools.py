@@ -156,15 +156,17 @@ def test_benchmark_step_refuses_an_epoch_the_config_does_not_train(synthetic_dir
     ("--config.global_batch_size=0", "global_batch_size=0 must be an integer >= 1"),  # was a ZeroDivisionError
     ("--config.global_batch_size=5000 --config.steps_per_epoch=0",  # was a ZeroDivisionError or an IndexError
      "global_batch_size=5000 is larger than the train split (600 images)"),
+    ("--config.model.name=vit", "model.name='vit' is not one of: "),  # was a ValueError after the first lines
+    ("--config.augment.flip=sideways", "augment.flip='sideways' is not one of: "),
 ])
 def test_the_benchmarks_refuse_a_bad_data_dir_or_config_in_one_line(program, synthetic_dir, tmp_path, tool, override,
                                                                      expected):
   name = tool.__name__.rsplit(".", 1)[-1]
   override = override.format(tmp=tmp_path)
-  if override.startswith("--config.global"):
+  if not override.startswith("--config.data_dir"):
     override = f"--config.data_dir={synthetic_dir} {override}"
   result = program(tool, SMOKE, *override.split())
-  assert result.returncode == 1, result
+  assert result.returncode == 1 and result.stdout == "", result
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith(f"{name}: error: {expected.format(tmp=tmp_path)}"), result.stderr
 
@@ -360,14 +362,22 @@ def test_benchmark_accuracy_flags_out_of_range_are_named(program, args, expected
 
 @pytest.mark.parametrize("args,expected", [
     (("--data_dir=",), "--data_dir is empty"),  # was shards written to the current directory
-    (("--data_dir={tmp}/new", "--source={tmp}/none.tar.gz"), "{tmp}/none.tar.gz: "),  # was a SourceError traceback
+    (("--source={tmp}/none.tar.gz",), "{tmp}/none.tar.gz: "),  # was a SourceError traceback
     (("--data_dir={tmp}/file",), "--data_dir={tmp}/file is a file, not a directory"),
     (("--workdir={tmp}/file",), "--workdir={tmp}/file is a file, not a directory"),  # was a FileExistsError
+    (("--workdir={tmp}/file/runs", "--data_dir={data}"), "[Errno 20] Not a directory: "),  # was a traceback
+    (("--config.global_batch_size=0",), "global_batch_size=0 must be an integer >= 1"),  # was after the shards
+    (("--config.optimizer.name=lion",), "optimizer.name='lion' is not one of: "),  # was "run 0 failed" after them
 ])
-def test_benchmark_accuracy_refuses_a_bad_data_dir_or_source_in_one_line(program, tmp_path, args, expected):
+def test_benchmark_accuracy_refuses_a_bad_data_dir_source_or_config_in_one_line(program, synthetic_dir, tmp_path,
+                                                                                  monkeypatch, args, expected):
   (tmp_path / "file").write_text("precious")
-  result = program(benchmark_accuracy, SMOKE, f"--workdir={tmp_path}/runs", *(a.format(tmp=tmp_path) for a in args))
-  assert result.returncode == 1, result
+  monkeypatch.chdir(tmp_path)  # where an empty --data_dir wrote its shards
+  source = ROOT + "/tests/no-such-source.tar.gz"  # not read: each case stops before the shards
+  result = program(benchmark_accuracy, f"--config={ROOT}/configs/deep.py:smoke", f"--workdir={tmp_path}/runs",
+                   f"--data_dir={tmp_path}/data",
+                   f"--source={source}", *(a.format(tmp=tmp_path, data=synthetic_dir) for a in args))
+  assert result.returncode == 1 and result.stdout == "", result
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith(f"benchmark_accuracy: error: {expected.format(tmp=tmp_path)}"), result.stderr
   assert sorted(os.listdir(tmp_path)) == ["file"] and (tmp_path / "file").read_text() == "precious"

@@ -34,6 +34,7 @@ from tools import benchmark_step
 from tools import evaluate
 from tools import make_tfrecords
 from tools import sources
+from trainer import checks
 from trainer import distribute
 from trainer import main as trainer_main
 from trainer.faults import TrainingError
@@ -66,27 +67,26 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config_arg, overrides = trainer_main.config_arguments(sys.argv[1:])
-  try:
-    if FLAGS.workdir and tf.io.gfile.exists(FLAGS.workdir) and not tf.io.gfile.isdir(FLAGS.workdir):
-      raise sources.SourceError(f"--workdir={FLAGS.workdir} is a file, not a directory")
-    if not FLAGS.data_dir:  # os.path.join("", ...) would write the shards into the current directory
-      raise sources.SourceError("--data_dir is empty: give the shards' directory (written from --source if new)")
-    if tf.io.gfile.exists(FLAGS.data_dir) and not tf.io.gfile.isdir(FLAGS.data_dir):
-      raise sources.SourceError(f"--data_dir={FLAGS.data_dir} is a file, not a directory")
-    if not tf.io.gfile.exists(os.path.join(FLAGS.data_dir, manifest_lib.FILENAME)):
-      make_tfrecords.make(FLAGS.source, FLAGS.data_dir)
-  except (sources.SourceError, manifest_lib.ManifestError, fileio.StorageError) as e:
-    sys.exit(f"benchmark_accuracy: error: {e}")
-  distribute.share_gpus(tf.config.list_physical_devices("GPU"))  # the runs are other processes on the same GPUs
   config = FLAGS.config.copy_and_resolve_references()
   config.data_dir = FLAGS.data_dir
+  for flag in ("workdir", "data_dir"):
+    if FLAGS[flag].value and tf.io.gfile.exists(FLAGS[flag].value) and not tf.io.gfile.isdir(FLAGS[flag].value):
+      sys.exit(f"benchmark_accuracy: error: --{flag}={FLAGS[flag].value} is a file, not a directory")
+  if not FLAGS.data_dir:  # os.path.join("", ...) would write the shards into the current directory
+    sys.exit("benchmark_accuracy: error: --data_dir is empty: give the shards' directory (written from --source "
+             "if new)")
+  distribute.share_gpus(tf.config.list_physical_devices("GPU"))  # the runs are other processes on the same GPUs
   try:
+    checks.check_config(config, 1)  # before minutes of shards; each run's trainer checks its own replicas
+    if not tf.io.gfile.exists(os.path.join(FLAGS.data_dir, manifest_lib.FILENAME)):
+      make_tfrecords.make(FLAGS.source, FLAGS.data_dir)
     pflop = benchmark_step.training_flops(config, manifest_lib.load(FLAGS.data_dir)) / 1e15
-  except (ValueError, TrainingError, manifest_lib.ManifestError) as e:  # a config the trainer would refuse
+    root = FLAGS.workdir or tempfile.mkdtemp(prefix="benchmark_accuracy_")
+    os.makedirs(root, exist_ok=True)
+  except (TrainingError, ValueError, sources.SourceError, manifest_lib.ManifestError, fileio.StorageError,
+          OSError, tf.errors.OpError) as e:  # a config the trainer would refuse; a source or folder unusable
     sys.exit(f"benchmark_accuracy: error: {e}")
   print(f"training compute: {pflop:.3g} PFLOP per run (tools.benchmark_step's count)", flush=True)
-  root = FLAGS.workdir or tempfile.mkdtemp(prefix="benchmark_accuracy_")
-  os.makedirs(root, exist_ok=True)
   accuracies, times, any_resumed = [], [], False
   for run in range(FLAGS.first_seed, FLAGS.first_seed + FLAGS.runs):
     workdir = os.path.join(root, f"run{run}")

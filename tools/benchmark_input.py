@@ -136,10 +136,9 @@ def alternating_windows(measures: dict, windows: int) -> dict[str, list[float]]:
   return rates
 
 
-def train_step_comparison(config, manifest: dict, steps: int, windows: int) -> float:
+def train_step_comparison(config, strategy, manifest: dict, steps: int, windows: int) -> float:
   """Ratio of the train step's speed fed by the real pipeline to its speed on one cached batch (medians
   of alternating windows of `steps` steps, after one warm-up window of each)."""
-  strategy = distribute.make_strategy(config)
   run, dataset_fn = train_loop_timer(config, strategy, manifest)
   real = iter(strategy.distribute_datasets_from_function(dataset_fn))
   cached = cached_batch(strategy, dataset_fn)
@@ -153,13 +152,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = FLAGS.config
-  try:  # what the trainer would refuse, in its words
-    checks.check_config(config, 1)
+  try:  # what the trainer would refuse, in its words, before anything is measured
+    # The trainer's strategy (all local GPUs, or the logical CPUs) before TensorFlow's devices start.
+    strategy = distribute.make_strategy(config) if FLAGS.steps else None
+    checks.check_config(config, strategy.num_replicas_in_sync if strategy else 1)
     manifest = manifest_lib.load(config.data_dir)
     per_epoch = data.steps_per_epoch_for(config, manifest)
-  except (manifest_lib.ManifestError, TrainingError) as e:
+    mean, std = data.normalization_for(config, manifest)
+  except (manifest_lib.ManifestError, TrainingError, ValueError) as e:  # ValueError: the cluster's, the GPUs'
     sys.exit(f"benchmark_input: error: {e}")
-  mean, std = data.normalization_for(config, manifest)
   batch = config.global_batch_size
   print(f"data_dir {config.data_dir}, batch {batch}, augment_on {config.input.augment_on}, "
         f"cache_in_memory {config.input.cache_in_memory}, deterministic {config.deterministic}")
@@ -184,7 +185,7 @@ def main(argv):
   if config.input.augment_on == "device":
     print(f"host side and device augmentation: {pipeline_rate:,.0f} and {device_rate:,.0f} images/s")
   if FLAGS.steps:
-    train_step_comparison(config, manifest, FLAGS.steps, FLAGS.windows)
+    train_step_comparison(config, strategy, manifest, FLAGS.steps, FLAGS.windows)
   print(f"images/s: {pipeline_rate:.0f}")
 
 

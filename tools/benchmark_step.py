@@ -214,12 +214,16 @@ def peak_probe(dtype: tf.DType, model: keras.Model | None = None, images: int = 
                   for name, (run, flops) in runs.items()}
 
 
+def two_replicas(gpus: list, replicas: bool) -> bool:
+  """Whether `--replicas` compares 2 replicas here: 2 GPUs, or 2 logical CPUs; not on a machine with 1 GPU."""
+  return replicas and (len(gpus) > 1 or not gpus)
+
+
 def strategies(gpus: list, replicas: bool) -> dict:
-  """{1: the 1-replica strategy, 2: the 2-replica one when `replicas` (None on a machine with 1 GPU)}."""
+  """{1: the 1-replica strategy, 2: the 2-replica one when two_replicas (else None)}."""
   kind = "gpu" if gpus else "cpu"
-  two = replicas and (len(gpus) > 1 or not gpus)
   return {1: tf.distribute.MirroredStrategy([f"/{kind}:0"]),
-          2: tf.distribute.MirroredStrategy([f"/{kind}:0", f"/{kind}:1"]) if two else None}
+          2: tf.distribute.MirroredStrategy([f"/{kind}:0", f"/{kind}:1"]) if two_replicas(gpus, replicas) else None}
 
 
 def held_batch(config, manifest: dict) -> dict:
@@ -444,23 +448,22 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   tf.get_logger().setLevel("WARNING")  # tf.distribute logs every all-reduce it builds at INFO
   config = FLAGS.config.copy_and_resolve_references()
-  if FLAGS.epoch is not None and FLAGS.epoch >= max(config.num_epochs, 1):
-    sys.exit(f"benchmark_step: error: --epoch={FLAGS.epoch}: the config trains epochs 0 to "
-             f"{max(config.num_epochs, 1) - 1}")
-  precision.resolve(config)  # "auto": what the trainer would train in here
-  config.input.augment_on = "host"  # model.fit is fed the same augmented batch
-  if FLAGS.ops:  # ops one at a time, so that each op's time is its own (two side by side share the cores)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
   gpus = tf.config.list_physical_devices("GPU")
-  if not gpus and FLAGS.replicas:
-    distribute.configure_devices(2)
-  kinds = strategies(gpus, FLAGS.replicas)
-  try:  # what the trainer would refuse, in its words
-    checks.check_config(config, 2 if kinds[2] else 1)
+  try:  # what the trainer would refuse, in its words, before TensorFlow's devices start
+    checks.check_config(config, 2 if two_replicas(gpus, FLAGS.replicas) else 1)
     manifest = manifest_lib.load(config.data_dir)
     data.steps_per_epoch_for(config, manifest)
   except (manifest_lib.ManifestError, TrainingError) as e:
     sys.exit(f"benchmark_step: error: {e}")
+  if FLAGS.epoch is not None and FLAGS.epoch >= config.num_epochs:
+    sys.exit(f"benchmark_step: error: --epoch={FLAGS.epoch}: the config trains epochs 0 to {config.num_epochs - 1}")
+  precision.resolve(config)  # "auto": what the trainer would train in here
+  config.input.augment_on = "host"  # model.fit is fed the same augmented batch
+  if FLAGS.ops:  # ops one at a time, so that each op's time is its own (two side by side share the cores)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+  if not gpus and FLAGS.replicas:
+    distribute.configure_devices(2)
+  kinds = strategies(gpus, FLAGS.replicas)
   dtype = COMPUTE_DTYPES[config.mixed_precision]
   print(f"data_dir {config.data_dir}, batch {config.global_batch_size}, model {config.model.name} "
         f"{tuple(config.model.widths)}, optimizer {config.optimizer.name}, {config.mixed_precision}, "

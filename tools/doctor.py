@@ -199,9 +199,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:  # a config the trainer would refuse is refused first, in the trainer's words, not as a failed check
-    checked = FLAGS.config.copy_and_resolve_references()
-    precision.resolve(checked)
-    checks.check_config(checked, 1)
+    checks.check_config(FLAGS.config, 1)
   except TrainingError as e:
     sys.exit(f"doctor: error: {e}")
   tf.get_logger().setLevel("ERROR")

@@ -1,7 +1,11 @@
 """What the trainer refuses in a config before anything starts: each value of the wrong type or out of range,
 or ruled out by the hardware or by another value, in one line naming the key."""
 
+from pipeline import augment
+from trainer import data
 from trainer import export as export_lib
+from trainer import models
+from trainer import optim
 from trainer import precision
 from trainer import views
 from trainer.faults import TrainingError
@@ -38,3 +42,20 @@ def check_config(config, replicas: int) -> None:
   if config.jit_compile and config.model.get("sync_bn"):
     raise TrainingError("jit_compile=True cannot compile model.sync_bn's cross-replica all-reduce inside "
                         "the replica's step; set --config.model.sync_bn=False or --config.jit_compile=False")
+  _check_choices(config)
+
+
+def _check_choices(config) -> None:
+  """The names the model, optimizer, schedule, input and augmentation are built from; each builder raises the
+  same, but only once the run has its lease and its dataset."""
+  for key, choices in (("model.name", sorted(models.BUILDERS)), ("optimizer.name", optim.OPTIMIZERS),
+                       ("optimizer.schedule", optim.SCHEDULES),
+                       ("input.normalization", ("dataset", *data.NORMALIZATIONS)),
+                       ("input.augment_on", ("host", "device"))):
+    section, name = key.split(".")
+    if config[section][name] not in choices:
+      raise TrainingError(f"{key}={config[section][name]!r} is not one of: {', '.join(choices)}")
+  try:
+    augment.check(config.augment)
+  except ValueError as e:
+    raise TrainingError(str(e)) from None
