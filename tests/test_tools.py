@@ -8,7 +8,6 @@ import re
 import struct
 import subprocess
 import sys
-import time
 
 from absl import flags
 import keras

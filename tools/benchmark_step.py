@@ -58,7 +58,6 @@ from trainer import main as trainer_main
 from trainer import models
 from trainer import optim
 from trainer import precision
-from trainer import steps as steps_lib
 from trainer.faults import TrainingError
 
 FLAGS = flags.FLAGS
