@@ -283,7 +283,7 @@ def make(source_name: str, output_dir: str, *, num_shards: int = 16, val_size: i
   manifest; returns the manifest."""
   start = time.time()
   if not output_dir:  # the shards would land in the current directory
-    raise sources.SourceError("--output_dir is empty")
+    raise sources.SourceError("--output_dir is empty: give the directory the shards and manifest go to")
   fileio.check_bucket(output_dir)
   if tf.io.gfile.exists(output_dir) and not tf.io.gfile.isdir(output_dir):
     raise sources.SourceError(f"--output_dir={output_dir} is a file, not a directory")
