@@ -460,7 +460,8 @@ def test_flags_out_of_range_are_named(tmp_path, refused, flag, expected):
 
 def test_make_refuses_an_empty_output_dir_before_writing_anything(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  with pytest.raises(sources.SourceError, match="^--output_dir is empty: give the directory the shards and manifest go to$"):
+  with pytest.raises(sources.SourceError, match="^--output_dir is empty: give the directory the shards and manifest "
+                                                "go to$"):
     make_tfrecords.make("synthetic", "", num_shards=1, val_size=10, synthetic_sizes=(50, 10))
   assert not os.listdir(tmp_path)
 
