@@ -155,9 +155,7 @@ def main(argv):
   try:  # what the trainer would refuse, in its words, before anything is measured
     # The trainer's strategy (all local GPUs, or the logical CPUs) before TensorFlow's devices start.
     strategy = distribute.make_strategy(config) if FLAGS.steps else None
-    checks.check_config(config, strategy.num_replicas_in_sync if strategy else 1)
-    manifest = manifest_lib.load(config.data_dir)
-    per_epoch = data.steps_per_epoch_for(config, manifest)
+    manifest, per_epoch = checks.check_config_and_data(config, strategy.num_replicas_in_sync if strategy else 1)
     mean, std = data.normalization_for(config, manifest)
   except (manifest_lib.ManifestError, TrainingError, ValueError) as e:  # ValueError: the cluster's, the GPUs'
     sys.exit(f"benchmark_input: error: {e}")

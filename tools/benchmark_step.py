@@ -449,9 +449,7 @@ def main(argv):
   config = FLAGS.config.copy_and_resolve_references()
   gpus = tf.config.list_physical_devices("GPU")
   try:  # what the trainer would refuse, in its words, before TensorFlow's devices start
-    checks.check_config(config, 2 if two_replicas(gpus, FLAGS.replicas) else 1)
-    manifest = manifest_lib.load(config.data_dir)
-    data.steps_per_epoch_for(config, manifest)
+    manifest, _ = checks.check_config_and_data(config, 2 if two_replicas(gpus, FLAGS.replicas) else 1)
   except (manifest_lib.ManifestError, TrainingError) as e:
     sys.exit(f"benchmark_step: error: {e}")
   if FLAGS.epoch is not None and FLAGS.epoch >= config.num_epochs:

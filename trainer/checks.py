@@ -2,6 +2,7 @@
 or ruled out by the hardware or by another value, in one line naming the key."""
 
 from pipeline import augment
+from pipeline import manifest as manifest_lib
 from trainer import data
 from trainer import export as export_lib
 from trainer import models
@@ -43,6 +44,17 @@ def check_config(config, replicas: int) -> None:
     raise TrainingError("jit_compile=True cannot compile model.sync_bn's cross-replica all-reduce inside "
                         "the replica's step; set --config.model.sync_bn=False or --config.jit_compile=False")
   _check_choices(config)
+
+
+def check_config_and_data(config, replicas: int, verify: bool = False) -> tuple[dict, int]:
+  """check_config, then the data it names: returns the manifest of `config.data_dir` and the steps per epoch
+  it gives; `verify` re-hashes every shard against the manifest first (the trainer's
+  `input.verify_checksums`)."""
+  check_config(config, replicas)
+  manifest = manifest_lib.load(config.data_dir)
+  if verify:
+    manifest_lib.verify_checksums(config.data_dir, manifest, manifest["splits"])
+  return manifest, data.steps_per_epoch_for(config, manifest)
 
 
 def _check_choices(config) -> None:

@@ -112,11 +112,9 @@ def begin(config, workdir: str, strategy, since: float, chosen: dict) -> Run:
 def _check_config_and_data(config, strategy) -> tuple[dict, dict, int]:
   """This worker's checks of the config and the data. Returns the manifest, the data's identity and the
   steps per epoch."""
-  checks.check_config(config, strategy.num_replicas_in_sync)
-  manifest = manifest_lib.load(config.data_dir)
-  if config.input.verify_checksums:
-    manifest_lib.verify_checksums(config.data_dir, manifest, manifest["splits"])
-  return manifest, manifest_lib.identity(manifest), data.steps_per_epoch_for(config, manifest)
+  manifest, steps_per_epoch = checks.check_config_and_data(config, strategy.num_replicas_in_sync,
+                                                           verify=config.input.verify_checksums)
+  return manifest, manifest_lib.identity(manifest), steps_per_epoch
 
 
 def _take_lease(config, workdir: str, strategy) -> tuple[lease_lib.Lease | None, str]:
