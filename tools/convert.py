@@ -30,6 +30,7 @@ from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
 from tools import converted
 from tools import evaluate as evaluate_tool
+from trainer import main as trainer_main
 
 FLAGS = flags.FLAGS
 SUFFIX = {"litert": ".tflite", "onnx": ".onnx"}
@@ -53,8 +54,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
   flags.DEFINE_integer("calibration_images", 500, "int8: train images the activations' ranges come from.",
                        lower_bound=1, **on)
   flags.DEFINE_integer("batch_size", 500, "Images per call while scoring.", lower_bound=1, **on)
-  flags.mark_flags_as_required(["model", "to"], flag_values=flag_values)
-  flags.register_validator("model", lambda path: path is None or bool(path), message="empty: give a path", **on)
+  trainer_main.require_paths(["model"], flag_values)
+  flags.mark_flags_as_required(["to"], flag_values=flag_values)
 
 
 def default_output(model_dir: str, to: str, quantize: str) -> str:

@@ -19,6 +19,7 @@ from pipeline import fileio
 from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
 from tools import converted
+from trainer import main as trainer_main
 
 FLAGS = flags.FLAGS
 
@@ -31,9 +32,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
   flags.DEFINE_string("data_dir", None, "Directory written by make_tfrecords.", **on)
   flags.DEFINE_string("split", "test", "train | validation | test", **on)
   flags.DEFINE_integer("batch_size", 1000, "Images per call of the serving signature.", lower_bound=1, **on)
-  flags.mark_flags_as_required(["model", "data_dir"], **on)
-  for name in ("model", "data_dir"):  # "" would name the current directory
-    flags.register_validator(name, lambda path: path is None or bool(path), message="empty: give a path", **on)
+  trainer_main.require_paths(["model", "data_dir"], flag_values)
 
 
 def check_fits(model: converted.Classifier, model_path: str, data_dir: str) -> None:

@@ -47,6 +47,7 @@ from pipeline import ops
 from tools import converted
 from trainer import export as export_lib
 from trainer import faults
+from trainer import main as trainer_main
 
 FLAGS = flags.FLAGS
 
@@ -67,8 +68,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
   flags.DEFINE_string("json", None, "A TF Serving REST request body (file, gs:// or - for stdin) to answer.", **on)
   flags.register_validator("output", lambda path: path is None or path.lower().endswith(OUTPUT_SUFFIXES),
                            message="not a .csv or .jsonl file", **on)
-  flags.mark_flags_as_required(["model"], **on)
-  flags.register_validator("model", lambda path: path is None or bool(path), message="empty: give a path", **on)
+  trainer_main.require_paths(["model"], flag_values)
 
 
 class InputError(ValueError):

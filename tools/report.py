@@ -26,6 +26,7 @@ from pipeline import input_pipeline
 from pipeline import manifest as manifest_lib
 from trainer import export as export_lib
 from trainer import figures
+from trainer import main as trainer_main
 from trainer import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
@@ -38,8 +39,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
   on = {"flag_values": flag_values}
   flags.DEFINE_string("workdir", None, "A trainer workdir (local or gs://).", **on)
   flags.DEFINE_string("output_dir", None, "Where index.html and the PNGs go; default WORKDIR/report.", **on)
-  flags.mark_flags_as_required(["workdir"], **on)
-  flags.register_validator("workdir", lambda path: path is None or bool(path), message="empty: give a path", **on)
+  trainer_main.require_paths(["workdir"], flag_values)
 
 
 class ReportError(Exception):

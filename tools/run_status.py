@@ -13,14 +13,15 @@ import sys
 from absl import app
 from absl import flags
 
+from trainer import main as trainer_main
+
 FLAGS = flags.FLAGS
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS):
   """Command-line flags (a test may define them on a FlagValues of its own)."""
-  flags.DEFINE_string("workdir", None, "The run's --workdir.", required=True, flag_values=flag_values)
-  flags.register_validator("workdir", lambda path: path is None or bool(path), message="empty: give a path",
-                           flag_values=flag_values)
+  flags.DEFINE_string("workdir", None, "The run's --workdir.", flag_values=flag_values)
+  trainer_main.require_paths(["workdir"], flag_values)
 
 
 def main(argv):

@@ -54,6 +54,14 @@ def _config_value(argv: list[str]) -> str:
   return value
 
 
+def require_paths(names: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Marks the tools' path flags `names` required and not empty: "" would name the current directory."""
+  flags.mark_flags_as_required(names, flag_values=flag_values)
+  for name in names:
+    flags.register_validator(name, lambda path: path is None or bool(path), message="empty: give a path",
+                             flag_values=flag_values)
+
+
 def flags_parser(program: str):
   """An absl `flags_parser` that turns bad flags and bad `--config.KEY` overrides into one line, exit 2."""
   def parse(argv):
