@@ -115,6 +115,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.augment.cutout_probability = 1.0  # probability an image gets the cutout square
   config.augment.cutout_inside = False  # the square wholly inside the image (airbench96), not centred anywhere
   config.augment.cutout_fill = "black"  # black | mean (the normalisation's mean: 0 once normalised, airbench96)
+  config.augment.contrast = 0.0  # colour jitter: each normalised image scaled by a factor in [1 - this, 1 + this]
+  config.augment.brightness = 0.0  # ... then shifted by a uniform draw in +-this (in std units, every channel)
   config.augment.mixup_alpha = 0.0  # Beta(alpha, alpha) mixing weight of mixup; 0 = off
   config.augment.cutmix_alpha = 0.0  # Beta(alpha, alpha) box area of cutmix; 0 = off
   config.augment.mix_probability = 1.0  # probability a batch is mixed (when mixup or cutmix is on)

@@ -32,9 +32,12 @@ def check(config) -> None:
   if config.cutout_fill not in CUTOUT_FILLS:
     raise ValueError(f"augment.cutout_fill={config.cutout_fill!r} is not one of: {', '.join(CUTOUT_FILLS)}")
   for key in ("crop_padding", "rotation_degrees", "shift_fraction", "zoom_fraction", "cutout_size",
-              "mixup_alpha", "cutmix_alpha"):
+              "mixup_alpha", "cutmix_alpha", "brightness", "contrast"):
     if config[key] < 0:
       raise ValueError(f"augment.{key}={config[key]} must be >= 0")
+  if config.contrast >= 1:
+    raise ValueError(f"augment.contrast={config.contrast} must be < 1: a factor of 1 - contrast <= 0 would "
+                     "blank or invert an image")
 
 
 def train_preprocess(batch: dict, config, mean, std, num_classes: int = cifar10.NUM_CLASSES) -> dict:
@@ -52,7 +55,7 @@ def train_preprocess(batch: dict, config, mean, std, num_classes: int = cifar10.
     `keys`: the batch's own (what the trainer counts each epoch's images by)}.
   """
   images, labels = batch["images"], batch["labels"]
-  seeds = tf.unstack(tf.random.experimental.stateless_split(batch["seed"], 6))
+  seeds = tf.unstack(tf.random.experimental.stateless_split(batch["seed"], 7))  # 7 extends 6: same first 6
   places = ops.Places(batch["positions"], batch["global_batch_size"])
   n = tf.shape(images)[0]
   grid = ops.identity_grid(n, images.shape[1], images.shape[2])
@@ -75,6 +78,8 @@ def train_preprocess(batch: dict, config, mean, std, num_classes: int = cifar10.
   if config.cutout_size and config.cutout_fill == "black":
     images = cutout(images)
   images = ops.normalize(images, mean, std)
+  if config.brightness or config.contrast:
+    images = ops.jitter(images, seeds[6], config.brightness, config.contrast, places)
   if config.cutout_size and config.cutout_fill == "mean":
     images = cutout(images)  # 0 once normalised: the normalisation's mean (airbench96: the data's mean colour)
   if config.mixup_alpha or config.cutmix_alpha:

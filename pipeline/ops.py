@@ -186,6 +186,16 @@ def cutout(images: tf.Tensor, seed: tf.Tensor, size: int, probability: float = 1
   return tf.where(square[..., None], tf.zeros_like(images), images)
 
 
+def jitter(images: tf.Tensor, seed: tf.Tensor, brightness: float, contrast: float,
+           places: Places | None = None) -> tf.Tensor:
+  """Colour jitter on normalised images [N, H, W, C]: each image scaled by a factor uniform in
+  [1 - `contrast`, 1 + `contrast`] about the normalisation's mean (0), then shifted by an offset uniform in
+  +-`brightness` (in units of the channels' std), the same on every channel."""
+  u = _draw(seed, _places(places, tf.shape(images)[0]), 2, -1.0, 1.0)
+  scale = (1.0 + contrast * u[:, 0])[:, None, None, None]
+  return images * scale + (brightness * u[:, 1])[:, None, None, None]
+
+
 def _beta(seed: tf.Tensor, alpha: float, places: Places) -> tf.Tensor:
   seeds = tf.random.experimental.stateless_split(seed, 2)
   a = tf.random.stateless_gamma([places.size], seeds[0], alpha)

@@ -25,9 +25,11 @@ TWO, ONE = ["/cpu:0", "/cpu:1"], ["/cpu:0"]  # the suite's 2 logical CPUs (tests
 # measured (2026-12-05; 2.1 before augmentation followed the global batch), so 1e-3 leaves room for other
 # CPUs' summation orders.
 RELATIVE_TOLERANCE = 1e-3
-# Every random op: translate, random flip, rotation/shift/zoom, cutout, mixup (pairs of neighbours).
+# Every random op: translate, random flip, rotation/shift/zoom, cutout, colour jitter, mixup (pairs of
+# neighbours).
 EVERY_OP = {"crop_padding": 4, "flip": "random", "rotation_degrees": 10.0, "shift_fraction": 0.1,
-            "zoom_fraction": 0.1, "cutout_size": 8, "mixup_alpha": 0.4, "mix_probability": 0.5}
+            "zoom_fraction": 0.1, "cutout_size": 8, "brightness": 0.2, "contrast": 0.2, "mixup_alpha": 0.4,
+            "mix_probability": 0.5}
 
 
 def _config(data_dir, augment_on="host", cache_in_memory=True, augment_overrides=None, **overrides):

@@ -250,10 +250,35 @@ def test_cutout_mean_fill_is_zero_once_normalised():
   np.testing.assert_array_equal(black[~square], filled[~square])
 
 
+def test_jitter_scales_each_image_about_the_mean_then_shifts_it_alike_on_every_channel():
+  images = tf.constant(np.random.default_rng(0).normal(size=(64, 32, 32, 3)), tf.float32)
+  out = ops.jitter(images, SEED, brightness=0.2, contrast=0.3).numpy()
+  x = images.numpy().reshape(64, -1)
+  y = out.reshape(64, -1)
+  for i in range(64):  # y = a x + d per image, one (a, d) for all its pixels and channels
+    a, d = np.polyfit(x[i], y[i], 1)
+    np.testing.assert_allclose(y[i], a * x[i] + d, atol=1e-5)
+    assert 0.7 - 1e-6 <= a <= 1.3 + 1e-6 and abs(d) <= 0.2 + 1e-6
+  factors = np.array([np.polyfit(x[i], y[i], 1) for i in range(64)])
+  assert factors[:, 0].std() > 0.1 and factors[:, 1].std() > 0.05  # uniform on +-0.3, +-0.2: std 0.17, 0.12
+  np.testing.assert_array_equal(out, ops.jitter(images, SEED, 0.2, 0.3).numpy())
+  assert not np.array_equal(out, ops.jitter(images, SEED + 1, 0.2, 0.3).numpy())
+
+
+def test_the_seven_seeds_of_a_batch_begin_with_the_six_it_had_before_jitter():
+  """train_preprocess splits a batch's seed 7 ways since colour jitter came; a run started before then split
+  it 6 ways and must resume on the same translations, flips, cutouts and mixes."""
+  for seed in ([1, 2], [123456789, -5], [0, 0]):
+    seed = tf.constant(seed, tf.int64)
+    np.testing.assert_array_equal(tf.random.experimental.stateless_split(seed, 7)[:6],
+                                  tf.random.experimental.stateless_split(seed, 6))
+
+
 def test_device_augmentation_equals_host_augmentation(synthetic_dir):
   """The batch carries its seed, so augmenting in the train step gives what tf.data would have given."""
   config = _config()
-  config.augment.update(flip="alternating", rotation_degrees=10.0, cutout_size=6, mixup_alpha=0.3)
+  config.augment.update(flip="alternating", rotation_degrees=10.0, cutout_size=6, mixup_alpha=0.3, brightness=0.2,
+                        contrast=0.2)
   manifest = manifest_lib.load(synthetic_dir)
   mean, std = manifest_lib.normalization(manifest)
   build = lambda c: input_pipeline.build_train_dataset(c, synthetic_dir, steps_per_epoch=4, global_batch_size=32,
@@ -327,7 +352,9 @@ def test_data_service_without_a_worker_list_is_one_line(synthetic_dir):
 
 @pytest.mark.parametrize("key,value,message", [("flip", "sideways", "is not one of"),
                                                ("cutout_fill", "grey", "is not one of"),
-                                               ("cutout_inside", None, "must be true or false")])
+                                               ("cutout_inside", None, "must be true or false"),
+                                               ("brightness", -0.1, "must be >= 0"),
+                                               ("contrast", 1.0, "must be < 1")])
 def test_bad_augment_value_is_named(key, value, message):
   config = _config()
   config.augment[key] = value

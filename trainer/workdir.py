@@ -47,7 +47,8 @@ RESUME_MAY_CHANGE = (
     "input.verify_checksums", "input.probe_batches", "input.data_service", "input.augment_on")
 # Keys added since runs were first written, with the value that reproduces what a run from before did: a
 # config.json without one is compared as if it held that value, so a resume cannot turn it on unnoticed.
-ADDED_SINCE = {"augment.cutout_inside": False, "augment.cutout_fill": "black"}
+ADDED_SINCE = {"augment.cutout_inside": False, "augment.cutout_fill": "black", "augment.brightness": 0.0,
+               "augment.contrast": 0.0}
 # What the workers of one run may differ in: where each finds the data (its identity is compared), and
 # what only the chief does or each shows on its own. All else sets the schedule of collectives or the
 # batches, so it must be alike on every worker.
