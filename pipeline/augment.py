@@ -7,6 +7,8 @@ is its step's, and the batch says where its images sit in the step's global batc
 whichever replica's slice it is in, so a run may resume on another replica count (pipeline/ops.py).
 """
 
+import math
+
 import tensorflow as tf
 
 from pipeline import cifar10
@@ -33,9 +35,9 @@ def check(config) -> None:
     raise ValueError(f"augment.cutout_fill={config.cutout_fill!r} is not one of: {', '.join(CUTOUT_FILLS)}")
   for key in ("crop_padding", "rotation_degrees", "shift_fraction", "zoom_fraction", "cutout_size",
               "mixup_alpha", "cutmix_alpha", "brightness", "contrast"):
-    if config[key] < 0:
-      raise ValueError(f"augment.{key}={config[key]} must be >= 0")
-  if config.contrast >= 1:
+    if not 0 <= config[key] < math.inf:  # written so that nan fails too
+      raise ValueError(f"augment.{key}={config[key]} must be >= 0 and finite")
+  if not config.contrast < 1:
     raise ValueError(f"augment.contrast={config.contrast} must be < 1: a factor of 1 - contrast <= 0 would "
                      "blank or invert an image")
 

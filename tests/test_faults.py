@@ -162,7 +162,7 @@ def test_a_key_added_since_the_run_started_compares_as_what_the_run_did(syntheti
     del old[section][name]
   fileio.write_json(path, old)
   before = _files(workdir)
-  for key, value in (("cutout_inside", True), ("cutout_fill", "mean")):
+  for key, value in (("cutout_inside", True), ("cutout_fill", "mean"), ("brightness", 0.1), ("contrast", 0.1)):
     config = _smoke(synthetic_dir, num_epochs=2)
     config.augment[key] = value
     with pytest.raises(train.TrainingError, match=re.escape(

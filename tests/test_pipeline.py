@@ -354,7 +354,9 @@ def test_data_service_without_a_worker_list_is_one_line(synthetic_dir):
                                                ("cutout_fill", "grey", "is not one of"),
                                                ("cutout_inside", None, "must be true or false"),
                                                ("brightness", -0.1, "must be >= 0"),
-                                               ("contrast", 1.0, "must be < 1")])
+                                               ("contrast", 1.0, "must be < 1"),
+                                               ("contrast", float("nan"), "must be >= 0 and finite"),
+                                               ("rotation_degrees", float("inf"), "must be >= 0 and finite")])
 def test_bad_augment_value_is_named(key, value, message):
   config = _config()
   config.augment[key] = value
