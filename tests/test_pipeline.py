@@ -255,11 +255,10 @@ def test_jitter_scales_each_image_about_the_mean_then_shifts_it_alike_on_every_c
   out = ops.jitter(images, SEED, brightness=0.2, contrast=0.3).numpy()
   x = images.numpy().reshape(64, -1)
   y = out.reshape(64, -1)
-  for i in range(64):  # y = a x + d per image, one (a, d) for all its pixels and channels
-    a, d = np.polyfit(x[i], y[i], 1)
-    np.testing.assert_allclose(y[i], a * x[i] + d, atol=1e-5)
+  factors = np.array([np.polyfit(x[i], y[i], 1) for i in range(64)])  # y = a x + d, one (a, d) per image
+  for (a, d), xi, yi in zip(factors, x, y):  # ... for all its pixels and channels
+    np.testing.assert_allclose(yi, a * xi + d, atol=1e-5)
     assert 0.7 - 1e-6 <= a <= 1.3 + 1e-6 and abs(d) <= 0.2 + 1e-6
-  factors = np.array([np.polyfit(x[i], y[i], 1) for i in range(64)])
   assert factors[:, 0].std() > 0.1 and factors[:, 1].std() > 0.05  # uniform on +-0.3, +-0.2: std 0.17, 0.12
   np.testing.assert_array_equal(out, ops.jitter(images, SEED, 0.2, 0.3).numpy())
   assert not np.array_equal(out, ops.jitter(images, SEED + 1, 0.2, 0.3).numpy())
