@@ -72,6 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.head_init_std = 0.0  # airbench: std of the head's initial kernel; 0 = PyTorch's default
   config.model.whiten_bias_epochs = 3  # airbench: epochs the whitening conv's bias trains before it freezes
   config.model.group_convs = 2  # airbench: convs per group: 2 (airbench94) | 3 (airbench96: the last two residual)
+  config.model.last_group_convs = 0  # airbench: convs in the last group (2 | 3); 0 = group_convs
   # plain_cnn and mlp (the tutorial models; see trainer/models.py):
   config.model.convs_per_block = 2  # plain_cnn: convs before each pool
   config.model.padding = "same"  # plain_cnn: same | valid

@@ -149,14 +149,19 @@ def airbench(config, data: DataShape) -> keras.Model:
   patch-whitening conv, then per width a group conv -> 2x2 max-pool -> BN -> act -> conv -> BN -> act, no
   residuals, BatchNorm without a scale (its bias only), a global max-pool and a bias-free linear head
   scaled by `logit_scale`. With `group_convs=3`, airbench96's groups: conv -> pool -> BN -> act, then two
-  convs whose sum with that is activated (conv -> BN -> act -> conv -> BN, + the shortcut, -> act).
+  convs whose sum with that is activated (conv -> BN -> act -> conv -> BN, + the shortcut, -> act);
+  `last_group_convs` (0: as the others) sets the last group's alone, where a third conv is cheapest.
 
-  Config: widths, group_convs (2 | 3), activation, bn_momentum, sync_bn, logit_scale, whiten_size,
-  whiten_bias_epochs, head_init_std (0: PyTorch's default init of the head, uniform in +-1/sqrt(fan_in)),
-  fast_kernels.
+  Config: widths, group_convs (2 | 3), last_group_convs (0 | 2 | 3), activation, bn_momentum, sync_bn,
+  logit_scale, whiten_size, whiten_bias_epochs, head_init_std (0: PyTorch's default init of the head,
+  uniform in +-1/sqrt(fan_in)), fast_kernels.
   """
   if config.group_convs not in (2, 3):
     raise ValueError(f"model.group_convs={config.group_convs!r} is not one of: 2, 3")
+  if config.last_group_convs not in (0, 2, 3):
+    raise ValueError(f"model.last_group_convs={config.last_group_convs!r} is not one of: 0, 2, 3")
+  group_convs = [config.group_convs] * len(config.widths)
+  group_convs[-1] = config.last_group_convs or config.group_convs
   batch_norm, activation, conv2d, max_pool = _layer_classes(config)
 
   def bn(name):
@@ -173,18 +178,18 @@ def airbench(config, data: DataShape) -> keras.Model:
   x = layers.PatchWhitening(config.whiten_size, epsilon=config.whiten_epsilon, bias_epochs=config.whiten_bias_epochs,
                      name="whiten")(inputs)
   x = activation(config.activation, name="whiten_act")(x)
-  for g, width in enumerate(config.widths):
+  for g, (width, convs) in enumerate(zip(config.widths, group_convs)):
     x = conv(width, f"group{g}_conv0")(x)
     x = max_pool(2, name=f"group{g}_pool")(x)
     x = activation(config.activation, name=f"group{g}_act0")(bn(f"group{g}_bn0")(x))
     shortcut = x
     x = conv(width, f"group{g}_conv1")(x)
     x = bn(f"group{g}_bn1")(x)
-    if config.group_convs == 3:
+    if convs == 3:
       x = activation(config.activation, name=f"group{g}_act1")(x)
       x = bn(f"group{g}_bn2")(conv(width, f"group{g}_conv2")(x))
       x = keras.layers.Add(name=f"group{g}_add")([shortcut, x])
-    x = activation(config.activation, name=f"group{g}_act{config.group_convs - 1}")(x)
+    x = activation(config.activation, name=f"group{g}_act{convs - 1}")(x)
   x = keras.layers.GlobalMaxPooling2D(name="pool")(x)
   head_init = (keras.initializers.RandomUniform(-config.head_init_std * 3 ** 0.5, config.head_init_std * 3 ** 0.5)
                if config.head_init_std else layers.torch_default())

@@ -48,7 +48,7 @@ RESUME_MAY_CHANGE = (
 # Keys added since runs were first written, with the value that reproduces what a run from before did: a
 # config.json without one is compared as if it held that value, so a resume cannot turn it on unnoticed.
 ADDED_SINCE = {"augment.cutout_inside": False, "augment.cutout_fill": "black", "augment.brightness": 0.0,
-               "augment.contrast": 0.0}
+               "augment.contrast": 0.0, "model.last_group_convs": 0}
 # What the workers of one run may differ in: where each finds the data (its identity is compared), and
 # what only the chief does or each shows on its own. All else sets the schedule of collectives or the
 # batches, so it must be alike on every worker.
