@@ -84,6 +84,19 @@ def test_airbench_groups_of_three_convs_add_the_first_to_the_last_two():
     models.build(config)
 
 
+def test_airbench_last_group_convs_deepens_only_the_last_group():
+  """last_group_convs=3 gives the last group airbench96's residual pair and leaves the others at two convs."""
+  config = deep.get_config("fast").model
+  config.last_group_convs = 3
+  model = models.build(config)
+  assert [layer.name for layer in model.layers if isinstance(layer, keras.layers.Add)] == ["group2_add"]
+  assert [layer.name for layer in model.layers if layer.name.startswith("group") and "_conv" in layer.name] == [
+      "group0_conv0", "group0_conv1", "group1_conv0", "group1_conv1", "group2_conv0", "group2_conv1", "group2_conv2"]
+  config.last_group_convs = 1
+  with pytest.raises(ValueError, match=r"model.last_group_convs=1 is not one of: 0, 2, 3"):
+    models.build(config)
+
+
 def test_airbench_trains_bn_biases_fast_and_freezes_the_whitening_bias():
   config = deep.get_config("sgd")  # the recipe that trains BatchNorm biases 64x faster
   model = models.build(config.model)
