@@ -151,8 +151,9 @@ def test_resume_with_another_config_file_lists_every_difference_the_model_first(
 
 def test_a_key_added_since_the_run_started_compares_as_what_the_run_did(synthetic_dir, finished_run, tmp_path):
   """A config.json written before augment.cutout_inside and augment.cutout_fill existed meant a cutout
-  centred anywhere and black: resuming it with either changed would change the batches, and was let through
-  (a key only one side has did not count)."""
+  centred anywhere and black (before model.last_group_convs, every group at group_convs): resuming it with
+  either changed would change the batches or the model, and was let through (a key only one side has did
+  not count)."""
   workdir = str(tmp_path / "run")
   shutil.copytree(finished_run, workdir)
   path = os.path.join(workdir, "config.json")
@@ -162,12 +163,12 @@ def test_a_key_added_since_the_run_started_compares_as_what_the_run_did(syntheti
     del old[section][name]
   fileio.write_json(path, old)
   before = _files(workdir)
-  for key, value in (("cutout_inside", True), ("cutout_fill", "mean"), ("brightness", 0.1), ("contrast", 0.1)):
-    config = _smoke(synthetic_dir, num_epochs=2)
-    config.augment[key] = value
+  for key, value in (("augment.cutout_inside", True), ("augment.cutout_fill", "mean"), ("augment.brightness", 0.1),
+                     ("augment.contrast", 0.1), ("model.last_group_convs", 3)):
+    config = _smoke(synthetic_dir, num_epochs=2, **{key: value})
     with pytest.raises(train.TrainingError, match=re.escape(
-        f"workdir {workdir} holds a run with augment.{key}={workdir_lib.ADDED_SINCE['augment.' + key]!r}; "
-        f"this command has augment.{key}={value!r}")):
+        f"workdir {workdir} holds a run with {key}={workdir_lib.ADDED_SINCE[key]!r}; "
+        f"this command has {key}={value!r}")):
       train.train_and_evaluate(config, workdir)
     assert _files(workdir) == before
   # what the run did: it resumes

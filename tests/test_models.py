@@ -92,6 +92,10 @@ def test_airbench_last_group_convs_deepens_only_the_last_group():
   assert [layer.name for layer in model.layers if isinstance(layer, keras.layers.Add)] == ["group2_add"]
   assert [layer.name for layer in model.layers if layer.name.startswith("group") and "_conv" in layer.name] == [
       "group0_conv0", "group0_conv1", "group1_conv0", "group1_conv1", "group2_conv0", "group2_conv1", "group2_conv2"]
+  model.get_layer("group2_act2")
+  config.group_convs, config.last_group_convs = 3, 2  # and the other way round
+  model = models.build(config)
+  assert [layer.name for layer in model.layers if isinstance(layer, keras.layers.Add)] == ["group0_add", "group1_add"]
   config.last_group_convs = 1
   with pytest.raises(ValueError, match=r"model.last_group_convs=1 is not one of: 0, 2, 3"):
     models.build(config)

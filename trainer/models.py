@@ -160,8 +160,6 @@ def airbench(config, data: DataShape) -> keras.Model:
     raise ValueError(f"model.group_convs={config.group_convs!r} is not one of: 2, 3")
   if config.last_group_convs not in (0, 2, 3):
     raise ValueError(f"model.last_group_convs={config.last_group_convs!r} is not one of: 0, 2, 3")
-  group_convs = [config.group_convs] * len(config.widths)
-  group_convs[-1] = config.last_group_convs or config.group_convs
   batch_norm, activation, conv2d, max_pool = _layer_classes(config)
 
   def bn(name):
@@ -178,7 +176,8 @@ def airbench(config, data: DataShape) -> keras.Model:
   x = layers.PatchWhitening(config.whiten_size, epsilon=config.whiten_epsilon, bias_epochs=config.whiten_bias_epochs,
                      name="whiten")(inputs)
   x = activation(config.activation, name="whiten_act")(x)
-  for g, (width, convs) in enumerate(zip(config.widths, group_convs)):
+  for g, width in enumerate(config.widths):
+    convs = (config.last_group_convs or config.group_convs) if g == len(config.widths) - 1 else config.group_convs
     x = conv(width, f"group{g}_conv0")(x)
     x = max_pool(2, name=f"group{g}_pool")(x)
     x = activation(config.activation, name=f"group{g}_act0")(bn(f"group{g}_bn0")(x))
